@@ -1,0 +1,1 @@
+//! criterion suites live in `benches/`; run them with `cargo xtask bench`.

@@ -1,0 +1,276 @@
+//! The one error type every layer and the composer return.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// A boxed error source kept inside [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used across capacitor.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, as a caller can branch on it.
+///
+/// New kinds may be added in minor releases, so match with a wildcard arm.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A builder or configuration value is invalid (names the field in the message).
+    Config,
+    /// An argument to an operation is invalid (for example a zero TTL).
+    InvalidInput,
+    /// The layer does not offer this capability (scan, transactions, ...).
+    Unsupported,
+    /// The layer or composer was closed; no further operations are accepted.
+    Closed,
+    /// A value could not be encoded before it was sent to a layer.
+    Encode,
+    /// Stored bytes could not be decoded (another writer, a changed type). The composer
+    /// treats this as a miss and counts it.
+    Decode,
+    /// A value is larger than the layer's configured maximum.
+    ValueTooLarge,
+    /// The operation did not finish within its timeout.
+    Timeout,
+    /// The backend cannot be reached right now (connection refused, not yet connected).
+    Unavailable,
+    /// A bounded queue is full and the wait for room expired.
+    QueueFull,
+    /// A transaction could not be committed (conflict, aborted by the backend).
+    Conflict,
+    /// Any other backend failure; see the source.
+    Backend,
+}
+
+impl ErrorKind {
+    /// A short lowercase name, stable for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "config",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Encode => "encode",
+            ErrorKind::Decode => "decode",
+            ErrorKind::ValueTooLarge => "value_too_large",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::QueueFull => "queue_full",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Backend => "backend",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The operation an error happened in.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Building a layer or a composer.
+    Build,
+    /// `get`.
+    Get,
+    /// `set` / `set_with`.
+    Set,
+    /// `delete`.
+    Delete,
+    /// `exists`.
+    Exists,
+    /// `get_many`.
+    GetMany,
+    /// `set_many`.
+    SetMany,
+    /// `delete_many`.
+    DeleteMany,
+    /// `scan`.
+    Scan,
+    /// Applying a batch atomically (transactions).
+    Transaction,
+    /// `flush`.
+    Flush,
+    /// `close`.
+    Close,
+    /// Connecting / health checking.
+    Connect,
+}
+
+impl Operation {
+    /// A short lowercase name, stable for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Build => "build",
+            Operation::Get => "get",
+            Operation::Set => "set",
+            Operation::Delete => "delete",
+            Operation::Exists => "exists",
+            Operation::GetMany => "get_many",
+            Operation::SetMany => "set_many",
+            Operation::DeleteMany => "delete_many",
+            Operation::Scan => "scan",
+            Operation::Transaction => "transaction",
+            Operation::Flush => "flush",
+            Operation::Close => "close",
+            Operation::Connect => "connect",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error from a layer or from the composer.
+///
+/// It names the layer (when known) and the operation, carries a message and keeps the
+/// underlying error as its [`source`](std::error::Error::source).
+///
+/// # Examples
+///
+/// ```
+/// use capacitor_core::{Error, ErrorKind, Operation};
+///
+/// let err = Error::new(ErrorKind::Timeout, Operation::Get, "no answer in 50ms").with_layer("redis");
+/// assert_eq!(err.kind(), ErrorKind::Timeout);
+/// assert_eq!(err.layer(), Some("redis"));
+/// assert!(err.is_temporary());
+/// assert_eq!(err.to_string(), "timeout in get on layer `redis`: no answer in 50ms");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} in {op}{}: {message}", DisplayLayer(.layer))]
+pub struct Error {
+    kind: ErrorKind,
+    op: Operation,
+    layer: Option<Cow<'static, str>>,
+    message: Cow<'static, str>,
+    #[source]
+    source: Option<BoxError>,
+}
+
+struct DisplayLayer<'a>(&'a Option<Cow<'static, str>>);
+
+impl fmt::Display for DisplayLayer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, " on layer `{name}`"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Error {
+    /// A new error of `kind` in `op` with a human-readable message.
+    pub fn new(kind: ErrorKind, op: Operation, message: impl Into<Cow<'static, str>>) -> Self {
+        Error {
+            kind,
+            op,
+            layer: None,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Shorthand for an [`ErrorKind::Unsupported`] error.
+    pub fn unsupported(op: Operation, what: &'static str) -> Self {
+        Error::new(ErrorKind::Unsupported, op, what)
+    }
+
+    /// Shorthand for an [`ErrorKind::Closed`] error.
+    pub fn closed(op: Operation) -> Self {
+        Error::new(ErrorKind::Closed, op, "the layer is closed")
+    }
+
+    /// Shorthand for an [`ErrorKind::Config`] error naming the offending field.
+    pub fn config(field: &str, problem: impl fmt::Display) -> Self {
+        Error::new(
+            ErrorKind::Config,
+            Operation::Build,
+            format!("`{field}`: {problem}"),
+        )
+    }
+
+    /// Attach the underlying error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Name the layer the error happened in (replaces any earlier name).
+    #[must_use]
+    pub fn with_layer(mut self, layer: impl Into<Cow<'static, str>>) -> Self {
+        self.layer = Some(layer.into());
+        self
+    }
+
+    /// Replace the operation (used by the composer when a batch call fails inside a loop).
+    #[must_use]
+    pub fn with_operation(mut self, op: Operation) -> Self {
+        self.op = op;
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The operation that failed.
+    pub fn operation(&self) -> Operation {
+        self.op
+    }
+
+    /// The layer that failed, when known.
+    pub fn layer(&self) -> Option<&str> {
+        self.layer.as_deref()
+    }
+
+    /// The message, without kind, operation and layer.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether retrying the same operation later may succeed (timeouts, an unreachable
+    /// backend, a full queue, a transaction conflict).
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::QueueFull | ErrorKind::Conflict
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_kind_operation_layer_and_keeps_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = Error::new(ErrorKind::Unavailable, Operation::Set, "cannot connect")
+            .with_layer("redis")
+            .with_source(io);
+        assert_eq!(
+            err.to_string(),
+            "unavailable in set on layer `redis`: cannot connect"
+        );
+        let source = std::error::Error::source(&err).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("refused"));
+        assert!(err.is_temporary());
+        assert!(!Error::closed(Operation::Get).is_temporary());
+    }
+
+    #[test]
+    fn config_error_names_the_field() {
+        let err = Error::config("layers[1].ttl", "must be greater than zero");
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("`layers[1].ttl`"));
+    }
+}

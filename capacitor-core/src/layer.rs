@@ -1,0 +1,311 @@
+//! The [`Layer`] trait every backend and the composer implement.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_core::Stream;
+
+use crate::entry::Entry;
+use crate::error::{Error, ErrorKind, Operation, Result};
+
+/// A stream of entries produced by [`Layer::scan`].
+pub type EntryStream<K, V> = Pin<Box<dyn Stream<Item = Result<(K, Entry<V>)>> + Send + 'static>>;
+
+/// What a layer can do beyond the required operations. The composer and the conformance
+/// suite read it; a layer reports it from [`Layer::capabilities`].
+///
+/// # Examples
+///
+/// ```
+/// use capacitor_core::Capabilities;
+///
+/// let caps = Capabilities::new().with_native_ttl().with_persistence();
+/// assert!(caps.native_ttl && caps.persistent && !caps.scan);
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// [`Layer::scan`] works.
+    pub scan: bool,
+    /// [`Layer::apply_atomic`] works (native transactions).
+    pub transactions: bool,
+    /// The backend expires entries itself (Redis `PX`, moka's expiry); otherwise expiry is
+    /// checked lazily on read.
+    pub native_ttl: bool,
+    /// Data survives a process restart.
+    pub persistent: bool,
+    /// [`Layer::get_sync`] answers without awaiting (in-memory layers).
+    pub sync_read: bool,
+}
+
+impl Capabilities {
+    /// No optional capability.
+    pub const fn new() -> Self {
+        Capabilities {
+            scan: false,
+            transactions: false,
+            native_ttl: false,
+            persistent: false,
+            sync_read: false,
+        }
+    }
+    /// Declares [`Capabilities::scan`].
+    #[must_use]
+    pub const fn with_scan(mut self) -> Self {
+        self.scan = true;
+        self
+    }
+    /// Declares [`Capabilities::transactions`].
+    #[must_use]
+    pub const fn with_transactions(mut self) -> Self {
+        self.transactions = true;
+        self
+    }
+    /// Declares [`Capabilities::native_ttl`].
+    #[must_use]
+    pub const fn with_native_ttl(mut self) -> Self {
+        self.native_ttl = true;
+        self
+    }
+    /// Declares [`Capabilities::persistent`].
+    #[must_use]
+    pub const fn with_persistence(mut self) -> Self {
+        self.persistent = true;
+        self
+    }
+    /// Declares [`Capabilities::sync_read`].
+    #[must_use]
+    pub const fn with_sync_read(mut self) -> Self {
+        self.sync_read = true;
+        self
+    }
+}
+
+/// One write inside an atomic batch ([`Layer::apply_atomic`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp<K, V> {
+    /// Store `value` under `key`, expiring after `ttl` when given.
+    Set {
+        /// The key.
+        key: K,
+        /// The value.
+        value: V,
+        /// Time to live; `None` keeps it until deleted.
+        ttl: Option<Duration>,
+    },
+    /// Remove `key`.
+    Delete {
+        /// The key.
+        key: K,
+    },
+}
+
+impl<K, V> WriteOp<K, V> {
+    /// The key this write touches.
+    pub fn key(&self) -> &K {
+        match self {
+            WriteOp::Set { key, .. } | WriteOp::Delete { key } => key,
+        }
+    }
+}
+
+/// A storage layer: an in-memory cache, a remote cache, a database, or a whole
+/// [`MultiLayer`](crate::MultiLayer).
+///
+/// Required: [`get`](Layer::get), [`set`](Layer::set), [`delete`](Layer::delete),
+/// [`close`](Layer::close). Everything else has a default: batch forms loop over the single
+/// forms (override them with pipelines or multi-row statements), optional capabilities
+/// answer [`ErrorKind::Unsupported`].
+///
+/// Contract (checked by the conformance suite in `capacitor_core::testkit`):
+/// - `get` never returns an expired entry, and returns the entry's absolute expiry;
+/// - `set` with `ttl = None` stores without expiry; a later `set` replaces value and expiry;
+/// - `delete` returns whether the key was present;
+/// - after `close` every operation fails with [`ErrorKind::Closed`]; `close` is idempotent;
+/// - bytes that do not decode are reported as [`ErrorKind::Decode`] (the composer counts
+///   them and treats them as a miss), never a panic.
+///
+/// # Examples
+///
+/// A custom layer over a `Mutex<HashMap>`:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use capacitor_core::{expiry_for, Clock, Entry, Error, Layer, Operation, Result, SystemClock};
+///
+/// #[derive(Default)]
+/// struct MapLayer(Mutex<Option<HashMap<String, Entry<u64>>>>);
+///
+/// #[async_trait]
+/// impl Layer<String, u64> for MapLayer {
+///     fn name(&self) -> &str { "map" }
+///     async fn get(&self, key: &String) -> Result<Option<Entry<u64>>> {
+///         let now = SystemClock.now();
+///         let guard = self.0.lock().unwrap();
+///         let map = guard.as_ref().ok_or(Error::closed(Operation::Get))?;
+///         Ok(map.get(key).filter(|e| !e.is_expired(now)).cloned())
+///     }
+///     async fn set(&self, key: &String, value: &u64, ttl: Option<Duration>) -> Result<()> {
+///         let entry = Entry::new(*value, expiry_for(SystemClock.now(), ttl));
+///         let mut guard = self.0.lock().unwrap();
+///         guard.as_mut().ok_or(Error::closed(Operation::Set))?.insert(key.clone(), entry);
+///         Ok(())
+///     }
+///     async fn delete(&self, key: &String) -> Result<bool> {
+///         let mut guard = self.0.lock().unwrap();
+///         Ok(guard.as_mut().ok_or(Error::closed(Operation::Delete))?.remove(key).is_some())
+///     }
+///     async fn close(&self) -> Result<()> {
+///         self.0.lock().unwrap().take();
+///         Ok(())
+///     }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let layer = MapLayer(Mutex::new(Some(HashMap::new())));
+/// layer.set(&"a".to_string(), &1, None).await?;
+/// assert_eq!(layer.get(&"a".to_string()).await?.map(|e| e.value), Some(1));
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+#[async_trait]
+pub trait Layer<K, V>: Send + Sync + 'static
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// A short name of the backend (`"moka"`, `"redis"`), used when the layer is not named
+    /// by its [`LayerConfig`](crate::LayerConfig).
+    fn name(&self) -> &str;
+
+    /// What this layer can do beyond the required operations.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+    }
+
+    /// A synchronous read for in-memory layers, tried by the composer before
+    /// [`get`](Layer::get) so that an L1 hit does not pay for a boxed future.
+    ///
+    /// `None` means "cannot answer without awaiting; call `get`". `Some(result)` must be
+    /// exactly what `get` would have returned.
+    fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
+        let _ = key;
+        None
+    }
+
+    /// The live entry under `key`, with its absolute expiry.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close, [`ErrorKind::Decode`] for bytes that do not decode,
+    /// backend errors otherwise.
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>>;
+
+    /// Stores `value` under `key`, expiring after `ttl` (`None`: no expiry).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close, [`ErrorKind::ValueTooLarge`] or
+    /// [`ErrorKind::Encode`] before anything is stored, backend errors otherwise.
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()>;
+
+    /// Removes `key`; `true` if it was present (and live).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close, backend errors otherwise.
+    async fn delete(&self, key: &K) -> Result<bool>;
+
+    /// Whether a live entry exists under `key`.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Layer::get).
+    async fn exists(&self, key: &K) -> Result<bool> {
+        Ok(self.get(key).await?.is_some())
+    }
+
+    /// The entries under `keys`, in the same order (`None` for a miss).
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Layer::get); a backend that reads in one round trip fails as a whole.
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
+
+    /// Stores every `(key, value)` with the same `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// As [`set`](Layer::set). The default loop stops at the first failure; earlier writes
+    /// stay.
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        for (key, value) in entries {
+            self.set(key, value, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every key; returns how many were present.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete`](Layer::delete).
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        let mut n = 0;
+        for key in keys {
+            n += u64::from(self.delete(key).await?);
+        }
+        Ok(n)
+    }
+
+    /// The live entries whose encoded key starts with `prefix`, in bounded memory.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::scan`] is declared.
+    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
+        let _ = prefix;
+        Err(Error::unsupported(Operation::Scan, "this layer cannot scan"))
+    }
+
+    /// Applies every write in `ops` atomically: all or nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::transactions`] is declared;
+    /// [`ErrorKind::Conflict`] or a backend error when the batch was not applied.
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        let _ = ops;
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            Operation::Transaction,
+            "this layer has no native transactions",
+        ))
+    }
+
+    /// Makes every acknowledged write durable (persistent layers) or drains pending work.
+    ///
+    /// # Errors
+    ///
+    /// Backend errors; [`ErrorKind::Closed`] after close.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Releases resources. Idempotent; afterwards operations fail with
+    /// [`ErrorKind::Closed`].
+    ///
+    /// # Errors
+    ///
+    /// A backend error while flushing or disconnecting (the layer is closed regardless).
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,31 @@
+//! The core of capacitor: the [`Layer`] trait, the [`MultiLayer`] composer, [`Stats`],
+//! [`Error`], value [`Codec`]s and, behind the `testkit` feature, the conformance suite
+//! every layer runs.
+//!
+//! Most users depend on the `capacitor` facade crate instead, which re-exports this crate
+//! and the backends chosen by Cargo features. Authors of a custom layer depend on this
+//! crate alone.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod codec;
+mod config;
+mod entry;
+mod error;
+mod guard;
+mod layer;
+mod multi;
+mod stats;
+
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
+pub mod testkit;
+
+pub use async_trait::async_trait;
+pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
+pub use config::{LayerConfig, SetOptions, WritePolicy};
+pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
+pub use error::{BoxError, Error, ErrorKind, Operation, Result};
+pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
+pub use multi::{MultiLayer, MultiLayerBuilder};
+pub use stats::{LayerStats, Stats};

@@ -1,0 +1,756 @@
+//! The composer: [`MultiLayer`] and its builder.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{min_ttl, LayerConfig, SetOptions, WritePolicy};
+use crate::entry::{system_clock, Clock, Entry, SharedClock};
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::guard::{Generations, Ticket};
+use crate::layer::{Capabilities, Layer};
+use crate::stats::{Counter, LayerCounters, Stats};
+
+struct Slot<K, V> {
+    name: String,
+    layer: Arc<dyn Layer<K, V>>,
+    ttl: Option<Duration>,
+    read_only: bool,
+    sync_read: bool,
+    counters: LayerCounters,
+}
+
+impl<K, V> Slot<K, V> {
+    fn error(&self, err: Error) -> Error {
+        self.counters.incr(Counter::Error);
+        err.with_layer(self.name.clone())
+    }
+}
+
+struct Inner<K, V> {
+    name: String,
+    slots: Box<[Slot<K, V>]>,
+    /// Index of the bottom-most writable layer: the source of truth for writes.
+    authoritative: usize,
+    promotion: bool,
+    fail_on_cache_error: bool,
+    policy: WritePolicy,
+    guard: Generations,
+    clock: SharedClock,
+    closed: AtomicBool,
+}
+
+/// Several layers behind one typed key-value API.
+///
+/// Reads ask the layers in order and return the first hit; with promotion on, the value
+/// is copied into the writable layers above with `ttl = min(layer TTL, remaining life)`.
+/// Writes go through every writable layer, the authoritative (bottom) one first. See
+/// `DESIGN.md` §3 for the full semantics. Cheap to clone (an `Arc` inside); clones share
+/// layers and stats.
+///
+/// A `MultiLayer` is itself a [`Layer`], so it can be a layer of another.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+/// use std::time::Duration;
+///
+/// let cache = MultiLayer::<String, String>::builder()
+///     .layer(LayerConfig::new("l1", MapLayer::new()).ttl(Duration::from_secs(60)))
+///     .layer(LayerConfig::new("db", MapLayer::new()))
+///     .build()?;
+///
+/// cache.set("user:42".into(), "Ada".into()).await?;
+/// assert_eq!(cache.get(&"user:42".into()).await?, Some("Ada".to_string()));
+/// assert!(cache.delete(&"user:42".into()).await?);
+/// assert_eq!(cache.get(&"user:42".into()).await?, None);
+/// cache.close().await?;
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+pub struct MultiLayer<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for MultiLayer<K, V> {
+    fn clone(&self) -> Self {
+        MultiLayer {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for MultiLayer<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.slots.iter().map(|s| s.name.as_str()).collect();
+        f.debug_struct("MultiLayer")
+            .field("name", &self.inner.name)
+            .field("layers", &names)
+            .field("policy", &self.inner.policy)
+            .field("promotion", &self.inner.promotion)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`MultiLayer`]; [`build`](MultiLayerBuilder::build) validates everything.
+///
+/// Defaults: name `"multi"`, promotion on, [`WritePolicy::Through`], cache-layer write
+/// failures do not fail the write, the system clock.
+#[must_use]
+pub struct MultiLayerBuilder<K, V> {
+    name: String,
+    layers: Vec<LayerConfig<K, V>>,
+    promotion: bool,
+    fail_on_cache_error: bool,
+    policy: WritePolicy,
+    clock: SharedClock,
+}
+
+impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiLayerBuilder")
+            .field("name", &self.name)
+            .field("layers", &self.layers)
+            .field("promotion", &self.promotion)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> MultiLayerBuilder<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The composer's own name (its [`Layer::name`] when nested in another composer).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Appends a layer below those added before (the first is L1, the last the
+    /// authoritative store).
+    pub fn layer(mut self, layer: LayerConfig<K, V>) -> Self {
+        self.layers.push(layer);
+        self
+    }
+
+    /// Whether a hit in a lower layer is copied into the writable layers above it.
+    pub fn promotion(mut self, on: bool) -> Self {
+        self.promotion = on;
+        self
+    }
+
+    /// How writes reach the layers.
+    pub fn write_policy(mut self, policy: WritePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// When a cache layer (not the authoritative one) fails during `set`/`delete`: `false`
+    /// (default) counts the error, invalidates the key there and succeeds; `true` returns
+    /// the error (the authoritative layer has been written by then).
+    pub fn fail_on_cache_error(mut self, fail: bool) -> Self {
+        self.fail_on_cache_error = fail;
+        self
+    }
+
+    /// The clock used to compute remaining TTLs on promotion (tests move a
+    /// [`ManualClock`](crate::ManualClock) by hand).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Validates the configuration and builds the composer.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] naming the field: no layers, an empty or duplicate layer
+    /// name, a zero TTL, every layer read-only.
+    pub fn build(self) -> Result<MultiLayer<K, V>> {
+        if self.layers.is_empty() {
+            return Err(Error::config("layers", "at least one layer is required"));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.name.trim().is_empty() {
+                return Err(Error::config(&format!("layers[{i}].name"), "must not be empty"));
+            }
+            if let Some(j) = self.layers[..i].iter().position(|o| o.name == l.name) {
+                return Err(Error::config(
+                    &format!("layers[{i}].name"),
+                    format_args!("duplicate layer name `{}` (also layers[{j}])", l.name),
+                ));
+            }
+            if l.ttl == Some(Duration::ZERO) {
+                return Err(Error::config(
+                    &format!("layers[{i}].ttl"),
+                    format_args!("TTL of layer `{}` must be greater than zero", l.name),
+                ));
+            }
+        }
+        let Some(authoritative) = self.layers.iter().rposition(|l| !l.read_only) else {
+            return Err(Error::config(
+                "layers",
+                "every layer is read-only: nothing could be written",
+            ));
+        };
+        let slots = self
+            .layers
+            .into_iter()
+            .map(|l| Slot {
+                sync_read: l.layer.capabilities().sync_read,
+                name: l.name,
+                layer: l.layer,
+                ttl: l.ttl,
+                read_only: l.read_only,
+                counters: LayerCounters::default(),
+            })
+            .collect();
+        Ok(MultiLayer {
+            inner: Arc::new(Inner {
+                name: self.name,
+                slots,
+                authoritative,
+                promotion: self.promotion,
+                fail_on_cache_error: self.fail_on_cache_error,
+                policy: self.policy,
+                guard: Generations::new(),
+                clock: self.clock,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl<K, V> MultiLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A builder with the defaults listed on [`MultiLayerBuilder`].
+    pub fn builder() -> MultiLayerBuilder<K, V> {
+        MultiLayerBuilder {
+            name: "multi".to_owned(),
+            layers: Vec::new(),
+            promotion: true,
+            fail_on_cache_error: false,
+            policy: WritePolicy::Through,
+            clock: system_clock(),
+        }
+    }
+
+    fn check_open(&self, op: Operation) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(op).with_layer(self.inner.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// The value under `key` from the first layer that has it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close; an error of the last layer (errors of the layers
+    /// above it count as misses and the read goes on downward).
+    pub async fn get(&self, key: &K) -> Result<Option<V>> {
+        Ok(self.get_entry(key).await?.map(|e| e.value))
+    }
+
+    /// Like [`get`](MultiLayer::get), with the entry's absolute expiry.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](MultiLayer::get).
+    pub async fn get_entry(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.check_open(Operation::Get)?;
+        let first = &self.inner.slots[0];
+        // The L1 fast path: no boxed future, no hashing, one counter increment.
+        if first.sync_read {
+            if let Some(result) = first.layer.get_sync(key) {
+                match result {
+                    Ok(Some(entry)) => {
+                        first.counters.incr(Counter::Hit);
+                        return Ok(Some(entry));
+                    }
+                    Ok(None) => first.counters.incr(Counter::Miss),
+                    Err(e) => self.read_failed(0, e)?,
+                }
+                return self.read_below(key, 1).await;
+            }
+        }
+        self.read_below(key, 0).await
+    }
+
+    /// Counts a failed read at layer `i`. A decode error is a miss anywhere; another error
+    /// is a miss in a cache layer and the caller's error in the last layer.
+    fn read_failed(&self, i: usize, err: Error) -> Result<()> {
+        let slot = &self.inner.slots[i];
+        if err.kind() == ErrorKind::Decode {
+            slot.counters.incr(Counter::DecodeError);
+            slot.counters.incr(Counter::Miss);
+            return Ok(());
+        }
+        let err = slot.error(err);
+        if i + 1 == self.inner.slots.len() {
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn layer_get(slot: &Slot<K, V>, key: &K) -> Result<Option<Entry<V>>> {
+        if slot.sync_read {
+            if let Some(result) = slot.layer.get_sync(key) {
+                return result;
+            }
+        }
+        slot.layer.get(key).await
+    }
+
+    async fn read_below(&self, key: &K, start: usize) -> Result<Option<Entry<V>>> {
+        let inner = &*self.inner;
+        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+        for i in start..inner.slots.len() {
+            let slot = &inner.slots[i];
+            match Self::layer_get(slot, key).await {
+                Ok(Some(entry)) => {
+                    slot.counters.incr(Counter::Hit);
+                    if inner.promotion && i > 0 {
+                        self.promote(key, &entry, i, ticket).await;
+                    }
+                    return Ok(Some(entry));
+                }
+                Ok(None) => slot.counters.incr(Counter::Miss),
+                Err(e) => self.read_failed(i, e)?,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Copies `entry`, found at layer `found`, into the writable layers above it, nearest
+    /// first, unless a write of the key started since `ticket` was taken.
+    async fn promote(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket) {
+        let inner = &*self.inner;
+        let remaining = entry.remaining(inner.clock.now());
+        if remaining == Some(Duration::ZERO) {
+            return;
+        }
+        for slot in inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
+            if !inner.guard.still_valid(ticket) {
+                slot.counters.incr(Counter::PromotionSkipped);
+                continue;
+            }
+            match slot
+                .layer
+                .set(key, &entry.value, min_ttl(slot.ttl, remaining))
+                .await
+            {
+                Ok(()) if inner.guard.still_valid(ticket) => slot.counters.incr(Counter::Promotion),
+                Ok(()) => {
+                    // A write started while we wrote: what we put there may be older than
+                    // what the writer put there first. Remove it; a miss is harmless.
+                    slot.counters.incr(Counter::PromotionSkipped);
+                    if slot.layer.delete(key).await.is_err() {
+                        slot.counters.incr(Counter::Error);
+                    }
+                }
+                Err(_) => slot.counters.incr(Counter::Error),
+            }
+        }
+    }
+
+    /// Stores `value` under `key` in every writable layer, each with its own TTL.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](MultiLayer::set_with).
+    pub async fn set(&self, key: K, value: V) -> Result<()> {
+        self.write(&key, &value, None).await
+    }
+
+    /// Stores `value` under `key` with per-write options (a TTL: each layer keeps the
+    /// entry for `min(options.ttl, layer TTL)`).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidInput`] for a zero TTL; [`ErrorKind::Closed`] after close; the
+    /// authoritative layer's error (nothing above it was changed); a cache layer's error
+    /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    pub async fn set_with(&self, key: K, value: V, options: SetOptions) -> Result<()> {
+        self.write(&key, &value, options.ttl).await
+    }
+
+    fn check_ttl(ttl: Option<Duration>, op: Operation) -> Result<()> {
+        if ttl == Some(Duration::ZERO) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                op,
+                "TTL must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.check_open(Operation::Set)?;
+        Self::check_ttl(ttl, Operation::Set)?;
+        let inner = &*self.inner;
+        let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        let mut cache_error = None;
+        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
+            match slot.layer.set(key, value, min_ttl(slot.ttl, ttl)).await {
+                Ok(()) => slot.counters.incr(Counter::Set),
+                Err(e) => {
+                    let err = slot.error(e);
+                    if i == inner.authoritative {
+                        return Err(err);
+                    }
+                    // The cache may still hold the previous value: drop it there.
+                    if slot.layer.delete(key).await.is_err() {
+                        slot.counters.incr(Counter::Error);
+                    }
+                    cache_error.get_or_insert(err);
+                }
+            }
+        }
+        match cache_error {
+            Some(err) if inner.fail_on_cache_error => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes `key` from every writable layer, bottom-up. Returns whether the
+    /// authoritative layer held it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close; the authoritative layer's error (nothing above
+    /// it was changed); a cache layer's error only with
+    /// [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error). A cache layer that
+    /// fails to delete may serve the old value until its TTL ends; the error is counted.
+    pub async fn delete(&self, key: &K) -> Result<bool> {
+        self.check_open(Operation::Delete)?;
+        let inner = &*self.inner;
+        let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        let mut existed = false;
+        let mut cache_error = None;
+        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
+            match slot.layer.delete(key).await {
+                Ok(found) => {
+                    slot.counters.incr(Counter::Delete);
+                    if i == inner.authoritative {
+                        existed = found;
+                    }
+                }
+                Err(e) => {
+                    let err = slot.error(e);
+                    if i == inner.authoritative {
+                        return Err(err);
+                    }
+                    cache_error.get_or_insert(err);
+                }
+            }
+        }
+        match cache_error {
+            Some(err) if inner.fail_on_cache_error => Err(err),
+            _ => Ok(existed),
+        }
+    }
+
+    /// Whether some layer holds a live entry under `key`. Does not promote and does not
+    /// count hits or misses.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](MultiLayer::get).
+    pub async fn exists(&self, key: &K) -> Result<bool> {
+        self.check_open(Operation::Exists)?;
+        for (i, slot) in self.inner.slots.iter().enumerate() {
+            let found = match slot.sync_read.then(|| slot.layer.get_sync(key)).flatten() {
+                Some(r) => r.map(|e| e.is_some()),
+                None => slot.layer.exists(key).await,
+            };
+            match found {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(e) => self.read_failed(i, e)?,
+            }
+        }
+        Ok(false)
+    }
+
+    /// The values under `keys`, in order, each from the first layer that has it; every
+    /// layer is asked once for all keys still missing (its batch form).
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](MultiLayer::get).
+    pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
+        Ok(self
+            .get_many_entries(keys)
+            .await?
+            .into_iter()
+            .map(|e| e.map(|e| e.value))
+            .collect())
+    }
+
+    async fn get_many_entries(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.check_open(Operation::GetMany)?;
+        let inner = &*self.inner;
+        let tickets: Vec<Ticket> = keys
+            .iter()
+            .map(|k| inner.guard.ticket(inner.guard.stripe_of(k)))
+            .collect();
+        let mut out: Vec<Option<Entry<V>>> = keys.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        for (i, slot) in inner.slots.iter().enumerate() {
+            if pending.is_empty() {
+                break;
+            }
+            let wanted: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            let found = match slot.layer.get_many(&wanted).await {
+                Ok(found) if found.len() == wanted.len() => found,
+                Ok(found) => {
+                    let msg = format!("layer returned {} results for {} keys", found.len(), wanted.len());
+                    self.read_failed(i, Error::new(ErrorKind::Backend, Operation::GetMany, msg))?;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Decode => {
+                    // A batch that fails as a whole on bad bytes: every key is a miss.
+                    for _ in &pending {
+                        slot.counters.incr(Counter::DecodeError);
+                        slot.counters.incr(Counter::Miss);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.read_failed(i, e)?;
+                    continue;
+                }
+            };
+            let mut still = Vec::new();
+            for (p, entry) in pending.into_iter().zip(found) {
+                match entry {
+                    Some(entry) => {
+                        slot.counters.incr(Counter::Hit);
+                        if inner.promotion && i > 0 {
+                            self.promote(&keys[p], &entry, i, tickets[p]).await;
+                        }
+                        out[p] = Some(entry);
+                    }
+                    None => {
+                        slot.counters.incr(Counter::Miss);
+                        still.push(p);
+                    }
+                }
+            }
+            pending = still;
+        }
+        Ok(out)
+    }
+
+    /// Stores every `(key, value)` in every writable layer through the layers' batch
+    /// forms, bottom first, with the same failure rules as [`set`](MultiLayer::set).
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](MultiLayer::set_with). If the authoritative layer fails part-way,
+    /// whether earlier entries of the batch were stored depends on that layer (atomic for
+    /// layers with batch transactions, a prefix of the batch for the default loop).
+    pub async fn set_many(&self, entries: &[(K, V)], options: SetOptions) -> Result<()> {
+        self.check_open(Operation::SetMany)?;
+        Self::check_ttl(options.ttl, Operation::SetMany)?;
+        let inner = &*self.inner;
+        let _writing: Vec<_> = entries
+            .iter()
+            .map(|(k, _)| inner.guard.begin_write(inner.guard.stripe_of(k)))
+            .collect();
+        let mut cache_error = None;
+        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
+            match slot.layer.set_many(entries, min_ttl(slot.ttl, options.ttl)).await {
+                Ok(()) => (0..entries.len()).for_each(|_| slot.counters.incr(Counter::Set)),
+                Err(e) => {
+                    let err = slot.error(e);
+                    if i == inner.authoritative {
+                        return Err(err);
+                    }
+                    let keys: Vec<K> = entries.iter().map(|(k, _)| k.clone()).collect();
+                    if slot.layer.delete_many(&keys).await.is_err() {
+                        slot.counters.incr(Counter::Error);
+                    }
+                    cache_error.get_or_insert(err);
+                }
+            }
+        }
+        match cache_error {
+            Some(err) if inner.fail_on_cache_error => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every key from every writable layer, bottom-up; returns how many the
+    /// authoritative layer held.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete`](MultiLayer::delete).
+    pub async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.check_open(Operation::DeleteMany)?;
+        let inner = &*self.inner;
+        let _writing: Vec<_> = keys
+            .iter()
+            .map(|k| inner.guard.begin_write(inner.guard.stripe_of(k)))
+            .collect();
+        let mut removed = 0;
+        let mut cache_error = None;
+        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
+            match slot.layer.delete_many(keys).await {
+                Ok(n) => {
+                    (0..keys.len()).for_each(|_| slot.counters.incr(Counter::Delete));
+                    if i == inner.authoritative {
+                        removed = n;
+                    }
+                }
+                Err(e) => {
+                    let err = slot.error(e);
+                    if i == inner.authoritative {
+                        return Err(err);
+                    }
+                    cache_error.get_or_insert(err);
+                }
+            }
+        }
+        match cache_error {
+            Some(err) if inner.fail_on_cache_error => Err(err),
+            _ => Ok(removed),
+        }
+    }
+
+    /// Flushes every layer (persistent layers make acknowledged writes durable).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close; the first layer error (all layers are flushed).
+    pub async fn flush(&self) -> Result<()> {
+        self.check_open(Operation::Flush)?;
+        let mut first = None;
+        for slot in self.inner.slots.iter() {
+            if let Err(e) = slot.layer.flush().await {
+                first.get_or_insert(slot.error(e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Closes every layer, top first. Idempotent: a second call returns `Ok(())`.
+    /// Afterwards every operation fails with [`ErrorKind::Closed`]. Layers shared with
+    /// another composer are closed for it too.
+    ///
+    /// # Errors
+    ///
+    /// The first layer error (every layer is closed regardless).
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut first = None;
+        for slot in self.inner.slots.iter() {
+            if let Err(e) = slot.layer.close().await {
+                first.get_or_insert(slot.error(e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// A snapshot of the per-layer counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            layers: self
+                .inner
+                .slots
+                .iter()
+                .map(|s| s.counters.snapshot(&s.name))
+                .collect(),
+        }
+    }
+
+    /// The configured layer names, top first.
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.slots.iter().map(|s| s.name.as_str())
+    }
+}
+
+#[async_trait]
+impl<K, V> Layer<K, V> for MultiLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let bottom = self.inner.slots[self.inner.authoritative].layer.capabilities();
+        let mut caps = Capabilities::new();
+        caps.persistent = bottom.persistent;
+        caps.sync_read = self.inner.slots[0].sync_read;
+        caps
+    }
+
+    /// Answers only an L1 hit synchronously; anything else needs the async path.
+    fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
+        let first = &self.inner.slots[0];
+        if self.inner.closed.load(Ordering::Acquire) || !first.sync_read {
+            return None;
+        }
+        match first.layer.get_sync(key) {
+            Some(Ok(Some(entry))) => {
+                first.counters.incr(Counter::Hit);
+                Some(Ok(Some(entry)))
+            }
+            _ => None,
+        }
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.get_entry(key).await
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.write(key, value, ttl).await
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        MultiLayer::delete(self, key).await
+    }
+
+    async fn exists(&self, key: &K) -> Result<bool> {
+        MultiLayer::exists(self, key).await
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.get_many_entries(keys).await
+    }
+
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        MultiLayer::set_many(self, entries, SetOptions { ttl }).await
+    }
+
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        MultiLayer::delete_many(self, keys).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        MultiLayer::flush(self).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        MultiLayer::close(self).await
+    }
+}

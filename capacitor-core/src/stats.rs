@@ -1,0 +1,277 @@
+//! Per-layer counters and the [`Stats`] snapshot.
+//!
+//! Counters are sharded per thread: each thread increments its own cache line, so
+//! concurrent readers on different cores never contend on the hit path (one shared atomic
+//! would bounce its cache line between cores on every hit). A snapshot sums the shards.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+const SHARDS: usize = 8;
+
+/// Indexes into [`Shard::counts`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counter {
+    Hit = 0,
+    Miss = 1,
+    Error = 2,
+    DecodeError = 3,
+    Set = 4,
+    Delete = 5,
+    Promotion = 6,
+    PromotionSkipped = 7,
+}
+
+const COUNTERS: usize = 8;
+
+/// One thread's counters for one layer: exactly one 64-byte cache line, aligned to 128 to
+/// keep adjacent-line prefetching from pairing two shards.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    counts: [AtomicU64; COUNTERS],
+}
+
+/// Sharded counters for one layer.
+pub(crate) struct LayerCounters {
+    shards: [Shard; SHARDS],
+}
+
+impl Default for LayerCounters {
+    fn default() -> Self {
+        LayerCounters {
+            shards: std::array::from_fn(|_| Shard::default()),
+        }
+    }
+}
+
+impl fmt::Debug for LayerCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerCounters").finish_non_exhaustive()
+    }
+}
+
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    INDEX.with(|cell| {
+        let mut i = cell.get();
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            cell.set(i);
+        }
+        i
+    })
+}
+
+impl LayerCounters {
+    #[inline]
+    pub(crate) fn incr(&self, counter: Counter) {
+        self.shards[shard_index()].counts[counter as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self, counter: Counter) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.counts[counter as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub(crate) fn snapshot(&self, name: &str) -> LayerStats {
+        LayerStats {
+            name: name.to_owned(),
+            hits: self.sum(Counter::Hit),
+            misses: self.sum(Counter::Miss),
+            errors: self.sum(Counter::Error),
+            decode_errors: self.sum(Counter::DecodeError),
+            sets: self.sum(Counter::Set),
+            deletes: self.sum(Counter::Delete),
+            promotions: self.sum(Counter::Promotion),
+            promotions_skipped: self.sum(Counter::PromotionSkipped),
+        }
+    }
+}
+
+/// Counters of one layer at the moment of the snapshot.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    /// The layer's configured name.
+    pub name: String,
+    /// Reads answered by this layer.
+    pub hits: u64,
+    /// Reads that reached this layer and did not find the key (decode errors included).
+    pub misses: u64,
+    /// Failed operations on this layer (reads, writes, promotions, invalidations).
+    pub errors: u64,
+    /// Stored values that did not decode; counted as misses too.
+    pub decode_errors: u64,
+    /// Successful writes by `set` (promotions are counted apart).
+    pub sets: u64,
+    /// Successful deletes (present or not).
+    pub deletes: u64,
+    /// Values copied into this layer from a layer below on a read.
+    pub promotions: u64,
+    /// Promotions into this layer skipped because a concurrent write of the key raced
+    /// the read (the guard that keeps stale values out of upper layers).
+    pub promotions_skipped: u64,
+}
+
+impl LayerStats {
+    /// `hits / (hits + misses)` for this layer, 0 when it was never read.
+    pub fn hit_ratio(&self) -> f64 {
+        ratio(self.hits, self.hits + self.misses)
+    }
+}
+
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+/// A snapshot of a composer's counters, one row per layer, top first.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+///
+/// let cache = MultiLayer::<String, u32>::builder()
+///     .layer(LayerConfig::new("l1", MapLayer::new()))
+///     .layer(LayerConfig::new("l2", MapLayer::new()))
+///     .build()?;
+/// cache.set("a".to_string(), 1).await?;
+/// cache.get(&"a".to_string()).await?;
+/// cache.get(&"b".to_string()).await?;
+/// let stats = cache.stats();
+/// assert_eq!((stats.hits(), stats.misses()), (1, 1));
+/// assert_eq!(stats.hit_ratio(), 0.5);
+/// println!("{stats}");
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Per-layer counters, in lookup order.
+    pub layers: Vec<LayerStats>,
+}
+
+impl Stats {
+    /// Reads answered by some layer. Each read hits at most one layer, so this is the sum
+    /// of the layers' hits (no extra counter on the hit path).
+    pub fn hits(&self) -> u64 {
+        self.layers.iter().map(|l| l.hits).sum()
+    }
+
+    /// Reads that no layer answered: the misses of the last layer.
+    pub fn misses(&self) -> u64 {
+        self.layers.last().map_or(0, |l| l.misses)
+    }
+
+    /// `hits / (hits + misses)` over the whole composer; 0 before the first read.
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.hits();
+        ratio(hits, hits + self.misses())
+    }
+
+    /// The row of the layer named `name`.
+    pub fn layer(&self, name: &str) -> Option<&LayerStats> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.layers.iter().map(|l| l.name.len()).max().unwrap_or(5).max(5);
+        writeln!(
+            f,
+            "{:<width$} {:>10} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8} {:>7}",
+            "layer", "hits", "misses", "hit%", "sets", "deletes", "promoted", "errors", "decode"
+        )?;
+        for l in &self.layers {
+            writeln!(
+                f,
+                "{:<width$} {:>10} {:>10} {:>6.1}% {:>10} {:>10} {:>8} {:>8} {:>7}",
+                l.name,
+                l.hits,
+                l.misses,
+                l.hit_ratio() * 100.0,
+                l.sets,
+                l.deletes,
+                l.promotions,
+                l.errors,
+                l.decode_errors
+            )?;
+        }
+        write!(
+            f,
+            "overall: {} hits, {} misses, hit ratio {:.1}%",
+            self.hits(),
+            self.misses(),
+            self.hit_ratio() * 100.0
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_sum_across_threads() {
+        let c = std::sync::Arc::new(LayerCounters::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        c.incr(Counter::Hit);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap_or_default();
+        }
+        c.incr(Counter::Miss);
+        let s = c.snapshot("l1");
+        assert_eq!((s.hits, s.misses), (40_000, 1));
+    }
+
+    #[test]
+    fn display_is_a_table_with_overall_ratio() {
+        let stats = Stats {
+            layers: vec![
+                LayerStats {
+                    name: "l1".into(),
+                    hits: 3,
+                    misses: 1,
+                    ..Default::default()
+                },
+                LayerStats {
+                    name: "l2".into(),
+                    hits: 0,
+                    misses: 1,
+                    ..Default::default()
+                },
+            ],
+        };
+        let text = stats.to_string();
+        assert!(text
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("hits") && h.contains("promoted")));
+        assert!(
+            text.contains("overall: 3 hits, 1 misses, hit ratio 75.0%"),
+            "{text}"
+        );
+        assert_eq!(stats.layer("l1").map(|l| l.hit_ratio()), Some(0.75));
+    }
+}

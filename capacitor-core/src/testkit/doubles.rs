@@ -1,0 +1,343 @@
+//! Test doubles: a plain map layer with a controllable clock, and a wrapper that fails or
+//! pauses on demand.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+use crate::entry::{expiry_for, system_clock, Clock, Entry, SharedClock};
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::layer::{Capabilities, Layer, WriteOp};
+
+/// A simple `Mutex<HashMap>` layer with lazy expiry against a [`Clock`]. Async only (no
+/// synchronous fast path), supports [`Layer::apply_atomic`]. Meant for tests and examples.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::{testkit::MapLayer, Layer, ManualClock};
+/// use std::time::Duration;
+///
+/// let clock = ManualClock::new(0);
+/// let layer = MapLayer::with_clock(clock.clone());
+/// layer.set(&"k", &1, Some(Duration::from_secs(1))).await?;
+/// clock.advance(Duration::from_secs(1));
+/// assert_eq!(layer.get(&"k").await?, None);
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+pub struct MapLayer<K, V> {
+    map: Mutex<HashMap<K, Entry<V>>>,
+    clock: SharedClock,
+    closed: AtomicBool,
+}
+
+impl<K, V> fmt::Debug for MapLayer<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapLayer").finish_non_exhaustive()
+    }
+}
+
+impl<K, V> Default for MapLayer<K, V> {
+    fn default() -> Self {
+        MapLayer {
+            map: Mutex::new(HashMap::new()),
+            clock: system_clock(),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<K, V> MapLayer<K, V> {
+    /// An empty layer on the system clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty layer on `clock`.
+    pub fn with_clock(clock: impl Clock) -> Self {
+        MapLayer {
+            clock: Arc::new(clock),
+            ..Self::default()
+        }
+    }
+
+    fn open(&self, op: Operation) -> Result<MutexGuard<'_, HashMap<K, Entry<V>>>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(op));
+        }
+        Ok(self.map.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Number of stored entries, expired ones included (for assertions).
+    pub fn raw_len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl<K: Hash + Eq, V: Clone> MapLayer<K, V> {
+    /// The stored entry, expired or not, bypassing every check (for assertions).
+    pub fn raw_entry(&self, key: &K) -> Option<Entry<V>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+}
+
+#[async_trait]
+impl<K, V> Layer<K, V> for MapLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        "map"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_transactions()
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let now = self.clock.now();
+        let mut map = self.open(Operation::Get)?;
+        match map.get(key) {
+            Some(e) if e.is_expired(now) => {
+                map.remove(key);
+                Ok(None)
+            }
+            other => Ok(other.cloned()),
+        }
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let entry = Entry::new(value.clone(), expiry_for(self.clock.now(), ttl));
+        self.open(Operation::Set)?.insert(key.clone(), entry);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        let now = self.clock.now();
+        let removed = self.open(Operation::Delete)?.remove(key);
+        Ok(removed.is_some_and(|e| !e.is_expired(now)))
+    }
+
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        let now = self.clock.now();
+        let mut map = self.open(Operation::Transaction)?;
+        for op in ops {
+            match op {
+                WriteOp::Set { key, value, ttl } => {
+                    map.insert(key.clone(), Entry::new(value.clone(), expiry_for(now, *ttl)));
+                }
+                WriteOp::Delete { key } => {
+                    map.remove(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Switches shared between a test and a [`FaultyLayer`].
+#[derive(Debug)]
+pub struct Faults {
+    fail_reads: AtomicBool,
+    fail_writes: AtomicBool,
+    fail_deletes: AtomicBool,
+    pause_armed: AtomicBool,
+    paused: Semaphore,
+    release: Semaphore,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            fail_reads: AtomicBool::new(false),
+            fail_writes: AtomicBool::new(false),
+            fail_deletes: AtomicBool::new(false),
+            pause_armed: AtomicBool::new(false),
+            paused: Semaphore::new(0),
+            release: Semaphore::new(0),
+        }
+    }
+}
+
+impl Faults {
+    /// Make `get`/`exists`/`get_many` fail with [`ErrorKind::Unavailable`].
+    pub fn fail_reads(&self, on: bool) {
+        self.fail_reads.store(on, Ordering::SeqCst);
+    }
+    /// Make `set`/`set_many`/`apply_atomic` fail with [`ErrorKind::Unavailable`].
+    pub fn fail_writes(&self, on: bool) {
+        self.fail_writes.store(on, Ordering::SeqCst);
+    }
+    /// Make `delete`/`delete_many` fail with [`ErrorKind::Unavailable`].
+    pub fn fail_deletes(&self, on: bool) {
+        self.fail_deletes.store(on, Ordering::SeqCst);
+    }
+    /// The next `get` reads the inner layer, then waits for [`Faults::resume`] before
+    /// returning what it read.
+    pub fn pause_next_read(&self) {
+        self.pause_armed.store(true, Ordering::SeqCst);
+    }
+    /// Waits until a paused `get` has read its value.
+    pub async fn read_paused(&self) {
+        if let Ok(p) = self.paused.acquire().await {
+            p.forget();
+        }
+    }
+    /// Lets the paused `get` return.
+    pub fn resume(&self) {
+        self.release.add_permits(1);
+    }
+
+    fn check(&self, flag: &AtomicBool, op: Operation) -> Result<()> {
+        if flag.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Unavailable, op, "injected fault"));
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a layer and fails or pauses on demand through its [`Faults`].
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::{testkit::{FaultyLayer, MapLayer}, ErrorKind, Layer};
+///
+/// let layer = FaultyLayer::new(MapLayer::<u8, u8>::new());
+/// let faults = layer.faults();
+/// faults.fail_writes(true);
+/// let err = layer.set(&1, &1, None).await.unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Unavailable);
+/// # });
+/// ```
+pub struct FaultyLayer<K, V> {
+    inner: Arc<dyn Layer<K, V>>,
+    faults: Arc<Faults>,
+}
+
+impl<K, V> fmt::Debug for FaultyLayer<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyLayer")
+            .field("faults", &self.faults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> FaultyLayer<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// Wraps `inner` with every fault off.
+    pub fn new(inner: impl Layer<K, V>) -> Self {
+        FaultyLayer {
+            inner: Arc::new(inner),
+            faults: Arc::default(),
+        }
+    }
+
+    /// Wraps a shared layer (so the test can also read it directly).
+    pub fn shared(inner: Arc<dyn Layer<K, V>>) -> Self {
+        FaultyLayer {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The switches.
+    pub fn faults(&self) -> Arc<Faults> {
+        Arc::clone(&self.faults)
+    }
+}
+
+#[async_trait]
+impl<K, V> Layer<K, V> for FaultyLayer<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.inner.capabilities();
+        caps.sync_read = false;
+        caps
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.faults.check(&self.faults.fail_reads, Operation::Get)?;
+        let got = self.inner.get(key).await;
+        if self.faults.pause_armed.swap(false, Ordering::SeqCst) {
+            self.faults.paused.add_permits(1);
+            if let Ok(p) = self.faults.release.acquire().await {
+                p.forget();
+            }
+        }
+        got
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.faults.check(&self.faults.fail_writes, Operation::Set)?;
+        self.inner.set(key, value, ttl).await
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        self.faults.check(&self.faults.fail_deletes, Operation::Delete)?;
+        self.inner.delete(key).await
+    }
+
+    async fn exists(&self, key: &K) -> Result<bool> {
+        self.faults.check(&self.faults.fail_reads, Operation::Exists)?;
+        self.inner.exists(key).await
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.faults.check(&self.faults.fail_reads, Operation::GetMany)?;
+        self.inner.get_many(keys).await
+    }
+
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        self.faults.check(&self.faults.fail_writes, Operation::SetMany)?;
+        self.inner.set_many(entries, ttl).await
+    }
+
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.faults
+            .check(&self.faults.fail_deletes, Operation::DeleteMany)?;
+        self.inner.delete_many(keys).await
+    }
+
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        self.faults
+            .check(&self.faults.fail_writes, Operation::Transaction)?;
+        self.inner.apply_atomic(ops).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}

@@ -1,0 +1,5 @@
+//! The sled layer for capacitor.
+//!
+//! **Not implemented yet**: this crate is a placeholder in the workspace so that the
+//! facade's `sled` feature has a home. It exports nothing usable.
+#![forbid(unsafe_code)]

@@ -1,0 +1,64 @@
+//! capacitor: several storage layers (in-memory, Redis, PostgreSQL, sled) behind one typed
+//! async key-value API, with promotion on hit, write-through, per-layer TTL and per-layer
+//! statistics.
+//!
+//! This facade re-exports [`capacitor_core`] (the [`Layer`] trait, [`MultiLayer`],
+//! [`Stats`], [`Error`]) and, as modules, the backends enabled by Cargo features:
+//!
+//! | feature | module | default |
+//! |---|---|---|
+//! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
+//! | `sled` | `sled`: embedded persistent store | yes |
+//! | `redis` | `redis` | no |
+//! | `postgres` | `postgres` | no |
+//! | `full` | all of the above | no |
+//!
+//! # Examples
+//!
+//! ```
+//! # #[cfg(feature = "memory")]
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use capacitor::memory::{DashMapLayer, MokaLayer};
+//! use capacitor::{LayerConfig, MultiLayer};
+//! use std::time::Duration;
+//!
+//! let cache = MultiLayer::<String, u64>::builder()
+//!     .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(10_000).build()?).ttl(Duration::from_secs(30)))
+//!     .layer(LayerConfig::new("l2", DashMapLayer::new()))
+//!     .build()?;
+//! cache.set("visits".into(), 1).await?;
+//! assert_eq!(cache.get(&"visits".into()).await?, Some(1));
+//! # Ok::<(), capacitor::Error>(()) }).unwrap();
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use capacitor_core::*;
+
+/// In-memory layers: [`memory::MokaLayer`] (bounded) and [`memory::DashMapLayer`].
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub mod memory {
+    pub use capacitor_memory::*;
+}
+
+/// The embedded persistent layer on sled.
+#[cfg(feature = "sled")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
+pub mod sled {
+    pub use capacitor_sled::*;
+}
+
+/// The Redis layer.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis {
+    pub use capacitor_redis::*;
+}
+
+/// The PostgreSQL layer.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres {
+    pub use capacitor_postgres::*;
+}
