@@ -262,7 +262,8 @@ where
         Ok(self.get_entry(key).await?.map(|e| e.value))
     }
 
-    /// Like [`get`](MultiLayer::get), with the entry's absolute expiry.
+    /// Like [`get`](MultiLayer::get), with the absolute expiry of the copy that answered.
+    /// With a cache-layer TTL, that copy can expire before the authoritative entry does.
     ///
     /// # Errors
     ///
