@@ -1,0 +1,161 @@
+//! Model-based property test: random operation sequences on a three-layer composer (with a
+//! manual clock and layers that fail on demand), checked step by step against a plain
+//! map of what the authoritative store should hold.
+//!
+//! It catches, among others, a promotion that ignores the entry's remaining life (an L1
+//! copy outliving its source) and a write order that touches caches before the
+//! authoritative layer (a cache serving a write the bottom refused).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor_core::testkit::{Faults, FaultyLayer, MapLayer};
+use capacitor_core::{LayerConfig, ManualClock, MultiLayer, SetOptions};
+use proptest::prelude::*;
+
+const LAYER_TTLS: [Option<u64>; 3] = [Some(5_000), Some(20_000), None];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set { key: u8, value: u8, ttl_ms: Option<u64> },
+    Delete { key: u8 },
+    Get { key: u8 },
+    Exists { key: u8 },
+    Advance { ms: u64 },
+    FailReads { layer: usize, on: bool },
+    FailWrites { layer: usize, on: bool },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let key = 0u8..4;
+    prop_oneof![
+        4 => (key.clone(), any::<u8>(), proptest::option::of(1u64..30_000))
+            .prop_map(|(key, value, ttl_ms)| Op::Set { key, value, ttl_ms }),
+        2 => key.clone().prop_map(|key| Op::Delete { key }),
+        5 => key.clone().prop_map(|key| Op::Get { key }),
+        1 => key.prop_map(|key| Op::Exists { key }),
+        3 => (0u64..12_000).prop_map(|ms| Op::Advance { ms }),
+        1 => (0usize..3, any::<bool>()).prop_map(|(layer, on)| Op::FailReads { layer, on }),
+        1 => (0usize..3, any::<bool>()).prop_map(|(layer, on)| Op::FailWrites { layer, on }),
+    ]
+}
+
+/// What the authoritative layer should hold: value and absolute expiry (ms).
+#[derive(Default)]
+struct Model {
+    now: u64,
+    map: HashMap<u8, (u8, Option<u64>)>,
+}
+
+impl Model {
+    fn live(&self, key: u8) -> Option<u8> {
+        match self.map.get(&key) {
+            Some((v, Some(at))) if *at > self.now => Some(*v),
+            Some((v, None)) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TestCaseError::fail(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        let start = 1_000_000;
+        let clock = ManualClock::new(start);
+        let mut faults: Vec<Arc<Faults>> = Vec::new();
+        let mut builder = MultiLayer::builder().clock(clock.clone());
+        for (i, ttl) in LAYER_TTLS.iter().enumerate() {
+            let layer = FaultyLayer::new(MapLayer::<String, u8>::with_clock(clock.clone()));
+            faults.push(layer.faults());
+            let mut cfg = LayerConfig::new(format!("l{i}"), layer);
+            if let Some(ms) = ttl {
+                cfg = cfg.ttl(Duration::from_millis(*ms));
+            }
+            builder = builder.layer(cfg);
+        }
+        let cache = builder.build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut model = Model {
+            now: start,
+            ..Model::default()
+        };
+        let (mut bottom_reads_fail, mut bottom_writes_fail) = (false, false);
+
+        for (step, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Set { key, value, ttl_ms } => {
+                    let opts = match ttl_ms {
+                        Some(ms) => SetOptions::new().ttl(Duration::from_millis(ms)),
+                        None => SetOptions::new(),
+                    };
+                    let r = cache.set_with(key.to_string(), value, opts).await;
+                    if bottom_writes_fail {
+                        prop_assert!(
+                            r.is_err(),
+                            "step {step}: set must fail when the bottom refuses it"
+                        );
+                    } else {
+                        prop_assert!(r.is_ok(), "step {step}: set failed: {r:?}");
+                        model.map.insert(key, (value, ttl_ms.map(|ms| model.now + ms)));
+                    }
+                }
+                Op::Delete { key } => {
+                    let r = cache.delete(&key.to_string()).await;
+                    prop_assert_eq!(r.ok(), Some(model.live(key).is_some()), "step {}: delete", step);
+                    model.map.remove(&key);
+                }
+                Op::Get { key } => {
+                    let r = cache.get(&key.to_string()).await;
+                    let expected = model.live(key);
+                    match r {
+                        Ok(got) if !bottom_reads_fail => {
+                            prop_assert_eq!(got, expected, "step {}: get {}", step, key)
+                        }
+                        // With the bottom failing, a cache may still answer: with the
+                        // right value only.
+                        Ok(got) => prop_assert!(
+                            got.is_some() && got == expected,
+                            "step {step}: get {key} = {got:?} while the bottom fails, model {expected:?}"
+                        ),
+                        Err(e) => prop_assert!(bottom_reads_fail, "step {step}: get {key} failed: {e}"),
+                    }
+                }
+                Op::Exists { key } => {
+                    let r = cache.exists(&key.to_string()).await;
+                    if !bottom_reads_fail {
+                        prop_assert_eq!(r.ok(), Some(model.live(key).is_some()), "step {}: exists", step);
+                    }
+                }
+                Op::Advance { ms } => {
+                    clock.advance(Duration::from_millis(ms));
+                    model.now += ms;
+                }
+                Op::FailReads { layer, on } => {
+                    faults[layer].fail_reads(on);
+                    if layer == 2 {
+                        bottom_reads_fail = on;
+                    }
+                }
+                Op::FailWrites { layer, on } => {
+                    faults[layer].fail_writes(on);
+                    if layer == 2 {
+                        bottom_writes_fail = on;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn composer_matches_the_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops)?;
+    }
+}
