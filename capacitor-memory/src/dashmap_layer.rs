@@ -1,0 +1,275 @@
+//! [`DashMapLayer`]: an unbounded concurrent map with lazy expiry.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use capacitor_core::{
+    async_trait, expiry_for, system_clock, Capabilities, Clock, Entry, Error, Layer, Operation, Result,
+    SharedClock,
+};
+use dashmap::DashMap;
+
+struct Shared<K, V> {
+    map: DashMap<K, Entry<V>>,
+    clock: SharedClock,
+    closed: AtomicBool,
+}
+
+impl<K: Hash + Eq, V> Shared<K, V> {
+    fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        let before = self.map.len();
+        self.map.retain(|_, e| !e.is_expired(now));
+        before.saturating_sub(self.map.len())
+    }
+}
+
+/// Builds a [`DashMapLayer`].
+///
+/// Defaults: the system clock, no sweeper (expired entries are removed when read).
+#[must_use]
+pub struct DashMapLayerBuilder {
+    clock: SharedClock,
+    sweep_interval: Option<Duration>,
+}
+
+impl fmt::Debug for DashMapLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DashMapLayerBuilder")
+            .field("sweep_interval", &self.sweep_interval)
+            .finish()
+    }
+}
+
+impl DashMapLayerBuilder {
+    /// The clock expiries are computed and checked against.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Remove expired entries every `interval` on a tokio task (expired entries that are
+    /// never read again otherwise stay in memory). The task stops when the layer is closed
+    /// or dropped.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = Some(interval);
+        self
+    }
+
+    /// Validates and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`capacitor_core::ErrorKind::Config`] for a zero sweep interval, or a sweeper
+    /// requested outside a tokio runtime.
+    pub fn build<K, V>(self) -> Result<DashMapLayer<K, V>>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let shared = Arc::new(Shared {
+            map: DashMap::new(),
+            clock: self.clock,
+            closed: AtomicBool::new(false),
+        });
+        if let Some(interval) = self.sweep_interval {
+            if interval.is_zero() {
+                return Err(Error::config("sweep_interval", "must be greater than zero"));
+            }
+            let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+                Error::config(
+                    "sweep_interval",
+                    "the sweeper needs a tokio runtime; build inside one",
+                )
+                .with_source(e)
+            })?;
+            handle.spawn(sweeper(Arc::downgrade(&shared), interval));
+        }
+        Ok(DashMapLayer { shared })
+    }
+}
+
+async fn sweeper<K: Hash + Eq, V>(shared: Weak<Shared<K, V>>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(shared) = shared.upgrade() else { return };
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        shared.sweep();
+    }
+}
+
+/// An unbounded in-memory layer on dashmap, with lazy expiry (an expired entry is removed
+/// when read) and an optional sweeper. Reads are answered synchronously.
+///
+/// Unbounded: use it for data sets known to fit in memory, or under a bounded
+/// [`MokaLayer`](crate::MokaLayer).
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::Layer;
+/// use capacitor_memory::DashMapLayer;
+/// use std::time::Duration;
+///
+/// let layer = DashMapLayer::builder().sweep_interval(Duration::from_secs(30)).build::<u64, String>()?;
+/// layer.set(&7, &"seven".to_string(), None).await?;
+/// assert_eq!(layer.get(&7).await?.map(|e| e.value), Some("seven".to_string()));
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+pub struct DashMapLayer<K, V> {
+    shared: Arc<Shared<K, V>>,
+}
+
+impl<K, V> fmt::Debug for DashMapLayer<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DashMapLayer")
+            .field("closed", &self.shared.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DashMapLayer<(), ()> {
+    /// A builder with the defaults listed on [`DashMapLayerBuilder`].
+    pub fn builder() -> DashMapLayerBuilder {
+        DashMapLayerBuilder {
+            clock: system_clock(),
+            sweep_interval: None,
+        }
+    }
+}
+
+impl<K, V> Default for DashMapLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K, V> DashMapLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// An empty layer on the system clock, without sweeper.
+    pub fn new() -> Self {
+        DashMapLayer {
+            shared: Arc::new(Shared {
+                map: DashMap::new(),
+                clock: system_clock(),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn check_open(&self, op: Operation) -> Result<()> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(op));
+        }
+        Ok(())
+    }
+
+    fn read(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.check_open(Operation::Get)?;
+        let Some(entry) = self.shared.map.get(key) else {
+            return Ok(None);
+        };
+        // Entries without expiry (the common L1 case) never read the clock.
+        if let Some(at) = entry.expires_at {
+            let now = self.shared.clock.now();
+            if at <= now {
+                drop(entry); // release the shard's read lock before taking its write lock
+                self.shared.map.remove_if(key, |_, e| e.is_expired(now));
+                return Ok(None);
+            }
+        }
+        Ok(Some(entry.clone()))
+    }
+
+    fn remove(&self, key: &K) -> bool {
+        let now = self.shared.clock.now();
+        self.shared
+            .map
+            .remove(key)
+            .is_some_and(|(_, e)| !e.is_expired(now))
+    }
+
+    /// Entries held, expired ones not yet removed included.
+    pub fn len(&self) -> usize {
+        self.shared.map.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.shared.map.is_empty()
+    }
+
+    /// Removes every expired entry now; returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        self.shared.sweep()
+    }
+}
+
+#[async_trait]
+impl<K, V> Layer<K, V> for DashMapLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        "dashmap"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_sync_read()
+    }
+
+    #[inline]
+    fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
+        Some(self.read(key))
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.read(key)
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.check_open(Operation::Set)?;
+        let entry = Entry::new(value.clone(), expiry_for(self.shared.clock.now(), ttl));
+        self.shared.map.insert(key.clone(), entry);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        self.check_open(Operation::Delete)?;
+        Ok(self.remove(key))
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        keys.iter().map(|k| self.read(k)).collect()
+    }
+
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.check_open(Operation::DeleteMany)?;
+        Ok(keys.iter().map(|k| u64::from(self.remove(k))).sum())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.check_open(Operation::Flush)
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.shared.closed.swap(true, Ordering::AcqRel) {
+            self.shared.map.clear();
+        }
+        Ok(())
+    }
+}

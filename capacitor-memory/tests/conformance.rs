@@ -1,0 +1,34 @@
+//! Both memory layers pass the core conformance suite.
+
+mod moka {
+    capacitor_core::conformance_tests!(|_ctx| async {
+        capacitor_memory::MokaLayer::builder()
+            .max_capacity(100_000)
+            .build()
+            .expect("valid config")
+    });
+}
+
+mod moka_by_bytes {
+    capacitor_core::conformance_tests!(|_ctx| async {
+        capacitor_memory::MokaLayer::builder()
+            .max_bytes(64 * 1024 * 1024, |k: &String, v: &Vec<u8>| {
+                u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
+            })
+            .build()
+            .expect("valid config")
+    });
+}
+
+mod dashmap {
+    capacitor_core::conformance_tests!(|_ctx| async { capacitor_memory::DashMapLayer::new() });
+}
+
+mod dashmap_with_sweeper {
+    capacitor_core::conformance_tests!(|_ctx| async {
+        capacitor_memory::DashMapLayer::builder()
+            .sweep_interval(std::time::Duration::from_millis(100))
+            .build()
+            .expect("valid config")
+    });
+}

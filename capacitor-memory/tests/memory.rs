@@ -1,0 +1,129 @@
+//! Behaviour specific to the memory layers: bounds, sweeping, configuration errors.
+
+use std::time::Duration;
+
+use capacitor_core::{ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer};
+use capacitor_memory::{DashMapLayer, MokaLayer};
+
+#[tokio::test]
+async fn moka_entry_bound_evicts() {
+    let layer = MokaLayer::<u64, u64>::builder()
+        .max_capacity(100)
+        .build()
+        .expect("config");
+    for i in 0..5_000 {
+        layer.set(&i, &i, None).await.expect("set");
+    }
+    let count = layer.entry_count();
+    assert!(count <= 100, "{count} entries held with a bound of 100");
+}
+
+#[tokio::test]
+async fn moka_byte_bound_evicts_by_weight() {
+    let layer = MokaLayer::<u64, Vec<u8>>::builder()
+        .max_bytes(1024 * 1024, |_, v: &Vec<u8>| {
+            u32::try_from(v.len()).unwrap_or(u32::MAX)
+        })
+        .build()
+        .expect("config");
+    for i in 0..100 {
+        layer.set(&i, &vec![0u8; 64 * 1024], None).await.expect("set");
+    }
+    let bytes = layer.weighted_size();
+    assert!(bytes <= 1024 * 1024, "{bytes} bytes held with a bound of 1 MiB");
+    assert!(bytes >= 64 * 1024, "the cache kept nothing");
+}
+
+#[test]
+fn moka_builder_rejects_bad_bounds() {
+    let err = MokaLayer::<u8, u8>::builder()
+        .max_capacity(0)
+        .build()
+        .expect_err("zero");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = MokaLayer::<u8, u8>::builder()
+        .max_capacity(5)
+        .max_bytes(5, |_, _| 1)
+        .build()
+        .expect_err("both");
+    assert!(err.to_string().contains("max_capacity"));
+    let err = MokaLayer::<u8, u8>::builder()
+        .max_bytes(0, |_, _| 1)
+        .build()
+        .expect_err("zero bytes");
+    assert!(err.to_string().contains("max_bytes"));
+}
+
+#[tokio::test]
+async fn dashmap_expires_lazily_and_the_sweeper_removes_unread_entries() {
+    let clock = ManualClock::new(0);
+    let layer = DashMapLayer::builder()
+        .clock(clock.clone())
+        .sweep_interval(Duration::from_millis(20))
+        .build::<u32, u32>()
+        .expect("config");
+    for i in 0..100 {
+        layer
+            .set(&i, &i, Some(Duration::from_secs(1)))
+            .await
+            .expect("set");
+    }
+    layer.set(&1_000, &0, None).await.expect("set");
+    assert_eq!(layer.len(), 101);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(layer.get(&5).await.expect("get"), None, "expired on read");
+    // Nobody reads the other 99: the sweeper must drop them.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while layer.len() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("sweeper removed the expired entries");
+    assert_eq!(layer.get(&1_000).await.expect("get").map(|e| e.value), Some(0));
+}
+
+#[test]
+fn dashmap_sweeper_outside_a_runtime_is_a_config_error() {
+    let err = DashMapLayer::builder()
+        .sweep_interval(Duration::from_secs(1))
+        .build::<u8, u8>()
+        .expect_err("no runtime");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = rt.enter();
+    let err = DashMapLayer::builder()
+        .sweep_interval(Duration::ZERO)
+        .build::<u8, u8>()
+        .expect_err("zero");
+    assert!(err.to_string().contains("sweep_interval"));
+}
+
+#[tokio::test]
+async fn moka_over_dashmap_promotes_and_reports_per_layer_stats() {
+    let cache = MultiLayer::<String, u64>::builder()
+        .layer(LayerConfig::new(
+            "moka",
+            MokaLayer::builder().max_capacity(1_000).build().expect("config"),
+        ))
+        .layer(LayerConfig::new("dashmap", DashMapLayer::new()))
+        .build()
+        .expect("config");
+    cache.set("a".into(), 1).await.expect("set");
+    for _ in 0..9 {
+        assert_eq!(cache.get(&"a".into()).await.expect("get"), Some(1));
+    }
+    assert_eq!(cache.get(&"zz".into()).await.expect("get"), None);
+    let stats = cache.stats();
+    assert_eq!(
+        stats.layer("moka").map(|l| (l.hits, l.misses, l.sets)),
+        Some((9, 1, 1))
+    );
+    assert_eq!(stats.layer("dashmap").map(|l| (l.hits, l.misses)), Some((0, 1)));
+    assert!((stats.hit_ratio() - 0.9).abs() < 1e-9);
+    let table = stats.to_string();
+    assert!(
+        table.contains("moka") && table.contains("dashmap") && table.contains("90.0%"),
+        "{table}"
+    );
+}
