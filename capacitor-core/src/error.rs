@@ -143,9 +143,16 @@ impl fmt::Display for Operation {
 /// assert!(err.is_temporary());
 /// assert_eq!(err.to_string(), "timeout in get on layer `redis`: no answer in 50ms");
 /// ```
+///
+/// One pointer wide (the details are boxed), so that `Result<Option<V>>` stays small on the
+/// hit path, where errors are rare.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Error(Box<Details>);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{kind} in {op}{}: {message}", DisplayLayer(.layer))]
-pub struct Error {
+struct Details {
     kind: ErrorKind,
     op: Operation,
     layer: Option<Cow<'static, str>>,
@@ -168,13 +175,13 @@ impl fmt::Display for DisplayLayer<'_> {
 impl Error {
     /// A new error of `kind` in `op` with a human-readable message.
     pub fn new(kind: ErrorKind, op: Operation, message: impl Into<Cow<'static, str>>) -> Self {
-        Error {
+        Error(Box::new(Details {
             kind,
             op,
             layer: None,
             message: message.into(),
             source: None,
-        }
+        }))
     }
 
     /// Shorthand for an [`ErrorKind::Unsupported`] error.
@@ -199,49 +206,49 @@ impl Error {
     /// Attach the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.0.source = Some(source.into());
         self
     }
 
     /// Name the layer the error happened in (replaces any earlier name).
     #[must_use]
     pub fn with_layer(mut self, layer: impl Into<Cow<'static, str>>) -> Self {
-        self.layer = Some(layer.into());
+        self.0.layer = Some(layer.into());
         self
     }
 
     /// Replace the operation (used by the composer when a batch call fails inside a loop).
     #[must_use]
     pub fn with_operation(mut self, op: Operation) -> Self {
-        self.op = op;
+        self.0.op = op;
         self
     }
 
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The operation that failed.
     pub fn operation(&self) -> Operation {
-        self.op
+        self.0.op
     }
 
     /// The layer that failed, when known.
     pub fn layer(&self) -> Option<&str> {
-        self.layer.as_deref()
+        self.0.layer.as_deref()
     }
 
     /// The message, without kind, operation and layer.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// Whether retrying the same operation later may succeed (timeouts, an unreachable
     /// backend, a full queue, a transaction conflict).
     pub fn is_temporary(&self) -> bool {
         matches!(
-            self.kind,
+            self.0.kind,
             ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::QueueFull | ErrorKind::Conflict
         )
     }

@@ -27,5 +27,5 @@ pub use config::{LayerConfig, SetOptions, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
-pub use multi::{MultiLayer, MultiLayerBuilder};
+pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder};
 pub use stats::{LayerStats, Stats};

@@ -1,9 +1,12 @@
 //! The composer: [`MultiLayer`] and its builder.
 
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -75,6 +78,91 @@ struct Inner<K, V> {
 /// ```
 pub struct MultiLayer<K, V> {
     inner: Arc<Inner<K, V>>,
+}
+
+type BoxedRead<'a, V> = Pin<Box<dyn Future<Output = Result<Option<Entry<V>>>> + Send + 'a>>;
+
+enum Step<'a, V> {
+    Done(Result<Option<Entry<V>>>),
+    Await(BoxedRead<'a, V>),
+}
+
+enum GetState<'a, K, V> {
+    Start { cache: &'a MultiLayer<K, V>, key: &'a K },
+    Await(BoxedRead<'a, V>),
+    Finished,
+}
+
+/// The future of [`MultiLayer::get_entry`].
+///
+/// Written by hand rather than as an `async fn` so that an L1 hit is answered on the
+/// first poll without any nested state machine: the future is three words, and only a
+/// read that must wait (an async layer, a promotion) allocates its continuation.
+#[must_use = "futures do nothing unless awaited"]
+pub struct GetEntry<'a, K, V> {
+    state: GetState<'a, K, V>,
+}
+
+impl<K, V> fmt::Debug for GetEntry<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GetEntry").finish_non_exhaustive()
+    }
+}
+
+impl<K, V> Future for GetEntry<'_, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    type Output = Result<Option<Entry<V>>>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match std::mem::replace(&mut self.state, GetState::Finished) {
+                GetState::Start { cache, key } => match cache.read_sync_prefix(key) {
+                    Step::Done(result) => return Poll::Ready(result),
+                    Step::Await(fut) => self.state = GetState::Await(fut),
+                },
+                GetState::Await(mut fut) => {
+                    return match fut.as_mut().poll(cx) {
+                        Poll::Ready(result) => Poll::Ready(result),
+                        Poll::Pending => {
+                            self.state = GetState::Await(fut);
+                            Poll::Pending
+                        }
+                    }
+                }
+                GetState::Finished => {
+                    return Poll::Ready(Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        Operation::Get,
+                        "read future polled after it completed",
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The future of [`MultiLayer::get`]: [`GetEntry`] without the expiry.
+#[must_use = "futures do nothing unless awaited"]
+#[derive(Debug)]
+pub struct Get<'a, K, V>(GetEntry<'a, K, V>);
+
+impl<K, V> Future for Get<'_, K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    type Output = Result<Option<V>>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map(|e| e.map(|e| e.value)))
+    }
 }
 
 impl<K, V> Clone for MultiLayer<K, V> {
@@ -258,8 +346,8 @@ where
     ///
     /// [`ErrorKind::Closed`] after close; an error of the last layer (errors of the layers
     /// above it count as misses and the read goes on downward).
-    pub async fn get(&self, key: &K) -> Result<Option<V>> {
-        Ok(self.get_entry(key).await?.map(|e| e.value))
+    pub fn get<'a>(&'a self, key: &'a K) -> Get<'a, K, V> {
+        Get(self.get_entry(key))
     }
 
     /// Like [`get`](MultiLayer::get), with the absolute expiry of the copy that answered.
@@ -268,24 +356,57 @@ where
     /// # Errors
     ///
     /// As [`get`](MultiLayer::get).
-    pub async fn get_entry(&self, key: &K) -> Result<Option<Entry<V>>> {
-        self.check_open(Operation::Get)?;
-        let first = &self.inner.slots[0];
-        // The L1 fast path: no boxed future, no hashing, one counter increment.
-        if first.sync_read {
-            if let Some(result) = first.layer.get_sync(key) {
-                match result {
-                    Ok(Some(entry)) => {
-                        first.counters.incr(Counter::Hit);
-                        return Ok(Some(entry));
-                    }
-                    Ok(None) => first.counters.incr(Counter::Miss),
-                    Err(e) => self.read_failed(0, e)?,
+    pub fn get_entry<'a>(&'a self, key: &'a K) -> GetEntry<'a, K, V> {
+        GetEntry {
+            state: GetState::Start { cache: self, key },
+        }
+    }
+
+    /// The synchronous prefix of a read: in-memory layers answer without a future, so an
+    /// L1 hit costs one virtual call and one counter, and a miss through memory layers
+    /// allocates nothing. What needs awaiting (an async layer, a promotion) comes back
+    /// boxed.
+    #[inline]
+    fn read_sync_prefix<'a>(&'a self, key: &'a K) -> Step<'a, V> {
+        if let Err(e) = self.check_open(Operation::Get) {
+            return Step::Done(Err(e));
+        }
+        let inner = &*self.inner;
+        let mut ticket = None;
+        for (i, slot) in inner.slots.iter().enumerate() {
+            if i == 1 {
+                // Before reading below L1: the promotion race guard's snapshot.
+                ticket = Some(inner.guard.ticket(inner.guard.stripe_of(key)));
+            }
+            let sync = if slot.sync_read {
+                slot.layer.get_sync(key)
+            } else {
+                None
+            };
+            let Some(result) = sync else {
+                let ticket = ticket.unwrap_or_else(|| inner.guard.ticket(inner.guard.stripe_of(key)));
+                return Step::Await(Box::pin(self.read_async(key, i, ticket)));
+            };
+            match result {
+                Ok(Some(entry)) => {
+                    slot.counters.incr(Counter::Hit);
+                    return match (ticket, inner.promotion) {
+                        (Some(ticket), true) => Step::Await(Box::pin(async move {
+                            self.promote(key, &entry, i, ticket).await;
+                            Ok(Some(entry))
+                        })),
+                        _ => Step::Done(Ok(Some(entry))),
+                    };
                 }
-                return self.read_below(key, 1).await;
+                Ok(None) => slot.counters.incr(Counter::Miss),
+                Err(e) => {
+                    if let Err(e) = self.read_failed(i, e) {
+                        return Step::Done(Err(e));
+                    }
+                }
             }
         }
-        self.read_below(key, 0).await
+        Step::Done(Ok(None))
     }
 
     /// Counts a failed read at layer `i`. A decode error is a miss anywhere; another error
@@ -304,21 +425,16 @@ where
         Ok(())
     }
 
-    async fn layer_get(slot: &Slot<K, V>, key: &K) -> Result<Option<Entry<V>>> {
-        if slot.sync_read {
-            if let Some(result) = slot.layer.get_sync(key) {
-                return result;
-            }
-        }
-        slot.layer.get(key).await
-    }
-
-    async fn read_below(&self, key: &K, start: usize) -> Result<Option<Entry<V>>> {
+    /// Reads layers `start..` (the first of them asynchronous), promoting a hit.
+    async fn read_async(&self, key: &K, start: usize, ticket: Ticket) -> Result<Option<Entry<V>>> {
         let inner = &*self.inner;
-        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
         for i in start..inner.slots.len() {
             let slot = &inner.slots[i];
-            match Self::layer_get(slot, key).await {
+            let found = match slot.sync_read.then(|| slot.layer.get_sync(key)).flatten() {
+                Some(result) => result,
+                None => slot.layer.get(key).await,
+            };
+            match found {
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
                     if inner.promotion && i > 0 {

@@ -1,0 +1,394 @@
+//! [`SledLayerBuilder`] and [`FlushPolicy`]: the user's options and their validation.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
+
+use crate::error::{open_error, sled_error};
+use crate::layer::{Handles, Shared, SledLayer};
+use crate::sweep;
+
+/// The default [`SledLayerBuilder::max_value_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The default [`SledLayerBuilder::sweep_batch`]: expired entries deleted per batch.
+pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
+
+/// The default [`FlushPolicy`]: [`FlushPolicy::EveryMillis`]`(500)`, sled's own default.
+pub const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
+
+/// When the layer makes writes durable (fsync), and so what a crash can lose.
+///
+/// "Crash" here means the process dies (a panic with `abort`, `SIGKILL`, the OOM killer)
+/// or the machine loses power. A write that only reached sled's in-memory buffers is lost
+/// by either; a write sled has flushed survives both. [`Layer::flush`] and
+/// [`Layer::close`] flush under every policy.
+///
+/// [`Layer::flush`]: capacitor_core::Layer::flush
+/// [`Layer::close`]: capacitor_core::Layer::close
+///
+/// # Examples
+///
+/// ```
+/// use capacitor_sled::{FlushPolicy, SledLayer};
+///
+/// let dir = tempfile::tempdir()?;
+/// let layer = SledLayer::builder()
+///     .path(dir.path().join("cache"))
+///     .flush_policy(FlushPolicy::EveryWrite)
+///     .build::<String, String>()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// Every write (`set`, `delete`, the batch forms, `apply_atomic`) returns only after
+    /// sled has flushed it to disk. A crash loses **no acknowledged write**: a write that
+    /// returned `Ok` is on disk. The slowest policy: one fsync per write (concurrent
+    /// writers share fsyncs).
+    EveryWrite,
+    /// sled flushes in the background every this many milliseconds. A crash loses **the
+    /// writes acknowledged in the last window** (up to this many milliseconds of writes,
+    /// plus the flush in progress). With [`SledLayerBuilder::path`] this is sled's own
+    /// flusher thread; with [`SledLayerBuilder::db`] the layer runs a tokio task that
+    /// flushes at this interval, in addition to whatever the database was opened with.
+    EveryMillis(u64),
+    /// Nothing is flushed until [`Layer::flush`](capacitor_core::Layer::flush) or
+    /// [`Layer::close`](capacitor_core::Layer::close). A crash can lose **every write since
+    /// the last flush** (sled may write some of them out earlier when its buffers fill,
+    /// but nothing is promised). With [`SledLayerBuilder::db`], a database opened with a
+    /// background flusher (sled's default: every 500 ms) keeps flushing on its own.
+    Manual,
+}
+
+impl Default for FlushPolicy {
+    fn default() -> Self {
+        DEFAULT_FLUSH_POLICY
+    }
+}
+
+/// Builds a [`SledLayer`]; [`build`](SledLayerBuilder::build) validates every option
+/// and opens the database.
+///
+/// Exactly one of [`path`](SledLayerBuilder::path) (open a database there) or
+/// [`db`](SledLayerBuilder::db) (use an already open database) is required.
+///
+/// Defaults: the database's default tree, [`FlushPolicy::EveryMillis`]`(500)`,
+/// [`BincodeCodec`], values up to 64 MiB ([`DEFAULT_MAX_VALUE_BYTES`]), no sweeper
+/// (expired entries are removed when read), sweeps in batches of 1,000, sled's page cache
+/// of 1 GiB (an upper bound, not an allocation), the system clock.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::Layer;
+/// use capacitor_sled::{FlushPolicy, SledLayer};
+/// use std::time::Duration;
+///
+/// let dir = tempfile::tempdir()?;
+/// let layer = SledLayer::builder()
+///     .path(dir.path().join("cache"))
+///     .tree("sessions")
+///     .flush_policy(FlushPolicy::EveryMillis(100))
+///     .max_value_bytes(1024 * 1024)
+///     .sweep_interval(Duration::from_secs(60))
+///     .build::<String, Vec<u8>>()?;
+/// layer.set(&"s:1".to_string(), &vec![1, 2, 3], Some(Duration::from_secs(3600))).await?;
+/// layer.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+#[must_use]
+pub struct SledLayerBuilder<C = BincodeCodec> {
+    path: Option<PathBuf>,
+    db: Option<sled::Db>,
+    tree: Option<String>,
+    temporary: bool,
+    cache_capacity: Option<u64>,
+    flush_policy: FlushPolicy,
+    codec: C,
+    max_value_bytes: usize,
+    sweep_interval: Option<Duration>,
+    sweep_batch: usize,
+    clock: SharedClock,
+}
+
+impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledLayerBuilder")
+            .field("path", &self.path)
+            .field("db", &self.db.as_ref().map(|_| "sled::Db"))
+            .field("tree", &self.tree)
+            .field("temporary", &self.temporary)
+            .field("cache_capacity", &self.cache_capacity)
+            .field("flush_policy", &self.flush_policy)
+            .field("codec", &self.codec)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("sweep_batch", &self.sweep_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledLayerBuilder<BincodeCodec> {
+    pub(crate) fn new() -> Self {
+        SledLayerBuilder {
+            path: None,
+            db: None,
+            tree: None,
+            temporary: false,
+            cache_capacity: None,
+            flush_policy: DEFAULT_FLUSH_POLICY,
+            codec: BincodeCodec,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            sweep_interval: None,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            clock: system_clock(),
+        }
+    }
+}
+
+impl<C> SledLayerBuilder<C> {
+    /// Open (or create) a database in the directory `path`; [`build`](Self::build) opens it
+    /// and holds sled's lock on it until the layer is closed or dropped.
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Use a database the caller has already opened (and may keep using: `sled::Db` is a
+    /// cheap handle). Closing the layer drops the layer's handle, not the caller's.
+    pub fn db(mut self, db: sled::Db) -> Self {
+        self.db = Some(db);
+        self
+    }
+
+    /// Store entries in the tree (sled's namespace) named `name` instead of the database's
+    /// default tree, so that several layers or other data can share one database.
+    pub fn tree(mut self, name: impl Into<String>) -> Self {
+        self.tree = Some(name.into());
+        self
+    }
+
+    /// Delete the database directory when the layer (its last handle) is dropped: sled's
+    /// `Config::temporary`. For scratch caches and tests. Only with
+    /// [`path`](Self::path). Such a layer does not report
+    /// [`persistent`](capacitor_core::Capabilities::persistent).
+    pub fn temporary(mut self, temporary: bool) -> Self {
+        self.temporary = temporary;
+        self
+    }
+
+    /// The most memory sled's page cache may use, in bytes (sled's default: 1 GiB). Only
+    /// with [`path`](Self::path).
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = Some(bytes);
+        self
+    }
+
+    /// When writes are made durable; see [`FlushPolicy`] for what a crash can lose under
+    /// each.
+    pub fn flush_policy(mut self, policy: FlushPolicy) -> Self {
+        self.flush_policy = policy;
+        self
+    }
+
+    /// The codec values are stored with (default [`BincodeCodec`]).
+    pub fn codec<C2>(self, codec: C2) -> SledLayerBuilder<C2> {
+        SledLayerBuilder {
+            path: self.path,
+            db: self.db,
+            tree: self.tree,
+            temporary: self.temporary,
+            cache_capacity: self.cache_capacity,
+            flush_policy: self.flush_policy,
+            codec,
+            max_value_bytes: self.max_value_bytes,
+            sweep_interval: self.sweep_interval,
+            sweep_batch: self.sweep_batch,
+            clock: self.clock,
+        }
+    }
+
+    /// The largest encoded value (the codec's output, before the 13-byte envelope) a write
+    /// accepts; larger ones fail with
+    /// [`ErrorKind::ValueTooLarge`](capacitor_core::ErrorKind::ValueTooLarge) before
+    /// anything is written. Default 64 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// Delete expired entries every `interval` on a tokio task (otherwise an expired entry
+    /// that is never read again stays on disk). Each pass walks the whole tree in batches
+    /// of [`sweep_batch`](Self::sweep_batch) deletions on tokio's blocking pool. The task
+    /// stops when the layer is closed or dropped.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = Some(interval);
+        self
+    }
+
+    /// How many expired entries one sweep batch deletes before it yields (default 1,000).
+    pub fn sweep_batch(mut self, entries: usize) -> Self {
+        self.sweep_batch = entries;
+        self
+    }
+
+    /// The clock expiries are computed and checked against (tests use
+    /// [`ManualClock`](capacitor_core::ManualClock)).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Validates the options, opens the database (synchronously: sled's open reads its
+    /// files and may take a moment on a large database) and starts the background tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config), naming the field: neither
+    /// or both of `path` and `db`, `temporary` or `cache_capacity` with `db`, a zero
+    /// `max_value_bytes`, `sweep_interval`, `sweep_batch` or `EveryMillis` interval, or a
+    /// background task (sweeper, or `EveryMillis` with `db`) requested outside a tokio
+    /// runtime.
+    ///
+    /// Opening, all with [`Operation::Build`](capacitor_core::Operation::Build), a message
+    /// naming the path and sled's error as the source:
+    /// [`ErrorKind::Unavailable`](capacitor_core::ErrorKind::Unavailable) when the
+    /// directory is locked by another process (or another open handle in this one);
+    /// [`ErrorKind::Backend`](capacitor_core::ErrorKind::Backend) when it cannot be created
+    /// or read, or is corrupt; [`ErrorKind::Config`](capacitor_core::ErrorKind::Config)
+    /// when sled refuses the configuration against what is on disk.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor_core::ErrorKind;
+    /// use capacitor_sled::SledLayer;
+    ///
+    /// let err = SledLayer::builder().build::<String, String>().unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Config);
+    ///
+    /// let file = tempfile::NamedTempFile::new()?;
+    /// let err = SledLayer::builder().path(file.path().join("db")).build::<String, String>().unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Backend);
+    /// assert!(err.message().contains(&file.path().display().to_string()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn build<K, V>(self) -> Result<SledLayer<K, V, C>>
+    where
+        C: Codec<V>,
+    {
+        if self.max_value_bytes == 0 {
+            return Err(Error::config("max_value_bytes", "must be greater than zero"));
+        }
+        if self.sweep_batch == 0 {
+            return Err(Error::config("sweep_batch", "must be greater than zero"));
+        }
+        if self.sweep_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config("sweep_interval", "must be greater than zero"));
+        }
+        if self.flush_policy == FlushPolicy::EveryMillis(0) {
+            return Err(Error::config(
+                "flush_policy",
+                "EveryMillis needs an interval greater than zero",
+            ));
+        }
+        let needs_flusher_task =
+            self.db.is_some() && matches!(self.flush_policy, FlushPolicy::EveryMillis(_));
+        let runtime = if self.sweep_interval.is_some() || needs_flusher_task {
+            let field = if self.sweep_interval.is_some() {
+                "sweep_interval"
+            } else {
+                "flush_policy"
+            };
+            Some(tokio::runtime::Handle::try_current().map_err(|e| {
+                Error::config(
+                    field,
+                    "the layer's background task needs a tokio runtime; build inside one",
+                )
+                .with_source(e)
+            })?)
+        } else {
+            None
+        };
+
+        let (db, persistent) = match (self.path, self.db) {
+            (None, None) => return Err(Error::config("path", "one of `path` or `db` is required")),
+            (Some(_), Some(_)) => return Err(Error::config("path", "give either `path` or `db`, not both")),
+            (None, Some(db)) => {
+                if self.temporary {
+                    return Err(Error::config(
+                        "temporary",
+                        "only applies to a database opened with `path`",
+                    ));
+                }
+                if self.cache_capacity.is_some() {
+                    return Err(Error::config(
+                        "cache_capacity",
+                        "only applies to a database opened with `path`",
+                    ));
+                }
+                (db, true)
+            }
+            (Some(path), None) => {
+                let flush_every_ms = match self.flush_policy {
+                    FlushPolicy::EveryMillis(ms) => Some(ms),
+                    // EveryWrite flushes itself; Manual promises nothing in between.
+                    FlushPolicy::EveryWrite | FlushPolicy::Manual => None,
+                };
+                let mut config = sled::Config::new()
+                    .path(&path)
+                    .temporary(self.temporary)
+                    .flush_every_ms(flush_every_ms);
+                if let Some(bytes) = self.cache_capacity {
+                    config = config.cache_capacity(bytes);
+                }
+                let db = config.open().map_err(|e| open_error(&path, e))?;
+                (db, !self.temporary)
+            }
+        };
+        let tree = match &self.tree {
+            Some(name) => db
+                .open_tree(name.as_bytes())
+                .map_err(|e| sled_error(capacitor_core::Operation::Build, e))?,
+            None => (*db).clone(),
+        };
+
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            handles: std::sync::RwLock::new(Some(Handles { db, tree })),
+            codec: self.codec,
+            clock: self.clock,
+            flush_policy: self.flush_policy,
+            max_value_bytes: self.max_value_bytes,
+            persistent,
+            shutdown,
+        });
+        if let Some(runtime) = runtime {
+            if let Some(interval) = self.sweep_interval {
+                runtime.spawn(sweep::sweeper(
+                    Arc::downgrade(&shared),
+                    shared.shutdown.subscribe(),
+                    interval,
+                    self.sweep_batch,
+                ));
+            }
+            if let (true, FlushPolicy::EveryMillis(ms)) = (needs_flusher_task, self.flush_policy) {
+                runtime.spawn(sweep::flusher(
+                    Arc::downgrade(&shared),
+                    shared.shutdown.subscribe(),
+                    Duration::from_millis(ms),
+                ));
+            }
+        }
+        Ok(SledLayer {
+            shared,
+            _types: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,122 @@
+//! The background tasks: the sweeper (deletes expired entries) and, for a database the
+//! caller opened, the periodic flusher of [`FlushPolicy::EveryMillis`](crate::FlushPolicy).
+//!
+//! Both hold a `Weak` on the layer's state, so that they never keep a dropped layer's
+//! database open, and stop when the layer is closed (the shutdown flag) or dropped (the
+//! flag's sender goes away).
+
+use std::ops::Bound;
+use std::sync::Weak;
+use std::time::Duration;
+
+use capacitor_core::{envelope, Operation, Result, Timestamp};
+use sled::IVec;
+use tokio::sync::watch;
+
+use crate::error::sled_error;
+use crate::layer::Shared;
+
+/// Entries one sweep batch examines at most, so that a batch over a tree of mostly live
+/// entries still ends and yields.
+const SCAN_PER_BATCH: usize = 10_000;
+
+/// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
+async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(interval) => !*shutdown.borrow(),
+        // Either the flag changed (closed) or the sender was dropped (layer dropped).
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// Every `interval`, walks the tree and deletes expired entries, `batch` deletions at a
+/// time on the blocking pool.
+pub(crate) async fn sweeper<C: Send + Sync + 'static>(
+    shared: Weak<Shared<C>>,
+    mut shutdown: watch::Receiver<bool>,
+    interval: Duration,
+    batch: usize,
+) {
+    while tick(&mut shutdown, interval).await {
+        let mut cursor: Option<IVec> = None;
+        loop {
+            // Upgrade per batch, and never across an await: a dropped layer stops the pass.
+            let (tree, clock) = {
+                let Some(shared) = shared.upgrade() else { return };
+                let Ok(tree) = shared.tree(Operation::Delete) else {
+                    return;
+                };
+                (tree, shared.clock.clone())
+            };
+            let now = clock.now();
+            let start = cursor.take();
+            let pass = tokio::task::spawn_blocking(move || sweep_batch(&tree, start, now, batch)).await;
+            match pass {
+                // More of the tree to walk: go on from where the batch stopped.
+                Ok(Ok(Some(next))) => cursor = Some(next),
+                // The walk is done, or sled failed (retried on the next tick): the sweeper
+                // has no caller to report to, and one failed pass loses nothing.
+                Ok(Ok(None) | Err(_)) | Err(_) => break,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// Deletes up to `max_deletes` expired entries after `start`; the last key examined when
+/// the walk should go on, `None` at the end of the tree.
+pub(crate) fn sweep_batch(
+    tree: &sled::Tree,
+    start: Option<IVec>,
+    now: Timestamp,
+    max_deletes: usize,
+) -> Result<Option<IVec>> {
+    let lower = match start {
+        Some(key) => Bound::Excluded(key),
+        None => Bound::Unbounded,
+    };
+    let mut deleted = 0;
+    for (examined, item) in tree.range::<IVec, _>((lower, Bound::Unbounded)).enumerate() {
+        let (key, bytes) = item.map_err(|e| sled_error(Operation::Delete, e))?;
+        // Only capacitor's envelopes with a past expiry: foreign bytes are left to `get`,
+        // which reports them.
+        if let Ok((Some(at), _)) = envelope::unwrap(&bytes) {
+            if at <= now {
+                // Compare-and-swap: a write that replaced the entry since we read it stays.
+                let _ = tree
+                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)
+                    .map_err(|e| sled_error(Operation::Delete, e))?;
+                deleted += 1;
+            }
+        }
+        if deleted >= max_deletes || examined + 1 >= SCAN_PER_BATCH {
+            return Ok(Some(key));
+        }
+    }
+    Ok(None)
+}
+
+/// Flushes every `interval` ([`FlushPolicy::EveryMillis`](crate::FlushPolicy) on a
+/// database the caller opened, whose own flusher the layer cannot configure).
+pub(crate) async fn flusher<C: Send + Sync + 'static>(
+    shared: Weak<Shared<C>>,
+    mut shutdown: watch::Receiver<bool>,
+    interval: Duration,
+) {
+    while tick(&mut shutdown, interval).await {
+        let tree = {
+            let Some(shared) = shared.upgrade() else { return };
+            let Ok(tree) = shared.tree(Operation::Flush) else {
+                return;
+            };
+            tree
+        };
+        // A failed flush is retried on the next tick; there is no caller to report to.
+        let _ = tree.flush_async().await;
+    }
+}

@@ -1,0 +1,46 @@
+//! SledLayer passes the core conformance suite: opened by path (default flush policy and
+//! `FlushPolicy::EveryWrite`), and on a caller's database in a named tree with the
+//! sweeper and the layer's own periodic flusher running.
+
+/// A fresh database directory per test, removed when the layer is dropped.
+fn scratch_dir(id: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("capacitor-sled-{id}"))
+}
+
+mod by_path {
+    capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        capacitor_sled::SledLayer::builder()
+            .path(super::scratch_dir(&ctx.id))
+            .temporary(true)
+            .build()
+            .expect("open sled")
+    });
+}
+
+mod every_write {
+    capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        capacitor_sled::SledLayer::builder()
+            .path(super::scratch_dir(&ctx.id))
+            .temporary(true)
+            .flush_policy(capacitor_sled::FlushPolicy::EveryWrite)
+            .build()
+            .expect("open sled")
+    });
+}
+
+mod db_tree_sweeper_flusher {
+    capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        let db = sled::Config::new()
+            .path(super::scratch_dir(&ctx.id))
+            .temporary(true)
+            .open()
+            .expect("open sled");
+        capacitor_sled::SledLayer::builder()
+            .db(db)
+            .tree("conformance")
+            .flush_policy(capacitor_sled::FlushPolicy::EveryMillis(50))
+            .sweep_interval(std::time::Duration::from_millis(100))
+            .build()
+            .expect("build layer")
+    });
+}
