@@ -15,7 +15,9 @@
 //!
 //! Stripes only ever cause false positives (a skipped promotion), never a missed race.
 
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash};
+
+use rustc_hash::FxBuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const STRIPES: usize = 1024;
@@ -28,7 +30,9 @@ struct Stripe {
 
 pub(crate) struct Generations {
     stripes: Box<[Stripe]>,
-    hasher: RandomState,
+    /// Fx, not SipHash: this hash sits on every miss and write, and a crafted collision
+    /// only makes promotions of colliding keys skip more often (never a stale read).
+    hasher: FxBuildHasher,
 }
 
 impl std::fmt::Debug for Generations {
@@ -62,7 +66,7 @@ impl Generations {
     pub(crate) fn new() -> Self {
         Generations {
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: FxBuildHasher,
         }
     }
 

@@ -35,8 +35,9 @@ pub struct Capabilities {
     pub native_ttl: bool,
     /// Data survives a process restart.
     pub persistent: bool,
-    /// [`Layer::get_sync`] answers without awaiting (in-memory layers).
-    pub sync_read: bool,
+    /// [`Layer::get_sync`], [`Layer::set_sync`] and [`Layer::delete_sync`] answer without
+    /// awaiting (in-memory layers).
+    pub sync_ops: bool,
 }
 
 impl Capabilities {
@@ -47,7 +48,7 @@ impl Capabilities {
             transactions: false,
             native_ttl: false,
             persistent: false,
-            sync_read: false,
+            sync_ops: false,
         }
     }
     /// Declares [`Capabilities::scan`].
@@ -74,10 +75,10 @@ impl Capabilities {
         self.persistent = true;
         self
     }
-    /// Declares [`Capabilities::sync_read`].
+    /// Declares [`Capabilities::sync_ops`].
     #[must_use]
-    pub const fn with_sync_read(mut self) -> Self {
-        self.sync_read = true;
+    pub const fn with_sync_ops(mut self) -> Self {
+        self.sync_ops = true;
         self
     }
 }
@@ -192,6 +193,21 @@ where
     /// `None` means "cannot answer without awaiting; call `get`". `Some(result)` must be
     /// exactly what `get` would have returned.
     fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
+        let _ = key;
+        None
+    }
+
+    /// A synchronous write for in-memory layers (see [`get_sync`](Layer::get_sync)):
+    /// `None` means "call `set`", `Some(result)` is what `set` would have returned. The
+    /// composer uses it for write-through and promotion, where a boxed future per layer
+    /// would cost more than the write itself.
+    fn set_sync(&self, key: &K, value: &V, ttl: Option<Duration>) -> Option<Result<()>> {
+        let _ = (key, value, ttl);
+        None
+    }
+
+    /// A synchronous delete for in-memory layers: `None` means "call `delete`".
+    fn delete_sync(&self, key: &K) -> Option<Result<bool>> {
         let _ = key;
         None
     }

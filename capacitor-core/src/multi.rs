@@ -23,8 +23,35 @@ struct Slot<K, V> {
     layer: Arc<dyn Layer<K, V>>,
     ttl: Option<Duration>,
     read_only: bool,
-    sync_read: bool,
+    sync_ops: bool,
+    /// Every writable layer above this one has synchronous operations: a promotion from
+    /// here completes without awaiting.
+    sync_above: bool,
     counters: LayerCounters,
+}
+
+impl<K, V> Slot<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        match self
+            .sync_ops
+            .then(|| self.layer.set_sync(key, value, ttl))
+            .flatten()
+        {
+            Some(result) => result,
+            None => self.layer.set(key, value, ttl).await,
+        }
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        match self.sync_ops.then(|| self.layer.delete_sync(key)).flatten() {
+            Some(result) => result,
+            None => self.layer.delete(key).await,
+        }
+    }
 }
 
 impl<K, V> Slot<K, V> {
@@ -288,16 +315,23 @@ where
                 "every layer is read-only: nothing could be written",
             ));
         };
+        let mut all_sync = true;
         let slots = self
             .layers
             .into_iter()
-            .map(|l| Slot {
-                sync_read: l.layer.capabilities().sync_read,
-                name: l.name,
-                layer: l.layer,
-                ttl: l.ttl,
-                read_only: l.read_only,
-                counters: LayerCounters::default(),
+            .map(|l| {
+                let sync_ops = l.layer.capabilities().sync_ops;
+                let slot = Slot {
+                    sync_ops,
+                    sync_above: all_sync,
+                    name: l.name,
+                    layer: l.layer,
+                    ttl: l.ttl,
+                    read_only: l.read_only,
+                    counters: LayerCounters::default(),
+                };
+                all_sync &= sync_ops || slot.read_only;
+                slot
             })
             .collect();
         Ok(MultiLayer {
@@ -378,7 +412,7 @@ where
                 // Before reading below L1: the promotion race guard's snapshot.
                 ticket = Some(inner.guard.ticket(inner.guard.stripe_of(key)));
             }
-            let sync = if slot.sync_read {
+            let sync = if slot.sync_ops {
                 slot.layer.get_sync(key)
             } else {
                 None
@@ -391,6 +425,10 @@ where
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
                     return match (ticket, inner.promotion) {
+                        (Some(ticket), true) if slot.sync_above => {
+                            self.promote_sync(key, &entry, i, ticket);
+                            Step::Done(Ok(Some(entry)))
+                        }
                         (Some(ticket), true) => Step::Await(Box::pin(async move {
                             self.promote(key, &entry, i, ticket).await;
                             Ok(Some(entry))
@@ -430,7 +468,7 @@ where
         let inner = &*self.inner;
         for i in start..inner.slots.len() {
             let slot = &inner.slots[i];
-            let found = match slot.sync_read.then(|| slot.layer.get_sync(key)).flatten() {
+            let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
                 Some(result) => result,
                 None => slot.layer.get(key).await,
             };
@@ -449,34 +487,75 @@ where
         Ok(None)
     }
 
+    /// The remaining life to give promoted copies; `None` when the entry has none left.
+    fn promotion_ttl(&self, entry: &Entry<V>) -> Option<Option<Duration>> {
+        match entry.remaining(self.inner.clock.now()) {
+            Some(Duration::ZERO) => None,
+            remaining => Some(remaining),
+        }
+    }
+
+    /// Whether to write a promoted copy into `slot` (counted when skipped).
+    fn may_promote(&self, slot: &Slot<K, V>, ticket: Ticket) -> bool {
+        let valid = self.inner.guard.still_valid(ticket);
+        if !valid {
+            slot.counters.incr(Counter::PromotionSkipped);
+        }
+        valid
+    }
+
+    /// Counts a promotion write; `true` when a write of the key started meanwhile, so
+    /// that the copy must be removed again: it may be older than what the writer put
+    /// there first (a later miss is harmless, a stale hit is not).
+    fn promoted(&self, slot: &Slot<K, V>, ticket: Ticket, result: Result<()>) -> bool {
+        match result {
+            Ok(()) if self.inner.guard.still_valid(ticket) => {
+                slot.counters.incr(Counter::Promotion);
+                false
+            }
+            Ok(()) => {
+                slot.counters.incr(Counter::PromotionSkipped);
+                true
+            }
+            Err(_) => {
+                slot.counters.incr(Counter::Error);
+                false
+            }
+        }
+    }
+
     /// Copies `entry`, found at layer `found`, into the writable layers above it, nearest
     /// first, unless a write of the key started since `ticket` was taken.
     async fn promote(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket) {
-        let inner = &*self.inner;
-        let remaining = entry.remaining(inner.clock.now());
-        if remaining == Some(Duration::ZERO) {
+        let Some(remaining) = self.promotion_ttl(entry) else {
             return;
-        }
-        for slot in inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
-            if !inner.guard.still_valid(ticket) {
-                slot.counters.incr(Counter::PromotionSkipped);
+        };
+        for slot in self.inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
+            if !self.may_promote(slot, ticket) {
                 continue;
             }
-            match slot
+            let result = slot.set(key, &entry.value, min_ttl(slot.ttl, remaining)).await;
+            if self.promoted(slot, ticket, result) && slot.delete(key).await.is_err() {
+                slot.counters.incr(Counter::Error);
+            }
+        }
+    }
+
+    /// [`promote`](Self::promote) for layers that all have synchronous operations.
+    fn promote_sync(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket) {
+        let Some(remaining) = self.promotion_ttl(entry) else {
+            return;
+        };
+        for slot in self.inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
+            if !self.may_promote(slot, ticket) {
+                continue;
+            }
+            let result = slot
                 .layer
-                .set(key, &entry.value, min_ttl(slot.ttl, remaining))
-                .await
-            {
-                Ok(()) if inner.guard.still_valid(ticket) => slot.counters.incr(Counter::Promotion),
-                Ok(()) => {
-                    // A write started while we wrote: what we put there may be older than
-                    // what the writer put there first. Remove it; a miss is harmless.
-                    slot.counters.incr(Counter::PromotionSkipped);
-                    if slot.layer.delete(key).await.is_err() {
-                        slot.counters.incr(Counter::Error);
-                    }
-                }
-                Err(_) => slot.counters.incr(Counter::Error),
+                .set_sync(key, &entry.value, min_ttl(slot.ttl, remaining));
+            let result = result.unwrap_or_else(|| Err(not_sync(Operation::Set)));
+            if self.promoted(slot, ticket, result) && !matches!(slot.layer.delete_sync(key), Some(Ok(_))) {
+                slot.counters.incr(Counter::Error);
             }
         }
     }
@@ -520,7 +599,7 @@ where
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.layer.set(key, value, min_ttl(slot.ttl, ttl)).await {
+            match slot.set(key, value, min_ttl(slot.ttl, ttl)).await {
                 Ok(()) => slot.counters.incr(Counter::Set),
                 Err(e) => {
                     let err = slot.error(e);
@@ -528,7 +607,7 @@ where
                         return Err(err);
                     }
                     // The cache may still hold the previous value: drop it there.
-                    if slot.layer.delete(key).await.is_err() {
+                    if slot.delete(key).await.is_err() {
                         slot.counters.incr(Counter::Error);
                     }
                     cache_error.get_or_insert(err);
@@ -557,7 +636,7 @@ where
         let mut existed = false;
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.layer.delete(key).await {
+            match slot.delete(key).await {
                 Ok(found) => {
                     slot.counters.incr(Counter::Delete);
                     if i == inner.authoritative {
@@ -588,7 +667,7 @@ where
     pub async fn exists(&self, key: &K) -> Result<bool> {
         self.check_open(Operation::Exists)?;
         for (i, slot) in self.inner.slots.iter().enumerate() {
-            let found = match slot.sync_read.then(|| slot.layer.get_sync(key)).flatten() {
+            let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
                 Some(r) => r.map(|e| e.is_some()),
                 None => slot.layer.exists(key).await,
             };
@@ -816,14 +895,14 @@ where
         let bottom = self.inner.slots[self.inner.authoritative].layer.capabilities();
         let mut caps = Capabilities::new();
         caps.persistent = bottom.persistent;
-        caps.sync_read = self.inner.slots[0].sync_read;
+        caps.sync_ops = self.inner.slots[0].sync_ops;
         caps
     }
 
     /// Answers only an L1 hit synchronously; anything else needs the async path.
     fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
         let first = &self.inner.slots[0];
-        if self.inner.closed.load(Ordering::Acquire) || !first.sync_read {
+        if self.inner.closed.load(Ordering::Acquire) || !first.sync_ops {
             return None;
         }
         match first.layer.get_sync(key) {
@@ -870,4 +949,12 @@ where
     async fn close(&self) -> Result<()> {
         MultiLayer::close(self).await
     }
+}
+
+fn not_sync(op: Operation) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        op,
+        "layer declared sync_ops but did not answer synchronously",
+    )
 }

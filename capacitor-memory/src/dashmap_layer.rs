@@ -194,12 +194,19 @@ where
         Ok(Some(entry.clone()))
     }
 
-    fn remove(&self, key: &K) -> bool {
-        let now = self.shared.clock.now();
+    fn write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.check_open(Operation::Set)?;
+        // Entries without TTL (the common L1 case) never read the clock.
+        let expires_at = ttl.and_then(|ttl| expiry_for(self.shared.clock.now(), Some(ttl)));
         self.shared
             .map
-            .remove(key)
-            .is_some_and(|(_, e)| !e.is_expired(now))
+            .insert(key.clone(), Entry::new(value.clone(), expires_at));
+        Ok(())
+    }
+
+    fn remove(&self, key: &K) -> bool {
+        let removed = self.shared.map.remove(key);
+        removed.is_some_and(|(_, e)| e.expires_at.is_none_or(|at| at > self.shared.clock.now()))
     }
 
     /// Entries held, expired ones not yet removed included.
@@ -229,7 +236,7 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_sync_read()
+        Capabilities::new().with_sync_ops()
     }
 
     #[inline]
@@ -237,15 +244,22 @@ where
         Some(self.read(key))
     }
 
+    #[inline]
+    fn set_sync(&self, key: &K, value: &V, ttl: Option<Duration>) -> Option<Result<()>> {
+        Some(self.write(key, value, ttl))
+    }
+
+    #[inline]
+    fn delete_sync(&self, key: &K) -> Option<Result<bool>> {
+        Some(self.check_open(Operation::Delete).map(|()| self.remove(key)))
+    }
+
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.read(key)
     }
 
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
-        self.check_open(Operation::Set)?;
-        let entry = Entry::new(value.clone(), expiry_for(self.shared.clock.now(), ttl));
-        self.shared.map.insert(key.clone(), entry);
-        Ok(())
+        self.write(key, value, ttl)
     }
 
     async fn delete(&self, key: &K) -> Result<bool> {

@@ -180,7 +180,8 @@ where
     }
 
     fn insert(&self, key: &K, value: &V, ttl: Option<Duration>) {
-        let expires_at = expiry_for(SystemClock.now(), ttl);
+        // Entries without TTL (the common L1 case) never read the clock.
+        let expires_at = ttl.and_then(|ttl| expiry_for(SystemClock.now(), Some(ttl)));
         self.cache.insert(
             key.clone(),
             Stored {
@@ -225,12 +226,25 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_native_ttl().with_sync_read()
+        Capabilities::new().with_native_ttl().with_sync_ops()
     }
 
     #[inline]
     fn get_sync(&self, key: &K) -> Option<Result<Option<Entry<V>>>> {
         Some(self.read(key))
+    }
+
+    #[inline]
+    fn set_sync(&self, key: &K, value: &V, ttl: Option<Duration>) -> Option<Result<()>> {
+        Some(
+            self.check_open(Operation::Set)
+                .map(|()| self.insert(key, value, ttl)),
+        )
+    }
+
+    #[inline]
+    fn delete_sync(&self, key: &K) -> Option<Result<bool>> {
+        Some(self.check_open(Operation::Delete).map(|()| self.remove(key)))
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {

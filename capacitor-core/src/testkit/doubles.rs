@@ -280,7 +280,7 @@ where
 
     fn capabilities(&self) -> Capabilities {
         let mut caps = self.inner.capabilities();
-        caps.sync_read = false;
+        caps.sync_ops = false;
         caps
     }
 
