@@ -1,5 +1,7 @@
 //! The composer's semantics (DESIGN.md §3) on test-kit layers with a manual clock.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
 use std::sync::Arc;
 use std::time::Duration;
 

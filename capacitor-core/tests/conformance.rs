@@ -1,6 +1,8 @@
 //! The conformance suite against the test kit's own map layer and against a composer of
 //! two map layers (a `MultiLayer` is a `Layer` too).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
 mod map_layer {
     capacitor_core::conformance_tests!(|_ctx| async { capacitor_core::testkit::MapLayer::new() });
 }

@@ -6,6 +6,8 @@
 //! copy outliving its source) and a write order that touches caches before the
 //! authoritative layer (a cache serving a write the bottom refused).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 //! `unsafe` here only: a `GlobalAlloc` impl cannot be written without it (test code; the
 //! library crates forbid unsafe).
 #![allow(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

@@ -1,5 +1,7 @@
 //! Both memory layers pass the core conformance suite.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
 mod moka {
     capacitor_core::conformance_tests!(|_ctx| async {
         capacitor_memory::MokaLayer::builder()

@@ -1,5 +1,7 @@
 //! Behaviour specific to the memory layers: bounds, sweeping, configuration errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
 use std::time::Duration;
 
 use capacitor_core::{ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer};

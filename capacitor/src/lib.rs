@@ -35,30 +35,27 @@
 
 pub use capacitor_core::*;
 
-/// In-memory layers: [`memory::MokaLayer`] (bounded) and [`memory::DashMapLayer`].
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub mod memory {
-    pub use capacitor_memory::*;
-}
+#[doc(inline)]
+pub use capacitor_memory as memory;
 
-/// The embedded persistent layer on sled.
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
-pub mod sled {
-    pub use capacitor_sled::*;
-}
+#[doc(inline)]
+pub use capacitor_sled as sled;
 
-/// The Redis layer.
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub mod redis {
-    pub use capacitor_redis::*;
-}
+#[doc(inline)]
+pub use capacitor_redis as redis;
 
-/// The PostgreSQL layer.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub mod postgres {
-    pub use capacitor_postgres::*;
-}
+#[doc(inline)]
+pub use capacitor_postgres as postgres;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "memory"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -337,8 +337,7 @@ pub static CASES: &[Case] = &[
             let err = layer
                 .apply_atomic(&ops)
                 .await
-                .err()
-                .expect("apply_atomic without the capability must fail");
+                .expect_err("apply_atomic without the capability must fail");
             assert_eq!(err.kind(), ErrorKind::Unsupported);
             assert_eq!(
                 value(&layer, "tx:a").await,
