@@ -717,12 +717,25 @@ where
                     continue;
                 }
                 Err(e) if e.kind() == ErrorKind::Decode => {
-                    // A batch that fails as a whole on bad bytes: every key is a miss.
-                    for _ in &pending {
-                        slot.counters.incr(Counter::DecodeError);
-                        slot.counters.incr(Counter::Miss);
+                    // A batch cannot say which key held bad bytes: ask key by key, so that
+                    // one bad value costs a miss for that key only. (The layer may have
+                    // evicted the bad entries already: count the batch's failure once.)
+                    slot.counters.incr(Counter::DecodeError);
+                    let mut found = Vec::with_capacity(wanted.len());
+                    for key in &wanted {
+                        found.push(match slot.layer.get(key).await {
+                            Ok(entry) => entry,
+                            Err(e) if e.kind() == ErrorKind::Decode => {
+                                slot.counters.incr(Counter::DecodeError);
+                                None
+                            }
+                            Err(e) => {
+                                self.read_failed(i, e)?;
+                                None
+                            }
+                        });
                     }
-                    continue;
+                    found
                 }
                 Err(e) => {
                     self.read_failed(i, e)?;

@@ -511,3 +511,57 @@ async fn a_multilayer_nests_inside_another() {
     assert!(outer.delete(&key("k")).await.expect("delete"));
     assert_eq!(inner.get(&key("k")).await.expect("inner get"), None);
 }
+
+/// Fails every batch read with a decode error while single reads work (a backend whose
+/// batch cannot say which key held bad bytes).
+struct BatchDecodeFails(MapLayer<String, String>);
+
+#[capacitor_core::async_trait]
+impl Layer<String, String> for BatchDecodeFails {
+    fn name(&self) -> &str {
+        "batch-decode-fails"
+    }
+    async fn get(&self, key: &String) -> Result<Option<Entry<String>>> {
+        if key == "bad" {
+            return Err(Error::new(ErrorKind::Decode, Operation::Get, "garbage"));
+        }
+        self.0.get(key).await
+    }
+    async fn get_many(&self, _: &[String]) -> Result<Vec<Option<Entry<String>>>> {
+        Err(Error::new(
+            ErrorKind::Decode,
+            Operation::GetMany,
+            "garbage somewhere in the batch",
+        ))
+    }
+    async fn set(&self, key: &String, value: &String, ttl: Option<Duration>) -> Result<()> {
+        self.0.set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &String) -> Result<bool> {
+        self.0.delete(key).await
+    }
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_undecodable_value_in_a_batch_costs_only_its_own_key() {
+    let cache = MultiLayer::builder()
+        .layer(LayerConfig::new("store", BatchDecodeFails(MapLayer::new())))
+        .build()
+        .expect("config");
+    cache.set(key("a"), key("1")).await.expect("set");
+    cache.set(key("b"), key("2")).await.expect("set");
+    let got = cache
+        .get_many(&[key("a"), key("bad"), key("b")])
+        .await
+        .expect("get_many");
+    assert_eq!(got, vec![Some(key("1")), None, Some(key("2"))]);
+    let stats = cache.stats();
+    assert_eq!(
+        stats.layer("store").map(|l| (l.hits, l.misses, l.errors)),
+        Some((2, 1, 0))
+    );
+    assert!(stats.layer("store").is_some_and(|l| l.decode_errors >= 1));
+}

@@ -66,7 +66,11 @@ fn concurrent_promotions_never_leave_a_stale_l1() {
                 stale += 1;
             }
         }
-        assert_eq!(poll_once(cache.get(&key)).unwrap(), Some(new), "round {round}: stale read after the write");
+        assert_eq!(
+            poll_once(cache.get(&key)).unwrap(),
+            Some(new),
+            "round {round}: stale read after the write"
+        );
     }
     assert_eq!(stale, 0, "{stale} of {ROUNDS} rounds left the old value in L1");
 }

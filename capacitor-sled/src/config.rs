@@ -298,6 +298,25 @@ impl<C> SledLayerBuilder<C> {
                 "EveryMillis needs an interval greater than zero",
             ));
         }
+        match (&self.path, &self.db) {
+            (None, None) => return Err(Error::config("path", "one of `path` or `db` is required")),
+            (Some(_), Some(_)) => return Err(Error::config("path", "give either `path` or `db`, not both")),
+            (None, Some(_)) if self.temporary => {
+                return Err(Error::config(
+                    "temporary",
+                    "only applies to a database opened with `path`",
+                ))
+            }
+            (None, Some(_)) if self.cache_capacity.is_some() => {
+                return Err(Error::config(
+                    "cache_capacity",
+                    "only applies to a database opened with `path`",
+                ))
+            }
+            _ => {}
+        }
+        // sled's own flusher thread serves `EveryMillis` on a database we open; on the
+        // caller's database the layer runs a task of its own.
         let needs_flusher_task =
             self.db.is_some() && matches!(self.flush_policy, FlushPolicy::EveryMillis(_));
         let runtime = if self.sweep_interval.is_some() || needs_flusher_task {
@@ -318,24 +337,7 @@ impl<C> SledLayerBuilder<C> {
         };
 
         let (db, persistent) = match (self.path, self.db) {
-            (None, None) => return Err(Error::config("path", "one of `path` or `db` is required")),
-            (Some(_), Some(_)) => return Err(Error::config("path", "give either `path` or `db`, not both")),
-            (None, Some(db)) => {
-                if self.temporary {
-                    return Err(Error::config(
-                        "temporary",
-                        "only applies to a database opened with `path`",
-                    ));
-                }
-                if self.cache_capacity.is_some() {
-                    return Err(Error::config(
-                        "cache_capacity",
-                        "only applies to a database opened with `path`",
-                    ));
-                }
-                (db, true)
-            }
-            (Some(path), None) => {
+            (Some(path), _) => {
                 let flush_every_ms = match self.flush_policy {
                     FlushPolicy::EveryMillis(ms) => Some(ms),
                     // EveryWrite flushes itself; Manual promises nothing in between.
@@ -351,6 +353,8 @@ impl<C> SledLayerBuilder<C> {
                 let db = config.open().map_err(|e| open_error(&path, e))?;
                 (db, !self.temporary)
             }
+            (None, Some(db)) => (db, true),
+            (None, None) => return Err(Error::config("path", "one of `path` or `db` is required")),
         };
         let tree = match &self.tree {
             Some(name) => db
@@ -361,7 +365,7 @@ impl<C> SledLayerBuilder<C> {
 
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
-            handles: std::sync::RwLock::new(Some(Handles { db, tree })),
+            handles: std::sync::RwLock::new(Some(Handles { _db: db, tree })),
             codec: self.codec,
             clock: self.clock,
             flush_policy: self.flush_policy,

@@ -21,8 +21,7 @@ use crate::scan::ScanStream;
 pub(crate) struct Handles {
     /// Kept so that the database (and, with `path`, its lock and flusher thread) lives as
     /// long as the layer, also when `tree` is a named tree.
-    #[allow(dead_code)]
-    pub(crate) db: sled::Db,
+    pub(crate) _db: sled::Db,
     pub(crate) tree: sled::Tree,
 }
 
@@ -56,6 +55,28 @@ impl<C> Shared<C> {
             .unwrap_or_else(PoisonError::into_inner)
             .is_none()
     }
+}
+
+/// Flushes sled's buffers and fsyncs, off the async worker threads.
+///
+/// Never `Tree::flush_async`: in sled 0.34 it runs the flush on sled's own I/O pool, whose
+/// idle-thread count underflows so that the pool never grows past its 7 initial threads;
+/// 7 concurrent flushes then wait forever for a buffer write queued behind them on the
+/// same pool (spacejam/sled#1241, #1357; fixed on sled's master, not released). A
+/// synchronous `flush` on tokio's blocking pool leaves sled's pool free to write.
+pub(crate) async fn flush_tree(tree: &sled::Tree, op: Operation) -> Result<()> {
+    let result = match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let tree = tree.clone();
+            runtime
+                .spawn_blocking(move || tree.flush())
+                .await
+                .map_err(|e| Error::new(ErrorKind::Backend, op, "the flush task failed").with_source(e))?
+        }
+        // Not on tokio: flush on the caller's thread.
+        Err(_) => tree.flush(),
+    };
+    result.map(drop).map_err(|e| sled_error(op, e))
 }
 
 /// What stored bytes turned out to be.
@@ -92,13 +113,12 @@ fn is_live(bytes: &[u8], now: Timestamp) -> bool {
 }
 
 /// Removes `key` if it still holds `bytes`: an entry found expired or undecodable is
-/// removed without clobbering a write that replaced it meanwhile.
-fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec, op: Operation) -> Result<()> {
+/// removed without clobbering a write that replaced it meanwhile. Best effort: the read
+/// that found it reports what it found (a miss, a decode error), not a failed cleanup;
+/// the next read or the sweeper tries again.
+fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec) {
     // The inner result is a lost race (the key changed): nothing to remove then.
-    let _ = tree
-        .compare_and_swap(key, Some(bytes), None::<&[u8]>)
-        .map_err(|e| sled_error(op, e))?;
-    Ok(())
+    let _ = tree.compare_and_swap(key, Some(bytes), None::<&[u8]>);
 }
 
 /// A persistent, transactional layer on [sled](https://docs.rs/sled), an embedded
@@ -206,7 +226,7 @@ where
     /// Makes a completed write durable when the policy says every write must be.
     async fn after_write(&self, tree: &sled::Tree, op: Operation) -> Result<()> {
         if self.shared.flush_policy == FlushPolicy::EveryWrite {
-            tree.flush_async().await.map_err(|e| {
+            flush_tree(tree, op).await.map_err(|e| {
                 Error::new(
                     ErrorKind::Backend,
                     op,
@@ -227,13 +247,13 @@ where
         match decode_value(&self.shared.codec, &self.shared.clock, &bytes, op) {
             Ok(Stored::Live(entry)) => Ok(Some(entry)),
             Ok(Stored::Expired) => {
-                remove_if_unchanged(tree, &key, &bytes, op)?;
+                remove_if_unchanged(tree, &key, &bytes);
                 Ok(None)
             }
             Err(err) => {
                 // Bad bytes would fail every read until overwritten: drop them, so that the
                 // next read is a plain miss (and a composer can refill from below).
-                remove_if_unchanged(tree, &key, &bytes, op)?;
+                remove_if_unchanged(tree, &key, &bytes);
                 Err(err)
             }
         }
@@ -275,6 +295,8 @@ where
         self.after_write(&tree, Operation::Set).await
     }
 
+    /// `true` when a live entry was removed; bytes that are not capacitor's count as
+    /// present (something was there, not known to have expired).
     async fn delete(&self, key: &K) -> Result<bool> {
         let tree = self.shared.tree(Operation::Delete)?;
         let old = tree
@@ -295,12 +317,12 @@ where
         };
         match envelope::unwrap(&bytes) {
             Ok((Some(at), _)) if at <= self.shared.clock.now() => {
-                remove_if_unchanged(&tree, &key, &bytes, Operation::Exists)?;
+                remove_if_unchanged(&tree, &key, &bytes);
                 Ok(false)
             }
             Ok(_) => Ok(true),
             Err(err) => {
-                remove_if_unchanged(&tree, &key, &bytes, Operation::Exists)?;
+                remove_if_unchanged(&tree, &key, &bytes);
                 Err(err.with_operation(Operation::Exists))
             }
         }
@@ -433,10 +455,7 @@ where
     /// a crash once it returns.
     async fn flush(&self) -> Result<()> {
         let tree = self.shared.tree(Operation::Flush)?;
-        tree.flush_async()
-            .await
-            .map_err(|e| sled_error(Operation::Flush, e))?;
-        Ok(())
+        flush_tree(&tree, Operation::Flush).await
     }
 
     /// Stops the background tasks, flushes, and drops the layer's database handle (which
@@ -452,7 +471,7 @@ where
             return Ok(());
         };
         let _ = self.shared.shutdown.send(true);
-        let flushed = handles.tree.flush_async().await;
+        let flushed = flush_tree(&handles.tree, Operation::Close).await;
         // Dropping the last handle flushes again (a no-op now) and joins sled's flusher
         // thread: keep that off the runtime's worker threads when we can.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -460,8 +479,7 @@ where
         } else {
             drop(handles);
         }
-        flushed.map_err(|e| sled_error(Operation::Close, e))?;
-        Ok(())
+        flushed
     }
 }
 

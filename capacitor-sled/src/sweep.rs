@@ -14,7 +14,7 @@ use sled::IVec;
 use tokio::sync::watch;
 
 use crate::error::sled_error;
-use crate::layer::Shared;
+use crate::layer::{flush_tree, Shared};
 
 /// Entries one sweep batch examines at most, so that a batch over a tree of mostly live
 /// entries still ends and yields.
@@ -117,6 +117,6 @@ pub(crate) async fn flusher<C: Send + Sync + 'static>(
             tree
         };
         // A failed flush is retried on the next tick; there is no caller to report to.
-        let _ = tree.flush_async().await;
+        let _ = flush_tree(&tree, Operation::Flush).await;
     }
 }

@@ -1,15 +1,23 @@
-//! Quickstart: a bounded moka L1 over an unbounded in-memory store, a realistic workload,
-//! and the per-layer stats table.
+//! Quickstart: the embedded default. A bounded moka L1 over sled on disk (no server), a
+//! realistic workload (100,000 keys written, 1,000,000 Zipf-distributed reads), a progress
+//! bar, and the per-layer stats table.
 //!
-//! Run with `cargo run --example quickstart`.
+//! ```sh
+//! cargo run --release --example quickstart            # in a temporary directory
+//! cargo run --release --example quickstart -- ./data  # in ./data (kept afterwards)
+//! ```
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capacitor::memory::{DashMapLayer, MokaLayer};
+use capacitor::memory::MokaLayer;
+use capacitor::sled::SledLayer;
 use capacitor::{LayerConfig, MultiLayer};
+use indicatif::{ProgressBar, ProgressStyle};
 
 const KEYS: u64 = 100_000;
 const READS: u64 = 1_000_000;
+const TICK: u64 = 1_000;
 
 /// xorshift64*: enough randomness for a demo without a dependency.
 struct Rng(u64);
@@ -22,7 +30,8 @@ impl Rng {
         (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// A Zipf-like key: rank r is drawn with probability roughly proportional to 1/r.
+    /// A Zipf-like key: rank r is drawn with probability roughly proportional to 1/r, so a
+    /// few keys are hot and most are cold, as in real traffic.
     fn zipf_key(&mut self) -> u64 {
         ((KEYS as f64).powf(self.next_f64()) as u64)
             .saturating_sub(1)
@@ -30,37 +39,76 @@ impl Rng {
     }
 }
 
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos:>9}/{len} {per_sec:>14} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), capacitor::Error> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (_tmp, dir): (Option<tempfile::TempDir>, PathBuf) = match std::env::args().nth(1) {
+        Some(dir) => (None, PathBuf::from(dir)),
+        None => {
+            let tmp = tempfile::tempdir()?;
+            let dir = tmp.path().to_path_buf();
+            (Some(tmp), dir)
+        }
+    };
+    println!(
+        "capacitor quickstart: moka (L1, 10,000 entries) over sled at {}\n",
+        dir.display()
+    );
+
     let cache = MultiLayer::<String, String>::builder()
         .layer(
             LayerConfig::new("l1-moka", MokaLayer::builder().max_capacity(10_000).build()?)
                 .ttl(Duration::from_secs(300)),
         )
-        .layer(LayerConfig::new("store-dashmap", DashMapLayer::new()))
+        .layer(LayerConfig::new(
+            "sled",
+            SledLayer::builder().path(dir.join("db")).build()?,
+        ))
         .build()?;
 
+    let writes = bar(KEYS, "write");
     let started = Instant::now();
     for i in 0..KEYS {
         cache
             .set(format!("user:{i}"), format!("profile of user {i}"))
             .await?;
+        if i % TICK == 0 {
+            writes.inc(TICK.min(KEYS - i));
+        }
     }
-    println!("wrote {KEYS} keys in {:.2?}", started.elapsed());
+    writes.finish();
+    let write_time = started.elapsed();
 
+    let reads = bar(READS, "read");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let started = Instant::now();
     let mut found = 0u64;
-    for _ in 0..READS {
+    for i in 0..READS {
         let key = format!("user:{}", rng.zipf_key());
         found += u64::from(cache.get(&key).await?.is_some());
+        if i % TICK == 0 {
+            reads.inc(TICK);
+        }
     }
-    let elapsed = started.elapsed();
-    println!(
-        "read {READS} Zipf-distributed keys in {elapsed:.2?} ({:.0} reads/s), {found} found\n",
-        READS as f64 / elapsed.as_secs_f64()
-    );
+    reads.finish();
+    let read_time = started.elapsed();
 
+    cache.flush().await?;
+    println!(
+        "\nwrote {KEYS} keys in {write_time:.2?} ({:.0}/s); read {READS} keys in {read_time:.2?} ({:.0}/s), {found} found\n",
+        KEYS as f64 / write_time.as_secs_f64(),
+        READS as f64 / read_time.as_secs_f64(),
+    );
     println!("{}", cache.stats());
-    cache.close().await
+    cache.close().await?;
+    Ok(())
 }

@@ -8,9 +8,9 @@
 //! | feature | module | default |
 //! |---|---|---|
 //! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
-//! | `sled` | `sled`: embedded persistent store | yes |
-//! | `redis` | `redis` | no |
-//! | `postgres` | `postgres` | no |
+//! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
+//! | `redis` | `redis` (not implemented yet) | no |
+//! | `postgres` | `postgres` (not implemented yet) | no |
 //! | `full` | all of the above | no |
 //!
 //! # Examples
@@ -56,6 +56,6 @@ pub use capacitor_redis as redis;
 pub use capacitor_postgres as postgres;
 
 /// The README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "memory"))]
+#[cfg(all(doctest, feature = "memory", feature = "sled"))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

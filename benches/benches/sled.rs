@@ -1,0 +1,136 @@
+//! memory + sled beside raw sled and raw moka, in the same criterion groups.
+//!
+//! The raw side is what a user writes by hand: `tree.get`, bincode-decode, `moka.insert`
+//! for a hit with backfill; bincode-encode, `tree.insert`, `moka.insert` for a write.
+//! Both sides use the same sled database (different trees) and the same flush behaviour
+//! (sled's background flusher; the layer itself adds none: `FlushPolicy::Manual`).
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use capacitor::memory::MokaLayer;
+use capacitor::sled::{FlushPolicy, SledLayer};
+use capacitor::{Layer, LayerConfig, MultiLayer};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+
+const KEYS: u64 = 50_000;
+
+#[inline(always)]
+fn poll_once<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("sled operations complete on the first poll"),
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("user:{i}")
+}
+
+fn value(i: u64) -> String {
+    format!("profile of user {i}, with a few more bytes to look like a real value")
+}
+
+fn encode(v: &String) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
+}
+
+fn decode(bytes: &[u8]) -> String {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .unwrap()
+        .0
+}
+
+fn sled_benches(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("bench")).unwrap();
+    let layer = std::sync::Arc::new(
+        SledLayer::builder()
+            .db(db.clone())
+            .tree("capacitor")
+            .flush_policy(FlushPolicy::Manual)
+            .build::<String, String>()
+            .unwrap(),
+    );
+    let l1 = std::sync::Arc::new(
+        MokaLayer::<String, String>::builder()
+            .max_capacity(1_000_000)
+            .build()
+            .unwrap(),
+    );
+    let cache = MultiLayer::builder()
+        .layer(LayerConfig::shared("moka", l1.clone()))
+        .layer(LayerConfig::shared("sled", layer.clone()))
+        .build()
+        .unwrap();
+    let raw_tree = db.open_tree("raw").unwrap();
+    let raw_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
+    for i in 0..KEYS {
+        poll_once(layer.set(&key(i), &value(i), None)).unwrap();
+        raw_tree.insert(key(i).as_bytes(), encode(&value(i))).unwrap();
+    }
+
+    // A sled hit promoted into moka: setup (not measured) removes the key from L1.
+    let mut g = c.benchmark_group("sled_hit/moka_over_sled");
+    let next = AtomicU64::new(0);
+    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+    g.bench_function("capacitor", |b| {
+        b.iter_batched(
+            || {
+                let k = key(take());
+                poll_once(l1.delete(&k)).unwrap();
+                k
+            },
+            |k| poll_once(cache.get(&k)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.iter_batched(
+            || {
+                let k = key(take());
+                raw_moka.invalidate(&k);
+                k
+            },
+            |k| {
+                if let Some(v) = raw_moka.get(&k) {
+                    return Some(v);
+                }
+                let v = decode(&raw_tree.get(k.as_bytes()).unwrap()?);
+                raw_moka.insert(k, v.clone());
+                Some(v)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("sled_write_through/moka_over_sled");
+    g.bench_function("capacitor", |b| {
+        b.iter_batched(
+            || (key(take()), value(7)),
+            |(k, v)| poll_once(cache.set(k, v)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.iter_batched(
+            || (key(take()), value(7)),
+            |(k, v)| {
+                raw_tree.insert(k.as_bytes(), encode(&v)).unwrap();
+                raw_moka.insert(k, black_box(v));
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    poll_once(cache.close()).unwrap();
+}
+
+criterion_group!(benches, sled_benches);
+criterion_main!(benches);
