@@ -8,7 +8,7 @@ use crate::layer::Layer;
 
 /// How `set` and `delete` reach the layers.
 ///
-/// More policies (write-back) will be added; match with a wildcard arm.
+/// More policies may be added; match with a wildcard arm.
 #[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum WritePolicy {
@@ -19,6 +19,132 @@ pub enum WritePolicy {
     /// [`fail_on_cache_error`](crate::MultiLayerBuilder::fail_on_cache_error) is set.
     #[default]
     Through,
+    /// Write-behind: `set`/`delete` return once L1 and the pending-writes buffer are
+    /// updated; a background task drains the buffer to the layers below in batches.
+    ///
+    /// - Coalescing: repeated writes of one key are written once (last write wins; a
+    ///   delete is a tombstone). Per key, writes reach the lower layers in order.
+    /// - Bounded: at most [`WriteBack::queue_bound`] keys wait; beyond that a writer
+    ///   waits for room up to [`WriteBack::enqueue_timeout`], then gets
+    ///   [`ErrorKind::QueueFull`](crate::ErrorKind::QueueFull).
+    /// - Read-your-writes: a `get` sees a pending write even after L1 evicted it.
+    /// - Failures: a batch the authoritative layer refuses is retried with exponential
+    ///   backoff, forever while the composer is open: nothing is dropped.
+    /// - [`flush`](crate::MultiLayer::flush) returns when everything queued before it is
+    ///   written; [`close`](crate::MultiLayer::close) flushes, and names what could not be
+    ///   written in [`unwritten_keys`](crate::MultiLayer::unwritten_keys).
+    ///
+    /// **What a crash can lose**: every write still pending when the process dies (at
+    /// most `queue_bound` keys, typically the last `max_delay` of writes while the lower
+    /// layers keep up). Dropping every handle without `close()` does not lose them: the
+    /// drain task finishes the queue first, but nobody learns of a failure.
+    Back(WriteBack),
+}
+
+/// Options of [`WritePolicy::Back`].
+///
+/// Defaults: 10,000 pending keys, batches of 256, 50 ms max delay, 1 s enqueue timeout,
+/// retries from 50 ms doubling to 5 s, 30 s flush timeout.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor_core::{WriteBack, WritePolicy};
+/// use std::time::Duration;
+///
+/// let policy = WritePolicy::Back(WriteBack::new().queue_bound(50_000).max_delay(Duration::from_millis(10)));
+/// # let _ = policy;
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct WriteBack {
+    /// Most keys waiting to be written (in flight included).
+    pub queue_bound: usize,
+    /// Most keys written per batch.
+    pub batch_size: usize,
+    /// Longest a write waits for a batch to fill.
+    pub max_delay: Duration,
+    /// Longest a writer waits for room in a full queue.
+    pub enqueue_timeout: Duration,
+    /// First retry delay after a failed batch; doubles each time.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Longest `flush`/`close` wait for the queue to drain.
+    pub flush_timeout: Duration,
+}
+
+impl Default for WriteBack {
+    fn default() -> Self {
+        WriteBack {
+            queue_bound: 10_000,
+            batch_size: 256,
+            max_delay: Duration::from_millis(50),
+            enqueue_timeout: Duration::from_secs(1),
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+            flush_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WriteBack {
+    /// The defaults listed above.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets [`WriteBack::queue_bound`].
+    pub fn queue_bound(mut self, keys: usize) -> Self {
+        self.queue_bound = keys;
+        self
+    }
+    /// Sets [`WriteBack::batch_size`].
+    pub fn batch_size(mut self, keys: usize) -> Self {
+        self.batch_size = keys;
+        self
+    }
+    /// Sets [`WriteBack::max_delay`].
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+    /// Sets [`WriteBack::enqueue_timeout`].
+    pub fn enqueue_timeout(mut self, timeout: Duration) -> Self {
+        self.enqueue_timeout = timeout;
+        self
+    }
+    /// Sets [`WriteBack::retry_initial`] and [`WriteBack::retry_max`].
+    pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry_initial = initial;
+        self.retry_max = max;
+        self
+    }
+    /// Sets [`WriteBack::flush_timeout`].
+    pub fn flush_timeout(mut self, timeout: Duration) -> Self {
+        self.flush_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        let zero = |field: &str| Err(crate::Error::config(field, "must be greater than zero"));
+        if self.queue_bound == 0 {
+            return zero("write_policy.queue_bound");
+        }
+        if self.batch_size == 0 {
+            return zero("write_policy.batch_size");
+        }
+        if self.retry_initial.is_zero() {
+            return zero("write_policy.retry_initial");
+        }
+        if self.retry_max < self.retry_initial {
+            return Err(crate::Error::config(
+                "write_policy.retry_max",
+                "must not be below retry_initial",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One layer of a [`MultiLayer`](crate::MultiLayer): the layer itself, its name and its

@@ -15,7 +15,9 @@ mod error;
 mod guard;
 mod layer;
 mod multi;
+mod scan;
 mod stats;
+mod writeback;
 
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
@@ -23,9 +25,11 @@ pub mod testkit;
 
 pub use async_trait::async_trait;
 pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
-pub use config::{LayerConfig, SetOptions, WritePolicy};
+pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
 pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder};
+pub use scan::Scan;
 pub use stats::{LayerStats, Stats};
+pub use writeback::WriteBackStats;

@@ -16,7 +16,9 @@ use crate::entry::{system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Generations, Ticket};
 use crate::layer::{Capabilities, Layer};
+use crate::scan::Scan;
 use crate::stats::{Counter, LayerCounters, Stats};
+use crate::writeback::{Pending, Queue};
 
 struct Slot<K, V> {
     name: String,
@@ -72,6 +74,8 @@ struct Inner<K, V> {
     guard: Generations,
     clock: SharedClock,
     closed: AtomicBool,
+    /// The pending-writes buffer under [`WritePolicy::Back`].
+    queue: Option<Queue<K, V>>,
 }
 
 /// Several layers behind one typed key-value API.
@@ -315,6 +319,29 @@ where
                 "every layer is read-only: nothing could be written",
             ));
         };
+        let queue = match &self.policy {
+            WritePolicy::Through => None,
+            WritePolicy::Back(config) => {
+                config.validate()?;
+                if authoritative == 0 || self.layers[0].read_only {
+                    return Err(Error::config(
+                        "write_policy",
+                        "write-back needs a writable L1 and a writable layer below it",
+                    ));
+                }
+                Some(Queue::new(config.clone()))
+            }
+        };
+        let runtime = match queue {
+            Some(_) => Some(tokio::runtime::Handle::try_current().map_err(|e| {
+                Error::config(
+                    "write_policy",
+                    "write-back drains on a tokio task; build inside a runtime",
+                )
+                .with_source(e)
+            })?),
+            None => None,
+        };
         let mut all_sync = true;
         let slots = self
             .layers
@@ -345,7 +372,13 @@ where
                 guard: Generations::new(),
                 clock: self.clock,
                 closed: AtomicBool::new(false),
+                queue,
             }),
+        })
+        .inspect(|cache| {
+            if let Some(runtime) = runtime {
+                runtime.spawn(drain(Arc::clone(&cache.inner)));
+            }
         })
     }
 }
@@ -411,6 +444,9 @@ where
             if i == 1 {
                 // Before reading below L1: the promotion race guard's snapshot.
                 ticket = Some(inner.guard.ticket(inner.guard.stripe_of(key)));
+                if let Some(found) = self.buffered(key) {
+                    return Step::Done(Ok(found));
+                }
             }
             let sync = if slot.sync_ops {
                 slot.layer.get_sync(key)
@@ -447,6 +483,21 @@ where
         Step::Done(Ok(None))
     }
 
+    /// Read-your-writes under write-back: the pending write of `key`, if any (`Some(None)`
+    /// for a pending delete or an expired pending set).
+    fn buffered(&self, key: &K) -> Option<Option<Entry<V>>> {
+        let queue = self.inner.queue.as_ref()?;
+        let found = match queue.lookup(key)? {
+            Pending::Set { value, expires_at } => {
+                let entry = Entry::new(value, expires_at);
+                (!entry.is_expired(self.inner.clock.now())).then_some(entry)
+            }
+            Pending::Delete => None,
+        };
+        queue.buffer_hits.fetch_add(1, Ordering::Relaxed);
+        Some(found)
+    }
+
     /// Counts a failed read at layer `i`. A decode error is a miss anywhere; another error
     /// is a miss in a cache layer and the caller's error in the last layer.
     fn read_failed(&self, i: usize, err: Error) -> Result<()> {
@@ -467,6 +518,11 @@ where
     async fn read_async(&self, key: &K, start: usize, ticket: Ticket) -> Result<Option<Entry<V>>> {
         let inner = &*self.inner;
         for i in start..inner.slots.len() {
+            if i == 1 {
+                if let Some(found) = self.buffered(key) {
+                    return Ok(found);
+                }
+            }
             let slot = &inner.slots[i];
             let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
                 Some(result) => result,
@@ -597,6 +653,31 @@ where
         Self::check_ttl(ttl, Operation::Set)?;
         let inner = &*self.inner;
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        if let Some(queue) = &inner.queue {
+            let expires_at = crate::entry::expiry_for(inner.clock.now(), ttl);
+            queue
+                .push(
+                    key,
+                    Pending::Set {
+                        value: value.clone(),
+                        expires_at,
+                    },
+                    Operation::Set,
+                )
+                .await?;
+            let l1 = &inner.slots[0];
+            match l1.set(key, value, min_ttl(l1.ttl, ttl)).await {
+                Ok(()) => l1.counters.incr(Counter::Set),
+                Err(e) => {
+                    // The buffer serves the value meanwhile; drop a stale L1 copy.
+                    drop(l1.error(e));
+                    if l1.delete(key).await.is_err() {
+                        l1.counters.incr(Counter::Error);
+                    }
+                }
+            }
+            return Ok(());
+        }
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
             match slot.set(key, value, min_ttl(slot.ttl, ttl)).await {
@@ -633,6 +714,14 @@ where
         self.check_open(Operation::Delete)?;
         let inner = &*self.inner;
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        if let Some(queue) = &inner.queue {
+            let pending = self.buffered(key);
+            queue.push(key, Pending::Delete, Operation::Delete).await?;
+            let l1 = &inner.slots[0];
+            let in_l1 = l1.delete(key).await.map_err(|e| l1.error(e))?;
+            l1.counters.incr(Counter::Delete);
+            return Ok(in_l1 || matches!(pending, Some(Some(_))));
+        }
         let mut existed = false;
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
@@ -667,6 +756,11 @@ where
     pub async fn exists(&self, key: &K) -> Result<bool> {
         self.check_open(Operation::Exists)?;
         for (i, slot) in self.inner.slots.iter().enumerate() {
+            if i == 1 {
+                if let Some(found) = self.buffered(key) {
+                    return Ok(found.is_some());
+                }
+            }
             let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
                 Some(r) => r.map(|e| e.is_some()),
                 None => slot.layer.exists(key).await,
@@ -705,6 +799,16 @@ where
         let mut out: Vec<Option<Entry<V>>> = keys.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         for (i, slot) in inner.slots.iter().enumerate() {
+            if i == 1 && inner.queue.is_some() {
+                // Read-your-writes: the buffer answers for keys L1 did not have.
+                pending.retain(|&p| match self.buffered(&keys[p]) {
+                    Some(found) => {
+                        out[p] = found;
+                        false
+                    }
+                    None => true,
+                });
+            }
             if pending.is_empty() {
                 break;
             }
@@ -774,6 +878,12 @@ where
     pub async fn set_many(&self, entries: &[(K, V)], options: SetOptions) -> Result<()> {
         self.check_open(Operation::SetMany)?;
         Self::check_ttl(options.ttl, Operation::SetMany)?;
+        if self.inner.queue.is_some() {
+            for (key, value) in entries {
+                self.write(key, value, options.ttl).await?;
+            }
+            return Ok(());
+        }
         let inner = &*self.inner;
         let _writing: Vec<_> = entries
             .iter()
@@ -810,6 +920,13 @@ where
     /// As [`delete`](MultiLayer::delete).
     pub async fn delete_many(&self, keys: &[K]) -> Result<u64> {
         self.check_open(Operation::DeleteMany)?;
+        if self.inner.queue.is_some() {
+            let mut removed = 0;
+            for key in keys {
+                removed += u64::from(MultiLayer::delete(self, key).await?);
+            }
+            return Ok(removed);
+        }
         let inner = &*self.inner;
         let _writing: Vec<_> = keys
             .iter()
@@ -847,6 +964,9 @@ where
     /// [`ErrorKind::Closed`] after close; the first layer error (all layers are flushed).
     pub async fn flush(&self) -> Result<()> {
         self.check_open(Operation::Flush)?;
+        if let Some(queue) = &self.inner.queue {
+            queue.flush().await?;
+        }
         let mut first = None;
         for slot in self.inner.slots.iter() {
             if let Err(e) = slot.layer.flush().await {
@@ -868,6 +988,25 @@ where
             return Ok(());
         }
         let mut first = None;
+        if let Some(queue) = &self.inner.queue {
+            // New writes are refused from here (closed flag); drain what is queued.
+            let flushed = queue.flush().await;
+            queue.close();
+            let unwritten = queue.unwritten_keys().len();
+            if unwritten > 0 {
+                let cause = flushed.err().map(|e| e.to_string()).unwrap_or_default();
+                first = Some(
+                    Error::new(
+                        ErrorKind::Unavailable,
+                        Operation::Close,
+                        format!(
+                            "{unwritten} pending writes could not be written ({cause}); see unwritten_keys()"
+                        ),
+                    )
+                    .with_layer(self.inner.name.clone()),
+                );
+            }
+        }
         for slot in self.inner.slots.iter() {
             if let Err(e) = slot.layer.close().await {
                 first.get_or_insert(slot.error(e));
@@ -876,7 +1015,7 @@ where
         first.map_or(Ok(()), Err)
     }
 
-    /// A snapshot of the per-layer counters.
+    /// A snapshot of the per-layer counters (and of the write-back buffer).
     pub fn stats(&self) -> Stats {
         Stats {
             layers: self
@@ -885,12 +1024,74 @@ where
                 .iter()
                 .map(|s| s.counters.snapshot(&s.name))
                 .collect(),
+            write_back: self.inner.queue.as_ref().map(Queue::stats),
         }
+    }
+
+    /// Under [`WritePolicy::Back`], the keys whose latest write has not reached the lower
+    /// layers yet; after [`close`](MultiLayer::close), exactly the writes that could not
+    /// be written. Empty under write-through.
+    pub fn unwritten_keys(&self) -> Vec<K> {
+        self.inner
+            .queue
+            .as_ref()
+            .map(Queue::unwritten_keys)
+            .unwrap_or_default()
     }
 
     /// The configured layer names, top first.
     pub fn layer_names(&self) -> impl Iterator<Item = &str> {
         self.inner.slots.iter().map(|s| s.name.as_str())
+    }
+}
+
+impl<K, V> MultiLayer<K, V>
+where
+    K: crate::codec::StorageKey + Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Streams the live `(key, value)` pairs whose encoded key starts with `prefix`, from
+    /// the authoritative layer, merged with pending write-back writes (a pending write
+    /// replaces the stored value, a pending delete hides the key; pending writes are
+    /// those queued when the scan starts). Memory stays bounded: the layer pages (range
+    /// iterators, keyset pagination, SCAN) and the pending writes are bounded by the
+    /// write-back queue.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] when the authoritative layer cannot scan;
+    /// [`ErrorKind::Closed`] after close. Layer errors arrive as stream items.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, SystemClock};
+    /// use futures::StreamExt;
+    ///
+    /// let cache = MultiLayer::<String, u32>::builder()
+    ///     .layer(LayerConfig::new("store", MapLayer::scannable(SystemClock)))
+    ///     .build()?;
+    /// cache.set("user:1".into(), 1).await?;
+    /// cache.set("order:1".into(), 2).await?;
+    /// let users: Vec<_> = cache.scan(b"user:")?.collect().await;
+    /// assert_eq!(users.len(), 1);
+    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// ```
+    pub fn scan(&self, prefix: &[u8]) -> Result<Scan<K, V>> {
+        self.check_open(Operation::Scan)?;
+        let inner = &*self.inner;
+        let bottom = &inner.slots[inner.authoritative];
+        let stream = bottom
+            .layer
+            .scan(prefix)
+            .map_err(|e| e.with_layer(bottom.name.clone()))?;
+        let pending = inner
+            .queue
+            .as_ref()
+            .map(|q| q.matching(|k| k.encode_key().starts_with(prefix)))
+            .unwrap_or_default();
+        Ok(Scan::new(stream, pending, Arc::clone(&inner.clock)))
     }
 }
 
@@ -908,6 +1109,9 @@ where
         let bottom = self.inner.slots[self.inner.authoritative].layer.capabilities();
         let mut caps = Capabilities::new();
         caps.persistent = bottom.persistent;
+        // Through the trait, keys cannot be matched against pending writes (that needs
+        // `StorageKey`; see the inherent `MultiLayer::scan`): scan only without write-back.
+        caps.scan = bottom.scan && self.inner.queue.is_none();
         caps.sync_ops = self.inner.slots[0].sync_ops;
         caps
     }
@@ -929,6 +1133,21 @@ where
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.get_entry(key).await
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<crate::layer::EntryStream<K, V>> {
+        self.check_open(Operation::Scan)?;
+        if self.inner.queue.is_some() {
+            return Err(Error::unsupported(
+                Operation::Scan,
+                "a write-back composer scans through MultiLayer::scan, which merges pending writes",
+            ));
+        }
+        let bottom = &self.inner.slots[self.inner.authoritative];
+        bottom
+            .layer
+            .scan(prefix)
+            .map_err(|e| e.with_layer(bottom.name.clone()))
     }
 
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
@@ -970,4 +1189,125 @@ fn not_sync(op: Operation) -> Error {
         op,
         "layer declared sync_ops but did not answer synchronously",
     )
+}
+
+/// Write-back's drain task: takes due batches off the buffer and writes them to the layers
+/// below L1, retrying a refused batch with exponential backoff. It ends once the composer
+/// is closed, or once every handle is dropped and the buffer is empty.
+async fn drain<K, V>(inner: Arc<Inner<K, V>>)
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let Some(queue) = inner.queue.as_ref() else { return };
+    // How often an idle drainer looks for an abandoned composer.
+    const IDLE_CHECK: Duration = Duration::from_millis(250);
+    loop {
+        match queue.due_in() {
+            None => {
+                if queue.is_closed_and_empty() || (Arc::strong_count(&inner) == 1 && queue.is_empty()) {
+                    return;
+                }
+                let _ = tokio::time::timeout(IDLE_CHECK, queue.queued.notified()).await;
+            }
+            Some(wait) if !wait.is_zero() => {
+                let _ = tokio::time::timeout(wait, queue.queued.notified()).await;
+            }
+            Some(_) => {
+                let batch = queue.take_batch();
+                let mut backoff = queue.config.retry_initial;
+                loop {
+                    match write_below(&inner, &batch).await {
+                        Ok(()) => {
+                            queue.complete(&batch);
+                            break;
+                        }
+                        Err(_) if inner.closed.load(Ordering::Acquire) && queue.is_closing() => {
+                            // Closed and still refused: leave the batch in the buffer, where
+                            // `unwritten_keys` reports it.
+                            return;
+                        }
+                        Err(_) => {
+                            queue.retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(queue.config.retry_max);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Batches group sets by TTL; remaining TTLs are rounded down to this, so that writes
+/// made moments apart with the same TTL share one batch call (they may expire up to this
+/// much earlier in the lower layers).
+const TTL_GRANULARITY_MS: u128 = 100;
+
+/// Writes one drained batch to every writable layer below L1, bottom first, with the
+/// write-through failure rules: the authoritative layer's error fails the batch (it will
+/// be retried); a cache layer's error is counted and the batch's keys invalidated there.
+async fn write_below<K, V>(inner: &Inner<K, V>, batch: &[(K, Pending<V>, u64)]) -> Result<()>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let now = inner.clock.now();
+    let mut sets: std::collections::BTreeMap<Option<Duration>, Vec<(K, V)>> = Default::default();
+    let mut deletes = Vec::new();
+    for (key, op, _) in batch {
+        match op {
+            Pending::Set { value, expires_at } => {
+                match expires_at.map(|at| at.saturating_duration_since(now)) {
+                    // Expired while pending: the lower layers must not keep an older value.
+                    Some(Duration::ZERO) => deletes.push(key.clone()),
+                    Some(left) => {
+                        let ms = left.as_millis();
+                        let rounded = (ms - ms % TTL_GRANULARITY_MS).max(1);
+                        let ttl = Duration::from_millis(u64::try_from(rounded).unwrap_or(u64::MAX));
+                        sets.entry(Some(ttl))
+                            .or_default()
+                            .push((key.clone(), value.clone()));
+                    }
+                    None => sets.entry(None).or_default().push((key.clone(), value.clone())),
+                }
+            }
+            Pending::Delete => deletes.push(key.clone()),
+        }
+    }
+    for (i, slot) in inner
+        .slots
+        .iter()
+        .enumerate()
+        .skip(1)
+        .rev()
+        .filter(|(_, s)| !s.read_only)
+    {
+        let mut outcome = Ok(());
+        for (ttl, entries) in &sets {
+            if outcome.is_ok() {
+                outcome = slot.layer.set_many(entries, min_ttl(slot.ttl, *ttl)).await;
+            }
+        }
+        if outcome.is_ok() && !deletes.is_empty() {
+            outcome = slot.layer.delete_many(&deletes).await.map(drop);
+        }
+        match outcome {
+            Ok(()) => {
+                let n = sets.values().map(Vec::len).sum::<usize>() + deletes.len();
+                (0..n).for_each(|_| slot.counters.incr(Counter::Set));
+            }
+            Err(e) => {
+                let err = slot.error(e);
+                if i == inner.authoritative {
+                    return Err(err);
+                }
+                let keys: Vec<K> = batch.iter().map(|(k, _, _)| k.clone()).collect();
+                if slot.layer.delete_many(&keys).await.is_err() {
+                    slot.counters.incr(Counter::Error);
+                }
+            }
+        }
+    }
+    Ok(())
 }

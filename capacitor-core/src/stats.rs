@@ -192,13 +192,16 @@ fn ratio(num: u64, den: u64) -> f64 {
 pub struct Stats {
     /// Per-layer counters, in lookup order.
     pub layers: Vec<LayerStats>,
+    /// The write-back buffer, under [`WritePolicy::Back`](crate::WritePolicy::Back).
+    pub write_back: Option<crate::WriteBackStats>,
 }
 
 impl Stats {
     /// Reads answered by some layer. Each read hits at most one layer, so this is the sum
     /// of the layers' hits (no extra counter on the hit path).
     pub fn hits(&self) -> u64 {
-        self.layers.iter().map(|l| l.hits).sum()
+        let buffered = self.write_back.as_ref().map_or(0, |w| w.buffer_hits);
+        self.layers.iter().map(|l| l.hits).sum::<u64>() + buffered
     }
 
     /// Reads that no layer answered: the misses of the last layer.
@@ -241,6 +244,18 @@ impl fmt::Display for Stats {
                 l.decode_errors
             )?;
         }
+        if let Some(w) = &self.write_back {
+            writeln!(
+                f,
+                "write-back: {} pending (oldest {:.1?}), {} written, {} coalesced, {} retries, {} reads from the buffer",
+                w.queue_depth,
+                w.oldest_pending.unwrap_or_default(),
+                w.written,
+                w.coalesced,
+                w.retries,
+                w.buffer_hits
+            )?;
+        }
         write!(
             f,
             "overall: {} hits, {} misses, hit ratio {:.1}%",
@@ -279,6 +294,7 @@ mod tests {
     #[test]
     fn display_is_a_table_with_overall_ratio() {
         let stats = Stats {
+            write_back: None,
             layers: vec![
                 LayerStats {
                     name: "l1".into(),

@@ -129,3 +129,46 @@ async fn moka_over_dashmap_promotes_and_reports_per_layer_stats() {
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn write_back_reads_its_own_writes_with_an_l1_of_ten_entries() {
+    use capacitor_core::testkit::FaultyLayer;
+    use capacitor_core::{WriteBack, WritePolicy};
+    use std::sync::Arc;
+
+    let store = Arc::new(DashMapLayer::<u64, u64>::new());
+    let faulty = FaultyLayer::shared(store.clone());
+    let faults = faulty.faults();
+    let l1 = MokaLayer::builder().max_capacity(10).build().expect("config");
+    let cache = MultiLayer::builder()
+        .write_policy(WritePolicy::Back(
+            WriteBack::new()
+                .queue_bound(20_000)
+                .max_delay(Duration::from_millis(5)),
+        ))
+        .layer(LayerConfig::new("moka", l1))
+        .layer(LayerConfig::new("store", faulty))
+        .build()
+        .expect("config");
+    // The store refuses writes: everything stays pending while L1 keeps only ~10 entries.
+    faults.fail_writes(true);
+    for i in 0..10_000 {
+        cache.set(i, i * 2).await.expect("set");
+    }
+    for i in 0..10_000 {
+        assert_eq!(cache.get(&i).await.expect("get"), Some(i * 2), "key {i}");
+    }
+    let stats = cache.stats();
+    let buffered = stats.write_back.as_ref().map_or(0, |w| w.buffer_hits);
+    assert!(
+        buffered >= 9_900,
+        "L1 held ~10 entries, the rest came from the buffer: {stats}"
+    );
+    faults.fail_writes(false);
+    tokio::time::timeout(Duration::from_secs(30), cache.flush())
+        .await
+        .expect("bounded")
+        .expect("flush");
+    assert_eq!(store.len(), 10_000);
+    assert_eq!(store.get(&1234).await.expect("get").map(|e| e.value), Some(2468));
+}

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::entry::{expiry_for, system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
-use crate::layer::{Capabilities, Layer, WriteOp};
+use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
 
 /// A simple `Mutex<HashMap>` layer with lazy expiry against a [`Clock`]. Async only (no
 /// synchronous fast path), supports [`Layer::apply_atomic`]. Meant for tests and examples.
@@ -36,6 +36,8 @@ pub struct MapLayer<K, V> {
     map: Mutex<HashMap<K, Entry<V>>>,
     clock: SharedClock,
     closed: AtomicBool,
+    /// Set by [`MapLayer::scannable`]: how to match keys against a scan prefix.
+    key_bytes: Option<fn(&K) -> Vec<u8>>,
 }
 
 impl<K, V> fmt::Debug for MapLayer<K, V> {
@@ -50,6 +52,7 @@ impl<K, V> Default for MapLayer<K, V> {
             map: Mutex::new(HashMap::new()),
             clock: system_clock(),
             closed: AtomicBool::new(false),
+            key_bytes: None,
         }
     }
 }
@@ -81,6 +84,17 @@ impl<K, V> MapLayer<K, V> {
     }
 }
 
+impl<K: crate::StorageKey, V> MapLayer<K, V> {
+    /// An empty layer that also answers [`Layer::scan`] (from a sorted snapshot of the
+    /// matching entries: fine for tests, not bounded-memory).
+    pub fn scannable(clock: impl Clock) -> Self {
+        MapLayer {
+            key_bytes: Some(|k: &K| k.encode_key().into_owned()),
+            ..Self::with_clock(clock)
+        }
+    }
+}
+
 impl<K: Hash + Eq, V: Clone> MapLayer<K, V> {
     /// The stored entry, expired or not, bypassing every check (for assertions).
     pub fn raw_entry(&self, key: &K) -> Option<Entry<V>> {
@@ -103,7 +117,36 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_transactions()
+        let caps = Capabilities::new().with_transactions();
+        if self.key_bytes.is_some() {
+            caps.with_scan()
+        } else {
+            caps
+        }
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
+        let Some(key_bytes) = self.key_bytes else {
+            return Err(Error::unsupported(
+                Operation::Scan,
+                "MapLayer::new() cannot scan; use MapLayer::scannable",
+            ));
+        };
+        let now = self.clock.now();
+        let mut hits: Vec<(Vec<u8>, K, Entry<V>)> = self
+            .open(Operation::Scan)?
+            .iter()
+            .filter(|(_, e)| !e.is_expired(now))
+            .map(|(k, e)| (key_bytes(k), k.clone(), e.clone()))
+            .filter(|(b, _, _)| b.starts_with(prefix))
+            .collect();
+        hits.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Box::pin(VecStream(
+            hits.into_iter()
+                .map(|(_, k, e)| (k, e))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        )))
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
@@ -149,6 +192,21 @@ where
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+struct VecStream<T>(std::vec::IntoIter<T>);
+
+// No field is structurally pinned.
+impl<T> Unpin for VecStream<T> {}
+
+impl<T> futures_core::Stream for VecStream<T> {
+    type Item = Result<T>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(self.get_mut().0.next().map(Ok))
     }
 }
 

@@ -1,0 +1,292 @@
+//! The pending-writes buffer of [`WritePolicy::Back`](crate::WritePolicy::Back).
+//!
+//! One map holds the latest pending write of every key (coalescing: last write wins) and
+//! serves read-your-writes; a FIFO of keys gives the drain order. A key is in the FIFO at
+//! most once while it waits, and once more while an older write of it is in flight, so
+//! the FIFO stays within twice the map's bound however hot a key is. Entries leave the
+//! map only once written, so memory is bounded by `queue_bound` and a failed batch is
+//! never lost. The std mutex is never held across an await.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::config::WriteBack;
+use crate::entry::Timestamp;
+use crate::error::{Error, ErrorKind, Operation, Result};
+
+/// A write waiting for the lower layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Pending<V> {
+    Set { value: V, expires_at: Option<Timestamp> },
+    Delete,
+}
+
+struct Slot<V> {
+    op: Pending<V>,
+    seq: u64,
+    /// When the oldest unwritten write of this key was queued.
+    since: Instant,
+    /// The key waits in the FIFO (not yet taken by the drainer).
+    queued: bool,
+    /// Sequence number of the oldest write of this key not yet written: writes below it
+    /// are on the lower layers (or were superseded by one that is).
+    unwritten_from: u64,
+}
+
+struct State<K, V> {
+    map: HashMap<K, Slot<V>>,
+    fifo: VecDeque<K>,
+    next_seq: u64,
+    closed: bool,
+}
+
+/// A snapshot of the buffer for [`Stats`](crate::Stats).
+#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBackStats {
+    /// Keys waiting to be written (in flight included).
+    pub queue_depth: u64,
+    /// Age of the oldest unwritten write.
+    pub oldest_pending: Option<Duration>,
+    /// Writes handed to the lower layers successfully (after coalescing).
+    pub written: u64,
+    /// Writes absorbed by a later write of the same key before they were written.
+    pub coalesced: u64,
+    /// Batches retried after a lower-layer failure.
+    pub retries: u64,
+    /// Reads answered from the buffer (read-your-writes after L1 eviction).
+    pub buffer_hits: u64,
+}
+
+pub(crate) struct Queue<K, V> {
+    pub(crate) config: WriteBack,
+    state: Mutex<State<K, V>>,
+    /// Wakes the drainer.
+    pub(crate) queued: Notify,
+    /// Wakes flushers and writers waiting for room, after each batch.
+    progress: Notify,
+    flushers: AtomicUsize,
+    written: AtomicU64,
+    coalesced: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) buffer_hits: AtomicU64,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
+    pub(crate) fn new(config: WriteBack) -> Self {
+        Queue {
+            config,
+            state: Mutex::new(State {
+                map: HashMap::new(),
+                fifo: VecDeque::new(),
+                next_seq: 1,
+                closed: false,
+            }),
+            queued: Notify::new(),
+            progress: Notify::new(),
+            flushers: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            buffer_hits: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<K, V>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `op` for `key`, waiting for room up to the enqueue timeout.
+    pub(crate) async fn push(&self, key: &K, op: Pending<V>, what: Operation) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.config.enqueue_timeout;
+        loop {
+            let mut progress = std::pin::pin!(self.progress.notified());
+            progress.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(Error::closed(what));
+                }
+                let seq = st.next_seq;
+                if let Some(slot) = st.map.get_mut(key) {
+                    slot.op = op;
+                    slot.seq = seq;
+                    let requeue = !slot.queued;
+                    slot.queued = true;
+                    if requeue {
+                        st.fifo.push_back(key.clone());
+                    } else {
+                        self.coalesced.fetch_add(1, Ordering::Relaxed);
+                    }
+                    st.next_seq += 1;
+                    drop(st);
+                    self.queued.notify_one();
+                    return Ok(());
+                }
+                if st.map.len() < self.config.queue_bound {
+                    st.map.insert(
+                        key.clone(),
+                        Slot {
+                            op,
+                            seq,
+                            since: Instant::now(),
+                            queued: true,
+                            unwritten_from: seq,
+                        },
+                    );
+                    st.fifo.push_back(key.clone());
+                    st.next_seq += 1;
+                    drop(st);
+                    self.queued.notify_one();
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+                return Err(Error::new(
+                    ErrorKind::QueueFull,
+                    what,
+                    format!(
+                        "write-back queue full ({} keys) for {:?}",
+                        self.config.queue_bound, self.config.enqueue_timeout
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// The latest pending write of `key`.
+    pub(crate) fn lookup(&self, key: &K) -> Option<Pending<V>> {
+        self.lock().map.get(key).map(|s| s.op.clone())
+    }
+
+    /// The pending writes whose key satisfies `filter` (for scans).
+    pub(crate) fn matching(&self, filter: impl Fn(&K) -> bool) -> Vec<(K, Pending<V>)> {
+        self.lock()
+            .map
+            .iter()
+            .filter(|(k, _)| filter(k))
+            .map(|(k, s)| (k.clone(), s.op.clone()))
+            .collect()
+    }
+
+    /// How long the drainer should wait before taking a batch: `None` when nothing is
+    /// queued, zero when a batch is due.
+    pub(crate) fn due_in(&self) -> Option<Duration> {
+        let st = self.lock();
+        let oldest = st.fifo.front().and_then(|k| st.map.get(k)).map(|s| s.since)?;
+        if st.fifo.len() >= self.config.batch_size || st.closed || self.flushers.load(Ordering::Acquire) > 0 {
+            return Some(Duration::ZERO);
+        }
+        Some(self.config.max_delay.saturating_sub(oldest.elapsed()))
+    }
+
+    /// Takes up to `batch_size` keys off the FIFO and marks them in flight.
+    pub(crate) fn take_batch(&self) -> Vec<(K, Pending<V>, u64)> {
+        let mut st = self.lock();
+        let mut batch = Vec::new();
+        while batch.len() < self.config.batch_size {
+            let Some(key) = st.fifo.pop_front() else { break };
+            if let Some(slot) = st.map.get_mut(&key) {
+                slot.queued = false;
+                batch.push((key, slot.op.clone(), slot.seq));
+            }
+        }
+        batch
+    }
+
+    /// Marks a batch written: entries not rewritten meanwhile leave the buffer.
+    pub(crate) fn complete(&self, batch: &[(K, Pending<V>, u64)]) {
+        let mut st = self.lock();
+        for (key, _, seq) in batch {
+            let done = match st.map.get_mut(key) {
+                Some(slot) if slot.seq == *seq => true,
+                Some(slot) => {
+                    // A newer write arrived while this one was in flight: it waits in
+                    // the FIFO; its age starts now.
+                    slot.unwritten_from = seq + 1;
+                    slot.since = Instant::now();
+                    false
+                }
+                None => false,
+            };
+            if done {
+                st.map.remove(key);
+            }
+        }
+        drop(st);
+        self.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.progress.notify_waiters();
+    }
+
+    /// Waits until every write queued before the call has been written.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let target = self.lock().next_seq;
+        self.flushers.fetch_add(1, Ordering::AcqRel);
+        self.queued.notify_one();
+        let outcome = tokio::time::timeout(self.config.flush_timeout, async {
+            loop {
+                let mut progress = std::pin::pin!(self.progress.notified());
+                progress.as_mut().enable();
+                if !self.lock().map.values().any(|s| s.unwritten_from < target) {
+                    return;
+                }
+                progress.await;
+            }
+        })
+        .await;
+        self.flushers.fetch_sub(1, Ordering::AcqRel);
+        outcome.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                Operation::Flush,
+                format!(
+                    "write-back flush did not finish within {:?}; {} keys still pending",
+                    self.config.flush_timeout,
+                    self.lock().map.len()
+                ),
+            )
+        })
+    }
+
+    /// Stops accepting writes.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.queued.notify_one();
+        self.progress.notify_waiters();
+    }
+
+    pub(crate) fn is_closed_and_empty(&self) -> bool {
+        let st = self.lock();
+        st.closed && st.map.is_empty()
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.lock().closed
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lock().map.is_empty()
+    }
+
+    /// The keys whose latest write is not written yet.
+    pub(crate) fn unwritten_keys(&self) -> Vec<K> {
+        self.lock().map.keys().cloned().collect()
+    }
+
+    pub(crate) fn stats(&self) -> WriteBackStats {
+        let st = self.lock();
+        WriteBackStats {
+            queue_depth: st.map.len() as u64,
+            oldest_pending: st.map.values().map(|s| s.since.elapsed()).max(),
+            written: self.written.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            buffer_hits: self.buffer_hits.load(Ordering::Relaxed),
+        }
+    }
+}
