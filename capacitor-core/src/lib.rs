@@ -29,7 +29,7 @@ pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
-pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder};
+pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
 pub use scan::Scan;
 pub use stats::{LayerStats, Stats};
 pub use writeback::WriteBackStats;

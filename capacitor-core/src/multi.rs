@@ -12,6 +12,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::{min_ttl, LayerConfig, SetOptions, WritePolicy};
+
+mod loader;
+mod transaction;
+mod warmup;
+
+pub use transaction::Transaction;
+pub use warmup::{WarmUp, WarmUpReport};
+
 use crate::entry::{system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Generations, Ticket};
@@ -19,6 +27,7 @@ use crate::layer::{Capabilities, Layer};
 use crate::scan::Scan;
 use crate::stats::{Counter, LayerCounters, Stats};
 use crate::writeback::{Pending, Queue};
+use loader::{jitter, Flights, NegativeCache};
 
 struct Slot<K, V> {
     name: String,
@@ -76,6 +85,17 @@ struct Inner<K, V> {
     closed: AtomicBool,
     /// The pending-writes buffer under [`WritePolicy::Back`].
     queue: Option<Queue<K, V>>,
+    flights: Flights<K, V>,
+    negative: Option<NegativeCache<K>>,
+    /// Writes shorten layer TTLs by a random fraction below this.
+    ttl_jitter: f64,
+}
+
+impl<K, V> Inner<K, V> {
+    /// The TTL a write gives `slot`: the shorter of the layer's and the write's, jittered.
+    fn write_ttl(&self, slot: &Slot<K, V>, ttl: Option<Duration>) -> Option<Duration> {
+        jitter(min_ttl(slot.ttl, ttl), self.ttl_jitter)
+    }
 }
 
 /// Several layers behind one typed key-value API.
@@ -228,6 +248,8 @@ pub struct MultiLayerBuilder<K, V> {
     fail_on_cache_error: bool,
     policy: WritePolicy,
     clock: SharedClock,
+    cache_misses_for: Option<Duration>,
+    ttl_jitter: f64,
 }
 
 impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
@@ -286,6 +308,21 @@ where
         self
     }
 
+    /// Remember for `ttl` the keys a [`try_get_or_load`](MultiLayer::try_get_or_load)
+    /// loader reported missing (negative caching; at most 100,000 keys). Off by default.
+    pub fn cache_misses_for(mut self, ttl: Duration) -> Self {
+        self.cache_misses_for = Some(ttl);
+        self
+    }
+
+    /// Shorten each write's layer TTLs by a random fraction in `[0, fraction)`, so that
+    /// entries written together do not all expire together. `0.0` (default) turns it off;
+    /// `build()` accepts `0.0..=0.5`.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.ttl_jitter = fraction;
+        self
+    }
+
     /// Validates the configuration and builds the composer.
     ///
     /// # Errors
@@ -312,6 +349,12 @@ where
                     format_args!("TTL of layer `{}` must be greater than zero", l.name),
                 ));
             }
+        }
+        if !(0.0..=0.5).contains(&self.ttl_jitter) {
+            return Err(Error::config("ttl_jitter", "must be within 0.0..=0.5"));
+        }
+        if self.cache_misses_for == Some(Duration::ZERO) {
+            return Err(Error::config("cache_misses_for", "must be greater than zero"));
         }
         let Some(authoritative) = self.layers.iter().rposition(|l| !l.read_only) else {
             return Err(Error::config(
@@ -373,6 +416,9 @@ where
                 clock: self.clock,
                 closed: AtomicBool::new(false),
                 queue,
+                flights: Flights::default(),
+                negative: self.cache_misses_for.map(NegativeCache::new),
+                ttl_jitter: self.ttl_jitter,
             }),
         })
         .inspect(|cache| {
@@ -397,6 +443,8 @@ where
             fail_on_cache_error: false,
             policy: WritePolicy::Through,
             clock: system_clock(),
+            cache_misses_for: None,
+            ttl_jitter: 0.0,
         }
     }
 
@@ -653,6 +701,9 @@ where
         Self::check_ttl(ttl, Operation::Set)?;
         let inner = &*self.inner;
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        if let Some(negative) = &inner.negative {
+            negative.forget(key);
+        }
         if let Some(queue) = &inner.queue {
             let expires_at = crate::entry::expiry_for(inner.clock.now(), ttl);
             queue
@@ -666,7 +717,7 @@ where
                 )
                 .await?;
             let l1 = &inner.slots[0];
-            match l1.set(key, value, min_ttl(l1.ttl, ttl)).await {
+            match l1.set(key, value, inner.write_ttl(l1, ttl)).await {
                 Ok(()) => l1.counters.incr(Counter::Set),
                 Err(e) => {
                     // The buffer serves the value meanwhile; drop a stale L1 copy.
@@ -680,7 +731,7 @@ where
         }
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.set(key, value, min_ttl(slot.ttl, ttl)).await {
+            match slot.set(key, value, inner.write_ttl(slot, ttl)).await {
                 Ok(()) => slot.counters.incr(Counter::Set),
                 Err(e) => {
                     let err = slot.error(e);
@@ -714,6 +765,9 @@ where
         self.check_open(Operation::Delete)?;
         let inner = &*self.inner;
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
+        if let Some(negative) = &inner.negative {
+            negative.forget(key);
+        }
         if let Some(queue) = &inner.queue {
             let pending = self.buffered(key);
             queue.push(key, Pending::Delete, Operation::Delete).await?;
@@ -891,7 +945,11 @@ where
             .collect();
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.layer.set_many(entries, min_ttl(slot.ttl, options.ttl)).await {
+            match slot
+                .layer
+                .set_many(entries, inner.write_ttl(slot, options.ttl))
+                .await
+            {
                 Ok(()) => (0..entries.len()).for_each(|_| slot.counters.incr(Counter::Set)),
                 Err(e) => {
                     let err = slot.error(e);
@@ -1286,7 +1344,7 @@ where
         let mut outcome = Ok(());
         for (ttl, entries) in &sets {
             if outcome.is_ok() {
-                outcome = slot.layer.set_many(entries, min_ttl(slot.ttl, *ttl)).await;
+                outcome = slot.layer.set_many(entries, inner.write_ttl(slot, *ttl)).await;
             }
         }
         if outcome.is_ok() && !deletes.is_empty() {

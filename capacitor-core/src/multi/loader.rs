@@ -1,0 +1,302 @@
+//! `get_or_load`: single-flight loaders, negative caching and TTL jitter.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::MultiLayer;
+use crate::entry::Timestamp;
+use crate::error::{BoxError, Error, ErrorKind, Operation, Result};
+
+enum Role<V> {
+    Lead(watch::Sender<Outcome<V>>),
+    Follow(watch::Receiver<Outcome<V>>),
+}
+
+/// What a flight's leader hands its followers.
+type Outcome<V> = Option<std::result::Result<Option<V>, Arc<Error>>>;
+
+/// The loads in progress, one per key.
+pub(super) struct Flights<K, V> {
+    map: Mutex<HashMap<K, watch::Receiver<Outcome<V>>>>,
+}
+
+impl<K, V> Default for Flights<K, V> {
+    fn default() -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K, V> Flights<K, V> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Outcome<V>>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a leader's flight when it ends, also by panic or cancellation, so that the key
+/// is never wedged: followers see the sender dropped and one of them leads a new flight.
+struct Landing<'a, K: Hash + Eq, V> {
+    flights: &'a Flights<K, V>,
+    key: &'a K,
+}
+
+impl<K: Hash + Eq, V> Drop for Landing<'_, K, V> {
+    fn drop(&mut self) {
+        self.flights.lock().remove(self.key);
+    }
+}
+
+/// Keys a loader said do not exist, until their expiry (`cache_misses_for`).
+pub(super) struct NegativeCache<K> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, Timestamp>>,
+}
+
+/// At most this many keys are remembered as missing; beyond it misses are not cached.
+const NEGATIVE_BOUND: usize = 100_000;
+
+impl<K: Hash + Eq + Clone> NegativeCache<K> {
+    pub(super) fn new(ttl: Duration) -> Self {
+        NegativeCache {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Timestamp>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contains(&self, key: &K, now: Timestamp) -> bool {
+        let mut map = self.lock();
+        match map.get(key) {
+            Some(at) if *at > now => true,
+            Some(_) => {
+                map.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember(&self, key: &K, now: Timestamp) {
+        let mut map = self.lock();
+        if map.len() >= NEGATIVE_BOUND {
+            map.retain(|_, at| *at > now);
+        }
+        if map.len() < NEGATIVE_BOUND {
+            map.insert(key.clone(), now.saturating_add(self.ttl));
+        }
+    }
+
+    pub(super) fn forget(&self, key: &K) {
+        self.lock().remove(key);
+    }
+}
+
+/// A loader error shared by every waiter of a flight (the source of their errors).
+#[derive(Debug)]
+struct LoaderFailed(Arc<Error>);
+
+impl fmt::Display for LoaderFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for LoaderFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
+
+fn shared_error(err: &Arc<Error>) -> Error {
+    Error::new(err.kind(), Operation::Get, "the loader failed").with_source(LoaderFailed(Arc::clone(err)))
+}
+
+/// Shortens `ttl` by a random fraction in `[0, fraction)`.
+pub(super) fn jitter(ttl: Option<Duration>, fraction: f64) -> Option<Duration> {
+    if fraction <= 0.0 {
+        return ttl;
+    }
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
+    }
+    let r = STATE.with(|s| {
+        // xorshift64*: a uniform fraction is all we need, not cryptographic randomness.
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    });
+    ttl.map(|d| d.mul_f64(1.0 - r * fraction).max(Duration::from_millis(1)))
+}
+
+impl<K, V> MultiLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The value under `key`, or on a full miss the value `loader` produces, which is then
+    /// written like a [`set`](MultiLayer::set).
+    ///
+    /// Concurrent calls for one key run one loader (single flight) and all get its value.
+    /// A `set` or `delete` of the key that completes while the loader runs wins: the
+    /// loaded value is returned to the waiters but not written. A loader that panics or
+    /// whose caller is cancelled does not wedge the key: a waiting caller runs its own.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](MultiLayer::get), and the error of writing the loaded value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    ///
+    /// let cache = MultiLayer::<u64, String>::builder().layer(LayerConfig::new("l1", MapLayer::new())).build()?;
+    /// let name = cache.get_or_load(&42, || async { "loaded from the database".to_string() }).await?;
+    /// assert_eq!(cache.get(&42).await?, Some(name));
+    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// ```
+    pub async fn get_or_load<F, Fut>(&self, key: &K, loader: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let loaded = self
+            .load(key, false, || async {
+                Ok::<_, std::convert::Infallible>(Some(loader().await))
+            })
+            .await?;
+        loaded.ok_or_else(|| Error::new(ErrorKind::Backend, Operation::Get, "the loader produced no value"))
+    }
+
+    /// Like [`get_or_load`](MultiLayer::get_or_load) with a fallible loader that may say the
+    /// key does not exist (`Ok(None)`). With
+    /// [`cache_misses_for`](crate::MultiLayerBuilder::cache_misses_for), such keys are
+    /// remembered as missing for that long (a `set` of the key forgets it).
+    ///
+    /// # Errors
+    ///
+    /// A loader error reaches every waiter of the flight (kind
+    /// [`ErrorKind::Backend`] unless the loader returned a capacitor [`Error`], whose kind
+    /// is kept), and nothing is cached.
+    pub async fn try_get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        self.load(key, true, loader).await
+    }
+
+    async fn load<F, Fut, E>(&self, key: &K, negative: bool, loader: F) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &*self.inner;
+        if let Some(v) = self.get(key).await? {
+            return Ok(Some(v));
+        }
+        let negatives = inner.negative.as_ref().filter(|_| negative);
+        if negatives.is_some_and(|n| n.contains(key, inner.clock.now())) {
+            return Ok(None);
+        }
+        let mut loader = Some(loader);
+        loop {
+            // The lock is released at the end of this block, before any await.
+            let role = {
+                let mut flights = inner.flights.lock();
+                match flights.get(key) {
+                    Some(rx) => Role::Follow(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        flights.insert(key.clone(), rx);
+                        Role::Lead(tx)
+                    }
+                }
+            };
+            match role {
+                Role::Lead(tx) => {
+                    let Some(loader) = loader.take() else { continue };
+                    return self.lead(key, tx, negatives.is_some(), loader).await;
+                }
+                Role::Follow(mut rx) => match rx.wait_for(Option::is_some).await {
+                    Ok(outcome) => match &*outcome {
+                        Some(Ok(v)) => return Ok(v.clone()),
+                        Some(Err(e)) => return Err(shared_error(e)),
+                        None => continue,
+                    },
+                    // The leader panicked or was cancelled: try again, maybe as leader.
+                    Err(_) => continue,
+                },
+            }
+        }
+    }
+
+    async fn lead<F, Fut, E>(
+        &self,
+        key: &K,
+        tx: watch::Sender<Outcome<V>>,
+        negative: bool,
+        loader: F,
+    ) -> Result<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<V>, E>>,
+        E: Into<BoxError>,
+    {
+        let inner = &*self.inner;
+        let _landing = Landing {
+            flights: &inner.flights,
+            key,
+        };
+        // The flight before ours may have just written the value.
+        if let Some(v) = self.get(key).await? {
+            let _ = tx.send(Some(Ok(Some(v.clone()))));
+            return Ok(Some(v));
+        }
+        // Taken before the loader runs: a write that completes meanwhile voids it.
+        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+        let loaded = loader().await.map_err(|e| {
+            let source: BoxError = e.into();
+            let kind = source
+                .downcast_ref::<Error>()
+                .map_or(ErrorKind::Backend, Error::kind);
+            Error::new(kind, Operation::Get, "the loader failed").with_source(source)
+        });
+        let outcome = match loaded {
+            Ok(value) => {
+                if inner.guard.still_valid(ticket) {
+                    match &value {
+                        Some(v) => self.write(key, v, None).await?,
+                        None if negative => {
+                            if let Some(n) = &inner.negative {
+                                n.remember(key, inner.clock.now());
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Ok(value)
+            }
+            Err(e) => Err(Arc::new(e)),
+        };
+        let _ = tx.send(Some(outcome.clone()));
+        outcome.map_err(|e| shared_error(&e))
+    }
+}

@@ -1,0 +1,275 @@
+//! `get_or_load`: single flight, errors, panics and cancellation, the write-wins guard,
+//! negative caching, TTL jitter.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor_core::testkit::MapLayer;
+use capacitor_core::{ErrorKind, LayerConfig, ManualClock, MultiLayer, Timestamp};
+use tokio::sync::Notify;
+
+fn cache() -> MultiLayer<String, String> {
+    MultiLayer::builder()
+        .layer(LayerConfig::new("l1", MapLayer::new()))
+        .layer(LayerConfig::new("l2", MapLayer::new()))
+        .build()
+        .unwrap()
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("bounded wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_callers_run_the_loader_once() {
+    let cache = cache();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&"hot".to_string(), || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        "loaded".to_string()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(bounded(t).await.unwrap().unwrap(), "loaded");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        cache.get(&"hot".to_string()).await.unwrap(),
+        Some("loaded".to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_error_reaches_every_waiter_and_caches_nothing() {
+    let cache = cache();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tokio::spawn(async move {
+                cache
+                    .try_get_or_load(&"k".to_string(), || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err::<Option<String>, _>(std::io::Error::other("database down"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let err = bounded(t)
+            .await
+            .unwrap()
+            .expect_err("every waiter sees the error");
+        assert_eq!(err.kind(), ErrorKind::Backend);
+        let chain = format!("{:?}", std::error::Error::source(&err));
+        assert!(chain.contains("database down"), "{chain}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.get(&"k".to_string()).await.unwrap(), None, "nothing cached");
+    // The next call loads again.
+    let v = cache
+        .get_or_load(&"k".to_string(), || async { "v".to_string() })
+        .await
+        .unwrap();
+    assert_eq!(v, "v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
+    let cache = cache();
+    let panicking = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&"p".to_string(), || async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    panic!("loader bug");
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A follower waiting on the panicking flight takes over with its own loader.
+    let key = "p".to_string();
+    let follower = cache.get_or_load(&key, || async { "recovered".to_string() });
+    assert_eq!(bounded(follower).await.unwrap(), "recovered");
+    assert!(panicking.await.is_err(), "the panic reaches its own caller");
+
+    // Cancellation: the leader's future is dropped mid-load.
+    let gate = Arc::new(Notify::new());
+    let leader = {
+        let (cache, gate) = (cache.clone(), gate.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&"c".to_string(), || async move {
+                    gate.notified().await;
+                    "never".to_string()
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    leader.abort();
+    let key = "c".to_string();
+    let after = cache.get_or_load(&key, || async { "fresh".to_string() });
+    assert_eq!(bounded(after).await.unwrap(), "fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_the_load_wins_and_the_loaded_value_is_not_cached() {
+    let cache = cache();
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let loading = {
+        let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&"k".to_string(), || async move {
+                    started.notify_one();
+                    release.notified().await;
+                    "old from the loader".to_string()
+                })
+                .await
+        })
+    };
+    bounded(started.notified()).await;
+    cache.set("k".into(), "new from a set".into()).await.unwrap();
+    release.notify_one();
+    assert_eq!(
+        bounded(loading).await.unwrap().unwrap(),
+        "old from the loader",
+        "waiters get the loaded value"
+    );
+    assert_eq!(
+        cache.get(&"k".to_string()).await.unwrap(),
+        Some("new from a set".to_string()),
+        "the set wins"
+    );
+
+    // Same with a delete.
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let loading = {
+        let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&"d".to_string(), || async move {
+                    started.notify_one();
+                    release.notified().await;
+                    "loaded".to_string()
+                })
+                .await
+        })
+    };
+    bounded(started.notified()).await;
+    cache.delete(&"d".to_string()).await.unwrap();
+    release.notify_one();
+    bounded(loading).await.unwrap().unwrap();
+    assert_eq!(
+        cache.get(&"d".to_string()).await.unwrap(),
+        None,
+        "the delete wins"
+    );
+}
+
+#[tokio::test]
+async fn misses_are_remembered_when_asked_and_forgotten_on_set() {
+    let clock = ManualClock::new(0);
+    let cache = MultiLayer::<String, String>::builder()
+        .clock(clock.clone())
+        .cache_misses_for(Duration::from_secs(10))
+        .layer(LayerConfig::new("l1", MapLayer::with_clock(clock.clone())))
+        .build()
+        .unwrap();
+    let calls = AtomicUsize::new(0);
+    let missing = || async {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Ok::<Option<String>, std::io::Error>(None)
+    };
+    assert_eq!(
+        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        None
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the miss was cached");
+    clock.advance(Duration::from_secs(11));
+    assert_eq!(
+        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        None
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the negative entry expired");
+    cache.set("ghost".into(), "real".into()).await.unwrap();
+    assert_eq!(
+        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        Some("real".into())
+    );
+    cache.delete(&"ghost".into()).await.unwrap();
+    assert_eq!(
+        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "a set forgets the remembered miss"
+    );
+}
+
+#[tokio::test]
+async fn ttl_jitter_spreads_expiries_within_its_bound() {
+    let clock = ManualClock::new(0);
+    let l1 = Arc::new(MapLayer::<u32, u32>::with_clock(clock.clone()));
+    let cache = MultiLayer::builder()
+        .clock(clock.clone())
+        .ttl_jitter(0.2)
+        .layer(LayerConfig::shared("l1", l1.clone()).ttl(Duration::from_secs(100)))
+        .build()
+        .unwrap();
+    for i in 0..200 {
+        cache.set(i, i).await.unwrap();
+    }
+    let expiries: Vec<u64> = (0..200)
+        .map(|i| {
+            l1.raw_entry(&i)
+                .and_then(|e| e.expires_at)
+                .map(Timestamp::as_millis)
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        expiries.iter().all(|&ms| (80_000..=100_000).contains(&ms)),
+        "within 20% below the TTL"
+    );
+    let distinct: std::collections::HashSet<_> = expiries.iter().collect();
+    assert!(
+        distinct.len() > 100,
+        "expiries are spread: {} distinct of 200",
+        distinct.len()
+    );
+
+    let err = MultiLayer::<u32, u32>::builder()
+        .ttl_jitter(0.9)
+        .layer(LayerConfig::new("l1", MapLayer::new()))
+        .build()
+        .expect_err("out of range");
+    assert!(err.to_string().contains("ttl_jitter"));
+}
