@@ -705,7 +705,7 @@ where
             negative.forget(key);
         }
         if let Some(queue) = &inner.queue {
-            let expires_at = crate::entry::expiry_for(inner.clock.now(), ttl);
+            let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
             queue
                 .push(
                     key,

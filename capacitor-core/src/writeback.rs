@@ -7,12 +7,13 @@
 //! map only once written, so memory is bounded by `queue_bound` and a failed batch is
 //! never lost. The std mutex is never held across an await.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::config::WriteBack;
@@ -39,7 +40,8 @@ struct Slot<V> {
 }
 
 struct State<K, V> {
-    map: HashMap<K, Slot<V>>,
+    /// Fx rather than SipHash: this map is on every write-back `set`.
+    map: FxHashMap<K, Slot<V>>,
     fifo: VecDeque<K>,
     next_seq: u64,
     closed: bool,
@@ -82,7 +84,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         Queue {
             config,
             state: Mutex::new(State {
-                map: HashMap::new(),
+                map: FxHashMap::default(),
                 fifo: VecDeque::new(),
                 next_seq: 1,
                 closed: false,
@@ -103,49 +105,21 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
 
     /// Queues `op` for `key`, waiting for room up to the enqueue timeout.
     pub(crate) async fn push(&self, key: &K, op: Pending<V>, what: Operation) -> Result<()> {
+        // The fast path takes the lock once and wakes nobody unless the drainer has work
+        // it does not know of: waking a task on another thread costs microseconds, more
+        // than the whole write.
+        let mut op = match self.try_push(key, op, what)? {
+            None => return Ok(()),
+            Some(op) => op,
+        };
         let deadline = tokio::time::Instant::now() + self.config.enqueue_timeout;
         loop {
             let mut progress = std::pin::pin!(self.progress.notified());
             progress.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if st.closed {
-                    return Err(Error::closed(what));
-                }
-                let seq = st.next_seq;
-                if let Some(slot) = st.map.get_mut(key) {
-                    slot.op = op;
-                    slot.seq = seq;
-                    let requeue = !slot.queued;
-                    slot.queued = true;
-                    if requeue {
-                        st.fifo.push_back(key.clone());
-                    } else {
-                        self.coalesced.fetch_add(1, Ordering::Relaxed);
-                    }
-                    st.next_seq += 1;
-                    drop(st);
-                    self.queued.notify_one();
-                    return Ok(());
-                }
-                if st.map.len() < self.config.queue_bound {
-                    st.map.insert(
-                        key.clone(),
-                        Slot {
-                            op,
-                            seq,
-                            since: Instant::now(),
-                            queued: true,
-                            unwritten_from: seq,
-                        },
-                    );
-                    st.fifo.push_back(key.clone());
-                    st.next_seq += 1;
-                    drop(st);
-                    self.queued.notify_one();
-                    return Ok(());
-                }
-            }
+            op = match self.try_push(key, op, what)? {
+                None => return Ok(()),
+                Some(op) => op,
+            };
             if tokio::time::timeout_at(deadline, progress).await.is_err() {
                 return Err(Error::new(
                     ErrorKind::QueueFull,
@@ -157,6 +131,50 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
                 ));
             }
         }
+    }
+
+    /// Queues `op` if there is room; gives it back when the queue is full.
+    fn try_push(&self, key: &K, op: Pending<V>, what: Operation) -> Result<Option<Pending<V>>> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(Error::closed(what));
+        }
+        let seq = st.next_seq;
+        let was_idle = st.fifo.is_empty();
+        if let Some(slot) = st.map.get_mut(key) {
+            slot.op = op;
+            slot.seq = seq;
+            let requeue = !slot.queued;
+            slot.queued = true;
+            if requeue {
+                st.fifo.push_back(key.clone());
+            } else {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if st.map.len() < self.config.queue_bound {
+            st.map.insert(
+                key.clone(),
+                Slot {
+                    op,
+                    seq,
+                    since: Instant::now(),
+                    queued: true,
+                    unwritten_from: seq,
+                },
+            );
+            st.fifo.push_back(key.clone());
+        } else {
+            return Ok(Some(op));
+        }
+        st.next_seq += 1;
+        // The drainer sleeps until the oldest write is due: it needs waking only when the
+        // queue stops being idle or a batch fills up.
+        let wake = was_idle || st.fifo.len() == self.config.batch_size;
+        drop(st);
+        if wake {
+            self.queued.notify_one();
+        }
+        Ok(None)
     }
 
     /// The latest pending write of `key`.

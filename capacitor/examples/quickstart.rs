@@ -1,6 +1,7 @@
 //! Quickstart: the embedded default. A bounded moka L1 over sled on disk (no server), a
-//! realistic workload (100,000 keys written, 1,000,000 Zipf-distributed reads), a progress
-//! bar, and the per-layer stats table.
+//! realistic workload (100,000 keys written; the process "restarts" with a cold L1, which
+//! is warmed up from disk; then 1,000,000 Zipf-distributed reads), progress bars, and the
+//! per-layer stats table.
 //!
 //! ```sh
 //! cargo run --release --example quickstart            # in a temporary directory
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use capacitor::memory::MokaLayer;
 use capacitor::sled::SledLayer;
-use capacitor::{LayerConfig, MultiLayer};
+use capacitor::{LayerConfig, MultiLayer, WarmUp};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const KEYS: u64 = 100_000;
@@ -64,17 +65,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         dir.display()
     );
 
-    let cache = MultiLayer::<String, String>::builder()
-        .layer(
-            LayerConfig::new("l1-moka", MokaLayer::builder().max_capacity(10_000).build()?)
-                .ttl(Duration::from_secs(300)),
-        )
-        .layer(LayerConfig::new(
-            "sled",
-            SledLayer::builder().path(dir.join("db")).build()?,
-        ))
-        .build()?;
+    let open = || -> Result<MultiLayer<String, String>, capacitor::Error> {
+        MultiLayer::builder()
+            .layer(
+                LayerConfig::new("l1-moka", MokaLayer::builder().max_capacity(10_000).build()?)
+                    .ttl(Duration::from_secs(300)),
+            )
+            .layer(LayerConfig::new(
+                "sled",
+                SledLayer::builder().path(dir.join("db")).build()?,
+            ))
+            .build()
+    };
 
+    let cache = open()?;
     let writes = bar(KEYS, "write");
     let started = Instant::now();
     for i in 0..KEYS {
@@ -87,6 +91,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     writes.finish();
     let write_time = started.elapsed();
+    cache.close().await?; // flushes sled and releases its directory lock
+
+    // A restart: a cold L1 over the same directory, warmed up from disk.
+    let cache = open()?;
+    let warm = bar(10_000, "warm-up");
+    let progress = warm.clone();
+    let report = cache
+        .warm_up(
+            "sled",
+            WarmUp::new()
+                .prefix("user:")
+                .limit(10_000)
+                .progress(move |n| progress.set_position(n)),
+        )
+        .await?;
+    warm.finish();
 
     let reads = bar(READS, "read");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -104,8 +124,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     cache.flush().await?;
     println!(
-        "\nwrote {KEYS} keys in {write_time:.2?} ({:.0}/s); read {READS} keys in {read_time:.2?} ({:.0}/s), {found} found\n",
+        "\nwrote {KEYS} keys in {write_time:.2?} ({:.0}/s); warmed {} keys into L1 after the restart; \
+         read {READS} keys in {read_time:.2?} ({:.0}/s), {found} found\n",
         KEYS as f64 / write_time.as_secs_f64(),
+        report.copied,
         READS as f64 / read_time.as_secs_f64(),
     );
     println!("{}", cache.stats());

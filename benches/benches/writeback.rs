@@ -1,0 +1,230 @@
+//! Write-back, its drain, and single-flight loaders, each beside what a user writes by
+//! hand, in the same criterion groups (`capacitor` vs `raw`).
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use capacitor::memory::{DashMapLayer, MokaLayer};
+use capacitor::sled::{FlushPolicy, SledLayer};
+use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use dashmap::DashMap;
+
+#[inline(always)]
+fn poll_once<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("completes on the first poll"),
+    }
+}
+
+/// A write-back `set` (L1 write + buffer insert) beside a raw L1 insert. The drain runs
+/// on a background runtime meanwhile, as in production.
+fn write_back_set(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let cache = MultiLayer::<u64, u64>::builder()
+        .write_policy(WritePolicy::Back(
+            WriteBack::new().queue_bound(100_000).batch_size(1_000),
+        ))
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .layer(LayerConfig::new("l2", DashMapLayer::new()))
+        .build()
+        .unwrap();
+    let raw: DashMap<u64, u64> = DashMap::new();
+    let next = AtomicU64::new(0);
+    let key = || next.fetch_add(1, Ordering::Relaxed) % 10_000;
+    let mut g = c.benchmark_group("write_back_set/dashmap");
+    g.bench_function("capacitor", |b| {
+        b.iter(|| poll_once(cache.set(key(), black_box(7))).unwrap())
+    });
+    g.bench_function("raw", |b| b.iter(|| raw.insert(key(), black_box(7))));
+    g.finish();
+    rt.block_on(cache.close()).unwrap();
+
+    // The usual L1: moka.
+    let cache = MultiLayer::<u64, u64>::builder()
+        .write_policy(WritePolicy::Back(
+            WriteBack::new().queue_bound(100_000).batch_size(1_000),
+        ))
+        .layer(LayerConfig::new(
+            "l1",
+            MokaLayer::builder().max_capacity(100_000).build().unwrap(),
+        ))
+        .layer(LayerConfig::new("l2", DashMapLayer::new()))
+        .build()
+        .unwrap();
+    let raw: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(100_000);
+    let mut g = c.benchmark_group("write_back_set/moka");
+    g.bench_function("capacitor", |b| {
+        b.iter(|| poll_once(cache.set(key(), black_box(7))).unwrap())
+    });
+    g.bench_function("raw", |b| b.iter(|| raw.insert(key(), black_box(7))));
+    g.finish();
+    rt.block_on(cache.close()).unwrap();
+}
+
+/// Writing 10,000 keys to sled: through write-back (set all, then flush: the drain writes
+/// sled batches) beside 10,000 sequential raw sled inserts.
+fn write_back_drain(c: &mut Criterion) {
+    const N: u64 = 10_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path().join("drain")).unwrap();
+    let cache = rt.block_on(async {
+        MultiLayer::<String, Vec<u8>>::builder()
+            .write_policy(WritePolicy::Back(
+                WriteBack::new().queue_bound(2 * N as usize).batch_size(1_000),
+            ))
+            .layer(LayerConfig::new("l1", DashMapLayer::new()))
+            .layer(LayerConfig::new(
+                "sled",
+                SledLayer::builder()
+                    .db(db.clone())
+                    .tree("capacitor")
+                    .flush_policy(FlushPolicy::Manual)
+                    .build()
+                    .unwrap(),
+            ))
+            .build()
+            .unwrap()
+    });
+    let raw = db.open_tree("raw").unwrap();
+    let value = vec![7u8; 100];
+    let mut g = c.benchmark_group("write_back_drain/sled/10000_keys");
+    g.sample_size(10);
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter(|| async {
+            for i in 0..N {
+                cache.set(format!("k{i}"), value.clone()).await.unwrap();
+            }
+            cache.flush().await.unwrap();
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.iter(|| {
+            for i in 0..N {
+                raw.insert(format!("k{i}").as_bytes(), value.as_slice()).unwrap();
+            }
+        })
+    });
+    g.finish();
+    rt.block_on(cache.close()).unwrap();
+}
+
+/// A stand-in for a database behind a pool of 4 connections: each query holds one for
+/// 1 ms.
+#[derive(Clone)]
+struct Database(Arc<tokio::sync::Semaphore>, Arc<AtomicU64>);
+
+impl Database {
+    async fn query(&self, key: u64) -> u64 {
+        let _conn = self.0.acquire().await.unwrap();
+        self.1.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        key
+    }
+}
+
+/// 64 concurrent callers of one cold key: capacitor's single flight (one query) beside
+/// the hand-written "check, load, backfill" that stampedes (64 queries through a pool of
+/// 4 connections). The query counts are printed after the group.
+fn get_or_load(c: &mut Criterion) {
+    const CALLERS: usize = 64;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let db = Database(
+        Arc::new(tokio::sync::Semaphore::new(4)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let raw_db = Database(
+        Arc::new(tokio::sync::Semaphore::new(4)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let cache = MultiLayer::<u64, u64>::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .build()
+        .unwrap();
+    let raw: Arc<DashMap<u64, u64>> = Arc::new(DashMap::new());
+    let (mut ours, mut theirs) = (0u64, 0u64);
+    let mut g = c.benchmark_group("get_or_load/64_callers");
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter_batched(
+            || next.fetch_add(1, Ordering::Relaxed),
+            |key| {
+                let (cache, db) = (cache.clone(), db.clone());
+                ours += 1;
+                async move {
+                    let tasks: Vec<_> = (0..CALLERS)
+                        .map(|_| {
+                            let (cache, db) = (cache.clone(), db.clone());
+                            tokio::spawn(
+                                async move { cache.get_or_load(&key, || db.query(key)).await.unwrap() },
+                            )
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter_batched(
+            || next.fetch_add(1, Ordering::Relaxed),
+            |key| {
+                let (raw, db) = (raw.clone(), raw_db.clone());
+                theirs += 1;
+                async move {
+                    let tasks: Vec<_> = (0..CALLERS)
+                        .map(|_| {
+                            let (raw, db) = (raw.clone(), db.clone());
+                            tokio::spawn(async move {
+                                if let Some(v) = raw.get(&key).map(|v| *v) {
+                                    return v;
+                                }
+                                let v = db.query(key).await;
+                                raw.insert(key, v);
+                                v
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    println!(
+        "get_or_load/64_callers: capacitor {:.2} queries per cold key, raw {:.2}",
+        db.1.load(Ordering::Relaxed) as f64 / ours.max(1) as f64,
+        raw_db.1.load(Ordering::Relaxed) as f64 / theirs.max(1) as f64
+    );
+}
+
+criterion_group!(benches, write_back_set, write_back_drain, get_or_load);
+criterion_main!(benches);
