@@ -10,7 +10,7 @@
 //! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
 //! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
 //! | `redis` | `redis` (not implemented yet) | no |
-//! | `postgres` | `postgres` (not implemented yet) | no |
+//! | `postgres` | `postgres`: `PostgresLayer` on deadpool-postgres | no |
 //! | `full` | all of the above | no |
 //!
 //! # Examples

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime};
 
+mod services;
+
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
 const USAGE: &str = "usage: cargo xtask <test | bench [--quick] [SUITE...] | ci>";
@@ -80,6 +82,9 @@ fn has_nextest() -> bool {
 /// doctests (nextest does not run those).
 fn test() -> Result {
     let started = Instant::now();
+    // Before anything runs: the PostgreSQL tests fail (never skip) without a server. Sets
+    // CAPACITOR_POSTGRES_URL for the cargo processes below.
+    let postgres = services::ensure_postgres()?;
     let runner = if has_nextest() {
         cargo(&[
             "nextest",
@@ -104,9 +109,12 @@ fn test() -> Result {
     cargo(&["test", "--workspace", "--all-features", "--doc"])?;
     eprintln!(
         "\nxtask test: all tests passed ({runner} + doctests) in {:.0?}. Backends exercised: \
-         memory (moka, dashmap) and the test kit's layers in process; no external service is \
-         needed by the crates implemented so far.",
-        started.elapsed()
+         memory (moka, dashmap), sled (temporary directories) and the test kit's layers in \
+         process; PostgreSQL at {} ({}), and a private PostgreSQL cluster (initdb) for the \
+         restart test.",
+        started.elapsed(),
+        postgres.redacted_url(),
+        postgres.how,
     );
     Ok(())
 }

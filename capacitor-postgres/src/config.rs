@@ -1,0 +1,571 @@
+//! [`PostgresLayerBuilder`]: the user's options, their validation, and connecting.
+
+use std::any::TypeId;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor_core::{
+    envelope, system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{NoTls, Socket};
+
+use crate::error::pool_error;
+use crate::key::KeyFormat;
+use crate::layer::{PostgresLayer, Shared};
+use crate::schema::{self, Table};
+use crate::sql::Statements;
+use crate::sweep;
+
+/// The default [`PostgresLayerBuilder::schema`]: `public`.
+pub const DEFAULT_SCHEMA: &str = "public";
+/// The default [`PostgresLayerBuilder::table`]: `capacitor_kv`.
+pub const DEFAULT_TABLE: &str = "capacitor_kv";
+/// The default [`PostgresLayerBuilder::pool_size`]: 16 connections.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// The default pool wait, create and recycle timeouts: 5 seconds each.
+pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default [`PostgresLayerBuilder::statement_timeout`]: 30 seconds.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default [`PostgresLayerBuilder::max_value_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
+/// The default [`PostgresLayerBuilder::sweep_interval`]: one minute.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// The default [`PostgresLayerBuilder::sweep_batch`]: rows deleted per statement.
+pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
+/// The default [`PostgresLayerBuilder::scan_page_size`]: rows per scan page.
+pub const DEFAULT_SCAN_PAGE_SIZE: usize = 256;
+
+/// The largest `bytea` PostgreSQL stores is 1 GB, envelope included.
+const MAX_BYTEA: usize = (1 << 30) - 1;
+
+/// Where the connection settings come from.
+enum Source {
+    None,
+    /// Kept as given until [`PostgresLayerBuilder::build`] parses it; never printed.
+    Url(String),
+    Config(Box<tokio_postgres::Config>),
+}
+
+/// Makes the pool's manager with the TLS connector the user chose.
+type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Manager + Send + Sync>;
+
+/// Builds a [`PostgresLayer`]; [`build`](PostgresLayerBuilder::build) validates every
+/// option, connects, creates the table when asked to, checks its shape and starts the
+/// sweeper.
+///
+/// Required: [`url`](Self::url) or [`config`](Self::config).
+///
+/// Defaults: table `public.capacitor_kv` ([`DEFAULT_SCHEMA`], [`DEFAULT_TABLE`]), created
+/// when missing, logged; a pool of 16 connections ([`DEFAULT_POOL_SIZE`]) with 5-second
+/// wait, create and recycle timeouts ([`DEFAULT_POOL_TIMEOUT`]); a 30-second
+/// `statement_timeout` ([`DEFAULT_STATEMENT_TIMEOUT`]); no TLS; [`BincodeCodec`]; values up
+/// to 64 MiB ([`DEFAULT_MAX_VALUE_BYTES`]); the sweeper every minute in batches of 1,000
+/// rows; scan pages of 256 rows; [`KeyFormat::Text`] for `String` keys and
+/// [`KeyFormat::Hex`] otherwise; the system clock; `application_name=capacitor` unless the
+/// URL sets one.
+///
+/// The `Debug` output never shows the URL or the password.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// use std::time::Duration;
+/// use capacitor_postgres::PostgresLayer;
+///
+/// let layer = PostgresLayer::builder()
+///     .url("postgres://app:secret@db.internal:5432/app")
+///     .schema("cache")
+///     .table("sessions")
+///     .pool_size(32)
+///     .wait_timeout(Duration::from_millis(500))
+///     .statement_timeout(Duration::from_secs(2))
+///     .unlogged(true) // faster writes; emptied by a server crash
+///     .sweep_interval(Duration::from_secs(30))
+///     .build::<String, Vec<u8>>()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct PostgresLayerBuilder<C = BincodeCodec> {
+    source: Source,
+    schema: String,
+    table: String,
+    pool: PoolConfig,
+    statement_timeout: Duration,
+    max_value_bytes: usize,
+    create_table: bool,
+    unlogged: bool,
+    sweeper: bool,
+    sweep_interval: Duration,
+    sweep_batch: usize,
+    scan_page_size: usize,
+    key_format: Option<KeyFormat>,
+    tls: Option<MakeManager>,
+    codec: C,
+    clock: SharedClock,
+}
+
+impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            Source::None => "none",
+            Source::Url(_) => "url (redacted)",
+            Source::Config(_) => "tokio_postgres::Config",
+        };
+        f.debug_struct("PostgresLayerBuilder")
+            .field("source", &source)
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("pool", &self.pool)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("create_table", &self.create_table)
+            .field("unlogged", &self.unlogged)
+            .field("sweeper", &self.sweeper)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("sweep_batch", &self.sweep_batch)
+            .field("scan_page_size", &self.scan_page_size)
+            .field("key_format", &self.key_format)
+            .field("tls", &self.tls.as_ref().map(|_| "custom connector"))
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLayerBuilder<BincodeCodec> {
+    pub(crate) fn new() -> Self {
+        PostgresLayerBuilder {
+            source: Source::None,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            table: DEFAULT_TABLE.to_owned(),
+            pool: PoolConfig {
+                max_size: DEFAULT_POOL_SIZE,
+                timeouts: Timeouts {
+                    wait: Some(DEFAULT_POOL_TIMEOUT),
+                    create: Some(DEFAULT_POOL_TIMEOUT),
+                    recycle: Some(DEFAULT_POOL_TIMEOUT),
+                },
+                ..PoolConfig::default()
+            },
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            create_table: true,
+            unlogged: false,
+            sweeper: true,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            scan_page_size: DEFAULT_SCAN_PAGE_SIZE,
+            key_format: None,
+            tls: None,
+            codec: BincodeCodec,
+            clock: system_clock(),
+        }
+    }
+}
+
+impl<C> PostgresLayerBuilder<C> {
+    /// Connect with a URL (`postgres://user:password@host:5432/db?sslmode=require`) or a
+    /// key-value string (`host=… user=… dbname=…`), as
+    /// [`tokio_postgres::Config`] parses them. Parsed by [`build`](Self::build); the URL
+    /// never appears in errors or `Debug` output.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.source = Source::Url(url.into());
+        self
+    }
+
+    /// Connect with a [`tokio_postgres::Config`] built in code (replaces [`url`](Self::url)).
+    pub fn config(mut self, config: tokio_postgres::Config) -> Self {
+        self.source = Source::Config(Box::new(config));
+        self
+    }
+
+    /// The schema of the table (default `public`), created with the table when missing.
+    /// A plain identifier: `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case kept).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The table (default `capacitor_kv`). A plain identifier:
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case kept). Anything else is refused by
+    /// [`build`](Self::build), never spliced into SQL.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The most connections the pool opens (default 16). The sweeper and every scan page
+    /// take one for the duration of one statement.
+    pub fn pool_size(mut self, connections: usize) -> Self {
+        self.pool.max_size = connections;
+        self
+    }
+
+    /// How long an operation waits for a free pooled connection before failing with
+    /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout) (default 5 s).
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.pool.timeouts.wait = Some(timeout);
+        self
+    }
+
+    /// How long opening a new connection may take (default 5 s); also tokio-postgres's
+    /// `connect_timeout` unless the URL sets one.
+    pub fn create_timeout(mut self, timeout: Duration) -> Self {
+        self.pool.timeouts.create = Some(timeout);
+        self
+    }
+
+    /// How long checking a pooled connection before reuse may take (default 5 s).
+    pub fn recycle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool.timeouts.recycle = Some(timeout);
+        self
+    }
+
+    /// The whole deadpool configuration (size, timeouts — `None` waits forever — and
+    /// queue mode), replacing [`pool_size`](Self::pool_size) and the three timeouts.
+    pub fn pool_config(mut self, config: PoolConfig) -> Self {
+        self.pool = config;
+        self
+    }
+
+    /// The longest a statement may run on the server before PostgreSQL cancels it and the
+    /// operation fails with [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout)
+    /// (SQLSTATE 57014). Default 30 s; zero disables it (PostgreSQL's meaning of `0`), so
+    /// the server's own setting applies.
+    ///
+    /// Set per connection at connect time, as the startup parameter
+    /// `options=-c statement_timeout=<ms>` (appended to any `options` the URL has), so it
+    /// costs no round trip. Connection poolers that reject startup options (PgBouncer in
+    /// transaction mode) need zero here and the timeout set on the role instead
+    /// (`ALTER ROLE app SET statement_timeout = '2s'`).
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// The largest encoded value (the codec's output, before the 13-byte envelope) a write
+    /// accepts; larger ones fail with
+    /// [`ErrorKind::ValueTooLarge`](capacitor_core::ErrorKind::ValueTooLarge) before
+    /// anything is sent. Default 64 MiB; at most 1 GB minus the envelope (PostgreSQL's
+    /// `bytea` limit).
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// Create the table (and its schema and expiry index) when it does not exist (default
+    /// `true`). With `false` a missing table is a configuration error at build; create it
+    /// yourself with [`ddl`](Self::ddl).
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    /// Use an `UNLOGGED` table (default `false`): writes skip PostgreSQL's write-ahead log,
+    /// which makes them faster, and a server **crash** (not a clean restart) empties the
+    /// table; it is not replicated to standbys either. Fits a cache whose data can be
+    /// rebuilt. An existing table must match (checked at build).
+    pub fn unlogged(mut self, unlogged: bool) -> Self {
+        self.unlogged = unlogged;
+        self
+    }
+
+    /// How often the background sweeper deletes expired rows (default every minute).
+    /// Reads never return expired rows either way; the sweeper reclaims their space.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Whether to run the sweeper at all (default `true`). Turn it off when another
+    /// process (one of several app instances, a cron job) sweeps the table.
+    pub fn sweeper(mut self, on: bool) -> Self {
+        self.sweeper = on;
+        self
+    }
+
+    /// How many expired rows one sweep statement deletes (default 1,000). A pass runs
+    /// statements until one deletes fewer, each a short transaction that skips rows locked
+    /// by writers.
+    pub fn sweep_batch(mut self, rows: usize) -> Self {
+        self.sweep_batch = rows;
+        self
+    }
+
+    /// How many rows one scan page reads (default 256): the memory a scan holds is one
+    /// page.
+    pub fn scan_page_size(mut self, rows: usize) -> Self {
+        self.scan_page_size = rows;
+        self
+    }
+
+    /// How keys are stored in the `key` column (default: [`KeyFormat::Text`] for `String`
+    /// keys, [`KeyFormat::Hex`] for others).
+    pub fn key_format(mut self, format: KeyFormat) -> Self {
+        self.key_format = Some(format);
+        self
+    }
+
+    /// Connect with TLS through `connector`, any tokio-postgres [`MakeTlsConnect`], such
+    /// as `tokio_postgres_rustls::MakeRustlsConnect` (rustls) or
+    /// `postgres_native_tls::MakeTlsConnector` (native-tls; the `tls` feature wraps it as
+    /// [`native_tls`](Self::native_tls)). Whether TLS is required is the URL's `sslmode`:
+    /// `prefer` by default, `require` to refuse plain connections.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), capacitor_core::Error> {
+    /// use capacitor_postgres::{tokio_postgres, PostgresLayer};
+    ///
+    /// // In practice: tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client_config).
+    /// let connector = tokio_postgres::NoTls;
+    /// let layer = PostgresLayer::builder()
+    ///     .url("postgres://app@db.internal/app?sslmode=prefer")
+    ///     .tls(connector)
+    ///     .build::<String, String>()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls<T>(mut self, connector: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.tls = Some(Box::new(move |pg, manager| {
+            Manager::from_config(pg, connector, manager)
+        }));
+        self
+    }
+
+    /// Connect with TLS through [native-tls](https://docs.rs/native-tls) (OpenSSL on
+    /// Linux, the platform's TLS elsewhere). Needs the `tls` feature.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use capacitor_postgres::{native_tls, PostgresLayer};
+    ///
+    /// let connector = native_tls::TlsConnector::builder().build()?;
+    /// let layer = PostgresLayer::builder()
+    ///     .url("postgres://app@db.internal/app?sslmode=require")
+    ///     .native_tls(connector)
+    ///     .build::<String, String>()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn native_tls(self, connector: native_tls::TlsConnector) -> Self {
+        self.tls(postgres_native_tls::MakeTlsConnector::new(connector))
+    }
+
+    /// The codec values are stored with (default [`BincodeCodec`]).
+    pub fn codec<C2>(self, codec: C2) -> PostgresLayerBuilder<C2> {
+        PostgresLayerBuilder {
+            source: self.source,
+            schema: self.schema,
+            table: self.table,
+            pool: self.pool,
+            statement_timeout: self.statement_timeout,
+            max_value_bytes: self.max_value_bytes,
+            create_table: self.create_table,
+            unlogged: self.unlogged,
+            sweeper: self.sweeper,
+            sweep_interval: self.sweep_interval,
+            sweep_batch: self.sweep_batch,
+            scan_page_size: self.scan_page_size,
+            key_format: self.key_format,
+            tls: self.tls,
+            codec,
+            clock: self.clock,
+        }
+    }
+
+    /// The clock expiries are computed with and compared against (tests use
+    /// [`ManualClock`](capacitor_core::ManualClock)). Reads compare `expires_at` with this
+    /// clock's time, not the server's, so that an entry expires exactly when the TTL it
+    /// was written with says; app instances sharing a table should have synchronised
+    /// clocks (NTP), as for any shared expiry.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The SQL [`build`](Self::build) runs to create the table when it is missing, for the
+    /// configured schema, table and `unlogged` (one statement per line; the
+    /// `CREATE SCHEMA` runs only when the schema is missing).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config) for a schema or table name
+    /// that is not a plain identifier.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor_postgres::PostgresLayer;
+    ///
+    /// let ddl = PostgresLayer::builder().table("sessions").ddl()?;
+    /// assert!(ddl.contains(r#"CREATE TABLE IF NOT EXISTS "public"."sessions""#));
+    /// assert!(ddl.contains(r#"key        text COLLATE "C" PRIMARY KEY"#));
+    /// # Ok::<(), capacitor_core::Error>(())
+    /// ```
+    pub fn ddl(&self) -> Result<String> {
+        let table = Table::new(&self.schema, &self.table)?;
+        Ok(table
+            .ddl(self.unlogged)
+            .iter()
+            .map(|s| format!("{s};\n"))
+            .collect())
+    }
+
+    /// Validates the options, connects (one pooled connection), creates the table when
+    /// it is missing and [`create_table`](Self::create_table) is on, checks the table's
+    /// shape, and starts the sweeper. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config), naming the field: no
+    /// `url`/`config`, a URL that does not parse or names no host, a `schema` or `table`
+    /// that is not a plain identifier, a zero `pool_size`, `max_value_bytes` (or one over
+    /// 1 GB), `sweep_interval`, `sweep_batch` or `scan_page_size`; a missing table with
+    /// `create_table(false)`; an existing table whose shape does not fit (a missing
+    /// column, a wrong type, a `key` column without `COLLATE "C"` or without a unique
+    /// constraint, a `NOT NULL` column the layer does not fill, the wrong `unlogged`);
+    /// no tokio runtime; authentication failure or an unknown database.
+    ///
+    /// Connecting, with [`Operation::Build`](capacitor_core::Operation::Build):
+    /// [`ErrorKind::Unavailable`](capacitor_core::ErrorKind::Unavailable) when the server
+    /// cannot be reached (refused, reset, shutting down),
+    /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout) when it does not answer
+    /// within the create timeout, [`ErrorKind::Backend`](capacitor_core::ErrorKind::Backend)
+    /// for other server errors (no privilege to create the table, …).
+    pub async fn build<K, V>(self) -> Result<PostgresLayer<K, V, C>>
+    where
+        K: StorageKey,
+        C: Codec<V>,
+    {
+        let table = Table::new(&self.schema, &self.table)?;
+        if self.pool.max_size == 0 {
+            return Err(Error::config("pool_size", "must be greater than zero"));
+        }
+        if self.max_value_bytes == 0 {
+            return Err(Error::config("max_value_bytes", "must be greater than zero"));
+        }
+        if self.max_value_bytes > MAX_BYTEA - envelope::HEADER_LEN {
+            return Err(Error::config(
+                "max_value_bytes",
+                "must leave room for the envelope in PostgreSQL's 1 GB bytea limit",
+            ));
+        }
+        if self.sweeper && self.sweep_interval.is_zero() {
+            return Err(Error::config("sweep_interval", "must be greater than zero"));
+        }
+        if self.sweep_batch == 0 {
+            return Err(Error::config("sweep_batch", "must be greater than zero"));
+        }
+        if self.scan_page_size == 0 {
+            return Err(Error::config("scan_page_size", "must be greater than zero"));
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            Error::config(
+                "runtime",
+                "the layer's connections and sweeper need a tokio runtime; build inside one",
+            )
+            .with_source(e)
+        })?;
+        let mut pg = match self.source {
+            Source::None => return Err(Error::config("url", "one of `url` or `config` is required")),
+            Source::Url(url) => url.parse::<tokio_postgres::Config>().map_err(|e| {
+                Error::config(
+                    "url",
+                    "is not a valid PostgreSQL connection URL or key-value string",
+                )
+                .with_source(e)
+            })?,
+            Source::Config(config) => *config,
+        };
+        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+            return Err(Error::config("url", "names no host"));
+        }
+        if !self.statement_timeout.is_zero() {
+            let ms = self.statement_timeout.as_millis().max(1);
+            let options = match pg.get_options() {
+                Some(existing) if !existing.trim().is_empty() => {
+                    format!("{existing} -c statement_timeout={ms}")
+                }
+                _ => format!("-c statement_timeout={ms}"),
+            };
+            pg.options(options);
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("capacitor");
+        }
+        if let (None, Some(create)) = (pg.get_connect_timeout(), self.pool.timeouts.create) {
+            pg.connect_timeout(create);
+        }
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match self.tls {
+            Some(make) => make(pg, manager_config),
+            None => Manager::from_config(pg, NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .config(self.pool)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                Error::config("pool_config", "deadpool refused the pool configuration").with_source(e)
+            })?;
+
+        {
+            let mut client = pool.get().await.map_err(|e| pool_error(Operation::Build, e))?;
+            schema::prepare(&mut client, &table, self.create_table, self.unlogged).await?;
+        }
+
+        let key_format = self
+            .key_format
+            .unwrap_or(if TypeId::of::<K>() == TypeId::of::<String>() {
+                KeyFormat::Text
+            } else {
+                KeyFormat::Hex
+            });
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            pool,
+            sql: Statements::new(&table),
+            table,
+            codec: self.codec,
+            clock: self.clock,
+            key_format,
+            max_value_bytes: self.max_value_bytes,
+            scan_page_size: i64::try_from(self.scan_page_size).unwrap_or(i64::MAX),
+            unlogged: self.unlogged,
+            closed: AtomicBool::new(false),
+            shutdown,
+        });
+        if self.sweeper {
+            runtime.spawn(sweep::sweeper(
+                Arc::downgrade(&shared),
+                shared.shutdown.subscribe(),
+                self.sweep_interval,
+                i64::try_from(self.sweep_batch).unwrap_or(i64::MAX),
+            ));
+        }
+        Ok(PostgresLayer {
+            shared,
+            _types: PhantomData,
+        })
+    }
+}

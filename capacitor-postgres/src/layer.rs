@@ -1,0 +1,557 @@
+//! [`PostgresLayer`] and its [`Layer`] implementation.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use capacitor_core::{
+    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    ErrorKind, Layer, Operation, Result, SharedClock, StorageKey, Timestamp, WriteOp,
+};
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::Statement;
+
+use crate::config::PostgresLayerBuilder;
+use crate::error::{pg_error, pool_error};
+use crate::key::KeyFormat;
+use crate::scan::ScanStream;
+use crate::schema::Table;
+use crate::sql::Statements;
+
+/// The latest expiry written to the `expires_at` column: 9999-12-31T23:59:59.999Z. Longer
+/// TTLs (up to `Duration::MAX`) are stored as this instant, which PostgreSQL can represent
+/// (and the client can encode without overflowing); an entry expiring then reports it
+/// as its expiry.
+pub(crate) const MAX_EXPIRY_MILLIS: u64 = 253_402_300_799_999;
+
+/// `ts` as the value of a `timestamptz` parameter (clamped to [`MAX_EXPIRY_MILLIS`]).
+pub(crate) fn sql_time(ts: Timestamp) -> SystemTime {
+    Timestamp::from_millis(ts.as_millis().min(MAX_EXPIRY_MILLIS)).to_system_time()
+}
+
+/// What the layer, its scan streams and its sweeper share.
+pub(crate) struct Shared<C> {
+    pub(crate) pool: Pool,
+    pub(crate) sql: Statements,
+    pub(crate) table: Table,
+    pub(crate) codec: C,
+    pub(crate) clock: SharedClock,
+    pub(crate) key_format: KeyFormat,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) scan_page_size: i64,
+    pub(crate) unlogged: bool,
+    pub(crate) closed: AtomicBool,
+    /// Set to `true` on close; dropped (which the sweeper also notices) with the layer.
+    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl<C> Shared<C> {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// [`ErrorKind::Closed`] once closed.
+    pub(crate) fn check_open(&self, op: Operation) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::closed(op));
+        }
+        Ok(())
+    }
+
+    /// A pooled connection, or [`ErrorKind::Closed`].
+    pub(crate) async fn client(&self, op: Operation) -> Result<Object> {
+        self.check_open(op)?;
+        self.pool.get().await.map_err(|e| pool_error(op, e))
+    }
+
+    /// The current time of the layer's clock, as a query parameter.
+    pub(crate) fn now(&self) -> SystemTime {
+        sql_time(self.clock.now())
+    }
+}
+
+/// `sql`, prepared on `client` once and cached there.
+pub(crate) async fn prepare(client: &Object, sql: &str, op: Operation) -> Result<Statement> {
+    client.prepare_cached(sql).await.map_err(|e| pg_error(op, e))
+}
+
+/// Decodes a stored row: the envelope, then the payload. The expiry comes from the
+/// `expires_at` column, which is authoritative (the copy in the envelope is informative).
+pub(crate) fn decode_entry<V, C: Codec<V>>(
+    codec: &C,
+    bytes: &[u8],
+    expires_at: Option<SystemTime>,
+    op: Operation,
+) -> Result<Entry<V>> {
+    let (_, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
+    let value = codec.decode(payload).map_err(|e| e.with_operation(op))?;
+    Ok(Entry::new(value, expires_at.map(Timestamp::from_system_time)))
+}
+
+/// A persistent, shared, transactional layer on PostgreSQL, through a
+/// [deadpool-postgres](https://docs.rs/deadpool-postgres) connection pool.
+///
+/// One row per key in a table of the shape given in the [crate docs](crate) (created on
+/// first use unless [`create_table(false)`](PostgresLayerBuilder::create_table)):
+/// `key text COLLATE "C" PRIMARY KEY` (a `String` key as its text, so
+/// `SELECT value FROM capacitor_kv WHERE key = 'user:42'` finds it; other key types as
+/// hex, see [`KeyFormat`]), `value bytea` ([`envelope`]`(expiry, codec(value))`),
+/// `expires_at timestamptz` (authoritative; `NULL` for no expiry) and `updated_at`.
+///
+/// - Reads never return expired rows: they filter on `expires_at > now`, where `now` is
+///   the layer's [clock](PostgresLayerBuilder::clock), the clock expiries are computed
+///   with. Expired rows are deleted by the background sweeper (on by default, every
+///   minute, in batches).
+/// - Writes are upserts (`INSERT … ON CONFLICT (key) DO UPDATE`), durable when they
+///   return (on an [`unlogged`](PostgresLayerBuilder::unlogged) table: until a server
+///   crash, which empties the table).
+/// - Batch forms take one round trip each: `get_many` (`key = ANY($1)`), `set_many` (one
+///   `INSERT … SELECT FROM unnest(…)`; a key given twice keeps its last value),
+///   `delete_many`.
+/// - [`scan`](Layer::scan) pages through the key range by keyset pagination
+///   (`key > $last ORDER BY key LIMIT n`), lazily, holding one page at a time.
+/// - [`apply_atomic`](Layer::apply_atomic) is one PostgreSQL transaction.
+/// - A row whose value does not decode is deleted and reported as
+///   [`ErrorKind::Decode`], which a [`MultiLayer`](capacitor_core::MultiLayer) counts as
+///   a miss.
+///
+/// Statements are prepared once per pooled connection and cached there. Cheap to clone;
+/// clones share the pool, and closing one closes all.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// use std::time::Duration;
+/// use capacitor_core::Layer;
+/// use capacitor_postgres::PostgresLayer;
+///
+/// let layer = PostgresLayer::builder()
+///     .url("postgres://app@127.0.0.1:5432/app")
+///     .table("sessions")
+///     .statement_timeout(Duration::from_secs(2))
+///     .build::<String, String>()
+///     .await?;
+/// layer.set(&"user:42".to_string(), &"Ada".to_string(), Some(Duration::from_secs(3600))).await?;
+/// let entry = layer.get(&"user:42".to_string()).await?.expect("present");
+/// assert_eq!(entry.value, "Ada");
+/// layer.close().await?;
+/// # Ok(()) }
+/// ```
+pub struct PostgresLayer<K, V, C = BincodeCodec> {
+    pub(crate) shared: Arc<Shared<C>>,
+    pub(crate) _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V, C> Clone for PostgresLayer<K, V, C> {
+    fn clone(&self) -> Self {
+        PostgresLayer {
+            shared: Arc::clone(&self.shared),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V, C: fmt::Debug> fmt::Debug for PostgresLayer<K, V, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLayer")
+            .field("table", &self.shared.table.qualified)
+            .field("closed", &self.shared.is_closed())
+            .field("unlogged", &self.shared.unlogged)
+            .field("key_format", &self.shared.key_format)
+            .field("codec", &self.shared.codec)
+            .field("max_value_bytes", &self.shared.max_value_bytes)
+            .field("pool", &self.shared.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLayer<(), (), BincodeCodec> {
+    /// A builder with the defaults listed on [`PostgresLayerBuilder`].
+    pub fn builder() -> PostgresLayerBuilder {
+        PostgresLayerBuilder::new()
+    }
+}
+
+impl<K, V, C> PostgresLayer<K, V, C> {
+    /// The connection pool, to run other SQL on the same connections (sized and
+    /// configured by the builder). Closing the layer closes it.
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    /// The table, schema-qualified and quoted as it appears in the layer's SQL
+    /// (`"public"."capacitor_kv"`).
+    pub fn table(&self) -> &str {
+        &self.shared.table.qualified
+    }
+
+    /// How keys are stored in the `key` column.
+    pub fn key_format(&self) -> KeyFormat {
+        self.shared.key_format
+    }
+}
+
+/// One `(key text, stored bytes)` pair ready for the database.
+type Row = (String, Vec<u8>);
+
+/// A batch of writes by key text, in key order: `Some((stored bytes, expiry))` to store,
+/// `None` to delete.
+type Batch = BTreeMap<String, Option<(Vec<u8>, Option<SystemTime>)>>;
+
+impl<K, V, C> PostgresLayer<K, V, C>
+where
+    K: StorageKey + Clone + Send + Sync + 'static,
+    V: Send + Sync + Clone + 'static,
+    C: Codec<V>,
+{
+    fn key_text<'k>(&self, key: &'k Cow<'k, [u8]>, op: Operation) -> Result<Cow<'k, str>> {
+        self.shared.key_format.encode(key, op)
+    }
+
+    /// Encodes `value` into its stored bytes, checking the size limit first.
+    fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<Vec<u8>> {
+        let payload = self
+            .shared
+            .codec
+            .encode(value)
+            .map_err(|e| e.with_operation(op))?;
+        if payload.len() > self.shared.max_value_bytes {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                op,
+                format!(
+                    "encoded value is {} bytes, more than max_value_bytes ({})",
+                    payload.len(),
+                    self.shared.max_value_bytes
+                ),
+            ));
+        }
+        Ok(envelope::wrap(expires_at, &payload))
+    }
+
+    /// Encodes every write before anything is sent; a key written twice keeps its last
+    /// write (`None`: a delete). Sorted by key text, the order rows are locked in.
+    fn encode_batch<'a>(
+        &self,
+        ops: impl Iterator<Item = (&'a K, Option<(&'a V, Option<Duration>)>)>,
+        op: Operation,
+    ) -> Result<Batch> {
+        let now = self.shared.clock.now();
+        let mut batch = BTreeMap::new();
+        for (key, write) in ops {
+            let bytes = key.encode_key();
+            let text = self.key_text(&bytes, op)?.into_owned();
+            let write = match write {
+                Some((value, ttl)) => {
+                    let expires_at = expiry_for(now, ttl);
+                    Some((self.encode(value, expires_at, op)?, expires_at.map(sql_time)))
+                }
+                None => None,
+            };
+            batch.insert(text, write);
+        }
+        Ok(batch)
+    }
+
+    /// Deletes rows that were found not to decode, if they still hold the bytes read: a
+    /// write that replaced them meanwhile stays. Best effort: the read that found them
+    /// reports what it found, not a failed cleanup.
+    async fn remove_if_unchanged(&self, client: &Object, bad: &[Row], op: Operation) {
+        let Ok(stmt) = prepare(client, &self.shared.sql.remove_if_unchanged, op).await else {
+            return;
+        };
+        for (key, bytes) in bad {
+            let _ = client.execute(&stmt, &[key, bytes]).await;
+        }
+    }
+}
+
+#[async_trait]
+impl<K, V, C> Layer<K, V> for PostgresLayer<K, V, C>
+where
+    K: StorageKey + Clone + Send + Sync + 'static,
+    V: Send + Sync + Clone + 'static,
+    C: Codec<V>,
+{
+    fn name(&self) -> &str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with_scan()
+            .with_transactions()
+            .with_persistence()
+    }
+
+    /// Deletes the row and fails with [`ErrorKind::Decode`] when its value is not
+    /// capacitor's envelope or does not decode.
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let op = Operation::Get;
+        let bytes = key.encode_key();
+        let text = self.key_text(&bytes, op)?;
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.get, op).await?;
+        let row = client
+            .query_opt(&stmt, &[&text, &self.shared.now()])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        let Some(row) = row else { return Ok(None) };
+        let value: &[u8] = row.try_get(0).map_err(|e| pg_error(op, e))?;
+        let expires_at: Option<SystemTime> = row.try_get(1).map_err(|e| pg_error(op, e))?;
+        match decode_entry(&self.shared.codec, value, expires_at, op) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(err) => {
+                let bad = [(text.into_owned(), value.to_vec())];
+                self.remove_if_unchanged(&client, &bad, op).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let op = Operation::Set;
+        let bytes = key.encode_key();
+        let text = self.key_text(&bytes, op)?;
+        let expires_at = expiry_for(self.shared.clock.now(), ttl);
+        let stored = self.encode(value, expires_at, op)?;
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.set, op).await?;
+        client
+            .execute(&stmt, &[&text, &stored, &expires_at.map(sql_time)])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        Ok(())
+    }
+
+    /// `true` when a live row was deleted (an expired one is deleted too, and reported
+    /// absent).
+    async fn delete(&self, key: &K) -> Result<bool> {
+        let op = Operation::Delete;
+        let bytes = key.encode_key();
+        let text = self.key_text(&bytes, op)?;
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.delete, op).await?;
+        let row = client
+            .query_opt(&stmt, &[&text, &self.shared.now()])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        match row {
+            Some(row) => row.try_get(0).map_err(|e| pg_error(op, e)),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether a live row exists; its value is not decoded.
+    async fn exists(&self, key: &K) -> Result<bool> {
+        let op = Operation::Exists;
+        let bytes = key.encode_key();
+        let text = self.key_text(&bytes, op)?;
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.exists, op).await?;
+        client
+            .query_one(&stmt, &[&text, &self.shared.now()])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| pg_error(op, e))
+    }
+
+    /// One `SELECT … WHERE key = ANY($1)`. When some rows do not decode, all of those are
+    /// deleted and the call fails with [`ErrorKind::Decode`] (a retry then reads the
+    /// others).
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let op = Operation::GetMany;
+        if keys.is_empty() {
+            self.shared.check_open(op)?;
+            return Ok(Vec::new());
+        }
+        let mut texts = Vec::with_capacity(keys.len());
+        for key in keys {
+            let bytes = key.encode_key();
+            texts.push(self.key_text(&bytes, op)?.into_owned());
+        }
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.get_many, op).await?;
+        let rows = client
+            .query(&stmt, &[&texts, &self.shared.now()])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        let mut found: HashMap<String, Entry<V>> = HashMap::with_capacity(rows.len());
+        let mut bad: Vec<Row> = Vec::new();
+        let mut first_error = None;
+        for row in rows {
+            let key: String = row.try_get(0).map_err(|e| pg_error(op, e))?;
+            let value: &[u8] = row.try_get(1).map_err(|e| pg_error(op, e))?;
+            let expires_at: Option<SystemTime> = row.try_get(2).map_err(|e| pg_error(op, e))?;
+            match decode_entry(&self.shared.codec, value, expires_at, op) {
+                Ok(entry) => {
+                    found.insert(key, entry);
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                    bad.push((key, value.to_vec()));
+                }
+            }
+        }
+        if let Some(err) = first_error {
+            self.remove_if_unchanged(&client, &bad, op).await;
+            if bad.len() == 1 {
+                return Err(err);
+            }
+            let message = format!(
+                "{} stored values did not decode (removed); first: {}",
+                bad.len(),
+                err.message()
+            );
+            return Err(Error::new(ErrorKind::Decode, op, message).with_source(err));
+        }
+        Ok(texts.iter().map(|t| found.get(t).cloned()).collect())
+    }
+
+    /// One `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: every entry is
+    /// written, or none. A key given twice keeps its last value. Encoding and size errors
+    /// are found before anything is sent.
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        let op = Operation::SetMany;
+        if entries.is_empty() {
+            self.shared.check_open(op)?;
+            return Ok(());
+        }
+        let batch = self.encode_batch(entries.iter().map(|(k, v)| (k, Some((v, ttl)))), op)?;
+        let (keys, values, expiries) = columns(batch);
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.set_many, op).await?;
+        client
+            .execute(&stmt, &[&keys, &values, &expiries])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        Ok(())
+    }
+
+    /// One `DELETE … WHERE key = ANY($1)`, counting the live rows it deleted.
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        let op = Operation::DeleteMany;
+        if keys.is_empty() {
+            self.shared.check_open(op)?;
+            return Ok(0);
+        }
+        let mut texts = Vec::with_capacity(keys.len());
+        for key in keys {
+            let bytes = key.encode_key();
+            texts.push(self.key_text(&bytes, op)?.into_owned());
+        }
+        let client = self.shared.client(op).await?;
+        let stmt = prepare(&client, &self.shared.sql.delete_many, op).await?;
+        let count: i64 = client
+            .query_one(&stmt, &[&texts, &self.shared.now()])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| pg_error(op, e))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    /// Lazy keyset pagination over the key range of `prefix`, in key (byte) order, one
+    /// page of [`scan_page_size`](PostgresLayerBuilder::scan_page_size) rows in memory at
+    /// a time, each page a separate statement (so a long scan holds no transaction open
+    /// and sees writes made while it runs, page by page). A value or key that does not
+    /// decode is yielded as an [`ErrorKind::Decode`] item and the stream goes on (a scan
+    /// does not write). A failed page ends the stream with that error. After the layer
+    /// is closed the stream yields one [`ErrorKind::Closed`] item and ends.
+    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
+        self.shared.check_open(Operation::Scan)?;
+        Ok(Box::pin(ScanStream::<K, V, C>::new(
+            Arc::clone(&self.shared),
+            prefix,
+        )))
+    }
+
+    /// One transaction: all of `ops` or none. Values are encoded and checked against
+    /// `max_value_bytes` before the transaction starts, with TTLs from one reading of the
+    /// clock. As within any transaction, only the last write to a key counts, so the ops
+    /// are sent as one upsert and one delete, whatever their number. Isolation: PostgreSQL's
+    /// default (read committed); concurrent batches lock rows in key order.
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        let op = Operation::Transaction;
+        if ops.is_empty() {
+            self.shared.check_open(op)?;
+            return Ok(());
+        }
+        let batch = self.encode_batch(
+            ops.iter().map(|w| match w {
+                WriteOp::Set { key, value, ttl } => (key, Some((value, *ttl))),
+                WriteOp::Delete { key } => (key, None),
+            }),
+            op,
+        )?;
+        let mut deletes = Vec::new();
+        let mut upserts = BTreeMap::new();
+        for (key, write) in batch {
+            match write {
+                Some(write) => {
+                    upserts.insert(key, Some(write));
+                }
+                None => deletes.push(key),
+            }
+        }
+        let mut client = self.shared.client(op).await?;
+        let tx = client.transaction().await.map_err(|e| pg_error(op, e))?;
+        if !upserts.is_empty() {
+            let (keys, values, expiries) = columns(upserts);
+            let stmt = tx
+                .prepare_cached(&self.shared.sql.set_many)
+                .await
+                .map_err(|e| pg_error(op, e))?;
+            tx.execute(&stmt, &[&keys, &values, &expiries])
+                .await
+                .map_err(|e| pg_error(op, e))?;
+        }
+        if !deletes.is_empty() {
+            let stmt = tx
+                .prepare_cached(&self.shared.sql.delete_keys)
+                .await
+                .map_err(|e| pg_error(op, e))?;
+            tx.execute(&stmt, &[&deletes])
+                .await
+                .map_err(|e| pg_error(op, e))?;
+        }
+        // A failed statement above drops `tx`, which rolls back.
+        tx.commit().await.map_err(|e| pg_error(op, e))
+    }
+
+    /// Nothing to do: every write is durable when it returns (committed). Fails with
+    /// [`ErrorKind::Closed`] after close.
+    async fn flush(&self) -> Result<()> {
+        self.shared.check_open(Operation::Flush)
+    }
+
+    /// Stops the sweeper and closes the pool: idle connections are closed at once, those
+    /// in use when their operation ends. Idempotent.
+    async fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _ = self.shared.shutdown.send(true);
+        self.shared.pool.close();
+        Ok(())
+    }
+}
+
+/// The three arrays of `unnest($1::text[], $2::bytea[], $3::timestamptz[])`.
+type Columns = (Vec<String>, Vec<Vec<u8>>, Vec<Option<SystemTime>>);
+
+fn columns(batch: Batch) -> Columns {
+    let mut keys = Vec::with_capacity(batch.len());
+    let mut values = Vec::with_capacity(batch.len());
+    let mut expiries = Vec::with_capacity(batch.len());
+    for (key, (value, expires_at)) in batch.into_iter().filter_map(|(k, w)| Some((k, w?))) {
+        keys.push(key);
+        values.push(value);
+        expiries.push(expires_at);
+    }
+    (keys, values, expiries)
+}

@@ -1,0 +1,76 @@
+//! The sweeper: a background task that deletes expired rows in bounded batches.
+//!
+//! It holds a `Weak` on the layer's state, so that it never keeps a dropped layer's pool
+//! open, and stops when the layer is closed (the shutdown flag) or dropped (the flag's
+//! sender goes away).
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use capacitor_core::{Operation, Result};
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
+
+use crate::error::pg_error;
+use crate::layer::{prepare, Shared};
+
+/// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
+async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(interval) => !*shutdown.borrow(),
+        // Either the flag changed (closed) or the sender was dropped (layer dropped).
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// Every `interval`, deletes expired rows, `batch` rows per statement, until a batch
+/// deletes fewer than `batch`.
+pub(crate) async fn sweeper<C: Send + Sync + 'static>(
+    shared: Weak<Shared<C>>,
+    mut shutdown: watch::Receiver<bool>,
+    interval: Duration,
+    batch: i64,
+) {
+    while tick(&mut shutdown, interval).await {
+        loop {
+            // Upgrade per batch, and never hold the layer across an await: a dropped layer
+            // stops the sweeper.
+            let (pool, sql, now) = {
+                let Some(shared) = shared.upgrade() else { return };
+                if shared.is_closed() {
+                    return;
+                }
+                (shared.pool.clone(), shared.sql.sweep.clone(), shared.now())
+            };
+            match sweep_batch(&pool, &sql, now, batch).await {
+                Ok(deleted) if deleted >= u64::try_from(batch).unwrap_or(u64::MAX) => {}
+                // The expired rows are gone, or the database failed (retried on the next
+                // tick): the sweeper has no caller to report to, and a failed pass loses
+                // nothing.
+                Ok(_) | Err(_) => break,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// Deletes up to `batch` rows that expired at or before `now`; how many it deleted.
+pub(crate) async fn sweep_batch(
+    pool: &Pool,
+    sql: &str,
+    now: std::time::SystemTime,
+    batch: i64,
+) -> Result<u64> {
+    let op = Operation::Delete;
+    let client = pool.get().await.map_err(|e| crate::error::pool_error(op, e))?;
+    let stmt = prepare(&client, sql, op).await?;
+    client
+        .execute(&stmt, &[&now, &batch])
+        .await
+        .map_err(|e| pg_error(op, e))
+}
