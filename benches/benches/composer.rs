@@ -9,26 +9,15 @@
 //! waiting, and this keeps an executor's own cost out of both sides.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use capacitor::memory::{DashMapLayer, MokaLayer};
 use capacitor::{Layer, LayerConfig, MultiLayer};
+use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dashmap::DashMap;
-
-#[inline(always)]
-fn poll_once<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("in-memory operations complete on the first poll"),
-    }
-}
 
 type Dash = Arc<DashMapLayer<u64, u64>>;
 

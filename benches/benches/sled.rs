@@ -6,27 +6,16 @@
 //! (sled's background flusher; the layer itself adds none: `FlushPolicy::Manual`).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
 
 use capacitor::memory::MokaLayer;
 use capacitor::sled::{FlushPolicy, SledLayer};
 use capacitor::{Layer, LayerConfig, MultiLayer};
+use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 const KEYS: u64 = 50_000;
-
-#[inline(always)]
-fn poll_once<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("sled operations complete on the first poll"),
-    }
-}
 
 fn key(i: u64) -> String {
     format!("user:{i}")

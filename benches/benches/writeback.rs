@@ -2,28 +2,17 @@
 //! hand, in the same criterion groups (`capacitor` vs `raw`).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use capacitor::memory::{DashMapLayer, MokaLayer};
 use capacitor::sled::{FlushPolicy, SledLayer};
 use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dashmap::DashMap;
-
-#[inline(always)]
-fn poll_once<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("completes on the first poll"),
-    }
-}
 
 /// A write-back `set` (L1 write + buffer insert) beside a raw L1 insert. The drain runs
 /// on a background runtime meanwhile, as in production.

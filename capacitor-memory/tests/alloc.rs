@@ -9,11 +9,9 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
+use capacitor_core::testkit::poll_once;
 use capacitor_core::{LayerConfig, MultiLayer};
 use capacitor_memory::{DashMapLayer, MokaLayer};
 
@@ -40,15 +38,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// Polls a future that must complete without waiting (an L1 hit never yields).
-fn poll_once<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("an L1 hit must complete on the first poll"),
-    }
-}
 
 fn allocations_during(f: impl FnOnce()) -> u64 {
     COUNT.with(|c| c.set(0));

@@ -4,22 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
-use std::task::{Context, Poll, Waker};
 
+use capacitor_core::testkit::poll_once;
 use capacitor_core::{Layer, LayerConfig, MultiLayer};
 use capacitor_memory::DashMapLayer;
-
-fn poll_once<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("in-memory operations complete on the first poll"),
-    }
-}
 
 #[test]
 fn concurrent_promotions_never_leave_a_stale_l1() {

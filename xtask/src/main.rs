@@ -157,6 +157,11 @@ const TARGETS: &[(&str, f64)] = &[
     ("l2_hit_promotion/", 1.1),
     ("sled_hit/", 1.1),
     ("sled_write_through/", 1.1),
+    ("postgres_hit/", 1.1),
+    ("postgres_write_through/", 1.1),
+    ("write_back_set/", 1.5),
+    // Drain throughput >= 5x sequential raw writes.
+    ("write_back_drain/postgres", 0.2),
 ];
 
 fn bench(args: &[String]) -> Result {

@@ -75,6 +75,25 @@ impl TestContext {
     }
 }
 
+/// Polls `f` once with a no-op waker and returns its output: for operations that must
+/// complete without waiting (in-memory layers), in tests and benchmarks that want no
+/// executor in the way. Inlined, as an `.await` inlines a poll into its caller.
+///
+/// # Panics
+///
+/// If `f` is not ready on its first poll.
+#[inline(always)]
+pub fn poll_once<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("expected an operation that completes on the first poll"),
+    }
+}
+
 /// How long one case may take before it fails.
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 
