@@ -81,6 +81,11 @@ impl Generations {
         WriteGuard { stripe: s }
     }
 
+    /// A write of every key at once (a cleared cache): every promotion in flight is void.
+    pub(crate) fn begin_write_all(&self) -> Vec<WriteGuard<'_>> {
+        (0..self.stripes.len()).map(|i| self.begin_write(i)).collect()
+    }
+
     pub(crate) fn ticket(&self, stripe: usize) -> Ticket {
         let s = &self.stripes[stripe];
         let version = s.version.load(Ordering::SeqCst);

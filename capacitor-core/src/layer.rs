@@ -212,6 +212,13 @@ where
         None
     }
 
+    /// Drops every entry, synchronously, for in-memory layers (`None`: not supported).
+    /// The composer uses it when an [`InvalidationBus`](crate::InvalidationBus) reports that
+    /// messages may have been missed.
+    fn clear_sync(&self) -> Option<Result<()>> {
+        None
+    }
+
     /// The live entry under `key`, with its absolute expiry.
     ///
     /// # Errors

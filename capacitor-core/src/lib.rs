@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod bus;
 mod codec;
 mod config;
 mod entry;
@@ -24,6 +25,7 @@ mod writeback;
 pub mod testkit;
 
 pub use async_trait::async_trait;
+pub use bus::{Invalidation, InvalidationBus, InvalidationSink};
 pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
 pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
@@ -31,5 +33,5 @@ pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
 pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
 pub use scan::Scan;
-pub use stats::{LayerStats, Stats};
+pub use stats::{BusStats, LayerStats, Stats};
 pub use writeback::WriteBackStats;

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,12 +20,13 @@ mod warmup;
 pub use transaction::Transaction;
 pub use warmup::{WarmUp, WarmUpReport};
 
+use crate::bus::{Invalidation, InvalidationBus};
 use crate::entry::{system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Generations, Ticket};
 use crate::layer::{Capabilities, Layer};
 use crate::scan::Scan;
-use crate::stats::{Counter, LayerCounters, Stats};
+use crate::stats::{BusStats, Counter, LayerCounters, Stats};
 use crate::writeback::{Pending, Queue};
 use loader::{jitter, Flights, NegativeCache};
 
@@ -89,6 +90,59 @@ struct Inner<K, V> {
     negative: Option<NegativeCache<K>>,
     /// Writes shorten layer TTLs by a random fraction below this.
     ttl_jitter: f64,
+    bus: Option<Arc<dyn InvalidationBus<K>>>,
+    bus_counters: BusCounters,
+}
+
+#[derive(Default)]
+struct BusCounters {
+    published: AtomicU64,
+    publish_errors: AtomicU64,
+    received: AtomicU64,
+    clears: AtomicU64,
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: Hash + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// Applies a message of the invalidation bus to the in-process layers.
+    fn invalidate_local(&self, message: Invalidation<K>) {
+        self.bus_counters.received.fetch_add(1, Ordering::Relaxed);
+        let local = self.slots.iter().filter(|s| s.sync_ops && !s.read_only);
+        match message {
+            Invalidation::Key(key) => {
+                // As a local write does: promotions racing the message are discarded.
+                let _writing = self.guard.begin_write(self.guard.stripe_of(&key));
+                for slot in local {
+                    if !matches!(slot.layer.delete_sync(&key), Some(Ok(_))) {
+                        slot.counters.incr(Counter::Error);
+                    }
+                }
+            }
+            Invalidation::All => {
+                self.bus_counters.clears.fetch_add(1, Ordering::Relaxed);
+                let _writing = self.guard.begin_write_all();
+                for slot in local {
+                    if !matches!(slot.layer.clear_sync(), Some(Ok(()))) {
+                        slot.counters.incr(Counter::Error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the other instances that `key` changed (errors counted, never returned).
+    async fn publish(&self, key: &K) {
+        if let Some(bus) = &self.bus {
+            let counter = match bus.publish(key).await {
+                Ok(()) => &self.bus_counters.published,
+                Err(_) => &self.bus_counters.publish_errors,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<K, V> Inner<K, V> {
@@ -250,6 +304,7 @@ pub struct MultiLayerBuilder<K, V> {
     clock: SharedClock,
     cache_misses_for: Option<Duration>,
     ttl_jitter: f64,
+    bus: Option<Arc<dyn InvalidationBus<K>>>,
 }
 
 impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
@@ -320,6 +375,15 @@ where
     /// `build()` accepts `0.0..=0.5`.
     pub fn ttl_jitter(mut self, fraction: f64) -> Self {
         self.ttl_jitter = fraction;
+        self
+    }
+
+    /// Keep the in-process layers of several application instances coherent: publish
+    /// every written or deleted key on `bus` (under write-back, once the drain has written
+    /// it below), and drop keys other instances publish from this instance's in-process
+    /// layers (those declaring [`Capabilities::sync_ops`]). See [`InvalidationBus`].
+    pub fn invalidation_bus(mut self, bus: Arc<dyn InvalidationBus<K>>) -> Self {
+        self.bus = Some(bus);
         self
     }
 
@@ -419,12 +483,26 @@ where
                 flights: Flights::default(),
                 negative: self.cache_misses_for.map(NegativeCache::new),
                 ttl_jitter: self.ttl_jitter,
+                bus: self.bus,
+                bus_counters: BusCounters::default(),
             }),
         })
         .inspect(|cache| {
             if let Some(runtime) = runtime {
                 runtime.spawn(drain(Arc::clone(&cache.inner)));
             }
+        })
+        .and_then(|cache| {
+            if let Some(bus) = &cache.inner.bus {
+                // Weak: the subscription must not keep a dropped composer alive.
+                let weak = Arc::downgrade(&cache.inner);
+                bus.subscribe(Arc::new(move |message| {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.invalidate_local(message);
+                    }
+                }))?;
+            }
+            Ok(cache)
         })
     }
 }
@@ -445,6 +523,7 @@ where
             clock: system_clock(),
             cache_misses_for: None,
             ttl_jitter: 0.0,
+            bus: None,
         }
     }
 
@@ -746,6 +825,7 @@ where
                 }
             }
         }
+        inner.publish(key).await;
         match cache_error {
             Some(err) if inner.fail_on_cache_error => Err(err),
             _ => Ok(()),
@@ -795,6 +875,7 @@ where
                 }
             }
         }
+        inner.publish(key).await;
         match cache_error {
             Some(err) if inner.fail_on_cache_error => Err(err),
             _ => Ok(existed),
@@ -964,6 +1045,9 @@ where
                 }
             }
         }
+        for (key, _) in entries {
+            inner.publish(key).await;
+        }
         match cache_error {
             Some(err) if inner.fail_on_cache_error => Err(err),
             _ => Ok(()),
@@ -1008,6 +1092,9 @@ where
                     cache_error.get_or_insert(err);
                 }
             }
+        }
+        for key in keys {
+            inner.publish(key).await;
         }
         match cache_error {
             Some(err) if inner.fail_on_cache_error => Err(err),
@@ -1083,6 +1170,15 @@ where
                 .map(|s| s.counters.snapshot(&s.name))
                 .collect(),
             write_back: self.inner.queue.as_ref().map(Queue::stats),
+            bus: self.inner.bus.as_ref().map(|_| {
+                let c = &self.inner.bus_counters;
+                BusStats {
+                    published: c.published.load(Ordering::Relaxed),
+                    publish_errors: c.publish_errors.load(Ordering::Relaxed),
+                    received: c.received.load(Ordering::Relaxed),
+                    clears: c.clears.load(Ordering::Relaxed),
+                }
+            }),
         }
     }
 
@@ -1278,6 +1374,9 @@ where
                     match write_below(&inner, &batch).await {
                         Ok(()) => {
                             queue.complete(&batch);
+                            for (key, _, _) in &batch {
+                                inner.publish(key).await;
+                            }
                             break;
                         }
                         Err(_) if inner.closed.load(Ordering::Acquire) && queue.is_closing() => {

@@ -194,6 +194,22 @@ pub struct Stats {
     pub layers: Vec<LayerStats>,
     /// The write-back buffer, under [`WritePolicy::Back`](crate::WritePolicy::Back).
     pub write_back: Option<crate::WriteBackStats>,
+    /// The invalidation bus, when one is configured.
+    pub bus: Option<BusStats>,
+}
+
+/// Counters of a composer's [`InvalidationBus`](crate::InvalidationBus).
+#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Keys announced to the other instances.
+    pub published: u64,
+    /// Announcements the bus failed to send (the write itself succeeded).
+    pub publish_errors: u64,
+    /// Messages received from the other instances.
+    pub received: u64,
+    /// Times the in-process layers were cleared because messages may have been missed.
+    pub clears: u64,
 }
 
 impl Stats {
@@ -256,6 +272,13 @@ impl fmt::Display for Stats {
                 w.buffer_hits
             )?;
         }
+        if let Some(b) = &self.bus {
+            writeln!(
+                f,
+                "invalidation bus: {} published ({} failed), {} received, {} clears",
+                b.published, b.publish_errors, b.received, b.clears
+            )?;
+        }
         write!(
             f,
             "overall: {} hits, {} misses, hit ratio {:.1}%",
@@ -295,6 +318,7 @@ mod tests {
     fn display_is_a_table_with_overall_ratio() {
         let stats = Stats {
             write_back: None,
+            bus: None,
             layers: vec![
                 LayerStats {
                     name: "l1".into(),

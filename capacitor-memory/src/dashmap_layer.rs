@@ -254,6 +254,13 @@ where
         Some(self.check_open(Operation::Delete).map(|()| self.remove(key)))
     }
 
+    fn clear_sync(&self) -> Option<Result<()>> {
+        Some(
+            self.check_open(Operation::Delete)
+                .map(|()| self.shared.map.clear()),
+        )
+    }
+
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.read(key)
     }

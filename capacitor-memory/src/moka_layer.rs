@@ -247,6 +247,13 @@ where
         Some(self.check_open(Operation::Delete).map(|()| self.remove(key)))
     }
 
+    fn clear_sync(&self) -> Option<Result<()>> {
+        Some(
+            self.check_open(Operation::Delete)
+                .map(|()| self.cache.invalidate_all()),
+        )
+    }
+
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.read(key)
     }

@@ -172,3 +172,50 @@ async fn write_back_reads_its_own_writes_with_an_l1_of_ten_entries() {
     assert_eq!(store.len(), 10_000);
     assert_eq!(store.get(&1234).await.expect("get").map(|e| e.value), Some(2468));
 }
+
+#[tokio::test]
+async fn an_invalidation_bus_keeps_two_instances_l1_coherent() {
+    use capacitor_core::testkit::{LoopbackBus, MapLayer};
+    use std::sync::Arc;
+
+    // Two app instances: each its own in-process L1, one shared store below.
+    let shared: Arc<MapLayer<String, String>> = Arc::new(MapLayer::new());
+    let hub = LoopbackBus::new();
+    let instance = || {
+        MultiLayer::builder()
+            .invalidation_bus(hub.endpoint())
+            .layer(LayerConfig::new(
+                "l1",
+                MokaLayer::builder().max_capacity(100).build().expect("config"),
+            ))
+            .layer(LayerConfig::shared("shared", shared.clone()))
+            .build()
+            .expect("config")
+    };
+    let (a, b) = (instance(), instance());
+    a.set("k".into(), "v1".into()).await.expect("set");
+    assert_eq!(b.get(&"k".into()).await.expect("get"), Some("v1".into())); // now in B's L1
+    a.set("k".into(), "v2".into()).await.expect("set");
+    assert_eq!(
+        b.get(&"k".into()).await.expect("get"),
+        Some("v2".into()),
+        "B's L1 copy was invalidated"
+    );
+    a.delete(&"k".into()).await.expect("delete");
+    assert_eq!(b.get(&"k".into()).await.expect("get"), None);
+    let (sa, sb) = (a.stats().bus.expect("bus"), b.stats().bus.expect("bus"));
+    assert_eq!((sa.published, sb.received), (3, 3));
+    assert_eq!(sa.received, 0, "an instance ignores its own messages");
+
+    // After a reconnect (messages may be lost) every L1 is cleared.
+    b.set("x".into(), "1".into()).await.expect("set");
+    hub.reconnect_all();
+    assert_eq!(b.stats().bus.map(|s| s.clears), Some(1));
+    let before = b.stats().layer("l1").map_or(0, |l| l.misses);
+    b.get(&"x".into()).await.expect("get");
+    assert_eq!(
+        b.stats().layer("l1").map(|l| l.misses),
+        Some(before + 1),
+        "L1 was cleared"
+    );
+}

@@ -11,7 +11,8 @@
 //! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
 //! | `redis` | `redis` (not implemented yet) | no |
 //! | `postgres` | `postgres`: `PostgresLayer` on deadpool-postgres | no |
-//! | `full` | all of the above | no |
+//! | `postgres-tls` | `PostgresLayerBuilder::native_tls` | no |
+//! | `full` | memory, sled, redis, postgres | no |
 //!
 //! # Examples
 //!
@@ -56,6 +57,6 @@ pub use capacitor_redis as redis;
 pub use capacitor_postgres as postgres;
 
 /// The README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "memory", feature = "sled"))]
+#[cfg(all(doctest, feature = "memory", feature = "sled", feature = "postgres"))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

@@ -132,7 +132,7 @@ fn ci() -> Result {
         "warnings",
     ])?;
     cargo(&["build", "-p", "capacitor", "--no-default-features"])?;
-    for feature in ["memory", "sled", "redis", "postgres", "full"] {
+    for feature in ["memory", "sled", "redis", "postgres", "postgres-tls", "full"] {
         cargo(&[
             "build",
             "-p",

@@ -212,6 +212,9 @@ where
                 failed.get_or_insert(slot.error(e));
             }
         }
+        for key in &keys {
+            inner.publish(key).await;
+        }
         failed.map_or(Ok(()), Err)
     }
 }

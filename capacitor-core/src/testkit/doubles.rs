@@ -399,3 +399,84 @@ where
         self.inner.close().await
     }
 }
+
+/// An in-process [`InvalidationBus`](crate::InvalidationBus) hub for tests: each
+/// [`endpoint`](LoopbackBus::endpoint) delivers what it publishes to every other endpoint.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor_core::testkit::LoopbackBus;
+///
+/// let hub = LoopbackBus::<String>::new();
+/// let (a, b) = (hub.endpoint(), hub.endpoint());
+/// # let _ = (a, b);
+/// ```
+pub struct LoopbackBus<K> {
+    sinks: Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl<K> fmt::Debug for LoopbackBus<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoopbackBus").finish_non_exhaustive()
+    }
+}
+
+impl<K: Clone + Send + Sync + 'static> Default for LoopbackBus<K> {
+    fn default() -> Self {
+        LoopbackBus {
+            sinks: Arc::default(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<K: Clone + Send + Sync + 'static> LoopbackBus<K> {
+    /// A hub with no endpoint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new endpoint (one per composer).
+    pub fn endpoint(&self) -> Arc<dyn crate::InvalidationBus<K>> {
+        Arc::new(LoopbackEndpoint {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            sinks: Arc::clone(&self.sinks),
+        })
+    }
+
+    /// Tells every endpoint that messages may have been missed.
+    pub fn reconnect_all(&self) {
+        let sinks: Vec<_> = self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (_, sink) in sinks {
+            sink(crate::Invalidation::All);
+        }
+    }
+}
+
+struct LoopbackEndpoint<K> {
+    id: usize,
+    sinks: Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>,
+}
+
+#[async_trait]
+impl<K: Clone + Send + Sync + 'static> crate::InvalidationBus<K> for LoopbackEndpoint<K> {
+    async fn publish(&self, key: &K) -> Result<()> {
+        let sinks: Vec<_> = self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (id, sink) in sinks {
+            if id != self.id {
+                sink(crate::Invalidation::Key(key.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, sink: crate::InvalidationSink<K>) -> Result<()> {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((self.id, sink));
+        Ok(())
+    }
+}

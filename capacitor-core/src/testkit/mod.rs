@@ -21,7 +21,7 @@ mod cases;
 mod doubles;
 
 pub use cases::CASES;
-pub use doubles::{Faults, FaultyLayer, MapLayer};
+pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
 
 use std::future::Future;
 use std::pin::Pin;
