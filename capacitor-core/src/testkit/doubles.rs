@@ -400,6 +400,9 @@ where
     }
 }
 
+/// The endpoints of a [`LoopbackBus`], by id.
+type Sinks<K> = Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>;
+
 /// An in-process [`InvalidationBus`](crate::InvalidationBus) hub for tests: each
 /// [`endpoint`](LoopbackBus::endpoint) delivers what it publishes to every other endpoint.
 ///
@@ -413,7 +416,7 @@ where
 /// # let _ = (a, b);
 /// ```
 pub struct LoopbackBus<K> {
-    sinks: Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>,
+    sinks: Sinks<K>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -457,7 +460,7 @@ impl<K: Clone + Send + Sync + 'static> LoopbackBus<K> {
 
 struct LoopbackEndpoint<K> {
     id: usize,
-    sinks: Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>,
+    sinks: Sinks<K>,
 }
 
 #[async_trait]
