@@ -249,6 +249,9 @@ fn read_medians(dir: &Path, since: SystemTime, out: &mut BTreeMap<String, BTreeM
 }
 
 fn fmt_ns(ns: f64) -> String {
+    if ns < 0.0 {
+        return format!("−{}", fmt_ns(-ns));
+    }
     if ns >= 1_000_000.0 {
         format!("{:.2} ms", ns / 1_000_000.0)
     } else if ns >= 1_000.0 {
