@@ -34,6 +34,17 @@ pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
     /// [`ErrorKind::Encode`] when the value cannot be represented.
     fn encode(&self, value: &V) -> Result<Vec<u8>>;
 
+    /// Appends the encoding of `value` to `out` (what [`envelope::seal`] uses, to encode
+    /// straight behind the envelope header). The default encodes, then copies.
+    ///
+    /// # Errors
+    ///
+    /// As [`encode`](Codec::encode).
+    fn encode_into(&self, value: &V, out: &mut Vec<u8>) -> Result<()> {
+        out.extend_from_slice(&self.encode(value)?);
+        Ok(())
+    }
+
     /// Decodes bytes written by [`encode`](Codec::encode).
     ///
     /// # Errors
@@ -54,6 +65,14 @@ where
         bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
             Error::new(ErrorKind::Encode, Operation::Set, "bincode encode failed").with_source(e)
         })
+    }
+
+    fn encode_into(&self, value: &V, out: &mut Vec<u8>) -> Result<()> {
+        bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+            .map(drop)
+            .map_err(|e| {
+                Error::new(ErrorKind::Encode, Operation::Set, "bincode encode failed").with_source(e)
+            })
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<V> {
@@ -108,6 +127,47 @@ pub mod envelope {
         out.extend_from_slice(&expires_at.map_or(0, Timestamp::as_millis).to_le_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    /// Encodes `value` with `codec` straight into an envelope with its expiry, refusing it
+    /// with [`ErrorKind::ValueTooLarge`] when the encoded value is over `max_value_bytes`
+    /// (before anything is sent anywhere). What every remote or persistent layer stores.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Encode`] from the codec, [`ErrorKind::ValueTooLarge`]; both name `op`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor_core::{envelope, BincodeCodec, ErrorKind, Operation};
+    ///
+    /// let bytes = envelope::seal(&BincodeCodec, &"hi".to_string(), None, 1024, Operation::Set)?;
+    /// assert_eq!(envelope::unwrap(&bytes)?.0, None);
+    /// let big = envelope::seal(&BincodeCodec, &"x".repeat(100), None, 10, Operation::Set);
+    /// assert_eq!(big.map_err(|e| e.kind()).err(), Some(ErrorKind::ValueTooLarge));
+    /// # Ok::<(), capacitor_core::Error>(())
+    /// ```
+    pub fn seal<V, C: Codec<V> + ?Sized>(
+        codec: &C,
+        value: &V,
+        expires_at: Option<Timestamp>,
+        max_value_bytes: usize,
+        op: Operation,
+    ) -> Result<Vec<u8>> {
+        let mut out = wrap(expires_at, &[]);
+        codec
+            .encode_into(value, &mut out)
+            .map_err(|e| e.with_operation(op))?;
+        let size = out.len() - HEADER_LEN;
+        if size > max_value_bytes {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                op,
+                format!("encoded value is {size} bytes, more than max_value_bytes ({max_value_bytes})"),
+            ));
+        }
+        Ok(out)
     }
 
     /// Whether `bytes` start with capacitor's marker (of any version).

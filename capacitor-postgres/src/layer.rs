@@ -215,23 +215,13 @@ where
 
     /// Encodes `value` into its stored bytes, checking the size limit first.
     fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<Vec<u8>> {
-        let payload = self
-            .shared
-            .codec
-            .encode(value)
-            .map_err(|e| e.with_operation(op))?;
-        if payload.len() > self.shared.max_value_bytes {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                op,
-                format!(
-                    "encoded value is {} bytes, more than max_value_bytes ({})",
-                    payload.len(),
-                    self.shared.max_value_bytes
-                ),
-            ));
-        }
-        Ok(envelope::wrap(expires_at, &payload))
+        envelope::seal(
+            &self.shared.codec,
+            value,
+            expires_at,
+            self.shared.max_value_bytes,
+            op,
+        )
     }
 
     /// Encodes every write before anything is sent; a key written twice keeps its last

@@ -204,23 +204,14 @@ where
 {
     /// Encodes `value` into its stored bytes, checking the size limit first.
     fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<IVec> {
-        let payload = self
-            .shared
-            .codec
-            .encode(value)
-            .map_err(|e| e.with_operation(op))?;
-        if payload.len() > self.shared.max_value_bytes {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                op,
-                format!(
-                    "encoded value is {} bytes, more than max_value_bytes ({})",
-                    payload.len(),
-                    self.shared.max_value_bytes
-                ),
-            ));
-        }
-        Ok(IVec::from(envelope::wrap(expires_at, &payload)))
+        let sealed = envelope::seal(
+            &self.shared.codec,
+            value,
+            expires_at,
+            self.shared.max_value_bytes,
+            op,
+        )?;
+        Ok(IVec::from(sealed))
     }
 
     /// Makes a completed write durable when the policy says every write must be.
