@@ -9,7 +9,8 @@
 //! |---|---|---|
 //! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
 //! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
-//! | `redis` | `redis` (not implemented yet) | no |
+//! | `redis` | `redis`: `RedisLayer`, `RedisBus` on fred | no |
+//! | `redis-tls` | TLS for `rediss://` (rustls) | no |
 //! | `postgres` | `postgres`: `PostgresLayer` on deadpool-postgres | no |
 //! | `postgres-tls` | `PostgresLayerBuilder::native_tls` | no |
 //! | `full` | memory, sled, redis, postgres | no |
@@ -57,6 +58,12 @@ pub use capacitor_redis as redis;
 pub use capacitor_postgres as postgres;
 
 /// The README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "memory", feature = "sled", feature = "postgres"))]
+#[cfg(all(
+    doctest,
+    feature = "memory",
+    feature = "sled",
+    feature = "postgres",
+    feature = "redis"
+))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

@@ -85,6 +85,7 @@ fn test() -> Result {
     // Before anything runs: the PostgreSQL tests fail (never skip) without a server. Sets
     // CAPACITOR_POSTGRES_URL for the cargo processes below.
     let postgres = services::ensure_postgres()?;
+    let redis = services::ensure_redis()?;
     let runner = if has_nextest() {
         cargo(&[
             "nextest",
@@ -111,10 +112,13 @@ fn test() -> Result {
         "\nxtask test: all tests passed ({runner} + doctests) in {:.0?}. Backends exercised: \
          memory (moka, dashmap), sled (temporary directories) and the test kit's layers in \
          process; PostgreSQL at {} ({}), and a private PostgreSQL cluster (initdb) for the \
-         restart test.",
+         restart test; Redis at {} ({}), and private redis-server processes (killed, \
+         restarted, a 3-master cluster, a sentinel) on free loopback ports.",
         started.elapsed(),
         postgres.redacted_url(),
         postgres.how,
+        redis.redacted_url(),
+        redis.how,
     );
     Ok(())
 }
@@ -132,7 +136,15 @@ fn ci() -> Result {
         "warnings",
     ])?;
     cargo(&["build", "-p", "capacitor", "--no-default-features"])?;
-    for feature in ["memory", "sled", "redis", "postgres", "postgres-tls", "full"] {
+    for feature in [
+        "memory",
+        "sled",
+        "redis",
+        "redis-tls",
+        "postgres",
+        "postgres-tls",
+        "full",
+    ] {
         cargo(&[
             "build",
             "-p",
@@ -160,8 +172,11 @@ const TARGETS: &[(&str, f64)] = &[
     ("postgres_hit/", 1.1),
     ("postgres_write_through/", 1.1),
     ("write_back_set/", 1.5),
+    ("redis_hit/", 1.1),
+    ("redis_write_through/", 1.1),
     // Drain throughput >= 5x sequential raw writes.
     ("write_back_drain/postgres", 0.2),
+    ("write_back_drain/redis", 0.2),
 ];
 
 fn bench(args: &[String]) -> Result {

@@ -14,15 +14,15 @@ pub(crate) const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:543
 /// How long a local server may take to accept connections after we start it.
 const START_WAIT: Duration = Duration::from_secs(30);
 
-/// A PostgreSQL server that answers, and how we know.
-pub(crate) struct Postgres {
+/// A server that answers, and how we know.
+pub(crate) struct Service {
     /// The URL the tests get as `CAPACITOR_POSTGRES_URL`.
     pub(crate) url: String,
     /// "already running" or "started by xtask (…)".
     pub(crate) how: String,
 }
 
-impl Postgres {
+impl Service {
     /// `url` with any password replaced by `***`, for printing.
     pub(crate) fn redacted_url(&self) -> String {
         redact(&self.url)
@@ -46,6 +46,11 @@ fn redact(url: &str) -> String {
 
 /// Host and port of a `postgres://` URL or a `host=… port=…` key-value string.
 fn host_port(url: &str) -> Option<(String, u16)> {
+    host_port_or(url, 5432)
+}
+
+/// Host and port of a `scheme://` URL (or key-value string), `default_port` when absent.
+fn host_port_or(url: &str, default_port: u16) -> Option<(String, u16)> {
     if let Some((_, rest)) = url.split_once("://") {
         let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
         let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -53,19 +58,19 @@ fn host_port(url: &str) -> Option<(String, u16)> {
             let (host, after) = v6.split_once(']')?;
             match after.strip_prefix(':') {
                 Some(p) => (host, p.parse().ok()?),
-                None => (host, 5432),
+                None => (host, default_port),
             }
         } else {
             match hostport.rsplit_once(':') {
                 Some((h, p)) => (h, p.parse().ok()?),
-                None => (hostport, 5432),
+                None => (hostport, default_port),
             }
         };
         let host = if host.is_empty() { "127.0.0.1" } else { host };
         return Some((host.to_owned(), port));
     }
     let mut host = "127.0.0.1".to_owned();
-    let mut port = 5432;
+    let mut port = default_port;
     for pair in url.split_whitespace() {
         match pair.split_once('=') {
             Some(("host", h)) => host = h.to_owned(),
@@ -125,7 +130,7 @@ fn start_local_clusters() -> Result<String> {
 ///
 /// When the server does not answer and cannot be started: the PostgreSQL tests would
 /// fail, and under CI a missing service must fail the run rather than skip tests.
-pub(crate) fn ensure_postgres() -> Result<Postgres> {
+pub(crate) fn ensure_postgres() -> Result<Service> {
     let url = std::env::var("CAPACITOR_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
     let postgres = answering_postgres(url)?;
     // xtask is single-threaded: nothing reads the environment concurrently.
@@ -133,7 +138,7 @@ pub(crate) fn ensure_postgres() -> Result<Postgres> {
     Ok(postgres)
 }
 
-fn answering_postgres(url: String) -> Result<Postgres> {
+fn answering_postgres(url: String) -> Result<Service> {
     let (host, port) = host_port(&url).ok_or_else(|| {
         format!(
             "cannot read host and port from CAPACITOR_POSTGRES_URL={}",
@@ -141,7 +146,7 @@ fn answering_postgres(url: String) -> Result<Postgres> {
         )
     })?;
     if answers(&host, port) {
-        return Ok(Postgres {
+        return Ok(Service {
             url,
             how: "already running".to_owned(),
         });
@@ -163,7 +168,7 @@ fn answering_postgres(url: String) -> Result<Postgres> {
     let started = Instant::now();
     while started.elapsed() < START_WAIT {
         if answers(&host, port) {
-            return Ok(Postgres {
+            return Ok(Service {
                 url,
                 how: format!(
                     "started by xtask ({how}, answered after {:.1?})",
@@ -178,9 +183,127 @@ fn answering_postgres(url: String) -> Result<Postgres> {
     )))
 }
 
+/// The server the Redis tests use when `CAPACITOR_REDIS_URL` is not set.
+pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Makes sure Redis answers at `CAPACITOR_REDIS_URL` (or the default): if it does not and
+/// the URL is local, starts `redis-server` (no persistence) on that port and waits up to
+/// 30 s. Also checks that `redis-server` and `redis-cli` are installed: the fault, cluster
+/// and sentinel tests start servers of their own. Exports `CAPACITOR_REDIS_URL`.
+///
+/// # Errors
+///
+/// When Redis does not answer and cannot be started, or the binaries are missing.
+pub(crate) fn ensure_redis() -> Result<Service> {
+    for binary in ["redis-server", "redis-cli"] {
+        let found = Command::new(binary)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            return Err(format!(
+                "\n\n    !!! `{binary}` is not installed; the capacitor-redis tests start servers with it.\n"
+            )
+            .into());
+        }
+    }
+    let url = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
+    let (host, port) = host_port_or(&url, 6379).ok_or_else(|| {
+        format!(
+            "cannot read host and port from CAPACITOR_REDIS_URL={}",
+            redact(&url)
+        )
+    })?;
+    let service = if answers(&host, port) {
+        Service {
+            url,
+            how: "already running".to_owned(),
+        }
+    } else if !is_local(&host) {
+        return Err(format!(
+            "\n\n    !!! Redis does not answer at {host}:{port} ({}), a remote server.\n",
+            redact(&url)
+        )
+        .into());
+    } else {
+        let dir = if Path::new("/var/lib/redis").is_dir() {
+            std::path::PathBuf::from("/var/lib/redis")
+        } else {
+            std::env::temp_dir()
+        };
+        let port_s = port.to_string();
+        let args = [
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port_s,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        eprintln!(
+            "xtask: starting Redis: redis-server {} --dir {}",
+            args.join(" "),
+            dir.display()
+        );
+        let status = Command::new("redis-server")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .status()?;
+        if !status.success() {
+            return Err(
+                format!("\n\n    !!! redis-server failed to start ({status}) on port {port}.\n").into(),
+            );
+        }
+        let started = Instant::now();
+        loop {
+            if answers(&host, port) {
+                break Service {
+                    url,
+                    how: format!(
+                        "started by xtask (redis-server --daemonize, answered after {:.1?})",
+                        started.elapsed()
+                    ),
+                };
+            }
+            if started.elapsed() > START_WAIT {
+                return Err(format!(
+                    "\n\n    !!! Redis started but did not answer on port {port} within {START_WAIT:?}.\n"
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // xtask is single-threaded: nothing reads the environment concurrently.
+    std::env::set_var("CAPACITOR_REDIS_URL", &service.url);
+    Ok(service)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_redis_host_and_port() {
+        assert_eq!(
+            host_port_or(DEFAULT_REDIS_URL, 6379),
+            Some(("127.0.0.1".into(), 6379))
+        );
+        assert_eq!(
+            host_port_or("redis://:secret@cache:7000/0", 6379),
+            Some(("cache".into(), 7000))
+        );
+        assert_eq!(
+            host_port_or("redis://localhost", 6379),
+            Some(("localhost".into(), 6379))
+        );
+    }
 
     #[test]
     fn reads_host_and_port() {

@@ -1,0 +1,316 @@
+//! memory + Redis beside raw fred and raw moka, in the same criterion groups.
+//!
+//! The raw side is what a user writes by hand: one fred client, bincode, and a moka cache.
+//! Both sides use one connection (the layer's pool has one) on the same tokio runtime
+//! (`b.to_async(&rt)`), against the same server, so the executor and the server cost the
+//! same on both sides. The layer stores capacitor's envelope; the raw side plain bincode.
+//!
+//! Needs a server at `CAPACITOR_REDIS_URL` (default `redis://127.0.0.1:6379`); without one
+//! the suite prints why and measures nothing. Keys live under `bench:capacitor:` and
+//! `bench:raw:` and are deleted at the end.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor::memory::MokaLayer;
+use capacitor::redis::fred::prelude::{Client, ClientLike, Config, KeysInterface, Value};
+use capacitor::redis::RedisLayer;
+use capacitor::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+
+const KEYS: u64 = 10_000;
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+const CAPACITOR_PREFIX: &str = "bench:capacitor:";
+const RAW_PREFIX: &str = "bench:raw:";
+
+fn key(i: u64) -> String {
+    format!("user:{i}")
+}
+
+fn raw_key(i: u64) -> String {
+    format!("{RAW_PREFIX}user:{i}")
+}
+
+fn value(i: u64) -> String {
+    format!("profile of user {i}, with a few more bytes to look like a real value")
+}
+
+fn encode(v: &String) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
+}
+
+fn decode(bytes: &[u8]) -> String {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .unwrap()
+        .0
+}
+
+/// The raw side's client, or why there is none.
+async fn raw_client(url: &str) -> Result<Client, String> {
+    let config = Config::from_url(url).map_err(|e| e.to_string())?;
+    let client = Client::new(config, None, None, None);
+    drop(client.connect());
+    match tokio::time::timeout(Duration::from_secs(3), client.wait_for_connect()).await {
+        Ok(Ok(())) => Ok(client),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 3 s".to_owned()),
+    }
+}
+
+async fn delete_prefix(client: &Client, prefix: &str) {
+    let mut cursor = "0".to_owned();
+    loop {
+        let (next, keys): (String, Vec<String>) = client
+            .scan_page(cursor.as_str(), format!("{prefix}*"), Some(1_000), None)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = client.del(keys).await.unwrap();
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+}
+
+fn redis_benches(c: &mut Criterion) {
+    let url = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    // One thread: the connections' tasks and the benchmark share it, on both sides.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw = match rt.block_on(raw_client(&url)) {
+        Ok(client) => client,
+        Err(why) => {
+            eprintln!("redis benches skipped: Redis is not reachable ({why}); set CAPACITOR_REDIS_URL");
+            return;
+        }
+    };
+    let (redis, l1, cache) = rt.block_on(async {
+        delete_prefix(&raw, CAPACITOR_PREFIX).await;
+        delete_prefix(&raw, RAW_PREFIX).await;
+        let redis = Arc::new(
+            RedisLayer::builder()
+                .url(&url)
+                .prefix(CAPACITOR_PREFIX)
+                .pool_size(1)
+                .build::<String, String>()
+                .unwrap(),
+        );
+        redis.connect().await.unwrap();
+        let l1 = Arc::new(
+            MokaLayer::<String, String>::builder()
+                .max_capacity(1_000_000)
+                .build()
+                .unwrap(),
+        );
+        let cache = MultiLayer::builder()
+            .layer(LayerConfig::shared("moka", l1.clone()))
+            .layer(LayerConfig::shared("redis", redis.clone()))
+            .build()
+            .unwrap();
+        let keys: Vec<(String, String)> = (0..KEYS).map(|i| (key(i), value(i))).collect();
+        for chunk in keys.chunks(1_000) {
+            redis.set_many(chunk, None).await.unwrap();
+        }
+        for i in 0..KEYS {
+            let _: () = raw
+                .set(
+                    raw_key(i),
+                    Value::from(encode(&value(i)).into_boxed_slice()),
+                    None,
+                    None,
+                    false,
+                )
+                .await
+                .unwrap();
+        }
+        (redis, l1, cache)
+    });
+    let raw_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
+    let next = AtomicU64::new(0);
+    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+
+    // A Redis hit promoted into moka: setup (not measured) removes the key from L1.
+    let mut g = c.benchmark_group("redis_hit/moka_over_redis");
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter_batched(
+            || {
+                let k = key(take());
+                l1.delete_sync(&k);
+                k
+            },
+            |k| {
+                let cache = &cache;
+                async move { cache.get(&k).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter_batched(
+            || {
+                let i = take();
+                raw_moka.invalidate(&key(i));
+                i
+            },
+            |i| {
+                let (raw, raw_moka) = (&raw, &raw_moka);
+                async move {
+                    let k = key(i);
+                    if let Some(v) = raw_moka.get(&k) {
+                        return Some(v);
+                    }
+                    let bytes: Option<Vec<u8>> = raw.get(raw_key(i)).await.unwrap();
+                    let v = decode(&bytes?);
+                    raw_moka.insert(k, v.clone());
+                    Some(v)
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    // Write-through: SET in Redis, then the L1 insert.
+    let mut g = c.benchmark_group("redis_write_through/moka_over_redis");
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter_batched(
+            || (key(take()), value(7)),
+            |(k, v)| {
+                let cache = &cache;
+                async move { cache.set(k, v).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter_batched(
+            || (take(), value(7)),
+            |(i, v)| {
+                let (raw, raw_moka) = (&raw, &raw_moka);
+                async move {
+                    let _: () = raw
+                        .set(
+                            raw_key(i),
+                            Value::from(encode(&v).into_boxed_slice()),
+                            None,
+                            None,
+                            false,
+                        )
+                        .await
+                        .unwrap();
+                    raw_moka.insert(key(i), black_box(v));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    // 100 keys: the layer's one MGET against 100 sequential GETs, each decoded.
+    let mut g = c.benchmark_group("redis_get_many/100_keys");
+    let batch = || {
+        let start = take();
+        (start..start + 100).map(|i| i % KEYS).collect::<Vec<u64>>()
+    };
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter_batched(
+            || batch().into_iter().map(key).collect::<Vec<String>>(),
+            |keys| {
+                let redis = &redis;
+                async move { redis.get_many(&keys).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter_batched(
+            || batch().into_iter().map(raw_key).collect::<Vec<String>>(),
+            |keys| {
+                let raw = &raw;
+                async move {
+                    let mut out = Vec::with_capacity(keys.len());
+                    for k in keys {
+                        let bytes: Option<Vec<u8>> = raw.get(k).await.unwrap();
+                        out.push(bytes.map(|b| decode(&b)));
+                    }
+                    out
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    // Write-back drain: 2,000 writes through a write-back composer (the drain sends them
+    // as pipelines of 500), `flush` included, beside 2,000 sequential raw SETs (+ moka
+    // inserts). Target (DESIGN.md §4): the drain at least 5x faster, a ratio <= 0.2.
+    const DRAIN: u64 = 2_000;
+    let write_back = rt.block_on(async {
+        MultiLayer::builder()
+            .write_policy(WritePolicy::Back(
+                WriteBack::new().batch_size(500).queue_bound(10_000),
+            ))
+            .layer(LayerConfig::new(
+                "moka",
+                MokaLayer::<String, String>::builder()
+                    .max_capacity(100_000)
+                    .build()
+                    .unwrap(),
+            ))
+            .layer(LayerConfig::shared("redis", redis.clone()))
+            .build()
+            .unwrap()
+    });
+    let mut g = c.benchmark_group("write_back_drain/redis/2000_keys");
+    g.sample_size(10);
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter(|| {
+            let write_back = &write_back;
+            async move {
+                for i in 0..DRAIN {
+                    write_back.set(key(i), value(i)).await.unwrap();
+                }
+                write_back.flush().await.unwrap();
+            }
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter(|| {
+            let (raw, raw_moka) = (&raw, &raw_moka);
+            async move {
+                for i in 0..DRAIN {
+                    let _: () = raw
+                        .set(
+                            raw_key(i),
+                            Value::from(encode(&value(i)).into_boxed_slice()),
+                            None,
+                            None,
+                            false,
+                        )
+                        .await
+                        .unwrap();
+                    raw_moka.insert(key(i), value(i));
+                }
+            }
+        })
+    });
+    g.finish();
+    rt.block_on(write_back.close()).unwrap();
+
+    rt.block_on(async {
+        cache.close().await.unwrap();
+        delete_prefix(&raw, CAPACITOR_PREFIX).await;
+        delete_prefix(&raw, RAW_PREFIX).await;
+        let _ = raw.quit().await;
+    });
+}
+
+criterion_group!(benches, redis_benches);
+criterion_main!(benches);

@@ -1,0 +1,109 @@
+//! How fred errors become capacitor [`Error`]s.
+//!
+//! | cause | kind |
+//! |---|---|
+//! | I/O (connection refused, reset), cancelled by a disconnect, backpressure | [`ErrorKind::Unavailable`] |
+//! | fred's command timeout | [`ErrorKind::Timeout`] |
+//! | bad URL or configuration, authentication | [`ErrorKind::Config`] |
+//! | `WRONGTYPE` replies | [`ErrorKind::Decode`] |
+//! | `EXECABORT` / aborted transactions | [`ErrorKind::Conflict`] |
+//! | anything else | [`ErrorKind::Backend`] |
+//!
+//! The original error is kept as the source. Messages never contain the URL.
+
+use capacitor_core::{Error, ErrorKind, Operation};
+use fred::error::{Error as FredError, ErrorKind as FredKind};
+
+/// Whether a server reply says the key holds another type than a string.
+pub(crate) fn is_wrongtype(err: &FredError) -> bool {
+    err.details().starts_with("WRONGTYPE")
+}
+
+/// A fred error in `op`, kept as the source.
+pub(crate) fn redis_error(op: Operation, err: FredError) -> Error {
+    let (kind, what) = match err.kind() {
+        FredKind::IO | FredKind::Canceled | FredKind::Backpressure => {
+            (ErrorKind::Unavailable, "cannot reach Redis")
+        }
+        FredKind::Timeout => (ErrorKind::Timeout, "Redis did not answer in time"),
+        FredKind::Config | FredKind::Url => (ErrorKind::Config, "invalid Redis configuration"),
+        FredKind::Auth => (ErrorKind::Config, "Redis authentication failed"),
+        _ if is_wrongtype(&err) => (ErrorKind::Decode, "the key holds a non-string Redis type"),
+        _ if err.details().starts_with("EXECABORT") => (ErrorKind::Conflict, "the transaction was aborted"),
+        _ => (ErrorKind::Backend, "Redis error"),
+    };
+    let message = format!("{what}: {}", err.details());
+    Error::new(kind, op, message).with_source(err)
+}
+
+/// The error of an operation that did not finish within the command timeout.
+pub(crate) fn timeout_error(op: Operation, timeout: std::time::Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        op,
+        format!("Redis did not answer within the command timeout ({timeout:?})"),
+    )
+}
+
+/// The error of an operation issued while no connection is up.
+pub(crate) fn unavailable(op: Operation) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        op,
+        "not connected to Redis (reconnecting in the background)",
+    )
+}
+
+/// `url` with any password replaced by `***`, for `Debug` output and error messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let redacted = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else if user.is_empty() {
+                String::new()
+            } else {
+                // `redis://secret@host` puts the password where the user would be.
+                "***".to_owned()
+            };
+            format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:hunter2@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://hunter2@host"), "redis://***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn kinds_are_mapped() {
+        let k = |kind, msg: &str| redis_error(Operation::Get, FredError::new(kind, msg.to_owned())).kind();
+        assert_eq!(k(FredKind::IO, "refused"), ErrorKind::Unavailable);
+        assert_eq!(k(FredKind::Timeout, "t"), ErrorKind::Timeout);
+        assert_eq!(
+            k(FredKind::InvalidArgument, "WRONGTYPE Operation against a key"),
+            ErrorKind::Decode
+        );
+        assert_eq!(k(FredKind::Unknown, "x"), ErrorKind::Backend);
+    }
+}

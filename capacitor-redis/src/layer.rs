@@ -1,0 +1,632 @@
+//! [`RedisLayer`] and its [`Layer`] implementation.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capacitor_core::{
+    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    ErrorKind, Layer, Operation, Result, SharedClock, StorageKey, Timestamp, WriteOp,
+};
+use fred::clients::{Client, Pool};
+use fred::error::Error as FredError;
+use fred::prelude::{ClientLike, Expiration, Key, KeysInterface, LuaInterface, TransactionInterface, Value};
+
+use crate::config::RedisLayerBuilder;
+use crate::error::{redis_error, timeout_error, unavailable};
+use crate::scan::scan_stream;
+
+/// Deletes `KEYS[1]` when it holds a non-string type, or (with `ARGV[1]`) when it still
+/// holds exactly the bytes that failed to decode, so that a write racing the read stays.
+const EVICT_SCRIPT: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return 0 end
+if t ~= 'string' then return redis.call('DEL', KEYS[1]) end
+if ARGV[1] ~= nil and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// The longest `PX` sent: about 31 700 years. Longer TTLs (up to `Duration::MAX`) are cut
+/// to this, which Redis accepts (it refuses expiries that overflow its clock).
+const MAX_PX_MILLIS: u64 = 1_000_000_000_000_000;
+
+/// What the layer and its scan streams share.
+pub(crate) struct Shared<C> {
+    pub(crate) pool: Pool,
+    pub(crate) clustered: bool,
+    pub(crate) prefix: Vec<u8>,
+    pub(crate) codec: C,
+    pub(crate) clock: SharedClock,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) scan_count: u32,
+    pub(crate) closed: AtomicBool,
+    /// Each operation holds a read guard while it runs; `flush` and `close` take the write
+    /// guard, which waits for every operation in flight.
+    pub(crate) in_flight: tokio::sync::RwLock<()>,
+}
+
+impl<C> Shared<C> {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// A connected client, or `Unavailable` at once (never waits for a reconnection).
+    pub(crate) fn client(&self, op: Operation) -> Result<Client> {
+        if self.is_closed() {
+            return Err(Error::closed(op));
+        }
+        let client = self.pool.next_connected();
+        if !client.is_connected() {
+            return Err(unavailable(op));
+        }
+        Ok(client.clone())
+    }
+
+    /// Runs `f` on a connected client within the command timeout.
+    pub(crate) async fn run<T, F, Fut>(&self, op: Operation, f: F) -> Result<T>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, FredError>>,
+    {
+        let client = self.client(op)?;
+        match tokio::time::timeout(self.command_timeout, f(client)).await {
+            Ok(result) => result.map_err(|e| redis_error(op, e)),
+            Err(_) => Err(timeout_error(op, self.command_timeout)),
+        }
+    }
+
+    /// The Redis key of `key`: the prefix, then the key's bytes.
+    pub(crate) fn redis_key(&self, key: &[u8]) -> Key {
+        let mut bytes = Vec::with_capacity(self.prefix.len() + key.len());
+        bytes.extend_from_slice(&self.prefix);
+        bytes.extend_from_slice(key);
+        Key::from(bytes.into_boxed_slice())
+    }
+
+    /// Decodes stored bytes; `Ok(None)` when the envelope says the entry has expired.
+    pub(crate) fn decode<V>(&self, bytes: &[u8], op: Operation) -> Result<Option<Entry<V>>>
+    where
+        C: Codec<V>,
+    {
+        let (expires_at, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
+        let entry = Entry::new((), expires_at);
+        if entry.is_expired(self.clock.now()) {
+            return Ok(None);
+        }
+        let value = self.codec.decode(payload).map_err(|e| e.with_operation(op))?;
+        Ok(Some(Entry::new(value, expires_at)))
+    }
+
+    /// Deletes a key that did not decode, when the layer owns its namespace (a non-empty
+    /// prefix): a non-string key, or a string key still holding `bytes`. Best effort: the
+    /// read reports what it found, not a failed cleanup.
+    pub(crate) async fn evict(&self, key: Key, bytes: Option<Vec<u8>>) {
+        if self.prefix.is_empty() {
+            return;
+        }
+        let args: Vec<Value> = bytes
+            .map(|b| Value::from(b.into_boxed_slice()))
+            .into_iter()
+            .collect();
+        let _ = self
+            .run(Operation::Delete, |c| async move {
+                c.eval::<Value, _, _, _>(EVICT_SCRIPT, key, args).await
+            })
+            .await;
+    }
+}
+
+impl<C> Drop for Shared<C> {
+    /// A layer dropped without `close` would leave fred's connection tasks reconnecting
+    /// forever: disconnect in the background when a runtime is there to do it.
+    fn drop(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let pool = self.pool.clone();
+            handle.spawn(async move {
+                let _ = pool.quit().await;
+            });
+        }
+    }
+}
+
+/// A value as Redis returned it: `None` for nil.
+pub(crate) fn value_bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::Null => None,
+        other => other.as_bytes(),
+    }
+}
+
+/// A remote cache layer on Redis (through [fred](https://docs.rs/fred)): a shared L2 for
+/// every app instance, with native TTLs, pipelined batches, `SCAN` and `MULTI`/`EXEC`.
+///
+/// Built by [`RedisLayer::builder`]. Cheap to share behind an `Arc`; every clone of the
+/// pool is closed by [`close`](Layer::close).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// use std::time::Duration;
+/// use capacitor_core::Layer;
+/// use capacitor_redis::RedisLayer;
+///
+/// let redis = RedisLayer::builder().prefix("app:").build::<String, u64>()?;
+/// redis.connect().await?;
+/// redis.set(&"user:42".to_string(), &7, Some(Duration::from_secs(60))).await?; // SET app:user:42 … PX 60000
+/// assert_eq!(redis.get(&"user:42".to_string()).await?.map(|e| e.value), Some(7));
+/// redis.close().await?;
+/// # Ok(()) }
+/// ```
+pub struct RedisLayer<K, V, C = BincodeCodec> {
+    pub(crate) shared: Arc<Shared<C>>,
+    pub(crate) _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V, C> fmt::Debug for RedisLayer<K, V, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLayer")
+            .field("prefix", &String::from_utf8_lossy(&self.shared.prefix))
+            .field("clustered", &self.shared.clustered)
+            .field("pool_size", &self.shared.pool.size())
+            .field("closed", &self.shared.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLayer<(), ()> {
+    /// A builder with every option at its default.
+    pub fn builder() -> RedisLayerBuilder {
+        RedisLayerBuilder::default()
+    }
+}
+
+impl<K, V, C> RedisLayer<K, V, C> {
+    /// Waits until a connection is up (at most the connect timeout), then checks it with
+    /// `PING`. Use it to fail at start-up when Redis is down; without it the layer
+    /// connects in the background.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable` when no connection came up in time, the `PING`'s error otherwise,
+    /// `Closed` after close.
+    pub async fn connect(&self) -> Result<()> {
+        let op = Operation::Connect;
+        let deadline = tokio::time::Instant::now() + self.shared.connect_timeout;
+        while !self.shared.pool.next_connected().is_connected() {
+            if self.shared.is_closed() {
+                return Err(Error::closed(op));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    op,
+                    format!(
+                        "could not connect to Redis within {:?}",
+                        self.shared.connect_timeout
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.health_check().await
+    }
+
+    /// One `PING` now, failing fast when no connection is up.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable` when not connected, `Timeout`, `Closed` after close.
+    pub async fn health_check(&self) -> Result<()> {
+        self.shared
+            .run(Operation::Connect, |c| async move { c.ping::<Value>(None).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether at least one pooled connection is up.
+    pub fn is_connected(&self) -> bool {
+        !self.shared.is_closed() && self.shared.pool.next_connected().is_connected()
+    }
+
+    /// The namespace prefix of every key.
+    pub fn prefix(&self) -> &[u8] {
+        &self.shared.prefix
+    }
+
+    /// Whether the layer talks to a Redis Cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.shared.clustered
+    }
+}
+
+impl<K, V, C> RedisLayer<K, V, C>
+where
+    K: StorageKey,
+    V: Send + Sync + 'static,
+    C: Codec<V>,
+{
+    /// `envelope(expiry, codec(value))`, checking the size limit first.
+    fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<Value> {
+        let payload = self
+            .shared
+            .codec
+            .encode(value)
+            .map_err(|e| e.with_operation(op))?;
+        if payload.len() > self.shared.max_value_bytes {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                op,
+                format!(
+                    "encoded value is {} bytes, more than max_value_bytes ({})",
+                    payload.len(),
+                    self.shared.max_value_bytes
+                ),
+            ));
+        }
+        Ok(Value::from(
+            envelope::wrap(expires_at, &payload).into_boxed_slice(),
+        ))
+    }
+
+    fn key(&self, key: &K) -> Key {
+        self.shared.redis_key(&key.encode_key())
+    }
+
+    /// Encodes a write: the key, the stored value and its `PX`.
+    fn encode_set(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        op: Operation,
+    ) -> Result<(Key, Value, Option<Expiration>)> {
+        let expires_at = expiry_for(self.shared.clock.now(), ttl);
+        let stored = self.encode(value, expires_at, op)?;
+        Ok((self.key(key), stored, ttl.map(px)))
+    }
+
+    /// Decodes one `GET` reply, evicting what does not decode.
+    async fn decode_reply(&self, key: Key, reply: &Value, op: Operation) -> Result<Option<Entry<V>>> {
+        let Some(bytes) = value_bytes(reply) else {
+            return Ok(None);
+        };
+        match self.shared.decode(bytes, op) {
+            Ok(entry) => Ok(entry),
+            Err(err) => {
+                self.shared.evict(key, Some(bytes.to_vec())).await;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// `PX` for `ttl`, at least 1 ms (Redis refuses 0) and at most [`MAX_PX_MILLIS`].
+fn px(ttl: Duration) -> Expiration {
+    let ms = u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_PX_MILLIS);
+    Expiration::PX(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+#[async_trait]
+impl<K, V, C> Layer<K, V> for RedisLayer<K, V, C>
+where
+    K: StorageKey,
+    V: Send + Sync + 'static,
+    C: Codec<V>,
+{
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with_scan()
+            .with_transactions()
+            .with_native_ttl()
+    }
+
+    /// `GET`. A value that is not capacitor's envelope, does not decode, or a key holding
+    /// another Redis type (`WRONGTYPE`) fails with [`ErrorKind::Decode`]; with a prefix, the
+    /// key is deleted (unless rewritten meanwhile).
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let op = Operation::Get;
+        let _guard = self.shared.in_flight.read().await;
+        let rkey = self.key(key);
+        let k = rkey.clone();
+        let reply = self
+            .shared
+            .run(op, |c| async move { c.get::<Value, _>(k).await })
+            .await;
+        match reply {
+            Ok(reply) => self.decode_reply(rkey, &reply, op).await,
+            Err(err) if err.kind() == ErrorKind::Decode => {
+                self.shared.evict(rkey, None).await;
+                Err(err)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `SET key value [PX ttl]`.
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let op = Operation::Set;
+        let (k, v, ex) = self.encode_set(key, value, ttl, op)?;
+        let _guard = self.shared.in_flight.read().await;
+        self.shared
+            .run(op, |c| async move {
+                c.set::<Value, _, _>(k, v, ex, None, false).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// `DEL key`.
+    async fn delete(&self, key: &K) -> Result<bool> {
+        let op = Operation::Delete;
+        let _guard = self.shared.in_flight.read().await;
+        let k = self.key(key);
+        let n: i64 = self
+            .shared
+            .run(op, |c| async move { c.del::<i64, _>(k).await })
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// `EXISTS key` (the value is not decoded).
+    async fn exists(&self, key: &K) -> Result<bool> {
+        let op = Operation::Exists;
+        let _guard = self.shared.in_flight.read().await;
+        let k = self.key(key);
+        let n: i64 = self
+            .shared
+            .run(op, |c| async move { c.exists::<i64, _>(k).await })
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// One `MGET` (in a cluster, one pipeline of `GET`s, routed per slot by fred). `MGET`
+    /// answers nil for a key of another type, which is then a miss. When some values do
+    /// not decode, those are evicted and the call fails with [`ErrorKind::Decode`].
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let op = Operation::GetMany;
+        let _guard = self.shared.in_flight.read().await;
+        if keys.is_empty() {
+            return if self.shared.is_closed() {
+                Err(Error::closed(op))
+            } else {
+                Ok(Vec::new())
+            };
+        }
+        let rkeys: Vec<Key> = keys.iter().map(|k| self.key(k)).collect();
+        let replies = fetch_values(&self.shared, op, rkeys.clone()).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        let mut first_error: Option<Error> = None;
+        let mut bad = 0usize;
+        for (rkey, reply) in rkeys.into_iter().zip(replies.iter()) {
+            match self.decode_reply(rkey, reply, op).await {
+                Ok(entry) => out.push(entry),
+                Err(err) => {
+                    bad += 1;
+                    first_error.get_or_insert(err);
+                    out.push(None);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(out),
+            Some(err) if bad == 1 => Err(err),
+            Some(err) => Err(Error::new(
+                ErrorKind::Decode,
+                op,
+                format!(
+                    "{bad} stored values did not decode (evicted); first: {}",
+                    err.message()
+                ),
+            )
+            .with_source(err)),
+        }
+    }
+
+    /// One pipeline of `SET … PX` (one round trip; in a cluster fred routes each command
+    /// to its slot's node). Not atomic: use [`apply_atomic`](Layer::apply_atomic) for
+    /// all-or-nothing. Values are encoded and size-checked before anything is sent.
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        let op = Operation::SetMany;
+        let mut writes = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            writes.push(self.encode_set(key, value, ttl, op)?);
+        }
+        let _guard = self.shared.in_flight.read().await;
+        if writes.is_empty() {
+            return if self.shared.is_closed() {
+                Err(Error::closed(op))
+            } else {
+                Ok(())
+            };
+        }
+        let results = self
+            .shared
+            .run(op, |c| async move {
+                let p = c.pipeline();
+                for (k, v, ex) in writes {
+                    p.set::<(), _, _>(k, v, ex, None, false).await?;
+                }
+                Ok(p.try_all::<Value>().await)
+            })
+            .await?;
+        for r in results {
+            r.map_err(|e| redis_error(op, e))?;
+        }
+        Ok(())
+    }
+
+    /// One `DEL k1 k2 …` (in a cluster, a pipeline of `DEL`s).
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        let op = Operation::DeleteMany;
+        let _guard = self.shared.in_flight.read().await;
+        if keys.is_empty() {
+            return if self.shared.is_closed() {
+                Err(Error::closed(op))
+            } else {
+                Ok(0)
+            };
+        }
+        let mut rkeys: Vec<Key> = keys.iter().map(|k| self.key(k)).collect();
+        rkeys.dedup();
+        if !self.shared.clustered {
+            let n: i64 = self
+                .shared
+                .run(op, |c| async move { c.del::<i64, _>(rkeys).await })
+                .await?;
+            return Ok(u64::try_from(n).unwrap_or(0));
+        }
+        let results = self
+            .shared
+            .run(op, |c| async move {
+                let p = c.pipeline();
+                for k in rkeys {
+                    p.del::<(), _>(k).await?;
+                }
+                Ok(p.try_all::<i64>().await)
+            })
+            .await?;
+        let mut n = 0u64;
+        for r in results {
+            n += u64::try_from(r.map_err(|e| redis_error(op, e))?).unwrap_or(0);
+        }
+        Ok(n)
+    }
+
+    /// `SCAN … MATCH <prefix>* COUNT n` (glob characters in the prefix escaped), lazily:
+    /// one page of keys and its values (one `MGET`) in memory at a time; in a cluster,
+    /// each primary in turn. Expired and vanished keys are skipped; a key or value that
+    /// does not decode is yielded as an [`ErrorKind::Decode`] item and the scan goes on.
+    /// Like `SCAN`, a key written during the scan may or may not be seen.
+    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
+        if self.shared.is_closed() {
+            return Err(Error::closed(Operation::Scan));
+        }
+        Ok(scan_stream::<K, V, C>(Arc::clone(&self.shared), prefix))
+    }
+
+    /// `MULTI` / `SET … PX` / `DEL` / `EXEC` on one connection: all or nothing. In a
+    /// cluster every key must hash to one slot (put a hash tag in the prefix, `app:{x}:`),
+    /// else Redis refuses the batch (`CROSSSLOT`) and nothing is applied.
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        let op = Operation::Transaction;
+        enum Write {
+            Set(Key, Value, Option<Expiration>),
+            Del(Key),
+        }
+        let mut writes = Vec::with_capacity(ops.len());
+        for w in ops {
+            writes.push(match w {
+                WriteOp::Set { key, value, ttl } => {
+                    let (k, v, ex) = self.encode_set(key, value, *ttl, op)?;
+                    Write::Set(k, v, ex)
+                }
+                WriteOp::Delete { key } => Write::Del(self.key(key)),
+            });
+        }
+        let _guard = self.shared.in_flight.read().await;
+        if writes.is_empty() {
+            return if self.shared.is_closed() {
+                Err(Error::closed(op))
+            } else {
+                Ok(())
+            };
+        }
+        self.shared
+            .run(op, |c| async move {
+                let tx = c.multi();
+                for w in writes {
+                    match w {
+                        Write::Set(k, v, ex) => tx.set::<(), _, _>(k, v, ex, None, false).await?,
+                        Write::Del(k) => tx.del::<(), _>(k).await?,
+                    }
+                }
+                tx.exec::<Value>(true).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Waits for the operations in flight; Redis has nothing more to make durable here
+    /// (persistence is the server's configuration).
+    async fn flush(&self) -> Result<()> {
+        let _all = self.shared.in_flight.write().await;
+        if self.shared.is_closed() {
+            return Err(Error::closed(Operation::Flush));
+        }
+        Ok(())
+    }
+
+    /// Refuses new operations, waits for those in flight, then disconnects (stopping the
+    /// reconnection loop). Idempotent.
+    async fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _all = self.shared.in_flight.write().await;
+        let quit = self.shared.pool.quit();
+        match tokio::time::timeout(self.shared.command_timeout, quit).await {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(e)) => Err(redis_error(Operation::Close, e)),
+        }
+    }
+}
+
+/// The replies to `GET` of each key, in order: one `MGET`, or in a cluster one pipeline.
+pub(crate) async fn fetch_values<C>(shared: &Shared<C>, op: Operation, keys: Vec<Key>) -> Result<Vec<Value>> {
+    let n = keys.len();
+    let values = if shared.clustered {
+        let results = shared
+            .run(op, |c| async move {
+                let p = c.pipeline();
+                for k in keys {
+                    p.get::<(), _>(k).await?;
+                }
+                Ok(p.try_all::<Value>().await)
+            })
+            .await?;
+        let mut values = Vec::with_capacity(n);
+        for r in results {
+            values.push(match r {
+                Ok(v) => v,
+                // A key of another type: a miss, as with MGET.
+                Err(e) if crate::error::is_wrongtype(&e) => Value::Null,
+                Err(e) => return Err(redis_error(op, e)),
+            });
+        }
+        values
+    } else {
+        let reply: Value = shared
+            .run(op, |c| async move { c.mget::<Value, _>(keys).await })
+            .await?;
+        match reply {
+            Value::Array(values) => values,
+            Value::Null => vec![Value::Null; n],
+            other => vec![other],
+        }
+    };
+    if values.len() != n {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            op,
+            format!("Redis returned {} values for {n} keys", values.len()),
+        ));
+    }
+    Ok(values)
+}
