@@ -258,25 +258,14 @@ where
 {
     /// `envelope(expiry, codec(value))`, checking the size limit first.
     fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<Value> {
-        let payload = self
-            .shared
-            .codec
-            .encode(value)
-            .map_err(|e| e.with_operation(op))?;
-        if payload.len() > self.shared.max_value_bytes {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                op,
-                format!(
-                    "encoded value is {} bytes, more than max_value_bytes ({})",
-                    payload.len(),
-                    self.shared.max_value_bytes
-                ),
-            ));
-        }
-        Ok(Value::from(
-            envelope::wrap(expires_at, &payload).into_boxed_slice(),
-        ))
+        let sealed = envelope::seal(
+            &self.shared.codec,
+            value,
+            expires_at,
+            self.shared.max_value_bytes,
+            op,
+        )?;
+        Ok(Value::from(sealed.into_boxed_slice()))
     }
 
     fn key(&self, key: &K) -> Key {
