@@ -21,3 +21,10 @@ mod multi_layer {
             .expect("valid config")
     });
 }
+
+/// The composer suite itself, over the test kit's scannable map.
+mod composer_over_map {
+    capacitor_core::composer_tests!(|_ctx| async {
+        capacitor_core::testkit::MapLayer::scannable(capacitor_core::SystemClock)
+    });
+}

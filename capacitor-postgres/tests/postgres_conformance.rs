@@ -33,3 +33,17 @@ mod unlogged_small_pages_fast_sweeper {
         super::common::DropOnClose { inner: layer }
     });
 }
+
+/// The composer's behaviours (write-back, transactions, scan, warm-up, loaders) over
+/// PostgreSQL.
+mod composer {
+    capacitor_core::composer_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        let layer = capacitor_postgres::PostgresLayer::builder()
+            .url(super::common::url())
+            .table(&ctx.id)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("build PostgresLayer (is PostgreSQL running?): {e}"));
+        super::common::DropOnClose { inner: layer }
+    });
+}

@@ -48,3 +48,25 @@ mod small_scan_pages_one_connection {
         }
     });
 }
+
+/// The composer's behaviours (write-back, transactions, scan, warm-up, loaders) over Redis.
+mod composer {
+    capacitor_core::composer_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        let url = super::common::url();
+        let prefix = format!("{}:", ctx.id);
+        let layer = capacitor_redis::RedisLayer::builder()
+            .url(&url)
+            .prefix(&prefix)
+            .build()
+            .unwrap_or_else(|e| panic!("build RedisLayer: {e}"));
+        layer
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to Redis at {url} (is it running?): {e}"));
+        super::common::DeleteOnClose {
+            inner: layer,
+            prefix,
+            url,
+        }
+    });
+}

@@ -1,11 +1,10 @@
-//! The composer's part two against sled at the bottom: write-back, transactions over sled
-//! transactions, scan merged with pending writes, warm-up from disk.
+//! Composer behaviours specific to sled, beyond the shared composer suite (run from
+//! `conformance.rs`): drained writes survive a reopen, a commit sled refuses leaves
+//! nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::time::Duration;
-
-use capacitor_core::{Layer, LayerConfig, MultiLayer, WarmUp, WriteBack, WritePolicy};
+use capacitor_core::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
 use capacitor_memory::MokaLayer;
 use capacitor_sled::{FlushPolicy, SledLayer};
 use futures::StreamExt;
@@ -91,38 +90,4 @@ async fn transactions_commit_through_sled_and_invalidate_the_l1() {
     tx.set("big".into(), "x".repeat(1_000));
     assert!(tx.commit().await.is_err());
     assert_eq!(small.get(&"ok".into()).await.unwrap(), None, "all or nothing");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warm_up_fills_a_cold_l1_from_sled() {
-    let dir = tempfile::tempdir().unwrap();
-    let sled = disk(dir.path());
-    for i in 0..3_000 {
-        sled.set(
-            &format!("user:{i}"),
-            &format!("u{i}"),
-            Some(Duration::from_secs(600)),
-        )
-        .await
-        .unwrap();
-    }
-    let roomy = MokaLayer::builder().max_capacity(10_000).build().unwrap();
-    let cache = MultiLayer::builder()
-        .layer(LayerConfig::new("moka", roomy))
-        .layer(LayerConfig::new("sled", sled))
-        .build()
-        .unwrap();
-    let report = cache
-        .warm_up("sled", WarmUp::new().prefix("user:").limit(1_000))
-        .await
-        .unwrap();
-    assert_eq!(report.copied, 1_000);
-    // The warmed keys are the first 1,000 in sled's (byte) order: all L1 hits now.
-    let mut keys: Vec<String> = (0..3_000).map(|i| format!("user:{i}")).collect();
-    keys.sort();
-    for key in &keys[..1_000] {
-        assert!(cache.get(key).await.unwrap().is_some());
-    }
-    let moka = cache.stats().layer("moka").cloned().unwrap();
-    assert_eq!((moka.hits, moka.misses), (1_000, 0), "{moka:?}");
 }

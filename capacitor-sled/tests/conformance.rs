@@ -44,3 +44,14 @@ mod db_tree_sweeper_flusher {
             .expect("build layer")
     });
 }
+
+/// The composer's behaviours (write-back, transactions, scan, warm-up, loaders) over sled.
+mod composer {
+    capacitor_core::composer_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
+        capacitor_sled::SledLayer::builder()
+            .path(super::scratch_dir(&ctx.id))
+            .temporary(true)
+            .build()
+            .expect("open sled")
+    });
+}

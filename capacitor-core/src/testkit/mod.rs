@@ -18,9 +18,11 @@
 //! factory and bounded by a timeout. The layer must implement `Layer<String, Vec<u8>>`.
 
 mod cases;
+mod composer;
 mod doubles;
 
 pub use cases::CASES;
+pub use composer::COMPOSER_CASES;
 pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
 
 use std::future::Future;
@@ -64,9 +66,10 @@ impl TestContext {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
+        // Short enough for a PostgreSQL identifier (63 bytes): the case name is cut.
         let id = format!(
             "ct_{}_{}_{}_{}",
-            case,
+            &case[..case.len().min(20)],
             std::process::id(),
             nanos,
             SEQ.fetch_add(1, Ordering::Relaxed)
@@ -113,6 +116,7 @@ where
 {
     let case = CASES
         .iter()
+        .chain(COMPOSER_CASES)
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no conformance case named `{name}`"));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -134,6 +138,35 @@ where
             Ok(Ok(())) => {}
         }
     });
+}
+
+/// Generates one `#[test]` per composer case (write-back, transactions, scan, warm-up,
+/// loaders) over the layer made by `$factory` as the bottom of a two-layer
+/// `MultiLayer`: the behaviours of `MultiLayer` that depend on a real backend.
+/// Capabilities the layer does not declare are checked to fail as `Unsupported`.
+#[macro_export]
+macro_rules! composer_tests {
+    ($factory:expr) => {
+        $crate::composer_tests!(@cases $factory;
+            write_back_drains_to_the_bottom_and_scan_merges_pending_writes,
+            transactions_commit_atomically_and_invalidate_the_caches,
+            warm_up_copies_from_the_bottom_and_loaders_run_once);
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::testkit::run_case(stringify!($case), $factory);
+            }
+        )*
+
+        #[test]
+        fn composer_suite_is_complete() {
+            let generated: &[&str] = &[$(stringify!($case)),*];
+            let all: Vec<&str> = $crate::testkit::COMPOSER_CASES.iter().map(|c| c.name).collect();
+            assert_eq!(generated, &all[..], "the macro and testkit::COMPOSER_CASES disagree");
+        }
+    };
 }
 
 /// Generates one `#[test]` per conformance case for the layer made by `$factory`
