@@ -19,6 +19,7 @@ use capacitor::memory::MokaLayer;
 use capacitor::postgres::tokio_postgres::{self, Client, NoTls};
 use capacitor::postgres::PostgresLayer;
 use capacitor::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use capacitor_benches::{decode, encode, key, value};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 const KEYS: u64 = 10_000;
@@ -26,24 +27,6 @@ const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const CAPACITOR_TABLE: &str = "bench_capacitor_kv";
 const UNLOGGED_TABLE: &str = "bench_capacitor_kv_unlogged";
 const RAW_TABLE: &str = "bench_raw_kv";
-
-fn key(i: u64) -> String {
-    format!("user:{i}")
-}
-
-fn value(i: u64) -> String {
-    format!("profile of user {i}, with a few more bytes to look like a real value")
-}
-
-fn encode(v: &String) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
-}
-
-fn decode(bytes: &[u8]) -> String {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .unwrap()
-        .0
-}
 
 /// The raw side's connection, or why there is none.
 async fn raw_client(url: &str) -> Result<Client, String> {

@@ -19,6 +19,7 @@ use capacitor::memory::MokaLayer;
 use capacitor::redis::fred::prelude::{Client, ClientLike, Config, KeysInterface, Value};
 use capacitor::redis::RedisLayer;
 use capacitor::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use capacitor_benches::{decode, encode, key, value};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 const KEYS: u64 = 10_000;
@@ -26,26 +27,8 @@ const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 const CAPACITOR_PREFIX: &str = "bench:capacitor:";
 const RAW_PREFIX: &str = "bench:raw:";
 
-fn key(i: u64) -> String {
-    format!("user:{i}")
-}
-
 fn raw_key(i: u64) -> String {
     format!("{RAW_PREFIX}user:{i}")
-}
-
-fn value(i: u64) -> String {
-    format!("profile of user {i}, with a few more bytes to look like a real value")
-}
-
-fn encode(v: &String) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
-}
-
-fn decode(bytes: &[u8]) -> String {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .unwrap()
-        .0
 }
 
 /// The raw side's client, or why there is none.

@@ -12,28 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use capacitor::memory::MokaLayer;
 use capacitor::sled::{FlushPolicy, SledLayer};
 use capacitor::{Layer, LayerConfig, MultiLayer};
+use capacitor_benches::{decode, encode, key, value};
 use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
 const KEYS: u64 = 50_000;
-
-fn key(i: u64) -> String {
-    format!("user:{i}")
-}
-
-fn value(i: u64) -> String {
-    format!("profile of user {i}, with a few more bytes to look like a real value")
-}
-
-fn encode(v: &String) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
-}
-
-fn decode(bytes: &[u8]) -> String {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .unwrap()
-        .0
-}
 
 fn sled_benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
