@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::health::CircuitBreaker;
 use crate::layer::Layer;
 
 /// How `set` and `delete` reach the layers.
@@ -150,17 +151,29 @@ impl WriteBack {
 /// One layer of a [`MultiLayer`](crate::MultiLayer): the layer itself, its name and its
 /// options.
 ///
-/// Defaults: no TTL (entries live as long as the `set` asks), writable.
+/// Defaults: no TTL (entries live as long as the `set` asks), writable, no timeout, and a
+/// default [`CircuitBreaker`] on writable cache layers that are not in process (those
+/// without [`sync_ops`](crate::Capabilities::sync_ops), above the authoritative layer):
+/// there an open breaker only turns failing reads into instant misses. The authoritative
+/// layer gets a breaker when configured with
+/// [`circuit_breaker`](LayerConfig::circuit_breaker); while it is open, reads and writes
+/// fail at once with [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) (see
+/// [`Error::is_circuit_open`](crate::Error::is_circuit_open)), or reads are answered by
+/// the [fail-safe](crate::FailSafe).
 ///
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{testkit::MapLayer, LayerConfig};
+/// use capacitor_core::{testkit::MapLayer, CircuitBreaker, LayerConfig};
 /// use std::time::Duration;
 ///
 /// let l1 = LayerConfig::<String, u64>::new("l1", MapLayer::new()).ttl(Duration::from_secs(30));
 /// let archive = LayerConfig::<String, u64>::new("archive", MapLayer::new()).read_only(true);
-/// # let _ = (l1, archive);
+/// let remote = LayerConfig::<String, u64>::new("remote", MapLayer::new())
+///     .read_timeout(Duration::from_millis(50))
+///     .write_timeout(Duration::from_millis(200))
+///     .circuit_breaker(CircuitBreaker::new().failures(3));
+/// # let _ = (l1, archive, remote);
 /// ```
 #[must_use]
 pub struct LayerConfig<K, V> {
@@ -168,6 +181,18 @@ pub struct LayerConfig<K, V> {
     pub(crate) layer: Arc<dyn Layer<K, V>>,
     pub(crate) ttl: Option<Duration>,
     pub(crate) read_only: bool,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) write_timeout: Option<Duration>,
+    pub(crate) breaker: BreakerSetting,
+}
+
+/// A layer's breaker: the default one where it applies, a configured one, or none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) enum BreakerSetting {
+    #[default]
+    Auto,
+    On(CircuitBreaker),
+    Off,
 }
 
 impl<K, V> fmt::Debug for LayerConfig<K, V> {
@@ -176,6 +201,9 @@ impl<K, V> fmt::Debug for LayerConfig<K, V> {
             .field("name", &self.name)
             .field("ttl", &self.ttl)
             .field("read_only", &self.read_only)
+            .field("read_timeout", &self.read_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("breaker", &self.breaker)
             .finish_non_exhaustive()
     }
 }
@@ -197,7 +225,46 @@ where
             layer,
             ttl: None,
             read_only: false,
+            read_timeout: None,
+            write_timeout: None,
+            breaker: BreakerSetting::Auto,
         }
+    }
+
+    /// The longest any operation on this layer may take (reads and writes alike); past it
+    /// the operation fails with [`ErrorKind::Timeout`](crate::ErrorKind::Timeout), which
+    /// the read path treats as a miss in a cache layer. Applies to operations that await
+    /// (not to the synchronous fast path of in-process layers). Needs a tokio runtime with
+    /// its time driver. Zero is rejected by `build()`.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.read_timeout(timeout).write_timeout(timeout)
+    }
+
+    /// The timeout of `get`, `exists` and `get_many` on this layer (see
+    /// [`timeout`](LayerConfig::timeout)).
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = Some(timeout);
+        self
+    }
+
+    /// The timeout of writes, deletes, batches, transactions and flushes on this layer
+    /// (see [`timeout`](LayerConfig::timeout)).
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = Some(timeout);
+        self
+    }
+
+    /// This layer's circuit breaker (instead of the default one, or on an in-process
+    /// layer, which has none by default).
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = BreakerSetting::On(breaker);
+        self
+    }
+
+    /// No circuit breaker: every operation reaches the layer, however often it fails.
+    pub fn no_circuit_breaker(mut self) -> Self {
+        self.breaker = BreakerSetting::Off;
+        self
     }
 
     /// The longest an entry lives in this layer: writes use `min(ttl, the write's TTL)`,

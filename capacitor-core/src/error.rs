@@ -159,6 +159,7 @@ struct Details {
     message: Cow<'static, str>,
     #[source]
     source: Option<BoxError>,
+    circuit_open: bool,
 }
 
 struct DisplayLayer<'a>(&'a Option<Cow<'static, str>>);
@@ -181,7 +182,26 @@ impl Error {
             layer: None,
             message: message.into(),
             source: None,
+            circuit_open: false,
         }))
+    }
+
+    /// The error of an operation that skipped a layer because its circuit breaker is open
+    /// (kind [`ErrorKind::Unavailable`]; see [`Error::is_circuit_open`]).
+    pub fn circuit_open(op: Operation, layer: impl Into<Cow<'static, str>>) -> Self {
+        let mut err = Error::new(
+            ErrorKind::Unavailable,
+            op,
+            "circuit breaker open: the layer is skipped until its cool-down ends",
+        )
+        .with_layer(layer);
+        err.0.circuit_open = true;
+        err
+    }
+
+    /// Whether the layer was not asked at all because its circuit breaker is open.
+    pub fn is_circuit_open(&self) -> bool {
+        self.0.circuit_open
     }
 
     /// Shorthand for an [`ErrorKind::Unsupported`] error.

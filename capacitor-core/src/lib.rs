@@ -13,9 +13,12 @@ mod codec;
 mod config;
 mod entry;
 mod error;
+mod failsafe;
+mod health;
 mod guard;
 mod layer;
 mod multi;
+mod observe;
 mod scan;
 mod stats;
 mod writeback;
@@ -30,8 +33,13 @@ pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
 pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};
+pub use failsafe::{FailSafe, FailSafeStats};
+pub use health::{BreakerState, CircuitBreaker, HealthEvent};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
 pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use multi::MetricsReporter;
 pub use scan::Scan;
 pub use stats::{BusStats, LayerStats, Stats};
 pub use writeback::WriteBackStats;

@@ -11,20 +11,30 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{min_ttl, LayerConfig, SetOptions, WritePolicy};
+use crate::config::{min_ttl, BreakerSetting, LayerConfig, SetOptions, WritePolicy};
+use crate::failsafe::{FailSafe, Store as FailSafeStore};
+use crate::health::{
+    is_failure, Admit, Breaker, BreakerState, CircuitBreaker, DirtyKeys, HealthEvent, HealthListener,
+};
 
 mod loader;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod transaction;
 mod warmup;
+
+#[cfg(feature = "metrics")]
+pub use self::metrics::MetricsReporter;
 
 pub use transaction::Transaction;
 pub use warmup::{WarmUp, WarmUpReport};
 
 use crate::bus::{Invalidation, InvalidationBus};
-use crate::entry::{system_clock, Clock, Entry, SharedClock};
+use crate::entry::{system_clock, Clock, Entry, SharedClock, Timestamp};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Generations, Ticket};
 use crate::layer::{Capabilities, Layer};
+use crate::observe::traced;
 use crate::scan::Scan;
 use crate::stats::{BusStats, Counter, LayerCounters, Stats};
 use crate::writeback::{Pending, Queue};
@@ -35,18 +45,138 @@ struct Slot<K, V> {
     layer: Arc<dyn Layer<K, V>>,
     ttl: Option<Duration>,
     read_only: bool,
+    /// The layer answers synchronously and has no timeout or breaker to apply.
     sync_ops: bool,
     /// Every writable layer above this one has synchronous operations: a promotion from
     /// here completes without awaiting.
     sync_above: bool,
     counters: LayerCounters,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+    breaker: Option<Breaker>,
+    /// Cache layers reached over the network: keys they may hold outdated copies of.
+    suspects: Option<DirtyKeys<K>>,
+    on_health: Option<HealthListener>,
+    cache: Arc<str>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
 }
 
 impl<K, V> Slot<K, V>
 where
-    K: Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
+    /// Runs one operation on this layer under its breaker and timeout.
+    async fn call<T>(
+        &self,
+        op: Operation,
+        access: Access,
+        operation: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let admit = match &self.breaker {
+            None => Admit::Call,
+            Some(breaker) => {
+                let (admit, change) = breaker.admit();
+                if let Some(change) = change {
+                    self.transition(change);
+                }
+                admit
+            }
+        };
+        if admit == Admit::Skip {
+            self.counters.incr(Counter::Skipped);
+            return Err(Error::circuit_open(op, self.name.clone()));
+        }
+        let timeout = match access {
+            Access::Read => self.read_timeout,
+            Access::Write => self.write_timeout,
+        };
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let result = match timeout {
+            None => operation.await,
+            Some(limit) => match tokio::time::timeout(limit, operation).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.counters.incr(Counter::Timeout);
+                    Err(Error::new(
+                        ErrorKind::Timeout,
+                        op,
+                        format!("no answer within the layer's {limit:?} timeout"),
+                    ))
+                }
+            },
+        };
+        #[cfg(feature = "metrics")]
+        crate::observe::record_latency(&self.cache, &self.name, op, &result, started.elapsed());
+        if let Some(breaker) = &self.breaker {
+            let failed = matches!(&result, Err(e) if is_failure(e));
+            if let Some(change) = breaker.report(admit, failed) {
+                self.transition(change);
+            }
+        }
+        result
+    }
+
+    fn transition(&self, (from, to): (BreakerState, BreakerState)) {
+        crate::observe::breaker_changed(&self.cache, &self.name, from, to);
+        if let Some(listener) = &self.on_health {
+            listener(&HealthEvent {
+                layer: self.name.clone(),
+                from,
+                to,
+            });
+        }
+    }
+
+    fn breaker_state(&self) -> BreakerState {
+        self.breaker.as_ref().map_or(BreakerState::Closed, Breaker::state)
+    }
+
+    /// Whether a read of `key` must pass this layer by (it may hold an outdated copy).
+    #[inline]
+    fn suspect(&self, key: &K, now: Timestamp) -> bool {
+        self.suspects.as_ref().is_some_and(|s| s.skip(key, now))
+    }
+
+    /// This layer now holds the current state of `keys`.
+    fn cleaned<'a>(&self, keys: impl IntoIterator<Item = &'a K>) {
+        if let Some(s) = &self.suspects {
+            s.clean(keys);
+        }
+    }
+
+    /// A write of `keys` could neither reach this layer nor remove its copies.
+    fn suspected<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp) {
+        if let Some(s) = &self.suspects {
+            s.mark(keys, now);
+        }
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        match self.sync_ops.then(|| self.layer.get_sync(key)).flatten() {
+            Some(result) => result,
+            None => self.call(Operation::Get, Access::Read, self.layer.get(key)).await,
+        }
+    }
+
+    async fn exists(&self, key: &K) -> Result<bool> {
+        match self.sync_ops.then(|| self.layer.get_sync(key)).flatten() {
+            Some(result) => result.map(|e| e.is_some()),
+            None => self.call(Operation::Exists, Access::Read, self.layer.exists(key)).await,
+        }
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.call(Operation::GetMany, Access::Read, self.layer.get_many(keys))
+            .await
+    }
+
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         match self
             .sync_ops
@@ -54,24 +184,54 @@ where
             .flatten()
         {
             Some(result) => result,
-            None => self.layer.set(key, value, ttl).await,
+            None => {
+                self.call(Operation::Set, Access::Write, self.layer.set(key, value, ttl))
+                    .await
+            }
         }
     }
 
     async fn delete(&self, key: &K) -> Result<bool> {
         match self.sync_ops.then(|| self.layer.delete_sync(key)).flatten() {
             Some(result) => result,
-            None => self.layer.delete(key).await,
+            None => {
+                self.call(Operation::Delete, Access::Write, self.layer.delete(key))
+                    .await
+            }
         }
+    }
+
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        self.call(Operation::SetMany, Access::Write, self.layer.set_many(entries, ttl))
+            .await
+    }
+
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.call(Operation::DeleteMany, Access::Write, self.layer.delete_many(keys))
+            .await
+    }
+
+    async fn apply_atomic(&self, ops: &[crate::layer::WriteOp<K, V>]) -> Result<()> {
+        self.call(Operation::Transaction, Access::Write, self.layer.apply_atomic(ops))
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.call(Operation::Flush, Access::Write, self.layer.flush()).await
     }
 }
 
 impl<K, V> Slot<K, V> {
     fn error(&self, err: Error) -> Error {
-        self.counters.incr(Counter::Error);
+        if !err.is_circuit_open() {
+            self.counters.incr(Counter::Error);
+        }
         err.with_layer(self.name.clone())
     }
 }
+
+/// Keys a cache layer tracks as possibly outdated before it is skipped altogether.
+const SUSPECT_KEYS: usize = 100_000;
 
 struct Inner<K, V> {
     name: String,
@@ -92,6 +252,7 @@ struct Inner<K, V> {
     ttl_jitter: f64,
     bus: Option<Arc<dyn InvalidationBus<K>>>,
     bus_counters: BusCounters,
+    fail_safe: Option<FailSafeStore<K, V>>,
 }
 
 #[derive(Default)]
@@ -104,8 +265,8 @@ struct BusCounters {
 
 impl<K, V> Inner<K, V>
 where
-    K: Hash + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
 {
     /// Applies a message of the invalidation bus to the in-process layers.
     fn invalidate_local(&self, message: Invalidation<K>) {
@@ -115,6 +276,9 @@ where
             Invalidation::Key(key) => {
                 // As a local write does: promotions racing the message are discarded.
                 let _writing = self.guard.begin_write(self.guard.stripe_of(&key));
+                if let Some(fail_safe) = &self.fail_safe {
+                    fail_safe.forget(&key);
+                }
                 for slot in local {
                     if !matches!(slot.layer.delete_sync(&key), Some(Ok(_))) {
                         slot.counters.incr(Counter::Error);
@@ -124,6 +288,9 @@ where
             Invalidation::All => {
                 self.bus_counters.clears.fetch_add(1, Ordering::Relaxed);
                 let _writing = self.guard.begin_write_all();
+                if let Some(fail_safe) = &self.fail_safe {
+                    fail_safe.clear();
+                }
                 for slot in local {
                     if !matches!(slot.layer.clear_sync(), Some(Ok(()))) {
                         slot.counters.incr(Counter::Error);
@@ -141,6 +308,77 @@ where
                 Err(_) => &self.bus_counters.publish_errors,
             };
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    /// Fail-safe: `value` is the current value of `key`, expiring at `expires_at`.
+    fn remember(&self, key: &K, value: &V, expires_at: Option<Timestamp>) {
+        if let Some(fail_safe) = &self.fail_safe {
+            fail_safe.record(key, value, expires_at, self.clock.now());
+        }
+    }
+
+    /// Fail-safe: `key` no longer has a value to fall back on.
+    fn forget(&self, key: &K) {
+        if let Some(fail_safe) = &self.fail_safe {
+            fail_safe.forget(key);
+        }
+    }
+
+    /// A batch read of `keys[p]` for every `p` in `failed` failed with `err`: `out` with
+    /// their fail-safe copies, or the error when one of them has none.
+    fn stale_many(
+        &self,
+        keys: &[K],
+        failed: &[usize],
+        mut out: Vec<Option<Entry<V>>>,
+        err: Error,
+    ) -> Result<Vec<Option<Entry<V>>>> {
+        let Some(fail_safe) = &self.fail_safe else {
+            return Err(err);
+        };
+        let now = self.clock.now();
+        for &p in failed {
+            match fail_safe.peek(&keys[p], now) {
+                Some(entry) => out[p] = Some(entry),
+                None => {
+                    fail_safe.counted(false, 1);
+                    return Err(err);
+                }
+            }
+        }
+        fail_safe.counted(true, failed.len());
+        Ok(out)
+    }
+
+    /// A read of `key` failed with `err`: the fail-safe copy, or the error.
+    fn stale_or(&self, key: &K, err: Error) -> Result<Option<Entry<V>>> {
+        let servable = !matches!(
+            err.kind(),
+            ErrorKind::Closed | ErrorKind::InvalidInput | ErrorKind::Unsupported
+        );
+        match &self.fail_safe {
+            Some(fail_safe) if servable => match fail_safe.stale(key, self.clock.now()) {
+                Some(entry) => {
+                    crate::observe::stale_hit(&self.name);
+                    crate::observe::read_outcome(None, false, "stale");
+                    Ok(Some(entry))
+                }
+                None => {
+                    crate::observe::read_outcome(None, false, "error");
+                    Err(err)
+                }
+            },
+            _ => {
+                crate::observe::read_outcome(None, false, "error");
+                Err(err)
+            }
         }
     }
 }
@@ -225,10 +463,23 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match std::mem::replace(&mut self.state, GetState::Finished) {
-                GetState::Start { cache, key } => match cache.read_sync_prefix(key) {
-                    Step::Done(result) => return Poll::Ready(result),
-                    Step::Await(fut) => self.state = GetState::Await(fut),
-                },
+                GetState::Start { cache, key } => {
+                    #[cfg(feature = "tracing")]
+                    let span = crate::observe::op_span!("capacitor.get", cache.inner.name);
+                    #[cfg(feature = "tracing")]
+                    let entered = span.enter();
+                    match cache.read_sync_prefix(key) {
+                        Step::Done(result) => return Poll::Ready(result),
+                        #[cfg(feature = "tracing")]
+                        Step::Await(fut) => {
+                            drop(entered);
+                            let fut = tracing::Instrument::instrument(fut, span.clone());
+                            self.state = GetState::Await(Box::pin(fut));
+                        }
+                        #[cfg(not(feature = "tracing"))]
+                        Step::Await(fut) => self.state = GetState::Await(fut),
+                    }
+                }
                 GetState::Await(mut fut) => {
                     return match fut.as_mut().poll(cx) {
                         Poll::Ready(result) => Poll::Ready(result),
@@ -305,6 +556,8 @@ pub struct MultiLayerBuilder<K, V> {
     cache_misses_for: Option<Duration>,
     ttl_jitter: f64,
     bus: Option<Arc<dyn InvalidationBus<K>>>,
+    fail_safe: Option<FailSafe>,
+    on_health: Option<HealthListener>,
 }
 
 impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
@@ -387,12 +640,28 @@ where
         self
     }
 
+    /// Serve the last known value of a key when a read fails because the layers that
+    /// could answer are down, time out or are skipped by their breakers (see
+    /// [`FailSafe`]). Off by default.
+    pub fn fail_safe(mut self, fail_safe: FailSafe) -> Self {
+        self.fail_safe = Some(fail_safe);
+        self
+    }
+
+    /// Call `listener` on every change of a layer's circuit breaker (opened, probing,
+    /// closed). It runs on the task of the operation that caused the change: keep it short.
+    pub fn on_health_change(mut self, listener: impl Fn(&HealthEvent) + Send + Sync + 'static) -> Self {
+        self.on_health = Some(Arc::new(listener));
+        self
+    }
+
     /// Validates the configuration and builds the composer.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Config`] naming the field: no layers, an empty or duplicate layer
-    /// name, a zero TTL, every layer read-only.
+    /// name, a zero TTL or timeout, invalid breaker or fail-safe options, every layer
+    /// read-only.
     pub fn build(self) -> Result<MultiLayer<K, V>> {
         if self.layers.is_empty() {
             return Err(Error::config("layers", "at least one layer is required"));
@@ -413,6 +682,20 @@ where
                     format_args!("TTL of layer `{}` must be greater than zero", l.name),
                 ));
             }
+            for (field, timeout) in [("read_timeout", l.read_timeout), ("write_timeout", l.write_timeout)] {
+                if timeout == Some(Duration::ZERO) {
+                    return Err(Error::config(
+                        &format!("layers[{i}].{field}"),
+                        format_args!("timeout of layer `{}` must be greater than zero", l.name),
+                    ));
+                }
+            }
+            if let BreakerSetting::On(breaker) = &l.breaker {
+                breaker.validate(&format!("layers[{i}].circuit_breaker"))?;
+            }
+        }
+        if let Some(fail_safe) = &self.fail_safe {
+            fail_safe.validate()?;
         }
         if !(0.0..=0.5).contains(&self.ttl_jitter) {
             return Err(Error::config("ttl_jitter", "must be within 0.0..=0.5"));
@@ -450,19 +733,45 @@ where
             None => None,
         };
         let mut all_sync = true;
+        let cache: Arc<str> = Arc::from(self.name.as_str());
         let slots = self
             .layers
             .into_iter()
-            .map(|l| {
-                let sync_ops = l.layer.capabilities().sync_ops;
+            .enumerate()
+            .map(|(i, l)| {
+                let in_process = l.layer.capabilities().sync_ops;
+                let breaker = match l.breaker {
+                    // By default only on remote cache layers, where skipping turns errors
+                    // the read path ignores anyway into instant misses. On the
+                    // authoritative layer an open breaker fails operations without trying
+                    // them, which callers opt into.
+                    BreakerSetting::Auto if !in_process && i != authoritative && !l.read_only => {
+                        Some(CircuitBreaker::default())
+                    }
+                    BreakerSetting::On(config) => Some(config),
+                    _ => None,
+                };
+                // Timeouts and breakers apply to awaited operations: a layer with either
+                // is always awaited.
+                let sync_ops = in_process
+                    && breaker.is_none()
+                    && l.read_timeout.is_none()
+                    && l.write_timeout.is_none();
                 let slot = Slot {
                     sync_ops,
                     sync_above: all_sync,
+                    suspects: (!sync_ops && !l.read_only && i != authoritative)
+                        .then(|| DirtyKeys::new(SUSPECT_KEYS, l.ttl)),
+                    breaker: breaker.map(|config| Breaker::new(config, Arc::clone(&self.clock))),
                     name: l.name,
                     layer: l.layer,
                     ttl: l.ttl,
                     read_only: l.read_only,
                     counters: LayerCounters::default(),
+                    read_timeout: l.read_timeout,
+                    write_timeout: l.write_timeout,
+                    on_health: self.on_health.clone(),
+                    cache: Arc::clone(&cache),
                 };
                 all_sync &= sync_ops || slot.read_only;
                 slot
@@ -485,6 +794,7 @@ where
                 ttl_jitter: self.ttl_jitter,
                 bus: self.bus,
                 bus_counters: BusCounters::default(),
+                fail_safe: self.fail_safe.map(FailSafeStore::new),
             }),
         })
         .inspect(|cache| {
@@ -524,6 +834,8 @@ where
             cache_misses_for: None,
             ttl_jitter: 0.0,
             bus: None,
+            fail_safe: None,
+            on_health: None,
         }
     }
 
@@ -587,6 +899,10 @@ where
             match result {
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
+                    if ticket.is_some() && inner.fail_safe.is_some() {
+                        inner.remember(key, &entry.value, entry.expires_at);
+                    }
+                    crate::observe::read_outcome(Some(&slot.name), ticket.is_some() && inner.promotion, "hit");
                     return match (ticket, inner.promotion) {
                         (Some(ticket), true) if slot.sync_above => {
                             self.promote_sync(key, &entry, i, ticket);
@@ -602,11 +918,12 @@ where
                 Ok(None) => slot.counters.incr(Counter::Miss),
                 Err(e) => {
                     if let Err(e) = self.read_failed(i, e) {
-                        return Step::Done(Err(e));
+                        return Step::Done(inner.stale_or(key, e));
                     }
                 }
             }
         }
+        crate::observe::read_outcome(None, false, "miss");
         Step::Done(Ok(None))
     }
 
@@ -651,22 +968,32 @@ where
                 }
             }
             let slot = &inner.slots[i];
-            let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
-                Some(result) => result,
-                None => slot.layer.get(key).await,
-            };
-            match found {
+            if slot.suspect(key, inner.clock.now()) {
+                // It may hold a value older than the layers below: pass it by.
+                slot.counters.incr(Counter::Skipped);
+                continue;
+            }
+            match slot.get(key).await {
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
-                    if inner.promotion && i > 0 {
-                        self.promote(key, &entry, i, ticket).await;
+                    if i > 0 {
+                        inner.remember(key, &entry.value, entry.expires_at);
+                        if inner.promotion {
+                            self.promote(key, &entry, i, ticket).await;
+                        }
                     }
+                    crate::observe::read_outcome(Some(&slot.name), i > 0 && inner.promotion, "hit");
                     return Ok(Some(entry));
                 }
                 Ok(None) => slot.counters.incr(Counter::Miss),
-                Err(e) => self.read_failed(i, e)?,
+                Err(e) => {
+                    if let Err(e) = self.read_failed(i, e) {
+                        return inner.stale_or(key, e);
+                    }
+                }
             }
         }
+        crate::observe::read_outcome(None, false, "miss");
         Ok(None)
     }
 
@@ -718,8 +1045,14 @@ where
                 continue;
             }
             let result = slot.set(key, &entry.value, min_ttl(slot.ttl, remaining)).await;
-            if self.promoted(slot, ticket, result) && slot.delete(key).await.is_err() {
-                slot.counters.incr(Counter::Error);
+            let written = result.is_ok();
+            if self.promoted(slot, ticket, result) {
+                if slot.delete(key).await.is_err() {
+                    slot.counters.incr(Counter::Error);
+                    slot.suspected([key], self.inner.clock.now());
+                }
+            } else if written {
+                slot.cleaned([key]);
             }
         }
     }
@@ -749,7 +1082,7 @@ where
     ///
     /// As [`set_with`](MultiLayer::set_with).
     pub async fn set(&self, key: K, value: V) -> Result<()> {
-        self.write(&key, &value, None).await
+        traced!("capacitor.set", self.inner.name, self.write(&key, &value, None))
     }
 
     /// Stores `value` under `key` with per-write options (a TTL: each layer keeps the
@@ -761,7 +1094,7 @@ where
     /// authoritative layer's error (nothing above it was changed); a cache layer's error
     /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
     pub async fn set_with(&self, key: K, value: V, options: SetOptions) -> Result<()> {
-        self.write(&key, &value, options.ttl).await
+        traced!("capacitor.set", self.inner.name, self.write(&key, &value, options.ttl))
     }
 
     fn check_ttl(ttl: Option<Duration>, op: Operation) -> Result<()> {
@@ -783,8 +1116,8 @@ where
         if let Some(negative) = &inner.negative {
             negative.forget(key);
         }
+        let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
         if let Some(queue) = &inner.queue {
-            let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
             queue
                 .push(
                     key,
@@ -795,6 +1128,7 @@ where
                     Operation::Set,
                 )
                 .await?;
+            inner.remember(key, value, expires_at);
             let l1 = &inner.slots[0];
             match l1.set(key, value, inner.write_ttl(l1, ttl)).await {
                 Ok(()) => l1.counters.incr(Counter::Set),
@@ -811,18 +1145,26 @@ where
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
             match slot.set(key, value, inner.write_ttl(slot, ttl)).await {
-                Ok(()) => slot.counters.incr(Counter::Set),
+                Ok(()) => {
+                    slot.counters.incr(Counter::Set);
+                    slot.cleaned([key]);
+                }
                 Err(e) => {
                     let err = slot.error(e);
                     if i == inner.authoritative {
                         return Err(err);
                     }
-                    // The cache may still hold the previous value: drop it there.
+                    // The cache may still hold the previous value: drop it there, or
+                    // failing that, stop reading the key there until it is rewritten.
                     if slot.delete(key).await.is_err() {
                         slot.counters.incr(Counter::Error);
+                        slot.suspected([key], inner.clock.now());
                     }
                     cache_error.get_or_insert(err);
                 }
+            }
+            if i == inner.authoritative {
+                inner.remember(key, value, expires_at);
             }
         }
         inner.publish(key).await;
@@ -842,12 +1184,17 @@ where
     /// [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error). A cache layer that
     /// fails to delete may serve the old value until its TTL ends; the error is counted.
     pub async fn delete(&self, key: &K) -> Result<bool> {
+        traced!("capacitor.delete", self.inner.name, self.remove(key))
+    }
+
+    async fn remove(&self, key: &K) -> Result<bool> {
         self.check_open(Operation::Delete)?;
         let inner = &*self.inner;
         let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
         if let Some(negative) = &inner.negative {
             negative.forget(key);
         }
+        inner.forget(key);
         if let Some(queue) = &inner.queue {
             let pending = self.buffered(key);
             queue.push(key, Pending::Delete, Operation::Delete).await?;
@@ -862,6 +1209,7 @@ where
             match slot.delete(key).await {
                 Ok(found) => {
                     slot.counters.incr(Counter::Delete);
+                    slot.cleaned([key]);
                     if i == inner.authoritative {
                         existed = found;
                     }
@@ -871,6 +1219,7 @@ where
                     if i == inner.authoritative {
                         return Err(err);
                     }
+                    slot.suspected([key], inner.clock.now());
                     cache_error.get_or_insert(err);
                 }
             }
@@ -890,20 +1239,24 @@ where
     /// As [`get`](MultiLayer::get).
     pub async fn exists(&self, key: &K) -> Result<bool> {
         self.check_open(Operation::Exists)?;
-        for (i, slot) in self.inner.slots.iter().enumerate() {
+        let inner = &*self.inner;
+        for (i, slot) in inner.slots.iter().enumerate() {
             if i == 1 {
                 if let Some(found) = self.buffered(key) {
                     return Ok(found.is_some());
                 }
             }
-            let found = match slot.sync_ops.then(|| slot.layer.get_sync(key)).flatten() {
-                Some(r) => r.map(|e| e.is_some()),
-                None => slot.layer.exists(key).await,
-            };
-            match found {
+            if slot.suspect(key, inner.clock.now()) {
+                continue;
+            }
+            match slot.exists(key).await {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
-                Err(e) => self.read_failed(i, e)?,
+                Err(e) => {
+                    if let Err(e) = self.read_failed(i, e) {
+                        return inner.stale_or(key, e).map(|found| found.is_some());
+                    }
+                }
             }
         }
         Ok(false)
@@ -916,9 +1269,7 @@ where
     ///
     /// As [`get`](MultiLayer::get).
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
-        Ok(self
-            .get_many_entries(keys)
-            .await?
+        Ok(traced!("capacitor.get_many", self.inner.name, self.get_many_entries(keys))?
             .into_iter()
             .map(|e| e.map(|e| e.value))
             .collect())
@@ -947,8 +1298,16 @@ where
             if pending.is_empty() {
                 break;
             }
-            let wanted: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
-            let found = match slot.layer.get_many(&wanted).await {
+            // Keys this layer may hold outdated copies of are not asked here.
+            let now = inner.clock.now();
+            let (asked, passed): (Vec<usize>, Vec<usize>) =
+                pending.iter().partition(|&&p| !slot.suspect(&keys[p], now));
+            passed.iter().for_each(|_| slot.counters.incr(Counter::Skipped));
+            if asked.is_empty() {
+                continue;
+            }
+            let wanted: Vec<K> = asked.iter().map(|&p| keys[p].clone()).collect();
+            let found = match slot.get_many(&wanted).await {
                 Ok(found) if found.len() == wanted.len() => found,
                 Ok(found) => {
                     let msg = format!("layer returned {} results for {} keys", found.len(), wanted.len());
@@ -962,7 +1321,7 @@ where
                     slot.counters.incr(Counter::DecodeError);
                     let mut found = Vec::with_capacity(wanted.len());
                     for key in &wanted {
-                        found.push(match slot.layer.get(key).await {
+                        found.push(match slot.get(key).await {
                             Ok(entry) => entry,
                             Err(e) if e.kind() == ErrorKind::Decode => {
                                 slot.counters.incr(Counter::DecodeError);
@@ -977,17 +1336,22 @@ where
                     found
                 }
                 Err(e) => {
-                    self.read_failed(i, e)?;
+                    if let Err(e) = self.read_failed(i, e) {
+                        return inner.stale_many(keys, &asked, out, e);
+                    }
                     continue;
                 }
             };
-            let mut still = Vec::new();
-            for (p, entry) in pending.into_iter().zip(found) {
+            let mut still = passed;
+            for (p, entry) in asked.into_iter().zip(found) {
                 match entry {
                     Some(entry) => {
                         slot.counters.incr(Counter::Hit);
-                        if inner.promotion && i > 0 {
-                            self.promote(&keys[p], &entry, i, tickets[p]).await;
+                        if i > 0 {
+                            inner.remember(&keys[p], &entry.value, entry.expires_at);
+                            if inner.promotion {
+                                self.promote(&keys[p], &entry, i, tickets[p]).await;
+                            }
                         }
                         out[p] = Some(entry);
                     }
@@ -1026,22 +1390,30 @@ where
             .collect();
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot
-                .layer
-                .set_many(entries, inner.write_ttl(slot, options.ttl))
-                .await
-            {
-                Ok(()) => (0..entries.len()).for_each(|_| slot.counters.incr(Counter::Set)),
+            match slot.set_many(entries, inner.write_ttl(slot, options.ttl)).await {
+                Ok(()) => {
+                    (0..entries.len()).for_each(|_| slot.counters.incr(Counter::Set));
+                    slot.cleaned(entries.iter().map(|(k, _)| k));
+                }
                 Err(e) => {
                     let err = slot.error(e);
                     if i == inner.authoritative {
                         return Err(err);
                     }
                     let keys: Vec<K> = entries.iter().map(|(k, _)| k.clone()).collect();
-                    if slot.layer.delete_many(&keys).await.is_err() {
+                    if slot.delete_many(&keys).await.is_err() {
                         slot.counters.incr(Counter::Error);
+                        slot.suspected(&keys, inner.clock.now());
                     }
                     cache_error.get_or_insert(err);
+                }
+            }
+            if i == inner.authoritative {
+                let expires_at = options
+                    .ttl
+                    .and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
+                for (key, value) in entries {
+                    inner.remember(key, value, expires_at);
                 }
             }
         }
@@ -1074,12 +1446,14 @@ where
             .iter()
             .map(|k| inner.guard.begin_write(inner.guard.stripe_of(k)))
             .collect();
+        keys.iter().for_each(|k| inner.forget(k));
         let mut removed = 0;
         let mut cache_error = None;
         for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.layer.delete_many(keys).await {
+            match slot.delete_many(keys).await {
                 Ok(n) => {
                     (0..keys.len()).for_each(|_| slot.counters.incr(Counter::Delete));
+                    slot.cleaned(keys);
                     if i == inner.authoritative {
                         removed = n;
                     }
@@ -1089,6 +1463,7 @@ where
                     if i == inner.authoritative {
                         return Err(err);
                     }
+                    slot.suspected(keys, inner.clock.now());
                     cache_error.get_or_insert(err);
                 }
             }
@@ -1114,7 +1489,7 @@ where
         }
         let mut first = None;
         for slot in self.inner.slots.iter() {
-            if let Err(e) = slot.layer.flush().await {
+            if let Err(e) = slot.flush().await {
                 first.get_or_insert(slot.error(e));
             }
         }
@@ -1167,8 +1542,18 @@ where
                 .inner
                 .slots
                 .iter()
-                .map(|s| s.counters.snapshot(&s.name))
+                .map(|s| {
+                    let mut stats = s.counters.snapshot(&s.name);
+                    stats.breaker = s.breaker_state();
+                    stats.breaker_opens = s
+                        .breaker
+                        .as_ref()
+                        .map_or(0, |b| b.opened.load(Ordering::Relaxed));
+                    stats.suspect_keys = s.suspects.as_ref().map_or(0, |d| d.len() as u64);
+                    stats
+                })
                 .collect(),
+            fail_safe: self.inner.fail_safe.as_ref().map(FailSafeStore::stats),
             write_back: self.inner.queue.as_ref().map(Queue::stats),
             bus: self.inner.bus.as_ref().map(|_| {
                 let c = &self.inner.bus_counters;
@@ -1317,7 +1702,7 @@ where
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
-        self.get_many_entries(keys).await
+        traced!("capacitor.get_many", self.inner.name, self.get_many_entries(keys))
     }
 
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
@@ -1384,7 +1769,8 @@ where
                             // `unwritten_keys` reports it.
                             return;
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            crate::observe::drain_retry(&inner.name, &e);
                             queue.retries.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(queue.config.retry_max);
@@ -1443,16 +1829,17 @@ where
         let mut outcome = Ok(());
         for (ttl, entries) in &sets {
             if outcome.is_ok() {
-                outcome = slot.layer.set_many(entries, inner.write_ttl(slot, *ttl)).await;
+                outcome = slot.set_many(entries, inner.write_ttl(slot, *ttl)).await;
             }
         }
         if outcome.is_ok() && !deletes.is_empty() {
-            outcome = slot.layer.delete_many(&deletes).await.map(drop);
+            outcome = slot.delete_many(&deletes).await.map(drop);
         }
         match outcome {
             Ok(()) => {
                 let n = sets.values().map(Vec::len).sum::<usize>() + deletes.len();
                 (0..n).for_each(|_| slot.counters.incr(Counter::Set));
+                slot.cleaned(batch.iter().map(|(k, _, _)| k));
             }
             Err(e) => {
                 let err = slot.error(e);
@@ -1460,8 +1847,9 @@ where
                     return Err(err);
                 }
                 let keys: Vec<K> = batch.iter().map(|(k, _, _)| k.clone()).collect();
-                if slot.layer.delete_many(&keys).await.is_err() {
+                if slot.delete_many(&keys).await.is_err() {
                     slot.counters.incr(Counter::Error);
+                    slot.suspected(&keys, inner.clock.now());
                 }
             }
         }

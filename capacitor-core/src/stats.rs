@@ -26,12 +26,14 @@ pub(crate) enum Counter {
     Delete = 5,
     Promotion = 6,
     PromotionSkipped = 7,
+    Timeout = 8,
+    Skipped = 9,
 }
 
-const COUNTERS: usize = 8;
+const COUNTERS: usize = 10;
 
-/// One thread's counters for one layer: exactly one 64-byte cache line, aligned to 128 to
-/// keep adjacent-line prefetching from pairing two shards.
+/// One thread's counters for one layer (80 bytes), aligned to 128 to keep adjacent-line
+/// prefetching from pairing two shards.
 #[repr(align(128))]
 #[derive(Default)]
 struct Shard {
@@ -122,6 +124,9 @@ impl LayerCounters {
             deletes: self.sum(Counter::Delete),
             promotions: self.sum(Counter::Promotion),
             promotions_skipped: self.sum(Counter::PromotionSkipped),
+            timeouts: self.sum(Counter::Timeout),
+            skipped: self.sum(Counter::Skipped),
+            ..LayerStats::default()
         }
     }
 }
@@ -149,6 +154,17 @@ pub struct LayerStats {
     /// Promotions into this layer skipped because a concurrent write of the key raced
     /// the read (the guard that keeps stale values out of upper layers).
     pub promotions_skipped: u64,
+    /// Operations that ran past the layer's timeout (counted in `errors` too).
+    pub timeouts: u64,
+    /// Operations that did not reach the layer because its circuit breaker was open.
+    pub skipped: u64,
+    /// The circuit breaker's state (`Closed` for a layer without a breaker).
+    pub breaker: crate::BreakerState,
+    /// Times the circuit breaker opened.
+    pub breaker_opens: u64,
+    /// Keys this cache layer may hold an outdated copy of (a write could not reach or
+    /// invalidate it); reads skip the layer for them until it is written again.
+    pub suspect_keys: u64,
 }
 
 impl LayerStats {
@@ -196,6 +212,8 @@ pub struct Stats {
     pub write_back: Option<crate::WriteBackStats>,
     /// The invalidation bus, when one is configured.
     pub bus: Option<BusStats>,
+    /// The fail-safe store, when fail-safe is on.
+    pub fail_safe: Option<crate::FailSafeStats>,
 }
 
 /// Counters of a composer's [`InvalidationBus`](crate::InvalidationBus).
@@ -213,11 +231,12 @@ pub struct BusStats {
 }
 
 impl Stats {
-    /// Reads answered by some layer. Each read hits at most one layer, so this is the sum
-    /// of the layers' hits (no extra counter on the hit path).
+    /// Reads answered by some layer, the write-back buffer or the fail-safe store. Each
+    /// read hits at most one of them, so this is a sum (no extra counter on the hit path).
     pub fn hits(&self) -> u64 {
         let buffered = self.write_back.as_ref().map_or(0, |w| w.buffer_hits);
-        self.layers.iter().map(|l| l.hits).sum::<u64>() + buffered
+        let stale = self.fail_safe.as_ref().map_or(0, |f| f.stale_hits);
+        self.layers.iter().map(|l| l.hits).sum::<u64>() + buffered + stale
     }
 
     /// Reads that no layer answered: the misses of the last layer.
@@ -242,13 +261,24 @@ impl fmt::Display for Stats {
         let width = self.layers.iter().map(|l| l.name.len()).max().unwrap_or(5).max(5);
         writeln!(
             f,
-            "{:<width$} {:>10} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8} {:>7}",
-            "layer", "hits", "misses", "hit%", "sets", "deletes", "promoted", "errors", "decode"
+            "{:<width$} {:>10} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}",
+            "layer",
+            "hits",
+            "misses",
+            "hit%",
+            "sets",
+            "deletes",
+            "promoted",
+            "errors",
+            "timeouts",
+            "skipped",
+            "decode",
+            "breaker"
         )?;
         for l in &self.layers {
             writeln!(
                 f,
-                "{:<width$} {:>10} {:>10} {:>6.1}% {:>10} {:>10} {:>8} {:>8} {:>7}",
+                "{:<width$} {:>10} {:>10} {:>6.1}% {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}",
                 l.name,
                 l.hits,
                 l.misses,
@@ -257,7 +287,10 @@ impl fmt::Display for Stats {
                 l.deletes,
                 l.promotions,
                 l.errors,
-                l.decode_errors
+                l.timeouts,
+                l.skipped,
+                l.decode_errors,
+                l.breaker.as_str()
             )?;
         }
         if let Some(w) = &self.write_back {
@@ -277,6 +310,13 @@ impl fmt::Display for Stats {
                 f,
                 "invalidation bus: {} published ({} failed), {} received, {} clears",
                 b.published, b.publish_errors, b.received, b.clears
+            )?;
+        }
+        if let Some(s) = &self.fail_safe {
+            writeln!(
+                f,
+                "fail-safe: {} copies, {} stale hits, {} failed reads without a copy",
+                s.entries, s.stale_hits, s.stale_misses
             )?;
         }
         write!(
@@ -319,6 +359,7 @@ mod tests {
         let stats = Stats {
             write_back: None,
             bus: None,
+            fail_safe: None,
             layers: vec![
                 LayerStats {
                     name: "l1".into(),

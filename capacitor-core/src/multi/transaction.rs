@@ -195,12 +195,9 @@ where
                 delete => delete,
             })
             .collect();
-        bottom
-            .layer
-            .apply_atomic(&capped)
-            .await
-            .map_err(|e| bottom.error(e))?;
+        bottom.apply_atomic(&capped).await.map_err(|e| bottom.error(e))?;
         let keys: Vec<K> = capped.iter().map(|op| op.key().clone()).collect();
+        keys.iter().for_each(|k| inner.forget(k));
         keys.iter().for_each(|_| bottom.counters.incr(Counter::Set));
         let mut failed = None;
         for slot in inner.slots[..inner.authoritative]
@@ -208,8 +205,12 @@ where
             .rev()
             .filter(|s| !s.read_only)
         {
-            if let Err(e) = slot.layer.delete_many(&keys).await {
-                failed.get_or_insert(slot.error(e));
+            match slot.delete_many(&keys).await {
+                Ok(_) => slot.cleaned(&keys),
+                Err(e) => {
+                    slot.suspected(&keys, inner.clock.now());
+                    failed.get_or_insert(slot.error(e));
+                }
             }
         }
         for key in &keys {

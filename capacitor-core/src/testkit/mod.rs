@@ -20,10 +20,12 @@
 mod cases;
 mod composer;
 mod doubles;
+mod proxy;
 
 pub use cases::CASES;
 pub use composer::COMPOSER_CASES;
 pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
+pub use proxy::FaultProxy;
 
 use std::future::Future;
 use std::pin::Pin;
