@@ -13,7 +13,9 @@
 //! | `redis-tls` | TLS for `rediss://` (rustls) | no |
 //! | `postgres` | `postgres`: `PostgresLayer` on deadpool-postgres | no |
 //! | `postgres-tls` | `PostgresLayerBuilder::native_tls` | no |
-//! | `full` | memory, sled, redis, postgres | no |
+//! | `metrics` | `MultiLayer::report_metrics`, `spawn_metrics_reporter` (`metrics` facade) | no |
+//! | `tracing` | a DEBUG span per composer operation, breaker events (`tracing`) | no |
+//! | `full` | all of the above but the TLS features | no |
 //!
 //! # Examples
 //!
