@@ -15,10 +15,12 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
+type FieldMap = BTreeMap<String, String>;
+
 #[derive(Default, Clone)]
 struct Captured {
     /// Closed spans: name and fields.
-    spans: Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>,
+    spans: Arc<Mutex<Vec<(String, FieldMap)>>>,
     events: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
 }
 
