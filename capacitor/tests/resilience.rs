@@ -366,3 +366,53 @@ async fn postgres_down_without_fail_safe_is_a_typed_error_within_the_timeout() {
     proxy.stop();
     assert_stored(&table, &written).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_starts_with_redis_down_and_redis_joins_when_it_comes_up() {
+    let (proxy, via) = proxied(&redis_url(), 6379).await;
+    proxy.refuse(true); // Redis "not up yet"
+    let table = unique("late");
+    let pg = postgres(&postgres_url(), &table).await;
+    let redis = RedisLayer::builder()
+        .url(&via)
+        .prefix(format!("{}:", unique("late")))
+        .build()
+        .unwrap(); // no connect(): it connects in the background
+    let cache = MultiLayer::<String, String>::builder()
+        .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(100).build().unwrap()))
+        .layer(
+            LayerConfig::new("redis", redis)
+                .timeout(REDIS_TIMEOUT)
+                .circuit_breaker(CircuitBreaker::new().failures(3).cool_down(Duration::from_millis(300))),
+        )
+        .layer(LayerConfig::new("postgres", pg))
+        .build()
+        .expect("builds with Redis down");
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let (k, v) = (format!("early:{i}"), format!("e{i}"));
+        cache.set(k.clone(), v.clone()).await.unwrap();
+        assert_eq!(cache.get(&k).await.unwrap().as_ref(), Some(&v));
+        acked.push((k, v));
+    }
+    assert_eq!(cache.stats().layer("redis").unwrap().sets, 0);
+    proxy.refuse(false);
+    // Redis joins: writes reach it again, without rebuilding anything.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    while cache.stats().layer("redis").unwrap().sets == 0 {
+        assert!(Instant::now() < deadline, "Redis never joined: {}", cache.stats());
+        let (k, v) = (format!("late:{i}"), format!("l{i}"));
+        cache.set(k.clone(), v.clone()).await.unwrap();
+        acked.push((k, v));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cache.stats().layer("redis").unwrap().breaker, BreakerState::Closed);
+    for (k, v) in &acked {
+        assert_eq!(cache.get(k).await.unwrap().as_ref(), Some(v), "{k}");
+    }
+    cache.close().await.unwrap();
+    proxy.stop();
+    assert_stored(&table, &acked).await;
+}
