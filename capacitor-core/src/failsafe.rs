@@ -68,7 +68,10 @@ impl FailSafe {
             return Err(Error::config("fail_safe.grace", "must be greater than zero"));
         }
         if self.max_entries == 0 {
-            return Err(Error::config("fail_safe.max_entries", "must be greater than zero"));
+            return Err(Error::config(
+                "fail_safe.max_entries",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -125,7 +128,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Store<K, V> {
     /// Keeps `value` as the last known value of `key`, seen fresh at `now`.
     pub(crate) fn record(&self, key: &K, value: &V, expires_at: Option<Timestamp>, now: Timestamp) {
         let usable_until = expires_at.unwrap_or(now).saturating_add(self.config.grace);
-        let Ok(mut shard) = self.shard(key).lock() else { return };
+        let Ok(mut shard) = self.shard(key).lock() else {
+            return;
+        };
         if shard.len() >= self.per_shard && !shard.contains_key(key) {
             // Full: drop expired copies first, else an arbitrary one.
             shard.retain(|_, c| c.usable_until > now);
@@ -210,9 +215,17 @@ mod tests {
         store.record(&1, &10, Some(t(5_000)), t(1_000));
         store.record(&2, &20, None, t(1_000));
         assert_eq!(store.stale(&1, t(14_999)).map(|e| e.value), Some(10));
-        assert_eq!(store.stale(&1, t(15_000)).map(|e| e.value), None, "grace past expiry");
+        assert_eq!(
+            store.stale(&1, t(15_000)).map(|e| e.value),
+            None,
+            "grace past expiry"
+        );
         assert_eq!(store.stale(&2, t(10_999)).map(|e| e.value), Some(20));
-        assert_eq!(store.stale(&2, t(11_000)).map(|e| e.value), None, "grace past last seen");
+        assert_eq!(
+            store.stale(&2, t(11_000)).map(|e| e.value),
+            None,
+            "grace past last seen"
+        );
         store.forget(&2);
         assert_eq!(store.stale(&2, t(1_000)).map(|e| e.value), None);
         for k in 0..1_000 {

@@ -101,18 +101,30 @@ impl CircuitBreaker {
 
     pub(crate) fn validate(&self, field: &str) -> crate::Result<()> {
         if self.failures == 0 {
-            return Err(Error::config(&format!("{field}.failures"), "must be greater than zero"));
+            return Err(Error::config(
+                &format!("{field}.failures"),
+                "must be greater than zero",
+            ));
         }
         if let Some(rate) = self.error_rate {
             if !(rate > 0.0 && rate <= 1.0) {
-                return Err(Error::config(&format!("{field}.error_rate"), "must be within (0, 1]"));
+                return Err(Error::config(
+                    &format!("{field}.error_rate"),
+                    "must be within (0, 1]",
+                ));
             }
             if self.window.is_zero() {
-                return Err(Error::config(&format!("{field}.window"), "must be greater than zero"));
+                return Err(Error::config(
+                    &format!("{field}.window"),
+                    "must be greater than zero",
+                ));
             }
         }
         if self.cool_down.is_zero() {
-            return Err(Error::config(&format!("{field}.cool_down"), "must be greater than zero"));
+            return Err(Error::config(
+                &format!("{field}.cool_down"),
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -512,6 +524,9 @@ mod tests {
         assert!(d.overflowed.load(Ordering::Relaxed));
         assert!(d.skip(&4, now), "overflow: the whole layer is skipped");
         assert!(d.skip(&4, Timestamp::from_millis(10_999)));
-        assert!(!d.skip(&4, Timestamp::from_millis(11_000)), "the layer TTL has passed");
+        assert!(
+            !d.skip(&4, Timestamp::from_millis(11_000)),
+            "the layer TTL has passed"
+        );
     }
 }

@@ -14,8 +14,8 @@ mod config;
 mod entry;
 mod error;
 mod failsafe;
-mod health;
 mod guard;
+mod health;
 mod layer;
 mod multi;
 mod observe;
@@ -36,10 +36,10 @@ pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use failsafe::{FailSafe, FailSafeStats};
 pub use health::{BreakerState, CircuitBreaker, HealthEvent};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
-pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use multi::MetricsReporter;
+pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
 pub use scan::Scan;
 pub use stats::{BusStats, LayerStats, Stats};
 pub use writeback::WriteBackStats;

@@ -168,7 +168,10 @@ where
     async fn exists(&self, key: &K) -> Result<bool> {
         match self.sync_ops.then(|| self.layer.get_sync(key)).flatten() {
             Some(result) => result.map(|e| e.is_some()),
-            None => self.call(Operation::Exists, Access::Read, self.layer.exists(key)).await,
+            None => {
+                self.call(Operation::Exists, Access::Read, self.layer.exists(key))
+                    .await
+            }
         }
     }
 
@@ -202,8 +205,12 @@ where
     }
 
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
-        self.call(Operation::SetMany, Access::Write, self.layer.set_many(entries, ttl))
-            .await
+        self.call(
+            Operation::SetMany,
+            Access::Write,
+            self.layer.set_many(entries, ttl),
+        )
+        .await
     }
 
     async fn delete_many(&self, keys: &[K]) -> Result<u64> {
@@ -212,12 +219,17 @@ where
     }
 
     async fn apply_atomic(&self, ops: &[crate::layer::WriteOp<K, V>]) -> Result<()> {
-        self.call(Operation::Transaction, Access::Write, self.layer.apply_atomic(ops))
-            .await
+        self.call(
+            Operation::Transaction,
+            Access::Write,
+            self.layer.apply_atomic(ops),
+        )
+        .await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.call(Operation::Flush, Access::Write, self.layer.flush()).await
+        self.call(Operation::Flush, Access::Write, self.layer.flush())
+            .await
     }
 }
 
@@ -682,7 +694,10 @@ where
                     format_args!("TTL of layer `{}` must be greater than zero", l.name),
                 ));
             }
-            for (field, timeout) in [("read_timeout", l.read_timeout), ("write_timeout", l.write_timeout)] {
+            for (field, timeout) in [
+                ("read_timeout", l.read_timeout),
+                ("write_timeout", l.write_timeout),
+            ] {
                 if timeout == Some(Duration::ZERO) {
                     return Err(Error::config(
                         &format!("layers[{i}].{field}"),
@@ -753,10 +768,8 @@ where
                 };
                 // Timeouts and breakers apply to awaited operations: a layer with either
                 // is always awaited.
-                let sync_ops = in_process
-                    && breaker.is_none()
-                    && l.read_timeout.is_none()
-                    && l.write_timeout.is_none();
+                let sync_ops =
+                    in_process && breaker.is_none() && l.read_timeout.is_none() && l.write_timeout.is_none();
                 let slot = Slot {
                     sync_ops,
                     sync_above: all_sync,
@@ -902,7 +915,11 @@ where
                     if ticket.is_some() && inner.fail_safe.is_some() {
                         inner.remember(key, &entry.value, entry.expires_at);
                     }
-                    crate::observe::read_outcome(Some(&slot.name), ticket.is_some() && inner.promotion, "hit");
+                    crate::observe::read_outcome(
+                        Some(&slot.name),
+                        ticket.is_some() && inner.promotion,
+                        "hit",
+                    );
                     return match (ticket, inner.promotion) {
                         (Some(ticket), true) if slot.sync_above => {
                             self.promote_sync(key, &entry, i, ticket);
@@ -1094,7 +1111,11 @@ where
     /// authoritative layer's error (nothing above it was changed); a cache layer's error
     /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
     pub async fn set_with(&self, key: K, value: V, options: SetOptions) -> Result<()> {
-        traced!("capacitor.set", self.inner.name, self.write(&key, &value, options.ttl))
+        traced!(
+            "capacitor.set",
+            self.inner.name,
+            self.write(&key, &value, options.ttl)
+        )
     }
 
     fn check_ttl(ttl: Option<Duration>, op: Operation) -> Result<()> {
@@ -1269,10 +1290,12 @@ where
     ///
     /// As [`get`](MultiLayer::get).
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>> {
-        Ok(traced!("capacitor.get_many", self.inner.name, self.get_many_entries(keys))?
-            .into_iter()
-            .map(|e| e.map(|e| e.value))
-            .collect())
+        Ok(
+            traced!("capacitor.get_many", self.inner.name, self.get_many_entries(keys))?
+                .into_iter()
+                .map(|e| e.map(|e| e.value))
+                .collect(),
+        )
     }
 
     async fn get_many_entries(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
@@ -1545,10 +1568,7 @@ where
                 .map(|s| {
                     let mut stats = s.counters.snapshot(&s.name);
                     stats.breaker = s.breaker_state();
-                    stats.breaker_opens = s
-                        .breaker
-                        .as_ref()
-                        .map_or(0, |b| b.opened.load(Ordering::Relaxed));
+                    stats.breaker_opens = s.breaker.as_ref().map_or(0, |b| b.opened.load(Ordering::Relaxed));
                     stats.suspect_keys = s.suspects.as_ref().map_or(0, |d| d.len() as u64);
                     stats
                 })

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use capacitor_core::testkit::{Faults, FaultyLayer, MapLayer};
 use capacitor_core::{
-    BreakerState, CircuitBreaker, ErrorKind, FailSafe, HealthEvent, Layer, LayerConfig, ManualClock, MultiLayer,
-    MultiLayerBuilder, SetOptions,
+    BreakerState, CircuitBreaker, ErrorKind, FailSafe, HealthEvent, Layer, LayerConfig, ManualClock,
+    MultiLayer, MultiLayerBuilder, SetOptions,
 };
 
 type Map = Arc<MapLayer<String, String>>;
@@ -59,7 +59,13 @@ fn k(s: &str) -> String {
 #[tokio::test]
 async fn a_hanging_cache_layer_costs_a_read_no_more_than_its_timeout() {
     let s = stack(
-        |i, c| if i == 1 { c.read_timeout(Duration::from_millis(100)) } else { c },
+        |i, c| {
+            if i == 1 {
+                c.read_timeout(Duration::from_millis(100))
+            } else {
+                c
+            }
+        },
         |b| b,
     );
     s.cache.set(k("a"), k("v1")).await.unwrap();
@@ -69,7 +75,10 @@ async fn a_hanging_cache_layer_costs_a_read_no_more_than_its_timeout() {
     assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v1")), "served by l3");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(100), "{took:?}");
-    assert!(took < Duration::from_millis(1_000), "a hang must cost the timeout only: {took:?}");
+    assert!(
+        took < Duration::from_millis(1_000),
+        "a hang must cost the timeout only: {took:?}"
+    );
     let l2 = s.cache.stats().layer("l2").cloned().unwrap();
     assert_eq!((l2.timeouts, l2.errors), (1, 1));
     s.faults[0].resume();
@@ -78,7 +87,13 @@ async fn a_hanging_cache_layer_costs_a_read_no_more_than_its_timeout() {
 #[tokio::test]
 async fn the_authoritative_layer_timing_out_is_a_typed_error() {
     let s = stack(
-        |i, c| if i == 2 { c.timeout(Duration::from_millis(50)) } else { c },
+        |i, c| {
+            if i == 2 {
+                c.timeout(Duration::from_millis(50))
+            } else {
+                c
+            }
+        },
         |b| b,
     );
     s.faults[1].pause_next_read();
@@ -105,7 +120,10 @@ async fn a_failing_cache_layer_opens_its_breaker_is_skipped_then_probed_and_clos
                 c
             }
         },
-        move |b| b.promotion(false).on_health_change(move |e| seen.lock().unwrap().push(e.clone())),
+        move |b| {
+            b.promotion(false)
+                .on_health_change(move |e| seen.lock().unwrap().push(e.clone()))
+        },
     );
     s.cache.set(k("a"), k("v")).await.unwrap();
     s.maps[0].delete(&k("a")).await.unwrap();
@@ -114,7 +132,10 @@ async fn a_failing_cache_layer_opens_its_breaker_is_skipped_then_probed_and_clos
         assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v")), "l3 answers");
     }
     let l2 = s.cache.stats().layer("l2").cloned().unwrap();
-    assert_eq!((l2.errors, l2.breaker, l2.breaker_opens), (3, BreakerState::Open, 1));
+    assert_eq!(
+        (l2.errors, l2.breaker, l2.breaker_opens),
+        (3, BreakerState::Open, 1)
+    );
     // Open: l2 is not asked at all (its errors stay at 3), reads still succeed.
     for _ in 0..10 {
         assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v")));
@@ -130,13 +151,23 @@ async fn a_failing_cache_layer_opens_its_breaker_is_skipped_then_probed_and_clos
     s.clock.advance(Duration::from_secs(5));
     s.cache.get(&k("a")).await.unwrap();
     let l2 = s.cache.stats().layer("l2").cloned().unwrap();
-    assert_eq!((l2.breaker, l2.hits), (BreakerState::Closed, 1), "the probe was a hit: {l2:?}");
+    assert_eq!(
+        (l2.breaker, l2.hits),
+        (BreakerState::Closed, 1),
+        "the probe was a hit: {l2:?}"
+    );
     let transitions: Vec<(BreakerState, BreakerState)> =
         events.lock().unwrap().iter().map(|e| (e.from, e.to)).collect();
     use BreakerState::*;
     assert_eq!(
         transitions,
-        [(Closed, Open), (Open, HalfOpen), (HalfOpen, Open), (Open, HalfOpen), (HalfOpen, Closed)]
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed)
+        ]
     );
     assert!(events.lock().unwrap().iter().all(|e| e.layer == "l2"));
 }
@@ -154,7 +185,11 @@ async fn a_cache_layer_that_missed_a_write_is_not_read_for_that_key_until_rewrit
     s.faults[0].fail_writes(false);
     s.faults[0].fail_deletes(false);
     s.maps[0].delete(&k("a")).await.unwrap(); // L1 evicted
-    assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("new")), "never the old value from l2");
+    assert_eq!(
+        s.cache.get(&k("a")).await.unwrap(),
+        Some(k("new")),
+        "never the old value from l2"
+    );
     // The read promoted "new" into l2: it is trusted again.
     assert_eq!(s.maps[1].raw_entry(&k("a")).map(|e| e.value), Some(k("new")));
     let l2 = s.cache.stats().layer("l2").cloned().unwrap();
@@ -191,7 +226,11 @@ async fn fail_safe_serves_the_last_value_while_the_store_is_down_and_only_within
     s.clock.advance(Duration::from_secs(40)); // past the entry's own 30 s life
     assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v")), "stale hit");
     let err = s.cache.get(&k("gone")).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "a deleted key has no fail-safe copy");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Unavailable,
+        "a deleted key has no fail-safe copy"
+    );
     assert_eq!(
         s.cache.get_many(&[k("a")]).await.unwrap(),
         vec![Some(k("v"))],
@@ -249,7 +288,11 @@ async fn an_opted_in_breaker_on_the_store_fails_fast_and_fail_safe_answers() {
     let err = s.cache.set(k("b"), k("x")).await.unwrap_err();
     assert!(err.is_circuit_open(), "{err}");
     assert_eq!(err.kind(), ErrorKind::Unavailable);
-    assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v")), "fail-safe copy");
+    assert_eq!(
+        s.cache.get(&k("a")).await.unwrap(),
+        Some(k("v")),
+        "fail-safe copy"
+    );
     let l3 = s.cache.stats().layer("l3").cloned().unwrap();
     assert_eq!((l3.errors, l3.skipped), (2, 2), "skips are not errors: {l3:?}");
 }

@@ -54,7 +54,11 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Ca
     }
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(&id) {
-            let fields = span.extensions_mut().remove::<Open>().map(|o| o.0).unwrap_or_default();
+            let fields = span
+                .extensions_mut()
+                .remove::<Open>()
+                .map(|o| o.0)
+                .unwrap_or_default();
             self.spans.lock().unwrap().push((span.name().to_owned(), fields));
         }
     }
@@ -70,7 +74,10 @@ fn spans_name_the_answering_layer_and_promotion_and_never_keys_or_values() {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::registry().with(captured.clone());
     tracing::subscriber::with_default(subscriber, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let l1 = Arc::new(MapLayer::<String, String>::new());
             let remote = FaultyLayer::new(MapLayer::<String, String>::new());
@@ -95,16 +102,27 @@ fn spans_name_the_answering_layer_and_promotion_and_never_keys_or_values() {
         });
     });
     let spans = captured.spans.lock().unwrap().clone();
-    let gets: Vec<&BTreeMap<String, String>> =
-        spans.iter().filter(|(n, _)| n == "capacitor.get").map(|(_, f)| f).collect();
+    let gets: Vec<&BTreeMap<String, String>> = spans
+        .iter()
+        .filter(|(n, _)| n == "capacitor.get")
+        .map(|(_, f)| f)
+        .collect();
     let field = |f: &BTreeMap<String, String>, k: &str| f.get(k).cloned().unwrap_or_default();
     assert_eq!(gets.len(), 8, "{spans:?}");
     assert_eq!(
-        (field(gets[0], "layer"), field(gets[0], "promoted"), field(gets[0], "outcome")),
+        (
+            field(gets[0], "layer"),
+            field(gets[0], "promoted"),
+            field(gets[0], "outcome")
+        ),
         ("remote".into(), "true".into(), "hit".into())
     );
     assert_eq!(
-        (field(gets[1], "layer"), field(gets[1], "promoted"), field(gets[1], "outcome")),
+        (
+            field(gets[1], "layer"),
+            field(gets[1], "promoted"),
+            field(gets[1], "outcome")
+        ),
         ("l1".into(), "false".into(), "hit".into())
     );
     assert_eq!(field(gets[2], "outcome"), "miss");
@@ -112,9 +130,14 @@ fn spans_name_the_answering_layer_and_promotion_and_never_keys_or_values() {
     assert!(spans.iter().any(|(n, _)| n == "capacitor.set"), "{spans:?}");
     let events = captured.events.lock().unwrap().clone();
     assert!(
-        events.iter().any(|e| field(e, "layer") == "remote" && field(e, "to") == "open"),
+        events
+            .iter()
+            .any(|e| field(e, "layer") == "remote" && field(e, "to") == "open"),
         "the breaker opening is an event: {events:?}"
     );
     let everything = format!("{spans:?}{events:?}");
-    assert!(!everything.contains("secret"), "no key or value recorded: {everything}");
+    assert!(
+        !everything.contains("secret"),
+        "no key or value recorded: {everything}"
+    );
 }

@@ -51,6 +51,55 @@ enum Source {
     Config(Box<tokio_postgres::Config>),
 }
 
+/// What is wrong with a connection string tokio-postgres did not parse, without quoting
+/// the string. The driver's own messages may quote part of it (an unknown option's name,
+/// an unexpected character), which may be a password: only those known to quote nothing
+/// are passed on, and the driver's error is not kept as the source (its `Debug` shows
+/// them).
+fn parse_problem(err: &tokio_postgres::Error) -> &'static str {
+    let cause = std::error::Error::source(err)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    const KEPT: &[&str] = &[
+        "unexpected EOF",
+        "unterminated quoted connection parameter value",
+        "unterminated parameter",
+    ];
+    if let Some(kept) = KEPT.iter().find(|k| **k == cause) {
+        return kept;
+    }
+    // `invalid value for option `port`` names one of the driver's own options.
+    if let Some(option) = cause
+        .strip_prefix("invalid value for option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return match option {
+            "sslmode" => "invalid value for option `sslmode`",
+            "sslnegotiation" => "invalid value for option `sslnegotiation`",
+            "hostaddr" => "invalid value for option `hostaddr`",
+            "host" => "invalid value for option `host`",
+            "port" => "invalid value for option `port`",
+            "connect_timeout" => "invalid value for option `connect_timeout`",
+            "tcp_user_timeout" => "invalid value for option `tcp_user_timeout`",
+            "keepalives" => "invalid value for option `keepalives`",
+            "keepalives_idle" => "invalid value for option `keepalives_idle`",
+            "keepalives_interval" => "invalid value for option `keepalives_interval`",
+            "keepalives_retries" => "invalid value for option `keepalives_retries`",
+            "target_session_attrs" => "invalid value for option `target_session_attrs`",
+            "channel_binding" => "invalid value for option `channel_binding`",
+            "load_balance_hosts" => "invalid value for option `load_balance_hosts`",
+            _ => "an invalid option value",
+        };
+    }
+    if cause.starts_with("unknown option") {
+        return "an unknown option (its name is not shown)";
+    }
+    if cause.starts_with("invalid utf-8") || cause.starts_with("incomplete utf-8") {
+        return "invalid percent-encoded UTF-8";
+    }
+    "malformed (the details are not shown: they may quote the string)"
+}
+
 /// Makes the pool's manager with the TLS connector the user chose.
 type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Manager + Send + Sync>;
 
@@ -98,6 +147,7 @@ pub struct PostgresLayerBuilder<C = BincodeCodec> {
     table: String,
     pool: PoolConfig,
     statement_timeout: Duration,
+    operation_timeout: Option<Duration>,
     max_value_bytes: usize,
     create_table: bool,
     unlogged: bool,
@@ -124,6 +174,7 @@ impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
             .field("table", &self.table)
             .field("pool", &self.pool)
             .field("statement_timeout", &self.statement_timeout)
+            .field("operation_timeout", &self.operation_timeout)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("create_table", &self.create_table)
             .field("unlogged", &self.unlogged)
@@ -154,6 +205,7 @@ impl PostgresLayerBuilder<BincodeCodec> {
                 ..PoolConfig::default()
             },
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            operation_timeout: None,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             create_table: true,
             unlogged: false,
@@ -246,6 +298,19 @@ impl<C> PostgresLayerBuilder<C> {
     /// (`ALTER ROLE app SET statement_timeout = '2s'`).
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
+        self
+    }
+
+    /// The longest any operation of the layer may take on the client side, waiting for a
+    /// pooled connection included; past it the operation fails with
+    /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout). The server enforces
+    /// `statement_timeout` only on queries it received: over a stalled or partitioned
+    /// network, this is what keeps a query from waiting minutes for the kernel to give up
+    /// on the connection. Default: the statement timeout (30 s when that is zero) plus
+    /// 500 ms, so that a slow statement fails with the server's error first. Zero is
+    /// rejected by `build()`.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = Some(timeout);
         self
     }
 
@@ -377,6 +442,7 @@ impl<C> PostgresLayerBuilder<C> {
             table: self.table,
             pool: self.pool,
             statement_timeout: self.statement_timeout,
+            operation_timeout: self.operation_timeout,
             max_value_bytes: self.max_value_bytes,
             create_table: self.create_table,
             unlogged: self.unlogged,
@@ -468,6 +534,9 @@ impl<C> PostgresLayerBuilder<C> {
                 "must leave room for the envelope in PostgreSQL's 1 GB bytea limit",
             ));
         }
+        if self.operation_timeout == Some(Duration::ZERO) {
+            return Err(Error::config("operation_timeout", "must be greater than zero"));
+        }
         if self.sweeper && self.sweep_interval.is_zero() {
             return Err(Error::config("sweep_interval", "must be greater than zero"));
         }
@@ -486,12 +555,15 @@ impl<C> PostgresLayerBuilder<C> {
         })?;
         let mut pg = match self.source {
             Source::None => return Err(Error::config("url", "one of `url` or `config` is required")),
+            // No source: the driver's error may quote the string (see `parse_problem`).
             Source::Url(url) => url.parse::<tokio_postgres::Config>().map_err(|e| {
                 Error::config(
                     "url",
-                    "is not a valid PostgreSQL connection URL or key-value string",
+                    format!(
+                        "is not a valid PostgreSQL connection URL or key-value string: {}",
+                        parse_problem(&e)
+                    ),
                 )
-                .with_source(e)
             })?,
             Source::Config(config) => *config,
         };
@@ -542,6 +614,14 @@ impl<C> PostgresLayerBuilder<C> {
                 KeyFormat::Hex
             });
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let operation_timeout = self.operation_timeout.unwrap_or_else(|| {
+            let statement = if self.statement_timeout.is_zero() {
+                DEFAULT_STATEMENT_TIMEOUT
+            } else {
+                self.statement_timeout
+            };
+            statement + Duration::from_millis(500)
+        });
         let shared = Arc::new(Shared {
             pool,
             sql: Statements::new(&table),
@@ -553,6 +633,7 @@ impl<C> PostgresLayerBuilder<C> {
             scan_page_size: i64::try_from(self.scan_page_size).unwrap_or(i64::MAX),
             unlogged: self.unlogged,
             closed: AtomicBool::new(false),
+            operation_timeout,
             shutdown,
         });
         if self.sweeper {

@@ -45,6 +45,8 @@ pub(crate) struct Shared<C> {
     pub(crate) scan_page_size: i64,
     pub(crate) unlogged: bool,
     pub(crate) closed: AtomicBool,
+    /// Bound on every operation, awaiting included (see [`Shared::bounded`]).
+    pub(crate) operation_timeout: Duration,
     /// Set to `true` on close; dropped (which the sweeper also notices) with the layer.
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -60,6 +62,29 @@ impl<C> Shared<C> {
             return Err(Error::closed(op));
         }
         Ok(())
+    }
+
+    /// `operation` bounded by the layer's operation timeout: past it, a typed
+    /// [`ErrorKind::Timeout`] instead of waiting for a server that may never answer (the
+    /// server enforces `statement_timeout` only on queries it received; a stalled or
+    /// partitioned network would leave the query waiting for the kernel to give up on
+    /// the connection, minutes later).
+    pub(crate) async fn bounded<T>(
+        &self,
+        op: Operation,
+        operation: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.operation_timeout, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                op,
+                format!(
+                    "no answer from PostgreSQL within the {:?} operation timeout",
+                    self.operation_timeout
+                ),
+            )),
+        }
     }
 
     /// A pooled connection, or [`ErrorKind::Closed`].
@@ -261,27 +286,15 @@ where
     }
 }
 
-#[async_trait]
-impl<K, V, C> Layer<K, V> for PostgresLayer<K, V, C>
+impl<K, V, C> PostgresLayer<K, V, C>
 where
     K: StorageKey + Clone + Send + Sync + 'static,
     V: Send + Sync + Clone + 'static,
     C: Codec<V>,
 {
-    fn name(&self) -> &str {
-        "postgres"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
-            .with_scan()
-            .with_transactions()
-            .with_persistence()
-    }
-
     /// Deletes the row and fails with [`ErrorKind::Decode`] when its value is not
     /// capacitor's envelope or does not decode.
-    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+    async fn get_unbounded(&self, key: &K) -> Result<Option<Entry<V>>> {
         let op = Operation::Get;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
@@ -304,7 +317,7 @@ where
         }
     }
 
-    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+    async fn set_unbounded(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         let op = Operation::Set;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
@@ -321,7 +334,7 @@ where
 
     /// `true` when a live row was deleted (an expired one is deleted too, and reported
     /// absent).
-    async fn delete(&self, key: &K) -> Result<bool> {
+    async fn delete_unbounded(&self, key: &K) -> Result<bool> {
         let op = Operation::Delete;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
@@ -338,7 +351,7 @@ where
     }
 
     /// Whether a live row exists; its value is not decoded.
-    async fn exists(&self, key: &K) -> Result<bool> {
+    async fn exists_unbounded(&self, key: &K) -> Result<bool> {
         let op = Operation::Exists;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
@@ -354,7 +367,7 @@ where
     /// One `SELECT … WHERE key = ANY($1)`. When some rows do not decode, all of those are
     /// deleted and the call fails with [`ErrorKind::Decode`] (a retry then reads the
     /// others).
-    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+    async fn get_many_unbounded(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
         let op = Operation::GetMany;
         if keys.is_empty() {
             self.shared.check_open(op)?;
@@ -406,7 +419,7 @@ where
     /// One `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: every entry is
     /// written, or none. A key given twice keeps its last value. Encoding and size errors
     /// are found before anything is sent.
-    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+    async fn set_many_unbounded(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
         let op = Operation::SetMany;
         if entries.is_empty() {
             self.shared.check_open(op)?;
@@ -424,7 +437,7 @@ where
     }
 
     /// One `DELETE … WHERE key = ANY($1)`, counting the live rows it deleted.
-    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+    async fn delete_many_unbounded(&self, keys: &[K]) -> Result<u64> {
         let op = Operation::DeleteMany;
         if keys.is_empty() {
             self.shared.check_open(op)?;
@@ -445,27 +458,12 @@ where
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    /// Lazy keyset pagination over the key range of `prefix`, in key (byte) order, one
-    /// page of [`scan_page_size`](PostgresLayerBuilder::scan_page_size) rows in memory at
-    /// a time, each page a separate statement (so a long scan holds no transaction open
-    /// and sees writes made while it runs, page by page). A value or key that does not
-    /// decode is yielded as an [`ErrorKind::Decode`] item and the stream goes on (a scan
-    /// does not write). A failed page ends the stream with that error. After the layer
-    /// is closed the stream yields one [`ErrorKind::Closed`] item and ends.
-    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
-        self.shared.check_open(Operation::Scan)?;
-        Ok(Box::pin(ScanStream::<K, V, C>::new(
-            Arc::clone(&self.shared),
-            prefix,
-        )))
-    }
-
     /// One transaction: all of `ops` or none. Values are encoded and checked against
     /// `max_value_bytes` before the transaction starts, with TTLs from one reading of the
     /// clock. As within any transaction, only the last write to a key counts, so the ops
     /// are sent as one upsert and one delete, whatever their number. Isolation: PostgreSQL's
     /// default (read committed); concurrent batches lock rows in key order.
-    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+    async fn apply_atomic_unbounded(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
         let op = Operation::Transaction;
         if ops.is_empty() {
             self.shared.check_open(op)?;
@@ -512,7 +510,86 @@ where
         // A failed statement above drops `tx`, which rolls back.
         tx.commit().await.map_err(|e| pg_error(op, e))
     }
+}
 
+#[async_trait]
+impl<K, V, C> Layer<K, V> for PostgresLayer<K, V, C>
+where
+    K: StorageKey + Clone + Send + Sync + 'static,
+    V: Send + Sync + Clone + 'static,
+    C: Codec<V>,
+{
+    fn name(&self) -> &str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with_scan()
+            .with_transactions()
+            .with_persistence()
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.shared.bounded(Operation::Get, self.get_unbounded(key)).await
+    }
+
+    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.shared
+            .bounded(Operation::Set, self.set_unbounded(key, value, ttl))
+            .await
+    }
+
+    async fn delete(&self, key: &K) -> Result<bool> {
+        self.shared
+            .bounded(Operation::Delete, self.delete_unbounded(key))
+            .await
+    }
+
+    async fn exists(&self, key: &K) -> Result<bool> {
+        self.shared
+            .bounded(Operation::Exists, self.exists_unbounded(key))
+            .await
+    }
+
+    /// Lazy keyset pagination over the key range of `prefix`, in key (byte) order, one
+    /// page of [`scan_page_size`](PostgresLayerBuilder::scan_page_size) rows in memory at
+    /// a time, each page a separate statement (so a long scan holds no transaction open
+    /// and sees writes made while it runs, page by page). A value or key that does not
+    /// decode is yielded as an [`ErrorKind::Decode`] item and the stream goes on (a scan
+    /// does not write). A failed page ends the stream with that error. After the layer
+    /// is closed the stream yields one [`ErrorKind::Closed`] item and ends.
+    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
+        self.shared.check_open(Operation::Scan)?;
+        Ok(Box::pin(ScanStream::<K, V, C>::new(
+            Arc::clone(&self.shared),
+            prefix,
+        )))
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.shared
+            .bounded(Operation::GetMany, self.get_many_unbounded(keys))
+            .await
+    }
+
+    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+        self.shared
+            .bounded(Operation::SetMany, self.set_many_unbounded(entries, ttl))
+            .await
+    }
+
+    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.shared
+            .bounded(Operation::DeleteMany, self.delete_many_unbounded(keys))
+            .await
+    }
+
+    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+        self.shared
+            .bounded(Operation::Transaction, self.apply_atomic_unbounded(ops))
+            .await
+    }
     /// Nothing to do: every write is durable when it returns (committed). Fails with
     /// [`ErrorKind::Closed`] after close.
     async fn flush(&self) -> Result<()> {

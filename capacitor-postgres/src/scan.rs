@@ -60,22 +60,26 @@ impl<K, V, C: Send + Sync + 'static> ScanStream<K, V, C> {
         let last = self.last.clone();
         Box::pin(async move {
             let op = Operation::Scan;
-            let client = shared.client(op).await?;
-            let sql = &shared.sql;
-            let (statement, start) = match (&last, range.upper.is_some()) {
-                (None, true) => (&sql.scan_first, &range.lower),
-                (Some(last), true) => (&sql.scan_next, last),
-                (None, false) => (&sql.scan_first_open, &range.lower),
-                (Some(last), false) => (&sql.scan_next_open, last),
+            let page = async {
+                let op = Operation::Scan;
+                let client = shared.client(op).await?;
+                let sql = &shared.sql;
+                let (statement, start) = match (&last, range.upper.is_some()) {
+                    (None, true) => (&sql.scan_first, &range.lower),
+                    (Some(last), true) => (&sql.scan_next, last),
+                    (None, false) => (&sql.scan_first_open, &range.lower),
+                    (Some(last), false) => (&sql.scan_next_open, last),
+                };
+                let stmt = prepare(&client, statement, op).await?;
+                let now = shared.now();
+                let limit = shared.scan_page_size;
+                let result = match &range.upper {
+                    Some(upper) => client.query(&stmt, &[start, upper, &now, &limit]).await,
+                    None => client.query(&stmt, &[start, &now, &limit]).await,
+                };
+                result.map_err(|e| pg_error(op, e))
             };
-            let stmt = prepare(&client, statement, op).await?;
-            let now = shared.now();
-            let limit = shared.scan_page_size;
-            let result = match &range.upper {
-                Some(upper) => client.query(&stmt, &[start, upper, &now, &limit]).await,
-                None => client.query(&stmt, &[start, &now, &limit]).await,
-            };
-            result.map_err(|e| pg_error(op, e))
+            shared.bounded(op, page).await
         })
     }
 }

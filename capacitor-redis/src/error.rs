@@ -55,29 +55,54 @@ pub(crate) fn unavailable(op: Operation) -> Error {
 }
 
 /// `url` with any password replaced by `***`, for `Debug` output and error messages.
+///
+/// The userinfo runs to the *last* `@`: a password may hold `@`, `/`, `?` or `#` that were
+/// not percent-encoded (the URL then does not parse as meant, but the secret is still
+/// the user's). Query parameters named like a password (`sentinelPassword`) are redacted
+/// too, and a string without `://` is not shown at all (there is no telling where a
+/// secret would be in it).
 pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return "<not shown: not a URL>".to_owned();
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    let (scheme, rest) = url.split_at(scheme_end);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    let tail = match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            let redacted = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else if user.is_empty() {
-                String::new()
-            } else {
+            let userinfo = &rest[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None if userinfo.is_empty() => {}
                 // `redis://secret@host` puts the password where the user would be.
-                "***".to_owned()
-            };
-            format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
+                None => out.push_str("***"),
+            }
+            out.push('@');
+            &rest[at + 1..]
         }
-        None => url.to_owned(),
+        None => rest,
+    };
+    match tail.split_once('?') {
+        Some((before, query)) => {
+            out.push_str(before);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                        format!("{name}=***")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(tail),
     }
+    out
 }
 
 #[cfg(test)]
@@ -93,6 +118,16 @@ mod tests {
         assert_eq!(redact_url("rediss://:hunter2@host"), "rediss://:***@host");
         assert_eq!(redact_url("redis://hunter2@host"), "redis://***@host");
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("redis://host:6379/0"), "redis://host:6379/0");
+        // Unencoded `@`, `/`, `?`, `#` in the password.
+        assert_eq!(redact_url("redis://u:p@ss@host/0"), "redis://u:***@host/0");
+        assert_eq!(redact_url("redis://u:pa/ss@host:1/0"), "redis://u:***@host:1/0");
+        assert_eq!(redact_url("redis://u:p?a#ss@host"), "redis://u:***@host");
+        assert_eq!(
+            redact_url("redis-sentinel://h:1/0?sentinelServiceName=m&sentinelPassword=hunter2"),
+            "redis-sentinel://h:1/0?sentinelServiceName=m&sentinelPassword=***"
+        );
+        assert_eq!(redact_url("user:hunter2@host"), "<not shown: not a URL>");
     }
 
     #[test]

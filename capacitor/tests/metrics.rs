@@ -12,7 +12,11 @@ use capacitor_core::testkit::{FaultyLayer, MapLayer};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn scrape(addr: SocketAddr) -> String {
@@ -46,13 +50,19 @@ fn sample(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    PrometheusBuilder::new().with_http_listener(addr).install().unwrap();
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .unwrap();
 
     let remote = FaultyLayer::new(MapLayer::<String, String>::new());
     let faults = remote.faults();
     let cache = MultiLayer::<String, String>::builder()
         .name("scraped")
-        .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(100).build().unwrap()))
+        .layer(LayerConfig::new(
+            "l1",
+            MokaLayer::builder().max_capacity(100).build().unwrap(),
+        ))
         .layer(LayerConfig::new("remote", remote))
         .layer(LayerConfig::new("store", DashMapLayer::new()))
         .build()
@@ -72,19 +82,50 @@ async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
     let body = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
     let l1 = ["cache=\"scraped\"", "layer=\"l1\""];
     let remote = ["cache=\"scraped\"", "layer=\"remote\""];
-    assert_eq!(sample(&body, "capacitor_layer_hits_total", &l1), Some(1.0), "{body}");
-    assert_eq!(sample(&body, "capacitor_layer_misses_total", &l1), Some(7.0), "{body}");
-    assert_eq!(sample(&body, "capacitor_layer_errors_total", &remote), Some(5.0), "{body}");
-    assert_eq!(sample(&body, "capacitor_layer_skipped_total", &remote), Some(1.0), "{body}");
-    assert_eq!(sample(&body, "capacitor_layer_breaker_state", &remote), Some(2.0), "open: {body}");
-    assert_eq!(sample(&body, "capacitor_layer_breaker_opens_total", &remote), Some(1.0), "{body}");
-    // Latencies of the awaited layer's operations, by outcome (a summary by default).
-    let unavailable = [remote[1], "op=\"get\"", "outcome=\"unavailable\""];
     assert_eq!(
-        sample(&body, "capacitor_layer_operation_duration_seconds_count", &unavailable),
+        sample(&body, "capacitor_layer_hits_total", &l1),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "capacitor_layer_misses_total", &l1),
+        Some(7.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "capacitor_layer_errors_total", &remote),
         Some(5.0),
         "{body}"
     );
-    assert!(!body.contains("layer=\"l1\",op="), "in-process hits are not timed: {body}");
+    assert_eq!(
+        sample(&body, "capacitor_layer_skipped_total", &remote),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "capacitor_layer_breaker_state", &remote),
+        Some(2.0),
+        "open: {body}"
+    );
+    assert_eq!(
+        sample(&body, "capacitor_layer_breaker_opens_total", &remote),
+        Some(1.0),
+        "{body}"
+    );
+    // Latencies of the awaited layer's operations, by outcome (a summary by default).
+    let unavailable = [remote[1], "op=\"get\"", "outcome=\"unavailable\""];
+    assert_eq!(
+        sample(
+            &body,
+            "capacitor_layer_operation_duration_seconds_count",
+            &unavailable
+        ),
+        Some(5.0),
+        "{body}"
+    );
+    assert!(
+        !body.contains("layer=\"l1\",op="),
+        "in-process hits are not timed: {body}"
+    );
     assert_eq!(ErrorKind::Unavailable.as_str(), "unavailable");
 }

@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capacitor::memory::MokaLayer;
+use capacitor::postgres::tokio_postgres;
 use capacitor::postgres::PostgresLayer;
 use capacitor::redis::RedisLayer;
 use capacitor::{
     BreakerState, CircuitBreaker, ErrorKind, FailSafe, HealthEvent, Layer, LayerConfig, MultiLayer,
 };
-use capacitor::postgres::tokio_postgres;
 use capacitor_core::testkit::FaultProxy;
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -87,7 +87,11 @@ async fn assert_stored(table: &str, expected: &[(String, String)]) {
     let direct = postgres(&postgres_url(), table).await;
     for (k, v) in expected {
         let found = direct.get(k).await.unwrap().map(|e| e.value);
-        assert_eq!(found.as_deref(), Some(v.as_str()), "acknowledged write of {k} lost");
+        assert_eq!(
+            found.as_deref(),
+            Some(v.as_str()),
+            "acknowledged write of {k} lost"
+        );
     }
     direct.close().await.unwrap();
     let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
@@ -187,13 +191,23 @@ fn keys(n: usize) -> Vec<String> {
 async fn redis_stalled_reads_finish_within_its_timeout_from_l1_and_postgres() {
     let (proxy, via) = proxied(&redis_url(), 6379).await;
     let table = unique("stall");
-    let s = Stack::new(Some(&via), postgres(&postgres_url(), &table).await, false, Duration::from_secs(60)).await;
+    let s = Stack::new(
+        Some(&via),
+        postgres(&postgres_url(), &table).await,
+        false,
+        Duration::from_secs(60),
+    )
+    .await;
     let keys = keys(20);
     for k in &keys {
         s.cache.set(k.clone(), "v1".into()).await.unwrap();
     }
     let redis = s.cache.stats().layer("redis").cloned().unwrap();
-    assert_eq!((redis.sets, redis.errors), (20, 0), "Redis works before the stall: {redis:?}");
+    assert_eq!(
+        (redis.sets, redis.errors),
+        (20, 0),
+        "Redis works before the stall: {redis:?}"
+    );
     s.evict_l1(&keys[10..]).await; // half in L1, half only below
 
     proxy.stall();
@@ -217,7 +231,8 @@ async fn redis_stalled_reads_finish_within_its_timeout_from_l1_and_postgres() {
         s.cache.set(k.clone(), "v2".into()).await.unwrap();
     }
     proxy.resume();
-    s.read_until(&keys[19], "redis", BreakerState::Closed, Duration::from_secs(10)).await;
+    s.read_until(&keys[19], "redis", BreakerState::Closed, Duration::from_secs(10))
+        .await;
     s.evict_l1(&keys).await;
     for (i, k) in keys.iter().enumerate() {
         let want = if i < 10 { "v2" } else { "v1" };
@@ -241,38 +256,61 @@ async fn redis_stalled_reads_finish_within_its_timeout_from_l1_and_postgres() {
 async fn redis_flapping_opens_the_breaker_which_closes_after_it_recovers() {
     let (proxy, via) = proxied(&redis_url(), 6379).await;
     let table = unique("flap");
-    let s = Stack::new(Some(&via), postgres(&postgres_url(), &table).await, false, Duration::from_secs(60)).await;
+    let s = Stack::new(
+        Some(&via),
+        postgres(&postgres_url(), &table).await,
+        false,
+        Duration::from_secs(60),
+    )
+    .await;
     let probe = "probe".to_string();
     s.cache.set(probe.clone(), "p".into()).await.unwrap();
     s.evict_l1(std::slice::from_ref(&probe)).await;
     s.cache.get(&probe).await.unwrap();
     let redis = s.cache.stats().layer("redis").cloned().unwrap();
-    assert_eq!((redis.sets, redis.hits, redis.errors), (1, 1, 0), "Redis works at first: {redis:?}");
+    assert_eq!(
+        (redis.sets, redis.hits, redis.errors),
+        (1, 1, 0),
+        "Redis works at first: {redis:?}"
+    );
     let mut acked = Vec::new();
     for cycle in 0..3 {
         // Down: connections reset, new ones refused.
         proxy.refuse(true);
         proxy.reset_connections();
-        s.read_until(&probe, "redis", BreakerState::Open, Duration::from_secs(10)).await;
+        s.read_until(&probe, "redis", BreakerState::Open, Duration::from_secs(10))
+            .await;
         let k = format!("written-while-down:{cycle}");
         s.cache.set(k.clone(), format!("c{cycle}")).await.unwrap();
         acked.push((k, format!("c{cycle}")));
         // Up again.
         proxy.refuse(false);
-        s.read_until(&probe, "redis", BreakerState::Closed, Duration::from_secs(15)).await;
+        s.read_until(&probe, "redis", BreakerState::Closed, Duration::from_secs(15))
+            .await;
         let k = format!("written-while-up:{cycle}");
         s.cache.set(k.clone(), format!("u{cycle}")).await.unwrap();
         acked.push((k, format!("u{cycle}")));
     }
     let events: Vec<(BreakerState, BreakerState)> =
         s.events.lock().unwrap().iter().map(|e| (e.from, e.to)).collect();
-    let opened = events.iter().filter(|t| t.1 == BreakerState::Open && t.0 == BreakerState::Closed).count();
+    let opened = events
+        .iter()
+        .filter(|t| t.1 == BreakerState::Open && t.0 == BreakerState::Closed)
+        .count();
     let closed = events.iter().filter(|t| t.1 == BreakerState::Closed).count();
-    assert_eq!((opened, closed), (3, 3), "one open and one close per flap: {events:?}");
+    assert_eq!(
+        (opened, closed),
+        (3, 3),
+        "one open and one close per flap: {events:?}"
+    );
     assert!(s.events.lock().unwrap().iter().all(|e| e.layer == "redis"));
     let redis = s.cache.stats().layer("redis").cloned().unwrap();
-    assert_eq!(redis.breaker_opens as usize, events.iter().filter(|t| t.1 == BreakerState::Open).count());
-    s.evict_l1(&acked.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()).await;
+    assert_eq!(
+        redis.breaker_opens as usize,
+        events.iter().filter(|t| t.1 == BreakerState::Open).count()
+    );
+    s.evict_l1(&acked.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+        .await;
     for (k, v) in &acked {
         assert_eq!(s.cache.get(k).await.unwrap().as_ref(), Some(v), "{k}");
     }
@@ -286,8 +324,17 @@ async fn redis_flapping_opens_the_breaker_which_closes_after_it_recovers() {
 async fn postgres_goes_down(fail_safe: bool) -> (Stack, FaultProxy, String, Vec<(String, String)>) {
     let table = unique(if fail_safe { "fs_on" } else { "fs_off" });
     let (proxy, via) = proxied(&postgres_url(), 5432).await;
-    let s = Stack::new(None, postgres(&via, &table).await, fail_safe, Duration::from_secs(1)).await;
-    let written: Vec<(String, String)> = keys(10).into_iter().map(|k| (k.clone(), format!("value of {k}"))).collect();
+    let s = Stack::new(
+        None,
+        postgres(&via, &table).await,
+        fail_safe,
+        Duration::from_secs(1),
+    )
+    .await;
+    let written: Vec<(String, String)> = keys(10)
+        .into_iter()
+        .map(|k| (k.clone(), format!("value of {k}")))
+        .collect();
     for (k, v) in &written {
         s.cache.set(k.clone(), v.clone()).await.unwrap();
     }
@@ -303,7 +350,11 @@ async fn postgres_down_with_fail_safe_serves_stale_hits_and_no_errors() {
     for (k, v) in &written {
         let started = Instant::now();
         assert_eq!(s.cache.get(k).await.unwrap().as_ref(), Some(v), "{k}");
-        assert!(started.elapsed() < POSTGRES_TIMEOUT + MARGIN, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < POSTGRES_TIMEOUT + MARGIN,
+            "{:?}",
+            started.elapsed()
+        );
     }
     let stats = s.cache.stats();
     let fail_safe = stats.fail_safe.clone().unwrap();
@@ -311,10 +362,16 @@ async fn postgres_down_with_fail_safe_serves_stale_hits_and_no_errors() {
     assert!(stats.layer("postgres").unwrap().errors >= 10, "{stats}");
     // A key never seen has no copy: a typed error.
     let err = s.cache.get(&"never-written".to_string()).await.unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable), "{err}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{err}"
+    );
     // A write while down is refused, not acknowledged.
     let err = s.cache.set("during".into(), "x".into()).await.unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable), "{err}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{err}"
+    );
     proxy.refuse(false);
     // Back: fresh reads again (eventually, as the pool reconnects).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -326,7 +383,11 @@ async fn postgres_down_with_fail_safe_serves_stale_hits_and_no_errors() {
         if s.cache.stats().fail_safe.unwrap().stale_hits == before {
             break;
         }
-        assert!(Instant::now() < deadline, "PostgreSQL did not come back: {}", s.cache.stats());
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL did not come back: {}",
+            s.cache.stats()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.cache.close().await.unwrap();
@@ -340,9 +401,16 @@ async fn postgres_down_without_fail_safe_is_a_typed_error_within_the_timeout() {
     for (k, _) in &written {
         let started = Instant::now();
         let err = s.cache.get(k).await.unwrap_err();
-        assert!(matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable), "{err}");
+        assert!(
+            matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+            "{err}"
+        );
         assert_eq!(err.layer(), Some("postgres"));
-        assert!(started.elapsed() < POSTGRES_TIMEOUT + MARGIN, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < POSTGRES_TIMEOUT + MARGIN,
+            "{:?}",
+            started.elapsed()
+        );
     }
     assert!(s.cache.stats().fail_safe.is_none());
     proxy.refuse(false);
@@ -379,11 +447,18 @@ async fn the_application_starts_with_redis_down_and_redis_joins_when_it_comes_up
         .build()
         .unwrap(); // no connect(): it connects in the background
     let cache = MultiLayer::<String, String>::builder()
-        .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(100).build().unwrap()))
+        .layer(LayerConfig::new(
+            "l1",
+            MokaLayer::builder().max_capacity(100).build().unwrap(),
+        ))
         .layer(
             LayerConfig::new("redis", redis)
                 .timeout(REDIS_TIMEOUT)
-                .circuit_breaker(CircuitBreaker::new().failures(3).cool_down(Duration::from_millis(300))),
+                .circuit_breaker(
+                    CircuitBreaker::new()
+                        .failures(3)
+                        .cool_down(Duration::from_millis(300)),
+                ),
         )
         .layer(LayerConfig::new("postgres", pg))
         .build()
@@ -408,7 +483,10 @@ async fn the_application_starts_with_redis_down_and_redis_joins_when_it_comes_up
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(cache.stats().layer("redis").unwrap().breaker, BreakerState::Closed);
+    assert_eq!(
+        cache.stats().layer("redis").unwrap().breaker,
+        BreakerState::Closed
+    );
     for (k, v) in &acked {
         assert_eq!(cache.get(k).await.unwrap().as_ref(), Some(v), "{k}");
     }

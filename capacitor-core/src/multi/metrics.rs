@@ -89,11 +89,13 @@ where
     /// zero interval.
     pub fn spawn_metrics_reporter(&self, interval: Duration) -> crate::Result<MetricsReporter> {
         if interval.is_zero() {
-            return Err(crate::Error::config("metrics interval", "must be greater than zero"));
+            return Err(crate::Error::config(
+                "metrics interval",
+                "must be greater than zero",
+            ));
         }
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            crate::Error::config("metrics reporter", "needs a tokio runtime").with_source(e)
-        })?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| crate::Error::config("metrics reporter", "needs a tokio runtime").with_source(e))?;
         // Weak: the reporter must not keep a dropped composer alive.
         let weak = std::sync::Arc::downgrade(&self.inner);
         let task = runtime.spawn(async move {

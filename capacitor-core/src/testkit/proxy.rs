@@ -199,11 +199,7 @@ impl FaultProxy {
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone())).abort_handle();
         Ok(FaultProxy {
-            inner: Arc::new(Inner {
-                addr,
-                shared,
-                accept,
-            }),
+            inner: Arc::new(Inner { addr, shared, accept }),
         })
     }
 

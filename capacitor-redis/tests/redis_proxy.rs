@@ -1,0 +1,263 @@
+//! The Redis layer behind `testkit::FaultProxy` (on loopback, in front of the test server
+//! `CAPACITOR_REDIS_URL`): a stalled network is a typed error within the command timeout,
+//! and the layer recovers after a stall, after its connections are closed or reset, and
+//! after the server turned connections away for a while.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use capacitor_core::testkit::FaultProxy;
+use capacitor_core::{ErrorKind, Layer};
+use capacitor_redis::fred::prelude::ClientLike;
+use capacitor_redis::{Reconnect, RedisLayer};
+use common::{delete_prefix, raw, unique_prefix, url};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// What an operation may take beyond the command timeout.
+const MARGIN: Duration = Duration::from_millis(500);
+/// How long the layer has to work again after a fault ends.
+const RECOVERY: Duration = Duration::from_secs(5);
+
+fn run<F: Future<Output = ()>>(f: F) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            tokio::time::timeout(TEST_TIMEOUT, f)
+                .await
+                .expect("the test timed out");
+        });
+}
+
+fn s(x: &str) -> String {
+    x.to_owned()
+}
+
+/// `url` split at its authority's host and port: (before, `host:port`, after).
+fn split_authority(url: &str) -> (&str, &str, &str) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
+    let host_start = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
+    (&url[..host_start], &url[host_start..end], &url[end..])
+}
+
+/// The test server's address, and its URL with the host and port replaced by `proxy`'s.
+async fn server_and_url_through(proxy_of: impl FnOnce(SocketAddr) -> SocketAddr) -> (SocketAddr, String) {
+    let url = url();
+    let (before, host_port, after) = split_authority(&url);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:6379")
+    };
+    let server = tokio::net::lookup_host(host_port.as_str())
+        .await
+        .expect("resolve the Redis host")
+        .next()
+        .expect("an address for the Redis host");
+    let via = proxy_of(server);
+    (server, format!("{before}{via}{after}"))
+}
+
+struct Fixture {
+    proxy: FaultProxy,
+    layer: RedisLayer<String, String>,
+    prefix: String,
+}
+
+impl Fixture {
+    async fn new(what: &str) -> Fixture {
+        let (server, _) = server_and_url_through(|a| a).await;
+        let proxy = FaultProxy::start(server).await.expect("start the proxy");
+        let (_, via) = server_and_url_through(|_| proxy.addr()).await;
+        let prefix = unique_prefix(what);
+        let layer = RedisLayer::builder()
+            .url(&via)
+            .prefix(&prefix)
+            .pool_size(2)
+            .command_timeout(COMMAND_TIMEOUT)
+            .connect_timeout(Duration::from_millis(500))
+            .reconnect(Reconnect::Constant(Duration::from_millis(50)))
+            .build::<String, String>()
+            .expect("build");
+        layer
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to Redis through the proxy (is it running?): {e}"));
+        Fixture { proxy, layer, prefix }
+    }
+
+    /// Retries `get(key)` until it returns `expected` (every error on the way being a
+    /// temporary one), failing the test after [`RECOVERY`].
+    async fn recovers(&self, key: &str, expected: &str) -> Duration {
+        let started = Instant::now();
+        loop {
+            match self.layer.get(&s(key)).await {
+                Ok(found) => {
+                    assert_eq!(found.map(|e| e.value), Some(s(expected)), "a wrong reply");
+                    return started.elapsed();
+                }
+                Err(e) => {
+                    assert!(
+                        matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+                        "an untyped error while recovering: {e}"
+                    );
+                    assert!(
+                        started.elapsed() < RECOVERY,
+                        "the layer did not recover within {RECOVERY:?}: {e}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Distinct writes and reads all match: no reply goes to the wrong command.
+    async fn consistent(&self, round: usize) {
+        for i in 0..20 {
+            let (k, v) = (format!("c{i}"), format!("v{round}_{i}"));
+            self.layer.set(&k, &v, None).await.expect("set after recovery");
+        }
+        for i in 0..20 {
+            let got = self
+                .layer
+                .get(&format!("c{i}"))
+                .await
+                .expect("get after recovery");
+            assert_eq!(got.map(|e| e.value), Some(format!("v{round}_{i}")));
+        }
+    }
+
+    async fn close(self) {
+        self.layer.close().await.expect("close");
+        self.proxy.stop();
+        let raw = raw().await;
+        delete_prefix(&raw, &self.prefix).await;
+        let _ = raw.quit().await;
+    }
+}
+
+/// Runs `op`, asserting it fails with `Timeout` or `Unavailable` within the command
+/// timeout and the margin.
+async fn fails_in_time<T: std::fmt::Debug>(what: &str, op: impl Future<Output = capacitor_core::Result<T>>) {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(COMMAND_TIMEOUT + MARGIN, op).await;
+    let took = started.elapsed();
+    let result = outcome.unwrap_or_else(|_| panic!("{what} hung past {:?}", COMMAND_TIMEOUT + MARGIN));
+    let err = result.expect_err("an operation over a stalled network fails");
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{what}: {err}"
+    );
+    assert!(took <= COMMAND_TIMEOUT + MARGIN, "{what} took {took:?}");
+}
+
+#[test]
+fn a_stalled_network_is_a_timeout_within_the_command_timeout_then_the_layer_recovers() {
+    run(async {
+        let f = Fixture::new("pstall").await;
+        f.layer.set(&s("k"), &s("v"), None).await.expect("set");
+        assert_eq!(
+            f.layer.get(&s("k")).await.expect("get").map(|e| e.value),
+            Some(s("v"))
+        );
+
+        f.proxy.stall();
+        fails_in_time("get", f.layer.get(&s("k"))).await;
+        fails_in_time("set", f.layer.set(&s("k"), &s("w"), None)).await;
+        fails_in_time("get", f.layer.get(&s("k"))).await;
+
+        f.proxy.resume();
+        // The stalled `set` may or may not have reached the server after the resume.
+        let took = {
+            let started = Instant::now();
+            loop {
+                match f.layer.get(&s("k")).await {
+                    Ok(Some(e)) => {
+                        assert!(e.value == "v" || e.value == "w", "a wrong reply: {e:?}");
+                        break started.elapsed();
+                    }
+                    Ok(None) => panic!("the key vanished"),
+                    Err(e) => {
+                        assert!(
+                            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+                            "{e}"
+                        );
+                        assert!(started.elapsed() < RECOVERY, "no recovery after resume: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        };
+        eprintln!("recovered {took:?} after the resume");
+        f.consistent(0).await;
+        f.close().await;
+    });
+}
+
+#[test]
+fn closed_and_reset_connections_are_replaced() {
+    run(async {
+        let f = Fixture::new("preset").await;
+        f.layer.set(&s("k"), &s("v"), None).await.expect("set");
+        // `connect` waits for one connection; the pool's other one comes up meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while f.proxy.connections() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the pool's 2 connections go through the proxy"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        for (round, reset) in [(1, true), (2, false), (3, true)] {
+            let accepted = f.proxy.accepted();
+            if reset {
+                f.proxy.reset_connections();
+            } else {
+                f.proxy.drop_connections();
+            }
+            let took = f.recovers("k", "v").await;
+            eprintln!(
+                "recovered {took:?} after {}",
+                if reset { "a reset" } else { "a close" }
+            );
+            assert!(f.proxy.accepted() > accepted, "the layer reconnected");
+            f.consistent(round).await;
+        }
+        f.close().await;
+    });
+}
+
+#[test]
+fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins() {
+    run(async {
+        let f = Fixture::new("pdown").await;
+        f.layer.set(&s("k"), &s("v"), None).await.expect("set");
+
+        f.proxy.refuse(true);
+        f.proxy.reset_connections();
+        // Down: every operation fails in time with a typed error (some right away, as
+        // not connected; those already on a connection as soon as it is reset).
+        let down = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < down {
+            fails_in_time("get while down", f.layer.get(&s("k"))).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!f.layer.is_connected());
+
+        f.proxy.refuse(false);
+        let took = f.recovers("k", "v").await;
+        eprintln!("rejoined {took:?} after the server came back");
+        f.consistent(0).await;
+        f.close().await;
+    });
+}
