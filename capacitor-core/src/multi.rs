@@ -140,8 +140,17 @@ where
 
     /// Whether a read of `key` must pass this layer by (it may hold an outdated copy).
     #[inline]
-    fn suspect(&self, key: &K, now: Timestamp) -> bool {
-        self.suspects.as_ref().is_some_and(|s| s.skip(key, now))
+    fn suspect(&self, key: &K, clock: &SharedClock) -> bool {
+        self.suspects.as_ref().is_some_and(|s| s.skip(key, clock.now()))
+    }
+
+    /// Counts the failure of an invalidation (a skip by the open breaker is counted
+    /// apart) and marks `keys` suspect here.
+    fn invalidation_failed<'a>(&self, err: &Error, keys: impl IntoIterator<Item = &'a K>, now: Timestamp) {
+        if !err.is_circuit_open() {
+            self.counters.incr(Counter::Error);
+        }
+        self.suspected(keys, now);
     }
 
     /// This layer now holds the current state of `keys`.
@@ -985,7 +994,7 @@ where
                 }
             }
             let slot = &inner.slots[i];
-            if slot.suspect(key, inner.clock.now()) {
+            if slot.suspect(key, &inner.clock) {
                 // It may hold a value older than the layers below: pass it by.
                 slot.counters.incr(Counter::Skipped);
                 continue;
@@ -1064,9 +1073,8 @@ where
             let result = slot.set(key, &entry.value, min_ttl(slot.ttl, remaining)).await;
             let written = result.is_ok();
             if self.promoted(slot, ticket, result) {
-                if slot.delete(key).await.is_err() {
-                    slot.counters.incr(Counter::Error);
-                    slot.suspected([key], self.inner.clock.now());
+                if let Err(e) = slot.delete(key).await {
+                    slot.invalidation_failed(&e, [key], self.inner.clock.now());
                 }
             } else if written {
                 slot.cleaned([key]);
@@ -1177,9 +1185,8 @@ where
                     }
                     // The cache may still hold the previous value: drop it there, or
                     // failing that, stop reading the key there until it is rewritten.
-                    if slot.delete(key).await.is_err() {
-                        slot.counters.incr(Counter::Error);
-                        slot.suspected([key], inner.clock.now());
+                    if let Err(e) = slot.delete(key).await {
+                        slot.invalidation_failed(&e, [key], inner.clock.now());
                     }
                     cache_error.get_or_insert(err);
                 }
@@ -1267,7 +1274,7 @@ where
                     return Ok(found.is_some());
                 }
             }
-            if slot.suspect(key, inner.clock.now()) {
+            if slot.suspect(key, &inner.clock) {
                 continue;
             }
             match slot.exists(key).await {
@@ -1322,9 +1329,8 @@ where
                 break;
             }
             // Keys this layer may hold outdated copies of are not asked here.
-            let now = inner.clock.now();
             let (asked, passed): (Vec<usize>, Vec<usize>) =
-                pending.iter().partition(|&&p| !slot.suspect(&keys[p], now));
+                pending.iter().partition(|&&p| !slot.suspect(&keys[p], &inner.clock));
             passed.iter().for_each(|_| slot.counters.incr(Counter::Skipped));
             if asked.is_empty() {
                 continue;
@@ -1424,9 +1430,8 @@ where
                         return Err(err);
                     }
                     let keys: Vec<K> = entries.iter().map(|(k, _)| k.clone()).collect();
-                    if slot.delete_many(&keys).await.is_err() {
-                        slot.counters.incr(Counter::Error);
-                        slot.suspected(&keys, inner.clock.now());
+                    if let Err(e) = slot.delete_many(&keys).await {
+                        slot.invalidation_failed(&e, &keys, inner.clock.now());
                     }
                     cache_error.get_or_insert(err);
                 }
@@ -1867,9 +1872,8 @@ where
                     return Err(err);
                 }
                 let keys: Vec<K> = batch.iter().map(|(k, _, _)| k.clone()).collect();
-                if slot.delete_many(&keys).await.is_err() {
-                    slot.counters.incr(Counter::Error);
-                    slot.suspected(&keys, inner.clock.now());
+                if let Err(e) = slot.delete_many(&keys).await {
+                    slot.invalidation_failed(&e, &keys, inner.clock.now());
                 }
             }
         }
