@@ -1,8 +1,17 @@
 //! The composer beside the raw in-memory backends, in the same criterion groups.
 //!
 //! Group names follow `operation/backend/variant`; inside a group, `capacitor` is the
-//! composer and `raw` the hand-written equivalent on the same maps. `cargo xtask bench`
-//! turns the medians into ratios (capacitor / raw).
+//! composer and `raw` the hand-written equivalent on the same maps; `foyer` (in the moka
+//! groups) is foyer's in-memory cache doing the same hit, a peer. `cargo xtask bench`
+//! turns the medians into ratios (capacitor / raw, capacitor / peer).
+//!
+//! - `l1_hit/{dashmap,moka}/{1_layer,2_layers}`: single vs multi-layer composer on a hit.
+//! - `miss/dashmap/{2,3,4}_layers`: a miss through every layer.
+//! - `l{2,3}_hit_{promotion,no_promotion}/dashmap`: a hit in L2 / L3, promotion on / off.
+//! - `write_through/dashmap/{1,2,3,4}_layers`: a set written to every layer.
+//! - `l1_hit_threads/{dashmap,moka}/{1,2,4}_threads`: L1 hits on that many threads at
+//!   once; the time is per round (one hit on every thread), so throughput is threads /
+//!   time.
 //!
 //! Futures are polled once with a no-op waker, inlined into the measured closure as an
 //! `.await` inlines the poll into its caller: every path measured here completes without
@@ -15,56 +24,83 @@ use std::sync::Arc;
 
 use capacitor::memory::{DashMapLayer, MokaLayer};
 use capacitor::{Layer, LayerConfig, MultiLayer};
+use capacitor_benches::{parallel, size};
 use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dashmap::DashMap;
 
 type Dash = Arc<DashMapLayer<u64, u64>>;
 
-fn dash_stack(n: usize) -> (MultiLayer<u64, u64>, Vec<Dash>) {
+fn dash_stack(n: usize, promotion: bool) -> (MultiLayer<u64, u64>, Vec<Dash>) {
     let layers: Vec<Dash> = (0..n).map(|_| Arc::new(DashMapLayer::new())).collect();
-    let mut b = MultiLayer::builder();
+    let mut b = MultiLayer::builder().promotion(promotion);
     for (i, l) in layers.iter().enumerate() {
         b = b.layer(LayerConfig::shared(format!("l{i}"), l.clone()));
     }
     (b.build().expect("config"), layers)
 }
 
-fn l1_hit(c: &mut Criterion) {
-    let mut g = c.benchmark_group("l1_hit/dashmap");
-    let (cache, _) = dash_stack(2);
-    poll_once(cache.set(42, 7)).unwrap();
-    let raw: DashMap<u64, u64> = DashMap::new();
-    raw.insert(42, 7);
-    g.bench_function("capacitor", |b| {
-        b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
-    });
-    g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
-    g.finish();
+fn moka_stack(n: usize) -> MultiLayer<u64, u64> {
+    let mut b = MultiLayer::<u64, u64>::builder().layer(LayerConfig::new(
+        "l1",
+        MokaLayer::builder().max_capacity(10_000).build().unwrap(),
+    ));
+    for i in 1..n {
+        b = b.layer(LayerConfig::new(format!("l{}", i + 1), DashMapLayer::new()));
+    }
+    b.build().unwrap()
+}
 
-    let mut g = c.benchmark_group("l1_hit/moka");
-    let cache = MultiLayer::<u64, u64>::builder()
-        .layer(LayerConfig::new(
-            "l1",
-            MokaLayer::builder().max_capacity(10_000).build().unwrap(),
-        ))
-        .layer(LayerConfig::new("l2", DashMapLayer::new()))
-        .build()
-        .unwrap();
-    poll_once(cache.set(42, 7)).unwrap();
-    let raw: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(10_000);
-    raw.insert(42, 7);
-    g.bench_function("capacitor", |b| {
-        b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
-    });
-    g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42))));
-    g.finish();
+fn layers_name(n: usize) -> String {
+    if n == 1 {
+        "1_layer".to_owned()
+    } else {
+        format!("{n}_layers")
+    }
+}
+
+fn foyer_cache() -> foyer::Cache<u64, u64> {
+    foyer::CacheBuilder::new(10_000).build()
+}
+
+/// An L1 hit of a hot key, through a composer of one layer and of two.
+fn l1_hit(c: &mut Criterion) {
+    for n in [1usize, 2] {
+        let mut g = c.benchmark_group(format!("l1_hit/dashmap/{}", layers_name(n)));
+        let (cache, _) = dash_stack(n, true);
+        poll_once(cache.set(42, 7)).unwrap();
+        let raw: DashMap<u64, u64> = DashMap::new();
+        raw.insert(42, 7);
+        g.bench_function("capacitor", |b| {
+            b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
+        });
+        g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
+        g.finish();
+    }
+
+    for n in [1usize, 2] {
+        let mut g = c.benchmark_group(format!("l1_hit/moka/{}", layers_name(n)));
+        let cache = moka_stack(n);
+        poll_once(cache.set(42, 7)).unwrap();
+        let raw: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(10_000);
+        raw.insert(42, 7);
+        let foyer = foyer_cache();
+        foyer.insert(42, 7);
+        g.bench_function("capacitor", |b| {
+            b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
+        });
+        g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42))));
+        g.bench_function("foyer", |b| {
+            b.iter(|| foyer.get(black_box(&42)).map(|e| *e.value()))
+        });
+        g.finish();
+    }
 }
 
 fn miss(c: &mut Criterion) {
     for n in [2usize, 3, 4] {
         let mut g = c.benchmark_group(format!("miss/dashmap/{n}_layers"));
-        let (cache, _) = dash_stack(n);
+        let (cache, _) = dash_stack(n, true);
         let raw: Vec<DashMap<u64, u64>> = (0..n).map(|_| DashMap::new()).collect();
         g.bench_function("capacitor", |b| {
             b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
@@ -83,25 +119,33 @@ fn miss(c: &mut Criterion) {
     }
 }
 
-/// An L2 hit that promotes into L1. Each iteration reads a key that setup (not measured)
-/// removed from L1 beforehand, on both sides.
-fn l2_hit_promotion(c: &mut Criterion) {
-    const KEYS: u64 = 200_000;
-    let mut g = c.benchmark_group("l2_hit_promotion/dashmap");
-    let (cache, layers) = dash_stack(2);
-    let raw_l1: DashMap<u64, u64> = DashMap::new();
-    let raw_l2: DashMap<u64, u64> = DashMap::new();
-    for k in 0..KEYS {
-        poll_once(layers[1].set(&k, &k, None)).unwrap();
-        raw_l2.insert(k, k);
+/// A hit in the lowest of `depth` layers (L2 or L3), promotion on or off. Each iteration
+/// reads a key that setup (not measured) removed from the layers above beforehand, on both
+/// sides; with promotion on, the read copies it back into every layer above.
+fn lower_hit(c: &mut Criterion, depth: usize, promotion: bool) {
+    let keys = size(200_000, 20_000);
+    let name = format!(
+        "l{depth}_hit_{}/dashmap",
+        if promotion { "promotion" } else { "no_promotion" }
+    );
+    let mut g = c.benchmark_group(name);
+    let (cache, layers) = dash_stack(depth, promotion);
+    let raw: Vec<DashMap<u64, u64>> = (0..depth).map(|_| DashMap::new()).collect();
+    let (bottom, above) = (&layers[depth - 1], &layers[..depth - 1]);
+    let (raw_bottom, raw_above) = (&raw[depth - 1], &raw[..depth - 1]);
+    for k in 0..keys {
+        poll_once(bottom.set(&k, &k, None)).unwrap();
+        raw_bottom.insert(k, k);
     }
     let next = AtomicU64::new(0);
-    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+    let take = || next.fetch_add(1, Ordering::Relaxed) % keys;
     g.bench_function("capacitor", |b| {
         b.iter_batched(
             || {
                 let k = take();
-                poll_once(layers[0].delete(&k)).unwrap();
+                for l in above {
+                    poll_once(l.delete(&k)).unwrap();
+                }
                 k
             },
             |k| poll_once(cache.get(&k)).unwrap(),
@@ -112,15 +156,23 @@ fn l2_hit_promotion(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let k = take();
-                raw_l1.remove(&k);
+                for m in raw_above {
+                    m.remove(&k);
+                }
                 k
             },
             |k| {
-                if let Some(v) = raw_l1.get(&k).map(|v| *v) {
-                    return Some(v);
+                for m in raw_above {
+                    if let Some(v) = m.get(&k).map(|v| *v) {
+                        return Some(v);
+                    }
                 }
-                let v = raw_l2.get(&k).map(|v| *v)?;
-                raw_l1.insert(k, v);
+                let v = raw_bottom.get(&k).map(|v| *v)?;
+                if promotion {
+                    for m in raw_above.iter().rev() {
+                        m.insert(k, v);
+                    }
+                }
                 Some(v)
             },
             BatchSize::SmallInput,
@@ -129,10 +181,18 @@ fn l2_hit_promotion(c: &mut Criterion) {
     g.finish();
 }
 
+fn lower_hits(c: &mut Criterion) {
+    for depth in [2, 3] {
+        for promotion in [true, false] {
+            lower_hit(c, depth, promotion);
+        }
+    }
+}
+
 fn write_through(c: &mut Criterion) {
     for n in [1usize, 2, 3, 4] {
         let mut g = c.benchmark_group(format!("write_through/dashmap/{n}_layers"));
-        let (cache, _) = dash_stack(n);
+        let (cache, _) = dash_stack(n, true);
         let raw: Vec<DashMap<u64, u64>> = (0..n).map(|_| DashMap::new()).collect();
         g.bench_function("capacitor", |b| {
             b.iter(|| poll_once(cache.set(black_box(42), black_box(7))).unwrap())
@@ -148,5 +208,67 @@ fn write_through(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, l1_hit, miss, l2_hit_promotion, write_through);
+/// L1-hit throughput on 1, 2 and 4 threads: every thread reads its own stride of 1,024
+/// hot keys (so that no single key's cache line decides the result).
+fn threads(c: &mut Criterion) {
+    const HOT: u64 = 1_024;
+    let k = |t: usize, i: u64| (i.wrapping_mul(7) + t as u64 * 131) % HOT;
+
+    let (dash, _) = dash_stack(2, true);
+    let raw_dash: DashMap<u64, u64> = DashMap::new();
+    let moka = moka_stack(2);
+    let raw_moka: moka::sync::Cache<u64, u64> = moka::sync::Cache::new(10_000);
+    let foyer = foyer_cache();
+    for key in 0..HOT {
+        poll_once(dash.set(key, key)).unwrap();
+        raw_dash.insert(key, key);
+        poll_once(moka.set(key, key)).unwrap();
+        raw_moka.insert(key, key);
+        foyer.insert(key, key);
+    }
+    for n in [1usize, 2, 4] {
+        let mut g = c.benchmark_group(format!("l1_hit_threads/dashmap/{n}_threads"));
+        g.bench_function("capacitor", |b| {
+            b.iter_custom(|iters| {
+                parallel(n, iters, |t, i| {
+                    black_box(poll_once(dash.get(&k(t, i))).unwrap());
+                })
+            })
+        });
+        g.bench_function("raw", |b| {
+            b.iter_custom(|iters| {
+                parallel(n, iters, |t, i| {
+                    black_box(raw_dash.get(&k(t, i)).map(|v| *v));
+                })
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("l1_hit_threads/moka/{n}_threads"));
+        g.bench_function("capacitor", |b| {
+            b.iter_custom(|iters| {
+                parallel(n, iters, |t, i| {
+                    black_box(poll_once(moka.get(&k(t, i))).unwrap());
+                })
+            })
+        });
+        g.bench_function("raw", |b| {
+            b.iter_custom(|iters| {
+                parallel(n, iters, |t, i| {
+                    black_box(raw_moka.get(&k(t, i)));
+                })
+            })
+        });
+        g.bench_function("foyer", |b| {
+            b.iter_custom(|iters| {
+                parallel(n, iters, |t, i| {
+                    black_box(foyer.get(&k(t, i)).map(|e| *e.value()));
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, l1_hit, miss, lower_hits, write_through, threads);
 criterion_main!(benches);

@@ -7,44 +7,20 @@
 //!
 //! Needs a server at `CAPACITOR_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`); without one the suite prints why and
-//! measures nothing.
+//! measures nothing. Its tables are named after the run (`bench_<run id>_…`), made by the
+//! suite and dropped at the end: nothing else on the server is touched.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use capacitor::memory::MokaLayer;
-use capacitor::postgres::tokio_postgres::{self, Client, NoTls};
 use capacitor::postgres::PostgresLayer;
 use capacitor::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
-use capacitor_benches::{decode, encode, key, value};
+use capacitor_benches::peer::postgres_client;
+use capacitor_benches::{decode, encode, key, postgres_url, run_id, size, value};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-
-const KEYS: u64 = 10_000;
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-const CAPACITOR_TABLE: &str = "bench_capacitor_kv";
-const UNLOGGED_TABLE: &str = "bench_capacitor_kv_unlogged";
-const RAW_TABLE: &str = "bench_raw_kv";
-
-/// The raw side's connection, or why there is none.
-async fn raw_client(url: &str) -> Result<Client, String> {
-    let connect = tokio_postgres::connect(url, NoTls);
-    match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(Ok((client, connection))) => {
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok(client)
-        }
-        Ok(Err(e)) => Err(match std::error::Error::source(&e) {
-            Some(source) => format!("{e}: {source}"),
-            None => e.to_string(),
-        }),
-        Err(_) => Err("no answer within 3 s".to_owned()),
-    }
-}
 
 async fn layer(url: &str, table: &str, unlogged: bool) -> PostgresLayer<String, String> {
     PostgresLayer::builder()
@@ -59,13 +35,18 @@ async fn layer(url: &str, table: &str, unlogged: bool) -> PostgresLayer<String, 
 }
 
 fn postgres_benches(c: &mut Criterion) {
-    let url = std::env::var("CAPACITOR_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let url = postgres_url();
+    let keys = size(10_000, 2_000);
+    let run = run_id();
+    let capacitor_table = format!("bench_{run}_capacitor");
+    let unlogged_table = format!("bench_{run}_unlogged");
+    let raw_table = format!("bench_{run}_raw");
     // One thread: the connections' tasks and the benchmark share it, on both sides.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let raw = match rt.block_on(raw_client(&url)) {
+    let raw = match rt.block_on(postgres_client(&url)) {
         Ok(client) => Arc::new(client),
         Err(why) => {
             eprintln!(
@@ -75,16 +56,11 @@ fn postgres_benches(c: &mut Criterion) {
         }
     };
     let (pg, unlogged, l1, cache) = rt.block_on(async {
-        for table in [CAPACITOR_TABLE, UNLOGGED_TABLE, RAW_TABLE] {
-            raw.batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
-                .await
-                .unwrap();
-        }
-        let pg = Arc::new(layer(&url, CAPACITOR_TABLE, false).await);
-        let unlogged = Arc::new(layer(&url, UNLOGGED_TABLE, true).await);
+        let pg = Arc::new(layer(&url, &capacitor_table, false).await);
+        let unlogged = Arc::new(layer(&url, &unlogged_table, true).await);
         // The raw table: the same shape, made by the same DDL; the raw side stores plain
         // bincode (no envelope), as code written by hand would.
-        layer(&url, RAW_TABLE, false).await.close().await.unwrap();
+        layer(&url, &raw_table, false).await.close().await.unwrap();
         let l1 = Arc::new(
             MokaLayer::<String, String>::builder()
                 .max_capacity(1_000_000)
@@ -96,14 +72,14 @@ fn postgres_benches(c: &mut Criterion) {
             .layer(LayerConfig::shared("postgres", pg.clone()))
             .build()
             .unwrap();
-        let keys: Vec<(String, String)> = (0..KEYS).map(|i| (key(i), value(i))).collect();
+        let keys: Vec<(String, String)> = (0..keys).map(|i| (key(i), value(i))).collect();
         for chunk in keys.chunks(1_000) {
             pg.set_many(chunk, None).await.unwrap();
             let (ks, vs): (Vec<String>, Vec<Vec<u8>>) =
                 chunk.iter().map(|(k, v)| (k.clone(), encode(v))).unzip();
             raw.execute(
                 &format!(
-                    "INSERT INTO \"{RAW_TABLE}\" (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])"
+                    "INSERT INTO \"{raw_table}\" (key, value) SELECT * FROM unnest($1::text[], $2::bytea[])"
                 ),
                 &[&ks, &vs],
             )
@@ -114,7 +90,7 @@ fn postgres_benches(c: &mut Criterion) {
     });
     let raw_get = rt
         .block_on(raw.prepare(&format!(
-            "SELECT value FROM \"{RAW_TABLE}\" WHERE key = $1 AND (expires_at IS NULL OR expires_at > now())"
+            "SELECT value FROM \"{raw_table}\" WHERE key = $1 AND (expires_at IS NULL OR expires_at > now())"
         )))
         .unwrap();
     let upsert = |table: &str| {
@@ -124,10 +100,10 @@ fn postgres_benches(c: &mut Criterion) {
              updated_at = EXCLUDED.updated_at"
         )
     };
-    let raw_set = rt.block_on(raw.prepare(&upsert(RAW_TABLE))).unwrap();
+    let raw_set = rt.block_on(raw.prepare(&upsert(&raw_table))).unwrap();
     let raw_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
     let next = AtomicU64::new(0);
-    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+    let take = || next.fetch_add(1, Ordering::Relaxed) % keys;
 
     // A PostgreSQL hit promoted into moka: setup (not measured) removes the key from L1.
     let mut g = c.benchmark_group("postgres_hit/moka_over_postgres");
@@ -202,7 +178,7 @@ fn postgres_benches(c: &mut Criterion) {
     let batch = || {
         let start = take();
         (start..start + 100)
-            .map(|i| key(i % KEYS))
+            .map(|i| key(i % keys))
             .collect::<Vec<String>>()
     };
     g.bench_function("capacitor", |b| {
@@ -234,10 +210,11 @@ fn postgres_benches(c: &mut Criterion) {
     });
     g.finish();
 
-    // Write-back drain: 2,000 writes through a write-back composer (the drain sends them in
-    // `unnest` batches), `flush` included, beside 2,000 sequential raw upserts (+ moka
-    // inserts). Target (DESIGN.md §4): the drain at least 5x faster, a ratio <= 0.2.
-    const DRAIN: u64 = 2_000;
+    // Write-back drain: 2,000 writes (500 in a quick run) through a write-back composer
+    // (the drain sends them in `unnest` batches), `flush` included, beside as many
+    // sequential raw upserts (+ moka inserts). Target (DESIGN.md §4): the drain at least
+    // 5x faster, a ratio <= 0.2.
+    let drain = size(2_000, 500);
     let write_back = rt.block_on(async {
         MultiLayer::builder()
             .write_policy(WritePolicy::Back(
@@ -254,13 +231,13 @@ fn postgres_benches(c: &mut Criterion) {
             .build()
             .unwrap()
     });
-    let mut g = c.benchmark_group("write_back_drain/postgres/2000_keys");
+    let mut g = c.benchmark_group(format!("write_back_drain/postgres/{drain}_keys"));
     g.sample_size(10);
     g.bench_function("capacitor", |b| {
         b.to_async(&rt).iter(|| {
             let write_back = &write_back;
             async move {
-                for i in 0..DRAIN {
+                for i in 0..drain {
                     write_back.set(key(i), value(i)).await.unwrap();
                 }
                 write_back.flush().await.unwrap();
@@ -271,7 +248,7 @@ fn postgres_benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let (raw, raw_set, raw_moka) = (&raw, &raw_set, &raw_moka);
             async move {
-                for i in 0..DRAIN {
+                for i in 0..drain {
                     raw.execute(raw_set, &[&key(i), &encode(&value(i))])
                         .await
                         .unwrap();
@@ -312,7 +289,7 @@ fn postgres_benches(c: &mut Criterion) {
     rt.block_on(async {
         cache.close().await.unwrap();
         unlogged.close().await.unwrap();
-        for table in [CAPACITOR_TABLE, UNLOGGED_TABLE, RAW_TABLE] {
+        for table in [&capacitor_table, &unlogged_table, &raw_table] {
             raw.batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
                 .await
                 .unwrap();

@@ -1,86 +1,55 @@
-//! memory + Redis beside raw fred and raw moka, in the same criterion groups.
+//! memory + Redis beside raw fred and raw moka, and beside the hand-written peer, in the
+//! same criterion groups.
 //!
-//! The raw side is what a user writes by hand: one fred client, bincode, and a moka cache.
-//! Both sides use one connection (the layer's pool has one) on the same tokio runtime
-//! (`b.to_async(&rt)`), against the same server, so the executor and the server cost the
-//! same on both sides. The layer stores capacitor's envelope; the raw side plain bincode.
+//! The raw side is the floor: the same backend calls inlined in the benchmark (one fred
+//! client, bincode, a moka cache). `hand_written` (in the hit and write groups) is the
+//! cache-aside code a user writes today with moka + fred ([`HandWritten`]), on a client of
+//! its own. capacitor's layer and the raw side each use one connection, on the same tokio
+//! runtime (`b.to_async(&rt)`), against the same server, so the executor and the server
+//! cost the same on every side. The layer stores capacitor's envelope; the others plain
+//! bincode.
 //!
 //! Needs a server at `CAPACITOR_REDIS_URL` (default `redis://127.0.0.1:6379`); without one
-//! the suite prints why and measures nothing. Keys live under `bench:capacitor:` and
-//! `bench:raw:` and are deleted at the end.
+//! the suite prints why and measures nothing. Keys live under `bench:<run id>:…` prefixes
+//! unique to the run, and only those are deleted at the end.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use capacitor::memory::MokaLayer;
-use capacitor::redis::fred::prelude::{Client, ClientLike, Config, KeysInterface, Value};
+use capacitor::redis::fred::prelude::{ClientLike, KeysInterface, Value};
 use capacitor::redis::RedisLayer;
 use capacitor::{Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
-use capacitor_benches::{decode, encode, key, value};
+use capacitor_benches::peer::{delete_prefix, redis_client, redis_preload, HandWritten};
+use capacitor_benches::{decode, encode, key, redis_url, run_id, size, value};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
-const KEYS: u64 = 10_000;
-const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
-const CAPACITOR_PREFIX: &str = "bench:capacitor:";
-const RAW_PREFIX: &str = "bench:raw:";
-
-fn raw_key(i: u64) -> String {
-    format!("{RAW_PREFIX}user:{i}")
-}
-
-/// The raw side's client, or why there is none.
-async fn raw_client(url: &str) -> Result<Client, String> {
-    let config = Config::from_url(url).map_err(|e| e.to_string())?;
-    let client = Client::new(config, None, None, None);
-    drop(client.connect());
-    match tokio::time::timeout(Duration::from_secs(3), client.wait_for_connect()).await {
-        Ok(Ok(())) => Ok(client),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 3 s".to_owned()),
-    }
-}
-
-async fn delete_prefix(client: &Client, prefix: &str) {
-    let mut cursor = "0".to_owned();
-    loop {
-        let (next, keys): (String, Vec<String>) = client
-            .scan_page(cursor.as_str(), format!("{prefix}*"), Some(1_000), None)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: i64 = client.del(keys).await.unwrap();
-        }
-        if next == "0" {
-            break;
-        }
-        cursor = next;
-    }
-}
-
 fn redis_benches(c: &mut Criterion) {
-    let url = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-    // One thread: the connections' tasks and the benchmark share it, on both sides.
+    let url = redis_url();
+    let keys = size(10_000, 2_000);
+    let run = run_id();
+    let capacitor_prefix = format!("bench:{run}:capacitor:");
+    let raw_prefix = format!("bench:{run}:raw:");
+    let raw_key = |i: u64| format!("{raw_prefix}user:{i}");
+    // One thread: the connections' tasks and the benchmark share it, on every side.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let raw = match rt.block_on(raw_client(&url)) {
+    let raw = match rt.block_on(redis_client(&url)) {
         Ok(client) => client,
         Err(why) => {
             eprintln!("redis benches skipped: Redis is not reachable ({why}); set CAPACITOR_REDIS_URL");
             return;
         }
     };
-    let (redis, l1, cache) = rt.block_on(async {
-        delete_prefix(&raw, CAPACITOR_PREFIX).await;
-        delete_prefix(&raw, RAW_PREFIX).await;
+    let (redis, l1, cache, hand) = rt.block_on(async {
         let redis = Arc::new(
             RedisLayer::builder()
                 .url(&url)
-                .prefix(CAPACITOR_PREFIX)
+                .prefix(&capacitor_prefix)
                 .pool_size(1)
                 .build::<String, String>()
                 .unwrap(),
@@ -97,27 +66,21 @@ fn redis_benches(c: &mut Criterion) {
             .layer(LayerConfig::shared("redis", redis.clone()))
             .build()
             .unwrap();
-        let keys: Vec<(String, String)> = (0..KEYS).map(|i| (key(i), value(i))).collect();
-        for chunk in keys.chunks(1_000) {
+        let entries: Vec<(String, String)> = (0..keys).map(|i| (key(i), value(i))).collect();
+        for chunk in entries.chunks(1_000) {
             redis.set_many(chunk, None).await.unwrap();
         }
-        for i in 0..KEYS {
-            let _: () = raw
-                .set(
-                    raw_key(i),
-                    Value::from(encode(&value(i)).into_boxed_slice()),
-                    None,
-                    None,
-                    false,
-                )
-                .await
-                .unwrap();
-        }
-        (redis, l1, cache)
+        let encoded: Vec<(String, Vec<u8>)> = (0..keys).map(|i| (raw_key(i), encode(&value(i)))).collect();
+        redis_preload(&raw, &encoded).await.unwrap();
+        let hand = HandWritten::connect(&url, format!("bench:{run}:hand:"), None)
+            .await
+            .unwrap();
+        hand.preload(&entries, true).await.unwrap();
+        (redis, l1, cache, hand)
     });
     let raw_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
     let next = AtomicU64::new(0);
-    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+    let take = || next.fetch_add(1, Ordering::Relaxed) % keys;
 
     // A Redis hit promoted into moka: setup (not measured) removes the key from L1.
     let mut g = c.benchmark_group("redis_hit/moka_over_redis");
@@ -158,6 +121,20 @@ fn redis_benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("hand_written", |b| {
+        b.to_async(&rt).iter_batched(
+            || {
+                let k = key(take());
+                hand.forget_local(&k);
+                k
+            },
+            |k| {
+                let hand = &hand;
+                async move { hand.get(&k).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 
     // Write-through: SET in Redis, then the L1 insert.
@@ -194,13 +171,23 @@ fn redis_benches(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("hand_written", |b| {
+        b.to_async(&rt).iter_batched(
+            || (key(take()), value(7)),
+            |(k, v)| {
+                let hand = &hand;
+                async move { hand.set(k, v).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 
     // 100 keys: the layer's one MGET against 100 sequential GETs, each decoded.
     let mut g = c.benchmark_group("redis_get_many/100_keys");
     let batch = || {
         let start = take();
-        (start..start + 100).map(|i| i % KEYS).collect::<Vec<u64>>()
+        (start..start + 100).map(|i| i % keys).collect::<Vec<u64>>()
     };
     g.bench_function("capacitor", |b| {
         b.to_async(&rt).iter_batched(
@@ -231,10 +218,11 @@ fn redis_benches(c: &mut Criterion) {
     });
     g.finish();
 
-    // Write-back drain: 2,000 writes through a write-back composer (the drain sends them
-    // as pipelines of 500), `flush` included, beside 2,000 sequential raw SETs (+ moka
-    // inserts). Target (DESIGN.md §4): the drain at least 5x faster, a ratio <= 0.2.
-    const DRAIN: u64 = 2_000;
+    // Write-back drain: 2,000 writes (500 in a quick run) through a write-back composer
+    // (the drain sends them as pipelines of 500), `flush` included, beside as many
+    // sequential raw SETs (+ moka inserts). Target (DESIGN.md §4): the drain at least 5x
+    // faster, a ratio <= 0.2.
+    let drain = size(2_000, 500);
     let write_back = rt.block_on(async {
         MultiLayer::builder()
             .write_policy(WritePolicy::Back(
@@ -251,13 +239,13 @@ fn redis_benches(c: &mut Criterion) {
             .build()
             .unwrap()
     });
-    let mut g = c.benchmark_group("write_back_drain/redis/2000_keys");
+    let mut g = c.benchmark_group(format!("write_back_drain/redis/{drain}_keys"));
     g.sample_size(10);
     g.bench_function("capacitor", |b| {
         b.to_async(&rt).iter(|| {
             let write_back = &write_back;
             async move {
-                for i in 0..DRAIN {
+                for i in 0..drain {
                     write_back.set(key(i), value(i)).await.unwrap();
                 }
                 write_back.flush().await.unwrap();
@@ -268,7 +256,7 @@ fn redis_benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let (raw, raw_moka) = (&raw, &raw_moka);
             async move {
-                for i in 0..DRAIN {
+                for i in 0..drain {
                     let _: () = raw
                         .set(
                             raw_key(i),
@@ -289,8 +277,9 @@ fn redis_benches(c: &mut Criterion) {
 
     rt.block_on(async {
         cache.close().await.unwrap();
-        delete_prefix(&raw, CAPACITOR_PREFIX).await;
-        delete_prefix(&raw, RAW_PREFIX).await;
+        hand.cleanup().await.unwrap();
+        delete_prefix(&raw, &capacitor_prefix).await.unwrap();
+        delete_prefix(&raw, &raw_prefix).await.unwrap();
         let _ = raw.quit().await;
     });
 }

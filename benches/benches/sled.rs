@@ -4,6 +4,9 @@
 //! for a hit with backfill; bincode-encode, `tree.insert`, `moka.insert` for a write.
 //! Both sides use the same sled database (different trees) and the same flush behaviour
 //! (sled's background flusher; the layer itself adds none: `FlushPolicy::Manual`).
+//!
+//! `sled_hit/moka_over_sled` promotes the hit into moka; `sled_hit_no_promotion/…` is the
+//! same read through a composer built with `promotion(false)` (raw: no moka insert).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -12,13 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use capacitor::memory::MokaLayer;
 use capacitor::sled::{FlushPolicy, SledLayer};
 use capacitor::{Layer, LayerConfig, MultiLayer};
-use capacitor_benches::{decode, encode, key, value};
+use capacitor_benches::{decode, encode, key, size, value};
 use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 
-const KEYS: u64 = 50_000;
-
 fn sled_benches(c: &mut Criterion) {
+    let keys = size(50_000, 5_000);
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path().join("bench")).unwrap();
     let layer = std::sync::Arc::new(
@@ -42,7 +44,7 @@ fn sled_benches(c: &mut Criterion) {
         .unwrap();
     let raw_tree = db.open_tree("raw").unwrap();
     let raw_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
-    for i in 0..KEYS {
+    for i in 0..keys {
         poll_once(layer.set(&key(i), &value(i), None)).unwrap();
         raw_tree.insert(key(i).as_bytes(), encode(&value(i))).unwrap();
     }
@@ -50,7 +52,7 @@ fn sled_benches(c: &mut Criterion) {
     // A sled hit promoted into moka: setup (not measured) removes the key from L1.
     let mut g = c.benchmark_group("sled_hit/moka_over_sled");
     let next = AtomicU64::new(0);
-    let take = || next.fetch_add(1, Ordering::Relaxed) % KEYS;
+    let take = || next.fetch_add(1, Ordering::Relaxed) % keys;
     g.bench_function("capacitor", |b| {
         b.iter_batched(
             || {
@@ -76,6 +78,42 @@ fn sled_benches(c: &mut Criterion) {
                 let v = decode(&raw_tree.get(k.as_bytes()).unwrap()?);
                 raw_moka.insert(k, v.clone());
                 Some(v)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    // The same sled hit, promotion off: nothing is copied into moka (which stays empty).
+    let no_promotion = MultiLayer::builder()
+        .promotion(false)
+        .layer(LayerConfig::new(
+            "moka",
+            MokaLayer::<String, String>::builder()
+                .max_capacity(1_000_000)
+                .build()
+                .unwrap(),
+        ))
+        .layer(LayerConfig::shared("sled", layer.clone()))
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("sled_hit_no_promotion/moka_over_sled");
+    g.bench_function("capacitor", |b| {
+        b.iter_batched(
+            || key(take()),
+            |k| poll_once(no_promotion.get(&k)).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    let empty_moka: moka::sync::Cache<String, String> = moka::sync::Cache::new(1_000_000);
+    g.bench_function("raw", |b| {
+        b.iter_batched(
+            || key(take()),
+            |k| {
+                if let Some(v) = empty_moka.get(&k) {
+                    return Some(v);
+                }
+                Some(decode(&raw_tree.get(k.as_bytes()).unwrap()?))
             },
             BatchSize::SmallInput,
         )

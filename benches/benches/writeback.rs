@@ -10,6 +10,7 @@ use std::time::Duration;
 use capacitor::memory::{DashMapLayer, MokaLayer};
 use capacitor::sled::{FlushPolicy, SledLayer};
 use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use capacitor_benches::size;
 use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dashmap::DashMap;
@@ -64,10 +65,10 @@ fn write_back_set(c: &mut Criterion) {
     rt.block_on(cache.close()).unwrap();
 }
 
-/// Writing 10,000 keys to sled: through write-back (set all, then flush: the drain writes
-/// sled batches) beside 10,000 sequential raw sled inserts.
+/// Writing 10,000 keys (2,000 in a quick run) to sled: through write-back (set all, then
+/// flush: the drain writes sled batches) beside as many sequential raw sled inserts.
 fn write_back_drain(c: &mut Criterion) {
-    const N: u64 = 10_000;
+    let n = size(10_000, 2_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -78,7 +79,7 @@ fn write_back_drain(c: &mut Criterion) {
     let cache = rt.block_on(async {
         MultiLayer::<String, Vec<u8>>::builder()
             .write_policy(WritePolicy::Back(
-                WriteBack::new().queue_bound(2 * N as usize).batch_size(1_000),
+                WriteBack::new().queue_bound(2 * n as usize).batch_size(1_000),
             ))
             .layer(LayerConfig::new("l1", DashMapLayer::new()))
             .layer(LayerConfig::new(
@@ -95,11 +96,11 @@ fn write_back_drain(c: &mut Criterion) {
     });
     let raw = db.open_tree("raw").unwrap();
     let value = vec![7u8; 100];
-    let mut g = c.benchmark_group("write_back_drain/sled/10000_keys");
+    let mut g = c.benchmark_group(format!("write_back_drain/sled/{n}_keys"));
     g.sample_size(10);
     g.bench_function("capacitor", |b| {
         b.to_async(&rt).iter(|| async {
-            for i in 0..N {
+            for i in 0..n {
                 cache.set(format!("k{i}"), value.clone()).await.unwrap();
             }
             cache.flush().await.unwrap();
@@ -107,7 +108,7 @@ fn write_back_drain(c: &mut Criterion) {
     });
     g.bench_function("raw", |b| {
         b.iter(|| {
-            for i in 0..N {
+            for i in 0..n {
                 raw.insert(format!("k{i}").as_bytes(), value.as_slice()).unwrap();
             }
         })
@@ -156,6 +157,10 @@ fn get_or_load(c: &mut Criterion) {
     let raw: Arc<DashMap<u64, u64>> = Arc::new(DashMap::new());
     let (mut ours, mut theirs) = (0u64, 0u64);
     let mut g = c.benchmark_group("get_or_load/64_callers");
+    if capacitor_benches::quick() {
+        // About 35 ms an iteration on the raw side: criterion's minimum of 10 samples.
+        g.sample_size(10);
+    }
     g.bench_function("capacitor", |b| {
         b.to_async(&rt).iter_batched(
             || next.fetch_add(1, Ordering::Relaxed),

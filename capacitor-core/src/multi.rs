@@ -1329,8 +1329,9 @@ where
                 break;
             }
             // Keys this layer may hold outdated copies of are not asked here.
-            let (asked, passed): (Vec<usize>, Vec<usize>) =
-                pending.iter().partition(|&&p| !slot.suspect(&keys[p], &inner.clock));
+            let (asked, passed): (Vec<usize>, Vec<usize>) = pending
+                .iter()
+                .partition(|&&p| !slot.suspect(&keys[p], &inner.clock));
             passed.iter().for_each(|_| slot.counters.incr(Counter::Skipped));
             if asked.is_empty() {
                 continue;

@@ -1,18 +1,22 @@
 //! `cargo xtask`: the project's automation, in Rust rather than shell.
 //!
-//! - `cargo xtask test`: every test of the workspace (all features), doctests included.
-//! - `cargo xtask bench [--quick] [SUITE…]`: criterion suites, then a table of
-//!   capacitor / raw ratios in `target/capacitor-report/REPORT.md`.
+//! - `cargo xtask test`: every test of the workspace (all features), doctests included,
+//!   against Redis and PostgreSQL (found, started, or throwaway servers: see `services`).
+//! - `cargo xtask bench [--quick] [SUITE…]`: criterion suites, then a report of
+//!   capacitor / raw / peer medians and an SVG chart in
+//!   `$CARGO_TARGET_DIR/capacitor-report/` (else `target/capacitor-report/`).
 //! - `cargo xtask ci`: fmt check, clippy `-D warnings`, feature-combination builds,
 //!   `test`, docs with `-D warnings`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime};
 
+mod chart;
+mod report;
 mod services;
+
+use services::{Backend, Purpose, Services};
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
@@ -45,18 +49,23 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Runs `cargo` with `args` in the workspace root, echoing the command.
-fn cargo(args: &[&str]) -> Result {
-    cargo_env(args, &[])
+/// Whether this is a CI run (`CI=true`, as CI sets it).
+fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result {
+/// Runs `cargo` with `args` in the workspace root, echoing the command.
+fn cargo(args: &[&str]) -> Result {
+    cargo_env::<&str, &str>(args, &[])
+}
+
+fn cargo_env<K: AsRef<str>, V: AsRef<str>>(args: &[&str], env: &[(K, V)]) -> Result {
     let started = Instant::now();
     eprintln!("\n==> cargo {}", args.join(" "));
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(root());
     for (k, v) in env {
-        cmd.env(k, v);
+        cmd.env(k.as_ref(), v.as_ref());
     }
     let status = cmd.status()?;
     eprintln!(
@@ -79,24 +88,38 @@ fn has_nextest() -> bool {
 }
 
 /// Every test, with every feature: unit, integration, conformance, property tests, then
-/// doctests (nextest does not run those).
+/// doctests (nextest does not run those). Redis and PostgreSQL come from `services`; a
+/// missing one fails under CI and is skipped loudly elsewhere (its tests left out).
 fn test() -> Result {
     let started = Instant::now();
-    // Before anything runs: the PostgreSQL tests fail (never skip) without a server. Sets
-    // CAPACITOR_POSTGRES_URL for the cargo processes below.
-    let postgres = services::ensure_postgres()?;
-    let redis = services::ensure_redis()?;
+    let ci = is_ci();
+    // Holds any throwaway servers: they are stopped when this is dropped, also on failure.
+    let services = Services::prepare(Purpose::Test);
+    let missing: Vec<Backend> = services.require(ci)?.into_iter().map(|(b, _)| b).collect();
+    let env = services.env();
+    let result = run_tests(&env, &missing);
+    eprintln!("\n{}", test_summary(&services, &missing, &result, started));
+    result.map(|_| ())
+}
+
+/// Runs the tests, leaving out those of the `missing` backends; returns what ran them.
+fn run_tests(env: &[(String, String)], missing: &[Backend]) -> Result<&'static str> {
     let runner = if has_nextest() {
-        cargo(&[
+        let mut args = vec![
             "nextest",
             "run",
             "--workspace",
             "--all-features",
             "--no-fail-fast",
-        ])?;
+        ];
+        let filter = nextest_filter(missing);
+        if let Some(filter) = &filter {
+            args.extend(["-E", filter.as_str()]);
+        }
+        cargo_env(&args, env)?;
         "cargo nextest"
     } else {
-        cargo(&[
+        let mut args = vec![
             "test",
             "--workspace",
             "--all-features",
@@ -104,23 +127,108 @@ fn test() -> Result {
             "--lib",
             "--bins",
             "--tests",
-        ])?;
+        ];
+        // Without nextest a single test binary cannot be left out: its whole package is.
+        let excluded = fallback_exclusions(missing);
+        for p in &excluded {
+            args.extend(["--exclude", p]);
+        }
+        cargo_env(&args, env)?;
         "cargo test"
     };
-    cargo(&["test", "--workspace", "--all-features", "--doc"])?;
-    eprintln!(
-        "\nxtask test: all tests passed ({runner} + doctests) in {:.0?}. Backends exercised: \
-         memory (moka, dashmap), sled (temporary directories) and the test kit's layers in \
-         process; PostgreSQL at {} ({}), and a private PostgreSQL cluster (initdb) for the \
-         restart test; Redis at {} ({}), and private redis-server processes (killed, \
-         restarted, a 3-master cluster, a sentinel) on free loopback ports.",
-        started.elapsed(),
-        postgres.redacted_url(),
-        postgres.how,
-        redis.redacted_url(),
-        redis.how,
+    let mut doc = vec!["test", "--workspace", "--all-features", "--doc"];
+    for b in missing {
+        doc.extend(["--exclude", b.package()]);
+    }
+    cargo_env(&doc, env)?;
+    Ok(runner)
+}
+
+/// The nextest filter expression that leaves out the tests of the `missing` backends.
+fn nextest_filter(missing: &[Backend]) -> Option<String> {
+    if missing.is_empty() {
+        return None;
+    }
+    let mut sets: Vec<String> = Vec::new();
+    for b in missing {
+        sets.push(format!("package({})", b.package()));
+        for (package, binary) in b.other_test_binaries() {
+            let set = format!("(package({package}) & binary({binary}))");
+            if !sets.contains(&set) {
+                sets.push(set);
+            }
+        }
+    }
+    Some(format!("not ({})", sets.join(" | ")))
+}
+
+/// The packages `cargo test` leaves out for the `missing` backends (no nextest).
+fn fallback_exclusions(missing: &[Backend]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for b in missing {
+        for p in std::iter::once(b.package()).chain(b.other_test_binaries().iter().map(|(p, _)| *p)) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// What ran against what.
+fn test_summary(
+    services: &Services,
+    missing: &[Backend],
+    result: &Result<&'static str>,
+    started: Instant,
+) -> String {
+    let mut lines = vec![match result {
+        Ok(runner) => format!(
+            "xtask test: all tests passed ({runner} + doctests) in {:.0?}.",
+            started.elapsed()
+        ),
+        Err(e) => format!("xtask test: FAILED after {:.0?}: {e}", started.elapsed()),
+    }];
+    lines.push(
+        "  - memory (moka, dashmap), sled (temporary directories), the test kit's layers: in process"
+            .to_owned(),
     );
-    Ok(())
+    for backend in [Backend::Postgres, Backend::Redis] {
+        lines.push(match services.get(backend) {
+            Ok(s) => format!(
+                "  - {} ({}): against {} ({}){}",
+                backend.name(),
+                backend.package(),
+                s.redacted_url(),
+                s.how,
+                match backend {
+                    Backend::Postgres => "; the restart test also starts a private cluster (initdb)",
+                    Backend::Redis => {
+                        "; the fault, cluster and sentinel tests also start private redis-server \
+                         processes on free loopback ports"
+                    }
+                }
+            ),
+            Err(why) => format!(
+                "  - {}: SKIPPED, {} and {} left out: {why}",
+                backend.name(),
+                backend.package(),
+                backend
+                    .other_test_binaries()
+                    .iter()
+                    .map(|(p, b)| format!("{p}'s `{b}` tests"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    if !missing.is_empty() {
+        lines.push(format!(
+            "  !!! Tests needing {} did not run: this is not a full test run.",
+            missing.iter().map(|b| b.name()).collect::<Vec<_>>().join(" and ")
+        ));
+    }
+    lines.join("\n")
 }
 
 fn ci() -> Result {
@@ -163,30 +271,85 @@ fn ci() -> Result {
     Ok(())
 }
 
-/// DESIGN.md §4 targets, by group prefix: the highest acceptable capacitor / raw ratio.
-const TARGETS: &[(&str, f64)] = &[
-    ("l1_hit/", 1.2),
-    ("l2_hit_promotion/", 1.1),
-    ("sled_hit/", 1.1),
-    ("sled_write_through/", 1.1),
-    ("postgres_hit/", 1.1),
-    ("postgres_write_through/", 1.1),
-    ("write_back_set/", 1.5),
-    ("redis_hit/", 1.1),
-    ("redis_write_through/", 1.1),
-    // Drain throughput >= 5x sequential raw writes.
-    ("write_back_drain/postgres", 0.2),
-    ("write_back_drain/redis", 0.2),
+/// The backends a suite needs (it skips itself without them; xtask says so first).
+fn suite_needs(suite: &str) -> &'static [Backend] {
+    match suite {
+        "redis" => &[Backend::Redis],
+        "postgres" => &[Backend::Postgres],
+        "tiers" => &[Backend::Redis, Backend::Postgres],
+        _ => &[],
+    }
+}
+
+/// Criterion's options for a quick run: short warm-up and measurement, criterion's minimum
+/// of 10 samples, fewer bootstrap resamples. The suites also read `CAPACITOR_BENCH_QUICK`
+/// and keep their expensive setups small.
+const QUICK_CRITERION: &[&str] = &[
+    "--warm-up-time",
+    "0.2",
+    "--measurement-time",
+    "0.5",
+    "--sample-size",
+    "10",
+    "--nresamples",
+    "2000",
 ];
 
 fn bench(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
-    let mut suites: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
-    if suites.is_empty() {
-        suites = bench_suites()?;
+    if let Some(unknown) = args.iter().find(|a| a.starts_with("--") && *a != "--quick") {
+        return Err(format!("unknown option {unknown}; {USAGE}").into());
     }
+    let all = bench_suites()?;
+    let mut suites: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    if let Some(unknown) = suites.iter().find(|s| !all.contains(s)) {
+        return Err(format!("no bench suite `{unknown}`; the suites are: {}", all.join(", ")).into());
+    }
+    if suites.is_empty() {
+        suites = all;
+    }
+    let wall = Instant::now();
     let started = SystemTime::now();
+    // Only the backends some chosen suite needs; any throwaway server lives until the end.
+    let needed: Vec<Backend> = [Backend::Postgres, Backend::Redis]
+        .into_iter()
+        .filter(|b| suites.iter().any(|s| suite_needs(s).contains(b)))
+        .collect();
+    let services = (!needed.is_empty()).then(|| Services::prepare(Purpose::Bench));
+    let mut env: Vec<(String, String)> = services.as_ref().map(Services::env).unwrap_or_default();
+    if quick {
+        env.push(("CAPACITOR_BENCH_QUICK".to_owned(), "1".to_owned()));
+    }
+    // Build every chosen suite in one cargo run first (cargo compiles them in parallel);
+    // then each run below only starts its binary.
+    let mut build = vec!["bench", "-p", "capacitor-benches", "--no-run"];
+    for suite in &suites {
+        build.extend(["--bench", suite.as_str()]);
+    }
+    eprintln!("\n[build] {} bench suite(s)", suites.len());
+    cargo_env(&build, &env)?;
+    let mut skipped = Vec::new();
+    let mut ran = Vec::new();
     for (i, suite) in suites.iter().enumerate() {
+        let missing: Vec<String> = suite_needs(suite)
+            .iter()
+            .filter_map(|b| {
+                services
+                    .as_ref()
+                    .and_then(|s| s.get(*b).err())
+                    .map(|why| format!("{}: {why}", b.name()))
+            })
+            .collect();
+        if !missing.is_empty() {
+            let why = missing.join("; ");
+            eprintln!(
+                "\n[{}/{}] bench suite `{suite}`: SKIPPED ({why})",
+                i + 1,
+                suites.len()
+            );
+            skipped.push(format!("`{suite}` ({why})"));
+            continue;
+        }
         eprintln!(
             "\n[{}/{}] bench suite `{suite}`{}",
             i + 1,
@@ -203,19 +366,46 @@ fn bench(args: &[String]) -> Result {
             "--noplot",
         ];
         if quick {
-            cmd.extend([
-                "--warm-up-time",
-                "0.5",
-                "--measurement-time",
-                "1",
-                "--sample-size",
-                "20",
-            ]);
+            cmd.extend(QUICK_CRITERION);
         }
-        cargo(&cmd)?;
+        cargo_env(&cmd, &env)?;
+        ran.push(suite.clone());
     }
-    let report = report(started)?;
-    println!("{report}");
+    let mut info = report::RunInfo {
+        date: report::today(),
+        machine: report::machine(),
+        mode: format!(
+            "`cargo xtask bench{}` ({}), suites: {}",
+            if quick { " --quick" } else { "" },
+            if quick {
+                format!("criterion {}; small setups", QUICK_CRITERION.join(" "))
+            } else {
+                "criterion defaults".to_owned()
+            },
+            ran.join(", ")
+        ),
+        services: Vec::new(),
+        skipped,
+    };
+    if let Some(services) = &services {
+        for b in &needed {
+            info.services.push(match services.get(*b) {
+                Ok(s) => format!("{}: {} ({})", b.name(), s.redacted_url(), s.how),
+                Err(why) => format!("{}: not available ({why})", b.name()),
+            });
+        }
+    }
+    let dir = write_report(started, &info)?;
+    eprintln!(
+        "\nxtask bench: {} suite(s) ran, {} skipped, in {:.0?}; report: {}",
+        ran.len(),
+        info.skipped.len(),
+        wall.elapsed(),
+        dir.join("REPORT.md").display()
+    );
+    for s in &info.skipped {
+        eprintln!("  skipped: {s}");
+    }
     Ok(())
 }
 
@@ -233,88 +423,66 @@ fn bench_suites() -> Result<Vec<String>> {
     Ok(suites)
 }
 
-/// Median estimate (ns) of every benchmark criterion wrote since `since`, keyed by group
-/// then function.
-fn read_medians(dir: &Path, since: SystemTime, out: &mut BTreeMap<String, BTreeMap<String, f64>>) -> Result {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries {
-        let path = entry?.path();
-        if !path.is_dir() {
-            continue;
-        }
-        let (bench, estimates) = (path.join("new/benchmark.json"), path.join("new/estimates.json"));
-        if bench.is_file() && estimates.is_file() {
-            if std::fs::metadata(&estimates)?.modified()? < since {
-                continue;
-            }
-            let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bench)?)?;
-            let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&estimates)?)?;
-            let group = b["group_id"].as_str().unwrap_or_default().to_owned();
-            let function = b["function_id"].as_str().unwrap_or_default().to_owned();
-            if let Some(median) = e["median"]["point_estimate"].as_f64() {
-                out.entry(group).or_default().insert(function, median);
-            }
-        } else {
-            read_medians(&path, since, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn fmt_ns(ns: f64) -> String {
-    if ns < 0.0 {
-        return format!("−{}", fmt_ns(-ns));
-    }
-    if ns >= 1_000_000.0 {
-        format!("{:.2} ms", ns / 1_000_000.0)
-    } else if ns >= 1_000.0 {
-        format!("{:.2} µs", ns / 1_000.0)
-    } else {
-        format!("{ns:.1} ns")
-    }
-}
-
-fn report(since: SystemTime) -> Result<String> {
-    let mut medians = BTreeMap::new();
-    read_medians(&root().join("target/criterion"), since, &mut medians)?;
-    let mut md = String::new();
-    writeln!(md, "# capacitor benchmark report\n")?;
-    writeln!(
-        md,
-        "Medians from criterion, capacitor beside the raw backend call in the same run. \
-         Ratio = capacitor / raw; overhead = capacitor − raw.\n"
-    )?;
-    writeln!(
-        md,
-        "| operation | capacitor | raw | ratio | overhead | target | met? |"
-    )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|:---:|")?;
-    for (group, functions) in &medians {
-        let (Some(ours), Some(raw)) = (functions.get("capacitor"), functions.get("raw")) else {
-            continue;
-        };
-        let ratio = ours / raw;
-        let target = TARGETS
-            .iter()
-            .find(|(p, _)| group.starts_with(p))
-            .map(|(_, t)| *t);
-        let (target_s, met) = match target {
-            Some(t) => (format!("≤ {t:.1}×"), if ratio <= t { "yes" } else { "no" }),
-            None => ("—".to_owned(), "—"),
-        };
-        writeln!(
-            md,
-            "| `{group}` | {} | {} | {ratio:.2}× | {} | {target_s} | {met} |",
-            fmt_ns(*ours),
-            fmt_ns(*raw),
-            fmt_ns(ours - raw)
-        )?;
-    }
-    let dir = root().join("target/capacitor-report");
+/// Writes REPORT.md and bench.svg from what criterion wrote since `since`; returns the
+/// report's directory.
+fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
+    let target = report::target_dir(&root());
+    let criterion = target.join("criterion");
+    let mut medians = report::Medians::new();
+    report::read_medians(&criterion, since, &mut medians)?;
+    let dir = target.join("capacitor-report");
     std::fs::create_dir_all(&dir)?;
+    let subtitle = format!("{}, {}", info.date, info.machine);
+    let chart = match chart::svg(&medians, &subtitle)? {
+        Some(svg) => {
+            std::fs::write(dir.join("bench.svg"), svg)?;
+            eprintln!("wrote {}", dir.join("bench.svg").display());
+            Some("bench.svg")
+        }
+        None => None,
+    };
+    let md = report::markdown(&medians, info, chart)?;
     std::fs::write(dir.join("REPORT.md"), &md)?;
-    eprintln!("\nwrote {}", dir.join("REPORT.md").display());
-    Ok(md)
+    println!("{md}");
+    eprintln!(
+        "wrote {} (medians read from {})",
+        dir.join("REPORT.md").display(),
+        criterion.display()
+    );
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nextest_filters_leave_out_a_missing_backends_tests() {
+        assert_eq!(nextest_filter(&[]), None);
+        assert_eq!(
+            nextest_filter(&[Backend::Redis]).as_deref(),
+            Some("not (package(capacitor-redis) | (package(capacitor) & binary(resilience)))")
+        );
+        assert_eq!(
+            nextest_filter(&[Backend::Postgres, Backend::Redis]).as_deref(),
+            Some(
+                "not (package(capacitor-postgres) | (package(capacitor) & binary(resilience)) \
+                 | package(capacitor-redis))"
+            )
+        );
+        assert_eq!(
+            fallback_exclusions(&[Backend::Postgres, Backend::Redis]),
+            ["capacitor-postgres", "capacitor", "capacitor-redis"]
+        );
+    }
+
+    #[test]
+    fn every_suite_is_known() {
+        let suites = bench_suites().unwrap();
+        for s in ["composer", "postgres", "redis", "sled", "tiers", "writeback"] {
+            assert!(suites.iter().any(|x| x == s), "{s}");
+        }
+        assert_eq!(suite_needs("tiers"), &[Backend::Redis, Backend::Postgres]);
+        assert!(suite_needs("composer").is_empty());
+    }
 }

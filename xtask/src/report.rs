@@ -1,0 +1,500 @@
+//! `target/capacitor-report/`: REPORT.md (capacitor beside raw and the peers, targets,
+//! derived figures) and bench.svg, from the medians criterion wrote during the run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::Result;
+
+/// Medians (ns) by group, then function.
+pub(crate) type Medians = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The functions of a group that are peers (shown as extra columns), in column order.
+pub(crate) const PEERS: &[(&str, &str)] = &[
+    ("hand_written", "hand-written (moka + fred [+ tokio-postgres])"),
+    ("foyer", "foyer in-memory"),
+];
+
+/// DESIGN.md §4 targets, by group prefix: the highest acceptable capacitor / raw ratio.
+const TARGETS: &[(&str, f64)] = &[
+    ("l1_hit/", 1.2),
+    ("l2_hit_promotion/", 1.1),
+    ("sled_hit/", 1.1),
+    ("sled_write_through/", 1.1),
+    ("postgres_hit/", 1.1),
+    ("postgres_write_through/", 1.1),
+    ("write_back_set/", 1.5),
+    ("redis_hit/", 1.1),
+    ("redis_write_through/", 1.1),
+    ("tier3_l2_hit/", 1.1),
+    ("tier3_l3_hit/", 1.1),
+    // Drain throughput >= 5x sequential raw writes.
+    ("write_back_drain/postgres", 0.2),
+    ("write_back_drain/redis", 0.2),
+];
+
+/// The order rows appear in (by group prefix): in memory first, then down the layers.
+const ORDER: &[&str] = &[
+    "l1_hit/",
+    "l1_hit_threads/",
+    "miss/",
+    "l2_hit_",
+    "l3_hit_",
+    "write_through/",
+    "write_back_set/",
+    "sled_",
+    "write_back_drain/sled",
+    "redis_",
+    "write_back_drain/redis",
+    "postgres_",
+    "write_back_drain/postgres",
+    "tier3_l1",
+    "tier3_l2",
+    "tier3_l3",
+    "tier3_miss",
+    "tier3_write",
+    "get_or_load",
+];
+
+pub(crate) fn rank(group: &str) -> usize {
+    ORDER
+        .iter()
+        .position(|p| group.starts_with(p))
+        .unwrap_or(ORDER.len())
+}
+
+/// The groups with both a `capacitor` and a `raw` median, in report order.
+pub(crate) fn rows(medians: &Medians) -> Vec<(&String, &BTreeMap<String, f64>)> {
+    let mut rows: Vec<_> = medians
+        .iter()
+        .filter(|(_, f)| f.contains_key("capacitor") && f.contains_key("raw"))
+        .collect();
+    rows.sort_by(|a, b| (rank(a.0), a.0).cmp(&(rank(b.0), b.0)));
+    rows
+}
+
+/// Where cargo puts build output: `$CARGO_TARGET_DIR` (relative to the workspace root,
+/// as cargo reads it when xtask runs it there), else `<root>/target`.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    target_dir_from(root, std::env::var_os("CARGO_TARGET_DIR"))
+}
+
+fn target_dir_from(root: &Path, var: Option<std::ffi::OsString>) -> PathBuf {
+    match var {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
+/// Median estimate (ns) of every benchmark criterion wrote since `since`, keyed by group
+/// then function.
+pub(crate) fn read_medians(dir: &Path, since: SystemTime, out: &mut Medians) -> Result {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let (bench, estimates) = (path.join("new/benchmark.json"), path.join("new/estimates.json"));
+        if bench.is_file() && estimates.is_file() {
+            if std::fs::metadata(&estimates)?.modified()? < since {
+                continue;
+            }
+            let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bench)?)?;
+            let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&estimates)?)?;
+            let group = b["group_id"].as_str().unwrap_or_default().to_owned();
+            let function = b["function_id"].as_str().unwrap_or_default().to_owned();
+            if let Some(median) = e["median"]["point_estimate"].as_f64() {
+                out.entry(group).or_default().insert(function, median);
+            }
+        } else {
+            read_medians(&path, since, out)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn fmt_ns(ns: f64) -> String {
+    if ns < 0.0 {
+        return format!("−{}", fmt_ns(-ns));
+    }
+    if ns >= 1_000_000.0 {
+        format!("{:.2} ms", ns / 1_000_000.0)
+    } else if ns >= 1_000.0 {
+        format!("{:.2} µs", ns / 1_000.0)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+fn target_for(group: &str) -> Option<f64> {
+    TARGETS
+        .iter()
+        .find(|(p, _)| group.starts_with(p))
+        .map(|(_, t)| *t)
+}
+
+/// What the run was: shown at the top of the report.
+#[derive(Debug, Default)]
+pub(crate) struct RunInfo {
+    pub(crate) date: String,
+    pub(crate) machine: String,
+    pub(crate) mode: String,
+    /// One line per backend: what the suites ran against, or why they were skipped.
+    pub(crate) services: Vec<String>,
+    /// Suites not run, each with why.
+    pub(crate) skipped: Vec<String>,
+}
+
+/// The main table: one row per group.
+pub(crate) fn table(medians: &Medians) -> Result<String> {
+    let rows = rows(medians);
+    let peers: Vec<(&str, &str)> = PEERS
+        .iter()
+        .copied()
+        .filter(|(p, _)| rows.iter().any(|(_, f)| f.contains_key(*p)))
+        .collect();
+    let mut md = String::new();
+    write!(md, "| operation | capacitor | raw | ratio |")?;
+    for (_, title) in &peers {
+        write!(md, " {title} (capacitor ÷ it) |")?;
+    }
+    writeln!(md, " target | met? |")?;
+    write!(md, "|---|---:|---:|---:|")?;
+    for _ in &peers {
+        write!(md, "---:|")?;
+    }
+    writeln!(md, "---:|:---:|")?;
+    for (group, functions) in rows {
+        let (Some(ours), Some(raw)) = (functions.get("capacitor"), functions.get("raw")) else {
+            continue;
+        };
+        let ratio = ours / raw;
+        let (target_s, met) = match target_for(group) {
+            Some(t) => (format!("≤ {t:.1}×"), if ratio <= t { "yes" } else { "no" }),
+            None => ("—".to_owned(), ""),
+        };
+        write!(
+            md,
+            "| `{group}` | {} | {} | {ratio:.2}× |",
+            fmt_ns(*ours),
+            fmt_ns(*raw)
+        )?;
+        for (peer, _) in &peers {
+            match functions.get(*peer) {
+                Some(p) => write!(md, " {} ({:.2}×) |", fmt_ns(*p), ours / p)?,
+                None => write!(md, " |")?,
+            }
+        }
+        writeln!(md, " {target_s} | {met} |")?;
+    }
+    Ok(md)
+}
+
+fn median(m: &Medians, group: &str, function: &str) -> Option<f64> {
+    m.get(group).and_then(|f| f.get(function)).copied()
+}
+
+/// A derived figure: what, value, target, met.
+type Derived = (String, String, String, String);
+
+/// Figures computed from several groups: the cost of each extra layer on a miss, write-
+/// through against an L1-only write, promotion on against off, single against multi-layer
+/// hits, and thread scaling.
+pub(crate) fn derived(m: &Medians) -> Vec<Derived> {
+    let mut out: Vec<Derived> = Vec::new();
+    let none = || ("—".to_owned(), String::new());
+    // Each extra layer on a miss path: capacitor's growth beyond the raw side's growth.
+    for n in 3..=4 {
+        let (a, b) = (
+            format!("miss/dashmap/{}_layers", n - 1),
+            format!("miss/dashmap/{n}_layers"),
+        );
+        if let (Some(ca), Some(cb), Some(ra), Some(rb)) = (
+            median(m, &a, "capacitor"),
+            median(m, &b, "capacitor"),
+            median(m, &a, "raw"),
+            median(m, &b, "raw"),
+        ) {
+            let extra = (cb - ca) - (rb - ra);
+            out.push((
+                format!(
+                    "miss, layer {} → {n}: capacitor's extra cost beyond the layer's own",
+                    n - 1
+                ),
+                format!(
+                    "{} (capacitor +{}, raw +{})",
+                    fmt_ns(extra),
+                    fmt_ns(cb - ca),
+                    fmt_ns(rb - ra)
+                ),
+                "≤ 5.0 ns".to_owned(),
+                if extra <= 5.0 { "yes" } else { "no" }.to_owned(),
+            ));
+        }
+    }
+    // Write-through against an L1-only write (the raw single-map insert).
+    if let Some(l1_only) = median(m, "write_through/dashmap/1_layers", "raw") {
+        for n in 1..=4 {
+            if let Some(c) = median(m, &format!("write_through/dashmap/{n}_layers"), "capacitor") {
+                let (t, met) = none();
+                out.push((
+                    format!("write-through, {n} layer(s), ÷ a raw L1-only insert"),
+                    format!("{:.2}× ({} vs {})", c / l1_only, fmt_ns(c), fmt_ns(l1_only)),
+                    t,
+                    met,
+                ));
+            }
+        }
+    }
+    // Promotion on against off.
+    for (on, off, what) in [
+        (
+            "l2_hit_promotion/dashmap",
+            "l2_hit_no_promotion/dashmap",
+            "L2 hit (dashmap)",
+        ),
+        (
+            "l3_hit_promotion/dashmap",
+            "l3_hit_no_promotion/dashmap",
+            "L3 hit (dashmap)",
+        ),
+        (
+            "sled_hit/moka_over_sled",
+            "sled_hit_no_promotion/moka_over_sled",
+            "sled hit under moka",
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (median(m, on, "capacitor"), median(m, off, "capacitor")) {
+            let (t, met) = none();
+            out.push((
+                format!("{what}: promotion on ÷ off (capacitor)"),
+                format!("{:.2}× ({} vs {})", a / b, fmt_ns(a), fmt_ns(b)),
+                t,
+                met,
+            ));
+        }
+    }
+    // Single against multi-layer on an L1 hit.
+    for backend in ["dashmap", "moka"] {
+        if let (Some(one), Some(two)) = (
+            median(m, &format!("l1_hit/{backend}/1_layer"), "capacitor"),
+            median(m, &format!("l1_hit/{backend}/2_layers"), "capacitor"),
+        ) {
+            let (t, met) = none();
+            out.push((
+                format!("L1 hit ({backend}): 2 layers ÷ 1 layer (capacitor)"),
+                format!("{:.2}× ({} vs {})", two / one, fmt_ns(two), fmt_ns(one)),
+                t,
+                met,
+            ));
+        }
+    }
+    // Thread scaling: throughput on n threads ÷ on one = n · t(1) / t(n).
+    for backend in ["dashmap", "moka"] {
+        for function in ["capacitor", "raw", "foyer"] {
+            let one = median(m, &format!("l1_hit_threads/{backend}/1_threads"), function);
+            for n in [2u32, 4] {
+                let many = median(m, &format!("l1_hit_threads/{backend}/{n}_threads"), function);
+                if let (Some(one), Some(many)) = (one, many) {
+                    let scaling = f64::from(n) * one / many;
+                    let (t, met) = if function == "capacitor" && n == 2 {
+                        (
+                            "≥ 1.7×".to_owned(),
+                            if scaling >= 1.7 { "yes" } else { "no" }.to_owned(),
+                        )
+                    } else {
+                        none()
+                    };
+                    out.push((
+                        format!("L1-hit throughput ({backend}, {function}): {n} threads ÷ 1"),
+                        format!("{scaling:.2}×"),
+                        t,
+                        met,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The whole REPORT.md.
+pub(crate) fn markdown(medians: &Medians, info: &RunInfo, chart: Option<&str>) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "# capacitor benchmark report\n")?;
+    writeln!(md, "- date: {}", info.date)?;
+    writeln!(md, "- machine: {}", info.machine)?;
+    writeln!(md, "- run: {}", info.mode)?;
+    for line in &info.services {
+        writeln!(md, "- {line}")?;
+    }
+    for line in &info.skipped {
+        writeln!(md, "- skipped: {line}")?;
+    }
+    writeln!(
+        md,
+        "\nMedians from criterion; every side measured in the same run. *ratio* = capacitor ÷ \
+         raw, where raw is the same backend calls inlined in the benchmark (the floor); a peer \
+         column shows the peer's median and capacitor ÷ peer. Below 1× capacitor is faster.\n"
+    )?;
+    md.push_str(&table(medians)?);
+    let derived = derived(medians);
+    if !derived.is_empty() {
+        writeln!(md, "\n## Derived figures\n")?;
+        writeln!(md, "| figure | value | target | met? |")?;
+        writeln!(md, "|---|---:|---:|:---:|")?;
+        for (what, value, target, met) in derived {
+            writeln!(md, "| {what} | {value} | {target} | {met} |")?;
+        }
+    }
+    if let Some(chart) = chart {
+        writeln!(md, "\n## Chart\n\n![median latency per operation]({chart})")?;
+    }
+    Ok(md)
+}
+
+/// Today's date (UTC) as `YYYY-MM-DD`.
+pub(crate) fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or_default();
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// "N cores, CPU model, memory, OS" from /proc and /etc/os-release.
+pub(crate) fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or_else(String::new, |kb| format!(", {:.0} GiB", kb / 1_048_576.0));
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_owned());
+    format!("{cores} cores ({cpu}){mem_gib}, {os}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn medians(entries: &[(&str, &str, f64)]) -> Medians {
+        let mut m = Medians::new();
+        for (g, f, v) in entries {
+            m.entry((*g).to_owned()).or_default().insert((*f).to_owned(), *v);
+        }
+        m
+    }
+
+    #[test]
+    fn formats_durations() {
+        assert_eq!(fmt_ns(12.34), "12.3 ns");
+        assert_eq!(fmt_ns(1_234.0), "1.23 µs");
+        assert_eq!(fmt_ns(2_500_000.0), "2.50 ms");
+        assert_eq!(fmt_ns(-3.0), "−3.0 ns");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+
+    #[test]
+    fn table_has_peer_columns_and_targets() {
+        let m = medians(&[
+            ("redis_hit/moka_over_redis", "capacitor", 110.0),
+            ("redis_hit/moka_over_redis", "raw", 100.0),
+            ("redis_hit/moka_over_redis", "hand_written", 100.0),
+            ("l1_hit/moka/1_layer", "capacitor", 130.0),
+            ("l1_hit/moka/1_layer", "raw", 100.0),
+            ("only_raw/x", "raw", 1.0),
+        ]);
+        let t = table(&m).unwrap();
+        assert!(t.contains("hand-written"));
+        assert!(!t.contains("foyer"), "no group has a foyer median");
+        assert!(!t.contains("only_raw"));
+        // In memory before Redis.
+        assert!(t.find("l1_hit/moka").unwrap() < t.find("redis_hit").unwrap());
+        assert!(t.contains("| 1.30× | | ≤ 1.2× | no |"), "{t}");
+        assert!(t.contains("| 1.10× | 100.0 ns (1.10×) | ≤ 1.1× | yes |"), "{t}");
+    }
+
+    #[test]
+    fn derives_layer_costs_and_scaling() {
+        let m = medians(&[
+            ("miss/dashmap/2_layers", "capacitor", 40.0),
+            ("miss/dashmap/2_layers", "raw", 20.0),
+            ("miss/dashmap/3_layers", "capacitor", 55.0),
+            ("miss/dashmap/3_layers", "raw", 31.0),
+            ("l1_hit_threads/moka/1_threads", "capacitor", 100.0),
+            ("l1_hit_threads/moka/2_threads", "capacitor", 110.0),
+        ]);
+        let d = derived(&m);
+        let extra = d.iter().find(|r| r.0.contains("layer 2 → 3")).unwrap();
+        assert!(extra.1.starts_with("4.0 ns"), "{extra:?}");
+        assert_eq!(extra.3, "yes");
+        let threads = d
+            .iter()
+            .find(|r| r.0.contains("moka, capacitor): 2 threads"))
+            .unwrap();
+        assert_eq!(threads.1, "1.82×");
+        assert_eq!(threads.3, "yes");
+    }
+
+    #[test]
+    fn target_dir_follows_cargo() {
+        let root = Path::new("/ws");
+        assert_eq!(target_dir_from(root, None), PathBuf::from("/ws/target"));
+        assert_eq!(
+            target_dir_from(root, Some("".into())),
+            PathBuf::from("/ws/target")
+        );
+        assert_eq!(target_dir_from(root, Some("/t/b".into())), PathBuf::from("/t/b"));
+        assert_eq!(
+            target_dir_from(root, Some("out".into())),
+            PathBuf::from("/ws/out")
+        );
+    }
+}
