@@ -100,7 +100,8 @@ pub(crate) use op_span;
 #[allow(unused_variables)]
 pub(crate) fn read_outcome(layer: Option<&str>, promoted: bool, outcome: &'static str) {
     #[cfg(feature = "tracing")]
-    {
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        // Only then: `Span::current()` asks the subscriber, which costs more than an L1 hit.
         let span = tracing::Span::current();
         if !span.is_disabled() {
             if let Some(layer) = layer {

@@ -276,8 +276,18 @@ fn suite_needs(suite: &str) -> &'static [Backend] {
     match suite {
         "redis" => &[Backend::Redis],
         "postgres" => &[Backend::Postgres],
-        "tiers" => &[Backend::Redis, Backend::Postgres],
+        "tiers" | "resilience" => &[Backend::Redis, Backend::Postgres],
         _ => &[],
+    }
+}
+
+/// The builds a suite runs in, as extra cargo arguments. `observe` compares the same
+/// code built without and with the benches crate's `observe` feature (capacitor's
+/// `metrics` and `tracing`): its measurements are named `raw` and `capacitor` by build.
+fn suite_builds(suite: &str) -> &'static [&'static [&'static str]] {
+    match suite {
+        "observe" => &[&[], &["--features", "observe"]],
+        _ => &[&[]],
     }
 }
 
@@ -328,6 +338,21 @@ fn bench(args: &[String]) -> Result {
     }
     eprintln!("\n[build] {} bench suite(s)", suites.len());
     cargo_env(&build, &env)?;
+    if suites.iter().any(|s| suite_builds(s).len() > 1) {
+        cargo_env(
+            &[
+                "bench",
+                "-p",
+                "capacitor-benches",
+                "--no-run",
+                "--features",
+                "observe",
+                "--bench",
+                "observe",
+            ],
+            &env,
+        )?;
+    }
     let mut skipped = Vec::new();
     let mut ran = Vec::new();
     for (i, suite) in suites.iter().enumerate() {
@@ -356,19 +381,15 @@ fn bench(args: &[String]) -> Result {
             suites.len(),
             if quick { " (quick)" } else { "" }
         );
-        let mut cmd = vec![
-            "bench",
-            "-p",
-            "capacitor-benches",
-            "--bench",
-            suite.as_str(),
-            "--",
-            "--noplot",
-        ];
-        if quick {
-            cmd.extend(QUICK_CRITERION);
+        for extra in suite_builds(suite) {
+            let mut cmd = vec!["bench", "-p", "capacitor-benches", "--bench", suite.as_str()];
+            cmd.extend(extra.iter());
+            cmd.extend(["--", "--noplot"]);
+            if quick {
+                cmd.extend(QUICK_CRITERION);
+            }
+            cargo_env(&cmd, &env)?;
         }
-        cargo_env(&cmd, &env)?;
         ran.push(suite.clone());
     }
     let mut info = report::RunInfo {
