@@ -12,7 +12,6 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,25 +24,6 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 const TIMEOUT: Duration = Duration::from_millis(20);
 
-/// The `host:port` of `url`, resolved.
-async fn server_of(url: &str, default_port: u16) -> Option<SocketAddr> {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
-    let host = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
-    let mut authority = url[host..end].to_owned();
-    if !authority.contains(':') {
-        authority = format!("{authority}:{default_port}");
-    }
-    tokio::net::lookup_host(authority).await.ok()?.next()
-}
-
-fn through(url: &str, proxy: SocketAddr) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
-    let host = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
-    format!("{}{proxy}{}", &url[..host], &url[end..])
-}
-
 fn stalled_redis(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -53,10 +33,9 @@ fn stalled_redis(c: &mut Criterion) {
     let run = run_id();
     let table = format!("bench_{run}_stall");
     let setup = rt.block_on(async {
-        let redis_server = server_of(&redis_url(), 6379)
+        let (proxy, via) = FaultProxy::in_front_of(&redis_url(), 6379)
             .await
-            .ok_or("cannot resolve the Redis URL")?;
-        let proxy = FaultProxy::start(redis_server).await.map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot put a proxy in front of Redis ({e})"))?;
         let pg = Arc::new(
             PostgresLayer::builder()
                 .url(postgres_url())
@@ -67,7 +46,7 @@ fn stalled_redis(c: &mut Criterion) {
         );
         let redis = || {
             RedisLayer::builder()
-                .url(through(&redis_url(), proxy.addr()))
+                .url(&via)
                 .prefix(format!("bench:{run}:stall:"))
                 .build::<String, String>()
         };

@@ -8,7 +8,6 @@
 mod common;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use capacitor_core::testkit::FaultProxy;
@@ -41,32 +40,6 @@ fn s(x: &str) -> String {
     x.to_owned()
 }
 
-/// `url` split at its authority's host and port: (before, `host:port`, after).
-fn split_authority(url: &str) -> (&str, &str, &str) {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
-    let host_start = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
-    (&url[..host_start], &url[host_start..end], &url[end..])
-}
-
-/// The test server's address, and its URL with the host and port replaced by `proxy`'s.
-async fn server_and_url_through(proxy_of: impl FnOnce(SocketAddr) -> SocketAddr) -> (SocketAddr, String) {
-    let url = url();
-    let (before, host_port, after) = split_authority(&url);
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:6379")
-    };
-    let server = tokio::net::lookup_host(host_port.as_str())
-        .await
-        .expect("resolve the Redis host")
-        .next()
-        .expect("an address for the Redis host");
-    let via = proxy_of(server);
-    (server, format!("{before}{via}{after}"))
-}
-
 struct Fixture {
     proxy: FaultProxy,
     layer: RedisLayer<String, String>,
@@ -75,9 +48,9 @@ struct Fixture {
 
 impl Fixture {
     async fn new(what: &str) -> Fixture {
-        let (server, _) = server_and_url_through(|a| a).await;
-        let proxy = FaultProxy::start(server).await.expect("start the proxy");
-        let (_, via) = server_and_url_through(|_| proxy.addr()).await;
+        let (proxy, via) = FaultProxy::in_front_of(&url(), 6379)
+            .await
+            .expect("start the proxy in front of the Redis server");
         let prefix = unique_prefix(what);
         let layer = RedisLayer::builder()
             .url(&via)

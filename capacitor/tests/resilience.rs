@@ -8,7 +8,6 @@
 #![cfg(all(feature = "memory", feature = "redis", feature = "postgres"))]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,29 +34,11 @@ fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// `url` split around its `host:port`, with `default_port` filled in.
-fn split(url: &str, default_port: u16) -> (String, String, String) {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
-    let host = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
-    let mut authority = url[host..end].to_owned();
-    if !authority.contains(':') {
-        authority = format!("{authority}:{default_port}");
-    }
-    (url[..host].to_owned(), authority, url[end..].to_owned())
-}
-
 /// A proxy in front of the server of `url`, and `url` pointed at the proxy.
 async fn proxied(url: &str, default_port: u16) -> (FaultProxy, String) {
-    let (before, authority, after) = split(url, default_port);
-    let server: SocketAddr = tokio::net::lookup_host(authority.as_str())
+    FaultProxy::in_front_of(url, default_port)
         .await
-        .expect("resolve the server")
-        .next()
-        .expect("an address");
-    let proxy = FaultProxy::start(server).await.expect("start the proxy");
-    let via = format!("{before}{}{after}", proxy.addr());
-    (proxy, via)
+        .expect("start the proxy")
 }
 
 fn unique(what: &str) -> String {

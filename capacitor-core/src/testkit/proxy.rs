@@ -203,6 +203,41 @@ impl FaultProxy {
         })
     }
 
+    /// Starts a proxy in front of the server `url` names
+    /// (`scheme://[user[:password]@]host[:port][/…]`, `default_port` when it has none) and
+    /// returns it with `url` pointed at the proxy (user, password, path and query kept).
+    ///
+    /// # Errors
+    ///
+    /// When the host does not resolve or the listener cannot be bound.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub async fn in_front_of(url: &str, default_port: u16) -> io::Result<(FaultProxy, String)> {
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
+        let host = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
+        let authority = &url[host..end];
+        // `[::1]:6379` and `host:6379` carry a port; `[::1]` and `host` do not.
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !authority.ends_with(']');
+        let target = if has_port {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{default_port}")
+        };
+        let server = tokio::net::lookup_host(target.as_str())
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address"))?;
+        let proxy = FaultProxy::start(server).await?;
+        let via = format!("{}{}{}", &url[..host], proxy.addr(), &url[end..]);
+        Ok((proxy, via))
+    }
+
     /// Where clients connect: `127.0.0.1:<port>`.
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
