@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -345,14 +345,14 @@ pub(crate) fn is_failure(err: &Error) -> bool {
 /// Bounded: past `limit` keys the tracker gives up on single keys and has reads skip the
 /// layer altogether until the layer's TTL has passed since the last key that could not
 /// be recorded (every older copy has expired by then), or for good when the layer has no
-/// TTL (`overflowed` counts it; configure a TTL on cache layers).
+/// TTL ([`DirtyKeys::overflowed`], reported in `LayerStats::suspects_overflowed`;
+/// configure a TTL on cache layers).
 pub(crate) struct DirtyKeys<K> {
     keys: Mutex<HashSet<K, rustc_hash::FxBuildHasher>>,
     len: AtomicUsize,
     limit: usize,
     /// Reads skip the whole layer until this time (ms), `u64::MAX`: for good.
     skip_until: AtomicU64,
-    pub(crate) overflowed: AtomicBool,
     ttl: Option<Duration>,
 }
 
@@ -363,7 +363,6 @@ impl<K: Hash + Eq + Clone> DirtyKeys<K> {
             len: AtomicUsize::new(0),
             limit,
             skip_until: AtomicU64::new(0),
-            overflowed: AtomicBool::new(false),
             ttl,
         }
     }
@@ -371,6 +370,11 @@ impl<K: Hash + Eq + Clone> DirtyKeys<K> {
     /// How many keys are tracked.
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether the bound was ever exceeded (reads then skipped the whole layer for a TTL).
+    pub(crate) fn overflowed(&self) -> bool {
+        self.skip_until.load(Ordering::Relaxed) != 0
     }
 
     /// Whether a read of `key` must skip this layer.
@@ -392,7 +396,6 @@ impl<K: Hash + Eq + Clone> DirtyKeys<K> {
         let Ok(mut set) = self.keys.lock() else { return };
         for key in keys {
             if set.len() >= self.limit {
-                self.overflowed.store(true, Ordering::Relaxed);
                 let until = match self.ttl {
                     Some(ttl) => now.saturating_add(ttl).as_millis(),
                     None => u64::MAX,
@@ -521,7 +524,7 @@ mod tests {
         d.clean([&1]);
         assert!(!d.skip(&1, now));
         d.mark([&1, &2, &3], now);
-        assert!(d.overflowed.load(Ordering::Relaxed));
+        assert!(d.overflowed());
         assert!(d.skip(&4, now), "overflow: the whole layer is skipped");
         assert!(d.skip(&4, Timestamp::from_millis(10_999)));
         assert!(

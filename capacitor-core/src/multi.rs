@@ -1592,6 +1592,7 @@ where
                     stats.breaker = s.breaker_state();
                     stats.breaker_opens = s.breaker.as_ref().map_or(0, |b| b.opened.load(Ordering::Relaxed));
                     stats.suspect_keys = s.suspects.as_ref().map_or(0, |d| d.len() as u64);
+                    stats.suspects_overflowed = s.suspects.as_ref().is_some_and(DirtyKeys::overflowed);
                     stats
                 })
                 .collect(),

@@ -165,6 +165,9 @@ pub struct LayerStats {
     /// Keys this cache layer may hold an outdated copy of (a write could not reach or
     /// invalidate it); reads skip the layer for them until it is written again.
     pub suspect_keys: u64,
+    /// More keys than the tracker holds (100,000) became suspect at some point: reads then
+    /// skipped this layer altogether for its TTL (for good without one).
+    pub suspects_overflowed: bool,
 }
 
 impl LayerStats {

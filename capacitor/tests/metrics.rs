@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use capacitor::memory::{DashMapLayer, MokaLayer};
-use capacitor::{ErrorKind, LayerConfig, MultiLayer};
+use capacitor::{LayerConfig, MultiLayer};
 use capacitor_core::testkit::{FaultyLayer, MapLayer};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
@@ -127,5 +127,4 @@ async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
         !body.contains("layer=\"l1\",op="),
         "in-process hits are not timed: {body}"
     );
-    assert_eq!(ErrorKind::Unavailable.as_str(), "unavailable");
 }
