@@ -296,6 +296,10 @@ impl<C> PostgresLayerBuilder<C> {
     /// costs no round trip. Connection poolers that reject startup options (PgBouncer in
     /// transaction mode) need zero here and the timeout set on the role instead
     /// (`ALTER ROLE app SET statement_timeout = '2s'`).
+    ///
+    /// `build()` checks and creates the table in one transaction whose statement timeout is
+    /// this one or 30 s, whichever is longer, so that a short timeout meant for reads and
+    /// writes does not cancel DDL waiting on a busy catalog.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self
@@ -603,7 +607,10 @@ impl<C> PostgresLayerBuilder<C> {
 
         {
             let mut client = pool.get().await.map_err(|e| pool_error(Operation::Build, e))?;
-            schema::prepare(&mut client, &table, self.create_table, self.unlogged).await?;
+            // DDL may wait on a busy catalog: it gets at least the default statement timeout.
+            let ddl_timeout = (!self.statement_timeout.is_zero())
+                .then(|| self.statement_timeout.max(DEFAULT_STATEMENT_TIMEOUT));
+            schema::prepare(&mut client, &table, self.create_table, self.unlogged, ddl_timeout).await?;
         }
 
         let key_format = self

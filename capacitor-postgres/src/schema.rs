@@ -2,7 +2,9 @@
 //! shape the layer reads and writes.
 
 use capacitor_core::{Error, ErrorKind, Operation, Result};
-use tokio_postgres::Client;
+use std::time::Duration;
+
+use tokio_postgres::GenericClient;
 
 use crate::error::{pg_error, pg_error_in};
 
@@ -139,7 +141,7 @@ const COLUMNS: &[Expected] = &[
 ];
 
 /// Whether the table exists: `Some(unlogged)` when it does.
-async fn persistence(client: &Client, table: &Table) -> Result<Option<bool>> {
+async fn persistence(client: &impl GenericClient, table: &Table) -> Result<Option<bool>> {
     let row = client
         .query_opt(
             "SELECT c.relkind::text, c.relpersistence::text FROM pg_class c \
@@ -166,17 +168,28 @@ async fn persistence(client: &Client, table: &Table) -> Result<Option<bool>> {
 
 /// Creates the table when asked to and it is missing, then checks its shape.
 ///
-/// The creation runs in a transaction holding an advisory lock on the table's name, so
-/// that processes starting together do not race on `CREATE TABLE IF NOT EXISTS` (which
-/// can fail with a unique violation on the catalog when two run at once).
+/// Everything runs in one transaction. When `statement_timeout` is given it is set for that
+/// transaction only (`SET LOCAL`), so the layer's own, possibly short, statement timeout
+/// does not cancel DDL that waits on a busy catalog. The creation holds an advisory lock on
+/// the table's name, so that processes starting together do not race on
+/// `CREATE TABLE IF NOT EXISTS` (which can fail with a unique violation on the catalog when
+/// two run at once).
 pub(crate) async fn prepare(
     client: &mut deadpool_postgres::Object,
     table: &Table,
     create: bool,
     unlogged: bool,
+    statement_timeout: Option<Duration>,
 ) -> Result<()> {
     let op = Operation::Build;
-    let existing = persistence(client, table).await?;
+    let tx = client.transaction().await.map_err(|e| pg_error(op, e))?;
+    if let Some(timeout) = statement_timeout {
+        let ms = timeout.as_millis().max(1);
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+            .await
+            .map_err(|e| pg_error(op, e))?;
+    }
+    let existing = persistence(&*tx, table).await?;
     if existing.is_none() {
         if !create {
             return Err(Error::config(
@@ -188,7 +201,6 @@ pub(crate) async fn prepare(
                 ),
             ));
         }
-        let tx = client.transaction().await.map_err(|e| pg_error(op, e))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext($1))",
             &[&format!("capacitor-postgres:{}", table.qualified)],
@@ -212,9 +224,8 @@ pub(crate) async fn prepare(
                 .await
                 .map_err(|e| pg_error_in(op, &format!("cannot create {}: ", table.qualified), e))?;
         }
-        tx.commit().await.map_err(|e| pg_error(op, e))?;
     }
-    let existing_unlogged = persistence(client, table).await?.unwrap_or(unlogged);
+    let existing_unlogged = persistence(&*tx, table).await?.unwrap_or(unlogged);
     if existing_unlogged != unlogged {
         return Err(Error::config(
             "unlogged",
@@ -227,13 +238,14 @@ pub(crate) async fn prepare(
             ),
         ));
     }
-    check_shape(client, table).await
+    check_shape(&*tx, table).await?;
+    tx.commit().await.map_err(|e| pg_error(op, e))
 }
 
 /// Checks the columns, their types, the `COLLATE "C"` ordering of `key` and the unique
 /// index `ON CONFLICT (key)` needs. Every mismatch is an [`ErrorKind::Config`] error
 /// naming the column.
-async fn check_shape(client: &Client, table: &Table) -> Result<()> {
+async fn check_shape(client: &impl GenericClient, table: &Table) -> Result<()> {
     let op = Operation::Build;
     let rows = client
         .query(

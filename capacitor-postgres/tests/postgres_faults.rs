@@ -398,6 +398,48 @@ async fn processes_starting_together_create_the_table_once() {
     .await;
 }
 
+/// A statement timeout meant for reads and writes does not cancel the build's DDL while it
+/// waits: here another session holds the creation lock longer than the timeout (as a
+/// process creating the same table, or a busy catalog, would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_statement_timeout_does_not_cancel_the_build_waiting_on_a_creator() {
+    bounded(async {
+        let table = unique_table("slowddl");
+        let _guard = TableGuard(table.clone());
+        let mut admin = admin().await;
+        let tx = admin.transaction().await.expect("begin");
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("capacitor-postgres:\"public\".\"{table}\"")],
+        )
+        .await
+        .expect("take the creation lock");
+        let build = tokio::spawn({
+            let table = table.clone();
+            async move {
+                builder(&table)
+                    .statement_timeout(Duration::from_millis(50))
+                    .build::<String, String>()
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!build.is_finished(), "the build waits for the lock");
+        tx.rollback().await.expect("release");
+        let layer = build
+            .await
+            .expect("task")
+            .expect("the build outlasts its statement timeout");
+        layer.set(&s("k"), &s("v"), None).await.expect("set");
+        assert_eq!(
+            layer.get(&s("k")).await.expect("get").map(|e| e.value),
+            Some(s("v"))
+        );
+        layer.close().await.expect("close");
+    })
+    .await;
+}
+
 // ---- bad rows, size limit, keys ------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1002,8 +1044,10 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
     bounded(async {
         let table = unique_table("stmt");
         let _guard = TableGuard(table.clone());
+        // 500 ms: short beside the 3 s bound below, long enough that an unblocked insert on
+        // a loaded CI machine is not cancelled.
         let layer = builder(&table)
-            .statement_timeout(Duration::from_millis(100))
+            .statement_timeout(Duration::from_millis(500))
             .build::<String, String>()
             .await
             .expect("build");
