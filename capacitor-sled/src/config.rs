@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
-use crate::error::{open_error, sled_error};
+use crate::error::{is_lock_error, open_error, sled_error};
 use crate::layer::{Handles, Shared, SledLayer};
 use crate::sweep;
 
@@ -17,6 +17,9 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The default [`SledLayerBuilder::sweep_batch`]: expired entries deleted per batch.
 pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
+
+/// The default [`SledLayerBuilder::lock_wait`]: 1 second.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// The default [`FlushPolicy`]: [`FlushPolicy::EveryMillis`]`(500)`, sled's own default.
 pub const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
@@ -114,6 +117,7 @@ pub struct SledLayerBuilder<C = BincodeCodec> {
     max_value_bytes: usize,
     sweep_interval: Option<Duration>,
     sweep_batch: usize,
+    lock_wait: Duration,
     clock: SharedClock,
 }
 
@@ -130,6 +134,7 @@ impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
             .field("max_value_bytes", &self.max_value_bytes)
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_batch", &self.sweep_batch)
+            .field("lock_wait", &self.lock_wait)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +152,7 @@ impl SledLayerBuilder<BincodeCodec> {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             sweep_interval: None,
             sweep_batch: DEFAULT_SWEEP_BATCH,
+            lock_wait: DEFAULT_LOCK_WAIT,
             clock: system_clock(),
         }
     }
@@ -210,6 +216,7 @@ impl<C> SledLayerBuilder<C> {
             max_value_bytes: self.max_value_bytes,
             sweep_interval: self.sweep_interval,
             sweep_batch: self.sweep_batch,
+            lock_wait: self.lock_wait,
             clock: self.clock,
         }
     }
@@ -235,6 +242,21 @@ impl<C> SledLayerBuilder<C> {
     /// How many expired entries one sweep batch deletes before it yields (default 1,000).
     pub fn sweep_batch(mut self, entries: usize) -> Self {
         self.sweep_batch = entries;
+        self
+    }
+
+    /// How long [`build`](Self::build) keeps retrying when the directory is locked, before
+    /// it fails with [`ErrorKind::Unavailable`](capacitor_core::ErrorKind::Unavailable)
+    /// (default 1 s; zero tries once). Only with [`path`](Self::path).
+    ///
+    /// sled 0.34 releases its `flock` lazily: dropping the last handle (which
+    /// [`close`](capacitor_core::Layer::close) does) signals its background threads, and
+    /// the lock goes when the last of them exits, moments later (spacejam/sled#1234). A
+    /// reopen right after a close, or a restarted process starting while the old one
+    /// exits, would otherwise fail at random. The wait is a sleep on the building thread
+    /// (`build` is synchronous, like sled's open).
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
         self
     }
 
@@ -350,7 +372,7 @@ impl<C> SledLayerBuilder<C> {
                 if let Some(bytes) = self.cache_capacity {
                     config = config.cache_capacity(bytes);
                 }
-                let db = config.open().map_err(|e| open_error(&path, e))?;
+                let db = open_waiting_for_lock(&config, self.lock_wait).map_err(|e| open_error(&path, e))?;
                 (db, !self.temporary)
             }
             (None, Some(db)) => (db, true),
@@ -394,5 +416,24 @@ impl<C> SledLayerBuilder<C> {
             shared,
             _types: PhantomData,
         })
+    }
+}
+
+/// Opens `config`, retrying while the directory is locked for up to `wait` (see
+/// [`SledLayerBuilder::lock_wait`]).
+fn open_waiting_for_lock(
+    config: &sled::Config,
+    wait: Duration,
+) -> std::result::Result<sled::Db, sled::Error> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match config.open() {
+            Err(e) if is_lock_error(&e) && started.elapsed() < wait => {
+                std::thread::sleep(pause.min(wait.saturating_sub(started.elapsed())));
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            result => return result,
+        }
     }
 }

@@ -20,7 +20,7 @@ pub(crate) fn sled_error(op: Operation, err: sled::Error) -> Error {
 /// `io::ErrorKind::Other` whose message starts with "could not acquire lock" (it wraps
 /// the `WouldBlock` of `flock`), the same for another process and for a second open in
 /// this process; the message is the only thing that tells it apart.
-fn is_lock_error(err: &sled::Error) -> bool {
+pub(crate) fn is_lock_error(err: &sled::Error) -> bool {
     matches!(err, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 

@@ -54,6 +54,7 @@ mod scan;
 mod sweep;
 
 pub use config::{
-    FlushPolicy, SledLayerBuilder, DEFAULT_FLUSH_POLICY, DEFAULT_MAX_VALUE_BYTES, DEFAULT_SWEEP_BATCH,
+    FlushPolicy, SledLayerBuilder, DEFAULT_FLUSH_POLICY, DEFAULT_LOCK_WAIT, DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SWEEP_BATCH,
 };
 pub use layer::SledLayer;

@@ -86,11 +86,18 @@ async fn a_locked_directory_is_a_typed_error_and_close_releases_it() {
         first.set(&s("k"), &s("v"), None).await.expect("set");
 
         // sled locks the directory with flock: a second open, in this process or another,
-        // is refused.
+        // is refused once the lock wait is over.
+        let started = Instant::now();
         let err = SledLayer::builder()
             .path(&path)
+            .lock_wait(Duration::from_millis(200))
             .build::<String, String>()
             .expect_err("locked");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
         assert_eq!(err.operation(), Operation::Build);
         assert!(err.message().contains("locked"), "{err}");
@@ -98,11 +105,18 @@ async fn a_locked_directory_is_a_typed_error_and_close_releases_it() {
         assert!(err.is_temporary());
         assert!(std::error::Error::source(&err).is_some());
 
-        first.close().await.expect("close");
-        let again = SledLayer::builder()
-            .path(&path)
-            .build::<String, String>()
-            .expect("close released the lock");
+        // A build waits (default 1 s) for a lock released meanwhile: here the holder closes
+        // 300 ms into the wait, and sled lets go of its lock lazily after that.
+        let closer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            first.close().await.expect("close");
+        });
+        let again =
+            tokio::task::spawn_blocking(move || SledLayer::builder().path(&path).build::<String, String>())
+                .await
+                .expect("task")
+                .expect("close released the lock within the wait");
+        closer.await.expect("closer");
         assert_eq!(
             again.get(&s("k")).await.expect("get").map(|e| e.value),
             Some(s("v"))
