@@ -313,6 +313,10 @@ impl<C> PostgresLayerBuilder<C> {
     /// on the connection. Default: the statement timeout (30 s when that is zero) plus
     /// 500 ms, so that a slow statement fails with the server's error first. Zero is
     /// rejected by `build()`.
+    ///
+    /// A connection whose operation timed out on the client side is closed, not returned
+    /// to the pool: later queries on it would wait behind the reply the server still
+    /// owes. A write that timed out may still have been applied, as with any timeout.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = Some(timeout);
         self

@@ -64,38 +64,94 @@ impl<C> Shared<C> {
         Ok(())
     }
 
-    /// `operation` bounded by the layer's operation timeout: past it, a typed
-    /// [`ErrorKind::Timeout`] instead of waiting for a server that may never answer (the
-    /// server enforces `statement_timeout` only on queries it received; a stalled or
+    /// The operation `start` builds, bounded by the layer's operation timeout: past it, a
+    /// typed [`ErrorKind::Timeout`] instead of waiting for a server that may never answer
+    /// (the server enforces `statement_timeout` only on queries it received; a stalled or
     /// partitioned network would leave the query waiting for the kernel to give up on
     /// the connection, minutes later).
-    pub(crate) async fn bounded<T>(
-        &self,
-        op: Operation,
-        operation: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
+    ///
+    /// A connection the operation holds when it times out is closed instead of going
+    /// back to the pool: its reply is still owed, and every later query on it would wait
+    /// behind that reply.
+    pub(crate) async fn bounded<T, F, Fut>(&self, op: Operation, start: F) -> Result<T>
+    where
+        F: FnOnce(Abandon) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let abandon = Abandon::default();
+        let operation = std::pin::pin!(start(abandon.clone()));
         match tokio::time::timeout(self.operation_timeout, operation).await {
             Ok(result) => result,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                op,
-                format!(
-                    "no answer from PostgreSQL within the {:?} operation timeout",
-                    self.operation_timeout
-                ),
-            )),
+            Err(_) => {
+                // Set before the operation (and the connection it holds) is dropped, when
+                // this function returns.
+                abandon.0.store(true, Ordering::Release);
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    op,
+                    format!(
+                        "no answer from PostgreSQL within the {:?} operation timeout",
+                        self.operation_timeout
+                    ),
+                ))
+            }
         }
     }
 
-    /// A pooled connection, or [`ErrorKind::Closed`].
-    pub(crate) async fn client(&self, op: Operation) -> Result<Object> {
+    /// A pooled connection, or [`ErrorKind::Closed`]. It is discarded rather than
+    /// returned to the pool if `abandon` is set when it drops (see [`Shared::bounded`]).
+    pub(crate) async fn client(&self, op: Operation, abandon: Abandon) -> Result<Conn> {
         self.check_open(op)?;
-        self.pool.get().await.map_err(|e| pool_error(op, e))
+        let object = self.pool.get().await.map_err(|e| pool_error(op, e))?;
+        Ok(Conn {
+            object: Some(object),
+            abandon,
+        })
     }
 
     /// The current time of the layer's clock, as a query parameter.
     pub(crate) fn now(&self) -> SystemTime {
         sql_time(self.clock.now())
+    }
+}
+
+/// Set by [`Shared::bounded`] when the operation it runs timed out.
+#[derive(Clone, Default)]
+pub(crate) struct Abandon(Arc<AtomicBool>);
+
+/// A pooled connection that goes back to the pool when dropped, unless the operation
+/// holding it was abandoned on a timeout: then it is detached from the pool and closed.
+pub(crate) struct Conn {
+    /// `Some` until `drop`.
+    object: Option<Object>,
+    abandon: Abandon,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        // Taken only in `drop`: no input reaches the `expect`.
+        #[allow(clippy::expect_used)]
+        self.object.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Object {
+        #[allow(clippy::expect_used)]
+        self.object.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(object) = self.object.take() {
+            if self.abandon.0.load(Ordering::Acquire) {
+                // Detached: dropping the client closes the connection.
+                drop(Object::take(object));
+            }
+        }
     }
 }
 
@@ -294,11 +350,11 @@ where
 {
     /// Deletes the row and fails with [`ErrorKind::Decode`] when its value is not
     /// capacitor's envelope or does not decode.
-    async fn get_unbounded(&self, key: &K) -> Result<Option<Entry<V>>> {
+    async fn get_unbounded(&self, key: &K, abandon: Abandon) -> Result<Option<Entry<V>>> {
         let op = Operation::Get;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.get, op).await?;
         let row = client
             .query_opt(&stmt, &[&text, &self.shared.now()])
@@ -317,13 +373,13 @@ where
         }
     }
 
-    async fn set_unbounded(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+    async fn set_unbounded(&self, key: &K, value: &V, ttl: Option<Duration>, abandon: Abandon) -> Result<()> {
         let op = Operation::Set;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
         let expires_at = expiry_for(self.shared.clock.now(), ttl);
         let stored = self.encode(value, expires_at, op)?;
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set, op).await?;
         client
             .execute(&stmt, &[&text, &stored, &expires_at.map(sql_time)])
@@ -334,11 +390,11 @@ where
 
     /// `true` when a live row was deleted (an expired one is deleted too, and reported
     /// absent).
-    async fn delete_unbounded(&self, key: &K) -> Result<bool> {
+    async fn delete_unbounded(&self, key: &K, abandon: Abandon) -> Result<bool> {
         let op = Operation::Delete;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete, op).await?;
         let row = client
             .query_opt(&stmt, &[&text, &self.shared.now()])
@@ -351,11 +407,11 @@ where
     }
 
     /// Whether a live row exists; its value is not decoded.
-    async fn exists_unbounded(&self, key: &K) -> Result<bool> {
+    async fn exists_unbounded(&self, key: &K, abandon: Abandon) -> Result<bool> {
         let op = Operation::Exists;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.exists, op).await?;
         client
             .query_one(&stmt, &[&text, &self.shared.now()])
@@ -367,7 +423,7 @@ where
     /// One `SELECT … WHERE key = ANY($1)`. When some rows do not decode, all of those are
     /// deleted and the call fails with [`ErrorKind::Decode`] (a retry then reads the
     /// others).
-    async fn get_many_unbounded(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+    async fn get_many_unbounded(&self, keys: &[K], abandon: Abandon) -> Result<Vec<Option<Entry<V>>>> {
         let op = Operation::GetMany;
         if keys.is_empty() {
             self.shared.check_open(op)?;
@@ -378,7 +434,7 @@ where
             let bytes = key.encode_key();
             texts.push(self.key_text(&bytes, op)?.into_owned());
         }
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.get_many, op).await?;
         let rows = client
             .query(&stmt, &[&texts, &self.shared.now()])
@@ -419,7 +475,12 @@ where
     /// One `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: every entry is
     /// written, or none. A key given twice keeps its last value. Encoding and size errors
     /// are found before anything is sent.
-    async fn set_many_unbounded(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
+    async fn set_many_unbounded(
+        &self,
+        entries: &[(K, V)],
+        ttl: Option<Duration>,
+        abandon: Abandon,
+    ) -> Result<()> {
         let op = Operation::SetMany;
         if entries.is_empty() {
             self.shared.check_open(op)?;
@@ -427,7 +488,7 @@ where
         }
         let batch = self.encode_batch(entries.iter().map(|(k, v)| (k, Some((v, ttl)))), op)?;
         let (keys, values, expiries) = columns(batch);
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set_many, op).await?;
         client
             .execute(&stmt, &[&keys, &values, &expiries])
@@ -437,7 +498,7 @@ where
     }
 
     /// One `DELETE … WHERE key = ANY($1)`, counting the live rows it deleted.
-    async fn delete_many_unbounded(&self, keys: &[K]) -> Result<u64> {
+    async fn delete_many_unbounded(&self, keys: &[K], abandon: Abandon) -> Result<u64> {
         let op = Operation::DeleteMany;
         if keys.is_empty() {
             self.shared.check_open(op)?;
@@ -448,7 +509,7 @@ where
             let bytes = key.encode_key();
             texts.push(self.key_text(&bytes, op)?.into_owned());
         }
-        let client = self.shared.client(op).await?;
+        let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete_many, op).await?;
         let count: i64 = client
             .query_one(&stmt, &[&texts, &self.shared.now()])
@@ -463,7 +524,7 @@ where
     /// clock. As within any transaction, only the last write to a key counts, so the ops
     /// are sent as one upsert and one delete, whatever their number. Isolation: PostgreSQL's
     /// default (read committed); concurrent batches lock rows in key order.
-    async fn apply_atomic_unbounded(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
+    async fn apply_atomic_unbounded(&self, ops: &[WriteOp<K, V>], abandon: Abandon) -> Result<()> {
         let op = Operation::Transaction;
         if ops.is_empty() {
             self.shared.check_open(op)?;
@@ -486,7 +547,7 @@ where
                 None => deletes.push(key),
             }
         }
-        let mut client = self.shared.client(op).await?;
+        let mut client = self.shared.client(op, abandon).await?;
         let tx = client.transaction().await.map_err(|e| pg_error(op, e))?;
         if !upserts.is_empty() {
             let (keys, values, expiries) = columns(upserts);
@@ -531,24 +592,28 @@ where
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
-        self.shared.bounded(Operation::Get, self.get_unbounded(key)).await
+        self.shared
+            .bounded(Operation::Get, |abandon| self.get_unbounded(key, abandon))
+            .await
     }
 
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         self.shared
-            .bounded(Operation::Set, self.set_unbounded(key, value, ttl))
+            .bounded(Operation::Set, |abandon| {
+                self.set_unbounded(key, value, ttl, abandon)
+            })
             .await
     }
 
     async fn delete(&self, key: &K) -> Result<bool> {
         self.shared
-            .bounded(Operation::Delete, self.delete_unbounded(key))
+            .bounded(Operation::Delete, |abandon| self.delete_unbounded(key, abandon))
             .await
     }
 
     async fn exists(&self, key: &K) -> Result<bool> {
         self.shared
-            .bounded(Operation::Exists, self.exists_unbounded(key))
+            .bounded(Operation::Exists, |abandon| self.exists_unbounded(key, abandon))
             .await
     }
 
@@ -569,25 +634,33 @@ where
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
         self.shared
-            .bounded(Operation::GetMany, self.get_many_unbounded(keys))
+            .bounded(Operation::GetMany, |abandon| {
+                self.get_many_unbounded(keys, abandon)
+            })
             .await
     }
 
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
         self.shared
-            .bounded(Operation::SetMany, self.set_many_unbounded(entries, ttl))
+            .bounded(Operation::SetMany, |abandon| {
+                self.set_many_unbounded(entries, ttl, abandon)
+            })
             .await
     }
 
     async fn delete_many(&self, keys: &[K]) -> Result<u64> {
         self.shared
-            .bounded(Operation::DeleteMany, self.delete_many_unbounded(keys))
+            .bounded(Operation::DeleteMany, |abandon| {
+                self.delete_many_unbounded(keys, abandon)
+            })
             .await
     }
 
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
         self.shared
-            .bounded(Operation::Transaction, self.apply_atomic_unbounded(ops))
+            .bounded(Operation::Transaction, |abandon| {
+                self.apply_atomic_unbounded(ops, abandon)
+            })
             .await
     }
     /// Nothing to do: every write is durable when it returns (committed). Fails with

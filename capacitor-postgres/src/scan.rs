@@ -60,9 +60,9 @@ impl<K, V, C: Send + Sync + 'static> ScanStream<K, V, C> {
         let last = self.last.clone();
         Box::pin(async move {
             let op = Operation::Scan;
-            let page = async {
+            let page = |abandon| async {
                 let op = Operation::Scan;
-                let client = shared.client(op).await?;
+                let client = shared.client(op, abandon).await?;
                 let sql = &shared.sql;
                 let (statement, start) = match (&last, range.upper.is_some()) {
                     (None, true) => (&sql.scan_first, &range.lower),

@@ -1123,6 +1123,63 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
     .await;
 }
 
+/// The client-side operation timeout (here shorter than the statement timeout, as when a
+/// link stalls) gives up on the connection: the next operation gets a fresh one instead of
+/// queueing behind the reply the server still owes on the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_operation_does_not_hold_up_the_next_one() {
+    bounded(async {
+        let table = unique_table("abandon");
+        let _guard = TableGuard(table.clone());
+        let layer = builder(&table)
+            .pool_size(1)
+            .statement_timeout(Duration::from_secs(20))
+            .operation_timeout(Duration::from_millis(300))
+            .build::<String, String>()
+            .await
+            .expect("build");
+        layer.set(&s("locked"), &s("v0"), None).await.expect("set");
+        let mut admin = admin().await;
+        let tx = admin.transaction().await.expect("begin");
+        tx.execute(
+            &format!("SELECT 1 FROM \"public\".\"{table}\" WHERE key = 'locked' FOR UPDATE"),
+            &[],
+        )
+        .await
+        .expect("lock");
+
+        let err = layer
+            .set(&s("locked"), &s("v1"), None)
+            .await
+            .expect_err("the update waits on the row lock past the operation timeout");
+        assert_eq!(
+            (err.kind(), err.operation()),
+            (ErrorKind::Timeout, Operation::Set),
+            "{err}"
+        );
+        // The pool's only connection sent an UPDATE that still waits for the lock; reads
+        // do not wait on row locks, so a fresh connection answers at once.
+        for key in ["free", "locked"] {
+            let found = layer.get(&s(key)).await.unwrap_or_else(|e| {
+                panic!("a read after the timeout must not queue behind the abandoned update: {e}")
+            });
+            assert_eq!(
+                found.map(|e| e.value),
+                (key == "locked").then(|| s("v0")),
+                "{key}"
+            );
+        }
+        tx.rollback().await.expect("release");
+        layer.set(&s("after"), &s("x"), None).await.expect("set");
+        assert_eq!(
+            layer.get(&s("after")).await.expect("get").map(|e| e.value),
+            Some(s("x"))
+        );
+        layer.close().await.expect("close");
+    })
+    .await;
+}
+
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_through_native_tls() {
