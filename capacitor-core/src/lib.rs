@@ -39,7 +39,9 @@ pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use multi::MetricsReporter;
-pub use multi::{Get, GetEntry, MultiLayer, MultiLayerBuilder, Transaction, WarmUp, WarmUpReport};
+pub use multi::{
+    Get, GetEntry, MultiLayer, MultiLayerBuilder, RefreshStats, Transaction, WarmUp, WarmUpReport,
+};
 pub use scan::Scan;
 pub use stats::{BusStats, LayerStats, Stats};
 pub use writeback::WriteBackStats;

@@ -20,6 +20,7 @@ use crate::health::{
 mod loader;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod refresh;
 mod transaction;
 mod warmup;
 
@@ -39,6 +40,8 @@ use crate::scan::Scan;
 use crate::stats::{BusStats, Counter, LayerCounters, Stats};
 use crate::writeback::{Pending, Queue};
 use loader::{jitter, Flights, NegativeCache};
+pub use refresh::RefreshStats;
+use refresh::Refresher;
 
 struct Slot<K, V> {
     name: String,
@@ -274,6 +277,7 @@ struct Inner<K, V> {
     bus: Option<Arc<dyn InvalidationBus<K>>>,
     bus_counters: BusCounters,
     fail_safe: Option<FailSafeStore<K, V>>,
+    refresh: Option<Refresher<K>>,
 }
 
 #[derive(Default)]
@@ -580,6 +584,7 @@ pub struct MultiLayerBuilder<K, V> {
     bus: Option<Arc<dyn InvalidationBus<K>>>,
     fail_safe: Option<FailSafe>,
     on_health: Option<HealthListener>,
+    refresh_ahead: Option<Duration>,
 }
 
 impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
@@ -670,6 +675,34 @@ where
         self
     }
 
+    /// Refresh-ahead: when the top layer answers a read (`get`, `get_entry`,
+    /// `get_or_load`) with an entry that expires within `window`, a background task
+    /// re-reads the key from the layers below and promotes it, which renews the top copy
+    /// before it expires. One refresh per key runs at a time, at most 10,000 at once; the
+    /// reader never waits for it. Hot keys then stay in the top layer instead of missing
+    /// it at every expiry (and sending a burst of reads below). Give the top layer a TTL
+    /// shorter than the layers below, or the copy found there expires as soon. Off by
+    /// default; counted in [`Stats::refresh`](crate::Stats::refresh).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    ///
+    /// let cache = MultiLayer::<String, u32>::builder()
+    ///     .layer(LayerConfig::new("l1", MapLayer::new()).ttl(Duration::from_secs(30)))
+    ///     .layer(LayerConfig::new("l2", MapLayer::new()))
+    ///     .refresh_ahead(Duration::from_secs(5)) // renew in the last 5 s of the 30
+    ///     .build()?;
+    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// ```
+    pub fn refresh_ahead(mut self, window: Duration) -> Self {
+        self.refresh_ahead = Some(window);
+        self
+    }
+
     /// Call `listener` on every change of a layer's circuit breaker (opened, probing,
     /// closed). It runs on the task of the operation that caused the change: keep it short.
     pub fn on_health_change(mut self, listener: impl Fn(&HealthEvent) + Send + Sync + 'static) -> Self {
@@ -727,6 +760,17 @@ where
         }
         if self.cache_misses_for == Some(Duration::ZERO) {
             return Err(Error::config("cache_misses_for", "must be greater than zero"));
+        }
+        if let Some(window) = self.refresh_ahead {
+            if window.is_zero() {
+                return Err(Error::config("refresh_ahead", "must be greater than zero"));
+            }
+            if self.layers.len() < 2 || !self.promotion {
+                return Err(Error::config(
+                    "refresh_ahead",
+                    "renews the top layer by promotion from a layer below: it needs two layers and promotion on",
+                ));
+            }
         }
         let Some(authoritative) = self.layers.iter().rposition(|l| !l.read_only) else {
             return Err(Error::config(
@@ -818,6 +862,7 @@ where
                 bus: self.bus,
                 bus_counters: BusCounters::default(),
                 fail_safe: self.fail_safe.map(FailSafeStore::new),
+                refresh: self.refresh_ahead.map(Refresher::new),
             }),
         })
         .inspect(|cache| {
@@ -859,6 +904,7 @@ where
             bus: None,
             fail_safe: None,
             on_health: None,
+            refresh_ahead: None,
         }
     }
 
@@ -937,6 +983,9 @@ where
             match result {
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
+                    if ticket.is_none() && inner.refresh.is_some() {
+                        self.refresh_if_due(key, &entry);
+                    }
                     if ticket.is_some() && inner.fail_safe.is_some() {
                         inner.remember(key, &entry.value, entry.expires_at);
                     }
@@ -1018,6 +1067,9 @@ where
             match slot.get(key).await {
                 Ok(Some(entry)) => {
                     slot.counters.incr(Counter::Hit);
+                    if i == 0 && inner.refresh.is_some() {
+                        self.refresh_if_due(key, &entry);
+                    }
                     if i > 0 {
                         inner.remember(key, &entry.value, entry.expires_at);
                         if inner.promotion {
@@ -1597,6 +1649,7 @@ where
                 })
                 .collect(),
             fail_safe: self.inner.fail_safe.as_ref().map(FailSafeStore::stats),
+            refresh: self.inner.refresh.as_ref().map(Refresher::stats),
             write_back: self.inner.queue.as_ref().map(Queue::stats),
             bus: self.inner.bus.as_ref().map(|_| {
                 let c = &self.inner.bus_counters;

@@ -217,6 +217,8 @@ pub struct Stats {
     pub bus: Option<BusStats>,
     /// The fail-safe store, when fail-safe is on.
     pub fail_safe: Option<crate::FailSafeStats>,
+    /// Refresh-ahead, when it is on.
+    pub refresh: Option<crate::RefreshStats>,
 }
 
 /// Counters of a composer's [`InvalidationBus`](crate::InvalidationBus).
@@ -322,6 +324,13 @@ impl fmt::Display for Stats {
                 s.entries, s.stale_hits, s.stale_misses
             )?;
         }
+        if let Some(r) = &self.refresh {
+            writeln!(
+                f,
+                "refresh-ahead: {} started, {} found below, {} running, {} dropped",
+                r.started, r.renewed, r.in_flight, r.dropped
+            )?;
+        }
         write!(
             f,
             "overall: {} hits, {} misses, hit ratio {:.1}%",
@@ -363,6 +372,7 @@ mod tests {
             write_back: None,
             bus: None,
             fail_safe: None,
+            refresh: None,
             layers: vec![
                 LayerStats {
                     name: "l1".into(),

@@ -34,6 +34,8 @@ where
     /// - `capacitor_write_back_queue_depth`, `capacitor_write_back_oldest_pending_seconds`,
     ///   `capacitor_write_back_{written,retries,coalesced}_total` under write-back
     /// - `capacitor_fail_safe_{stale_hits,stale_misses}_total`, `capacitor_fail_safe_entries`
+    /// - `capacitor_refresh_{started,renewed,dropped}_total`, `capacitor_refresh_in_flight`
+    ///   with refresh-ahead
     ///
     /// The counters are set to the composer's totals (`Counter::absolute`), so calling this
     /// often is cheap and idempotent. Latencies of awaited layer operations are recorded
@@ -77,6 +79,12 @@ where
             metrics::counter!("capacitor_fail_safe_stale_hits_total", &labels).absolute(f.stale_hits);
             metrics::counter!("capacitor_fail_safe_stale_misses_total", &labels).absolute(f.stale_misses);
             metrics::gauge!("capacitor_fail_safe_entries", &labels).set(f.entries as f64);
+        }
+        if let Some(r) = &stats.refresh {
+            metrics::counter!("capacitor_refresh_started_total", &labels).absolute(r.started);
+            metrics::counter!("capacitor_refresh_renewed_total", &labels).absolute(r.renewed);
+            metrics::counter!("capacitor_refresh_dropped_total", &labels).absolute(r.dropped);
+            metrics::gauge!("capacitor_refresh_in_flight", &labels).set(r.in_flight as f64);
         }
     }
 
