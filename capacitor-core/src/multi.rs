@@ -254,6 +254,22 @@ impl<K, V> Slot<K, V> {
     }
 }
 
+/// A set of layer indices (the first 64 layers; later ones are never members).
+#[derive(Clone, Copy)]
+struct Layers(u64);
+
+impl Layers {
+    const NONE: Layers = Layers(0);
+
+    fn add(&mut self, i: usize) {
+        self.0 |= 1u64.checked_shl(i as u32).unwrap_or(0);
+    }
+
+    fn contains(self, i: usize) -> bool {
+        self.0 & 1u64.checked_shl(i as u32).unwrap_or(0) != 0
+    }
+}
+
 /// Keys a cache layer tracks as possibly outdated before it is skipped altogether.
 const SUSPECT_KEYS: usize = 100_000;
 
@@ -1000,7 +1016,7 @@ where
                             Step::Done(Ok(Some(entry)))
                         }
                         (Some(ticket), true) => Step::Await(Box::pin(async move {
-                            self.promote(key, &entry, i, ticket).await;
+                            self.promote(key, &entry, i, ticket, Layers::NONE).await;
                             Ok(Some(entry))
                         })),
                         _ => Step::Done(Ok(Some(entry))),
@@ -1052,6 +1068,9 @@ where
     /// Reads layers `start..` (the first of them asynchronous), promoting a hit.
     async fn read_async(&self, key: &K, start: usize, ticket: Ticket) -> Result<Option<Entry<V>>> {
         let inner = &*self.inner;
+        // Layers whose read failed here are not promoted into: a layer that just timed
+        // out would make the read wait for its write timeout too.
+        let mut failed = Layers::NONE;
         for i in start..inner.slots.len() {
             if i == 1 {
                 if let Some(found) = self.buffered(key) {
@@ -1073,7 +1092,7 @@ where
                     if i > 0 {
                         inner.remember(key, &entry.value, entry.expires_at);
                         if inner.promotion {
-                            self.promote(key, &entry, i, ticket).await;
+                            self.promote(key, &entry, i, ticket, failed).await;
                         }
                     }
                     crate::observe::read_outcome(Some(&slot.name), i > 0 && inner.promotion, "hit");
@@ -1081,6 +1100,7 @@ where
                 }
                 Ok(None) => slot.counters.incr(Counter::Miss),
                 Err(e) => {
+                    failed.add(i);
                     if let Err(e) = self.read_failed(i, e) {
                         return inner.stale_or(key, e);
                     }
@@ -1129,12 +1149,14 @@ where
     }
 
     /// Copies `entry`, found at layer `found`, into the writable layers above it, nearest
-    /// first, unless a write of the key started since `ticket` was taken.
-    async fn promote(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket) {
+    /// first, unless a write of the key started since `ticket` was taken. Layers in
+    /// `failed` (their read failed just now) are left out.
+    async fn promote(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket, failed: Layers) {
         let Some(remaining) = self.promotion_ttl(entry) else {
             return;
         };
-        for slot in self.inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
+        let above = self.inner.slots[..found].iter().enumerate().rev();
+        for (_, slot) in above.filter(|(i, s)| !s.read_only && !failed.contains(*i)) {
             if !self.may_promote(slot, ticket) {
                 continue;
             }
@@ -1382,6 +1404,7 @@ where
             .collect();
         let mut out: Vec<Option<Entry<V>>> = keys.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut failed = Layers::NONE;
         for (i, slot) in inner.slots.iter().enumerate() {
             if i == 1 && inner.queue.is_some() {
                 // Read-your-writes: the buffer answers for keys L1 did not have.
@@ -1408,6 +1431,7 @@ where
             let found = match slot.get_many(&wanted).await {
                 Ok(found) if found.len() == wanted.len() => found,
                 Ok(found) => {
+                    failed.add(i);
                     let msg = format!("layer returned {} results for {} keys", found.len(), wanted.len());
                     self.read_failed(i, Error::new(ErrorKind::Backend, Operation::GetMany, msg))?;
                     continue;
@@ -1426,6 +1450,7 @@ where
                                 None
                             }
                             Err(e) => {
+                                failed.add(i);
                                 self.read_failed(i, e)?;
                                 None
                             }
@@ -1434,6 +1459,7 @@ where
                     found
                 }
                 Err(e) => {
+                    failed.add(i);
                     if let Err(e) = self.read_failed(i, e) {
                         return inner.stale_many(keys, &asked, out, e);
                     }
@@ -1448,7 +1474,7 @@ where
                         if i > 0 {
                             inner.remember(&keys[p], &entry.value, entry.expires_at);
                             if inner.promotion {
-                                self.promote(&keys[p], &entry, i, tickets[p]).await;
+                                self.promote(&keys[p], &entry, i, tickets[p], failed).await;
                             }
                         }
                         out[p] = Some(entry);

@@ -20,7 +20,11 @@ use capacitor::{
 };
 use capacitor_core::testkit::FaultProxy;
 
-const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Redis's read timeout (the one a stall costs a read).
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// Redis's write timeout: the writes made while Redis is healthy must succeed, also while
+/// the whole suite starts on two cores.
+const REDIS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// PostgreSQL's layer timeout where PostgreSQL is the layer that fails.
 const POSTGRES_TIMEOUT: Duration = Duration::from_millis(500);
 /// PostgreSQL's layer timeout where it is not the layer under test: long enough that a
@@ -126,7 +130,7 @@ impl Stack {
             builder = builder.layer(
                 LayerConfig::new("redis", redis)
                     .read_timeout(REDIS_TIMEOUT)
-                    .write_timeout(REDIS_TIMEOUT * 2)
+                    .write_timeout(REDIS_WRITE_TIMEOUT)
                     .circuit_breaker(
                         CircuitBreaker::new()
                             .failures(3)
