@@ -417,25 +417,31 @@ async fn a_short_statement_timeout_does_not_cancel_the_build_waiting_on_a_creato
         let build = tokio::spawn({
             let table = table.clone();
             async move {
-                builder(&table)
+                named_builder(&table)
                     .statement_timeout(Duration::from_millis(50))
                     .build::<String, String>()
                     .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        lock_waiters(&tx, &table, "advisory").await;
+        // Well past the 50 ms timeout, with the build waiting on the lock all along.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!build.is_finished(), "the build waits for the lock");
         tx.rollback().await.expect("release");
         let layer = build
             .await
             .expect("task")
             .expect("the build outlasts its statement timeout");
-        layer.set(&s("k"), &s("v"), None).await.expect("set");
+        layer.close().await.expect("close");
+        // The table it created works (checked with default timeouts: 50 ms is too short
+        // for a write on a loaded machine, and not what this test is about).
+        let check = builder(&table).build::<String, String>().await.expect("build");
+        check.set(&s("k"), &s("v"), None).await.expect("set");
         assert_eq!(
-            layer.get(&s("k")).await.expect("get").map(|e| e.value),
+            check.get(&s("k")).await.expect("get").map(|e| e.value),
             Some(s("v"))
         );
-        layer.close().await.expect("close");
+        check.close().await.expect("close");
     })
     .await;
 }
@@ -893,6 +899,44 @@ async fn dropping_the_layer_stops_the_sweeper_and_releases_the_pool() {
     .await;
 }
 
+/// A builder for `table` whose connections carry `application_name = table`, so that
+/// [`lock_waiters`] sees this test's sessions only.
+fn named_builder(table: &str) -> PostgresLayerBuilder {
+    let mut config: tokio_postgres::Config = url().parse().expect("CAPACITOR_POSTGRES_URL parses");
+    config.application_name(table);
+    PostgresLayer::builder().config(config).table(table)
+}
+
+/// Waits (up to 30 s) until a session named `app` waits on a lock of type `wait_event`
+/// (`advisory`, `tuple`, `transactionid`, …).
+async fn lock_waiters(admin: &impl tokio_postgres::GenericClient, app: &str, wait_event: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Inside a transaction the activity view is a snapshot: take a fresh one.
+        admin
+            .execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await
+            .expect("clear the stats snapshot");
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND wait_event = $1 AND application_name = $2",
+                &[&wait_event, &app],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting >= 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session waits on a {wait_event} lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn connections(admin: &tokio_postgres::Client, app: &str) -> i64 {
     admin
         .query_one(
@@ -959,7 +1003,7 @@ async fn an_unreachable_server_is_unavailable_at_once_and_the_password_stays_sec
         let started = Instant::now();
         let err = b.build::<String, String>().await.expect_err("nothing listens");
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            started.elapsed() < Duration::from_secs(4),
             "took {:?}",
             started.elapsed()
         );
@@ -989,7 +1033,7 @@ async fn an_exhausted_pool_is_a_timeout() {
     bounded(async {
         let table = unique_table("pool");
         let _guard = TableGuard(table.clone());
-        let layer = builder(&table)
+        let layer = named_builder(&table)
             .pool_size(1)
             .wait_timeout(Duration::from_millis(200))
             .statement_timeout(Duration::from_secs(20))
@@ -1011,7 +1055,7 @@ async fn an_exhausted_pool_is_a_timeout() {
             let layer = layer.clone();
             tokio::spawn(async move { layer.set(&s("locked"), &s("v1"), None).await })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        lock_waiters(&tx, &table, "transactionid").await;
         assert!(!blocked.is_finished(), "the set waits for the row lock");
 
         let started = Instant::now();
@@ -1073,7 +1117,7 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
         );
         assert!(err.message().contains("57014"), "{err}");
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            started.elapsed() < Duration::from_secs(4),
             "took {:?}",
             started.elapsed()
         );

@@ -105,17 +105,22 @@ async fn a_locked_directory_is_a_typed_error_and_close_releases_it() {
         assert!(err.is_temporary());
         assert!(std::error::Error::source(&err).is_some());
 
-        // A build waits (default 1 s) for a lock released meanwhile: here the holder closes
+        // A build waits (`lock_wait`) for a lock released meanwhile: here the holder closes
         // 300 ms into the wait, and sled lets go of its lock lazily after that.
         let closer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             first.close().await.expect("close");
         });
-        let again =
-            tokio::task::spawn_blocking(move || SledLayer::builder().path(&path).build::<String, String>())
-                .await
-                .expect("task")
-                .expect("close released the lock within the wait");
+        let again = tokio::task::spawn_blocking(move || {
+            // Long enough for a close on a loaded machine; the default is 1 s.
+            SledLayer::builder()
+                .path(&path)
+                .lock_wait(Duration::from_secs(10))
+                .build::<String, String>()
+        })
+        .await
+        .expect("task")
+        .expect("close released the lock within the wait");
         closer.await.expect("closer");
         assert_eq!(
             again.get(&s("k")).await.expect("get").map(|e| e.value),

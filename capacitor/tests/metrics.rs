@@ -77,10 +77,20 @@ async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
     }
     cache.get(&"c".into()).await.unwrap(); // skipped
     let _reporter = cache.spawn_metrics_reporter(Duration::from_millis(50)).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let body = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
     let l1 = ["cache=\"scraped\"", "layer=\"l1\""];
+    // Scraped until the reporter's first pass is there (a loaded machine may delay it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
+        if sample(&body, "capacitor_layer_hits_total", &l1).is_some() {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report within 10 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let remote = ["cache=\"scraped\"", "layer=\"remote\""];
     assert_eq!(
         sample(&body, "capacitor_layer_hits_total", &l1),

@@ -1,5 +1,5 @@
-//! Refresh-ahead against the real Redis: moka (3 s TTL) → Redis, refreshed in the last
-//! 2 s. A key read once inside the window is still a moka hit after its first expiry,
+//! Refresh-ahead against the real Redis: moka (6 s TTL) → Redis, refreshed in the last
+//! 4 s. A key read once inside the window is still a moka hit after its first expiry,
 //! renewed by one background read of Redis.
 //!
 //! Needs Redis (`CAPACITOR_REDIS_URL`, default redis://127.0.0.1:6379); `cargo xtask
@@ -33,17 +33,17 @@ async fn a_key_read_in_the_window_stays_in_l1_past_its_first_expiry() {
     let cache = MultiLayer::builder()
         .layer(
             LayerConfig::new("moka", MokaLayer::builder().max_capacity(1_000).build().unwrap())
-                .ttl(Duration::from_secs(3)),
+                .ttl(Duration::from_secs(6)),
         )
         .layer(LayerConfig::new("redis", redis).ttl(Duration::from_secs(60)))
-        .refresh_ahead(Duration::from_secs(2))
+        .refresh_ahead(Duration::from_secs(4))
         .build()
         .unwrap();
 
     let written = Instant::now();
     cache.set("a".to_owned(), "v1".to_owned()).await.unwrap();
-    // 1.5 s left of the moka copy: inside the window.
-    tokio::time::sleep_until((written + Duration::from_millis(1_500)).into()).await;
+    // 3.5 s left of the moka copy: inside the window.
+    tokio::time::sleep_until((written + Duration::from_millis(2_500)).into()).await;
     assert_eq!(cache.get(&"a".to_owned()).await.unwrap().as_deref(), Some("v1"));
     let deadline = Instant::now() + Duration::from_secs(5);
     let refresh = loop {
@@ -56,13 +56,13 @@ async fn a_key_read_in_the_window_stays_in_l1_past_its_first_expiry() {
     };
     assert_eq!((refresh.started, refresh.renewed), (1, 1), "{refresh:?}");
     assert!(
-        written.elapsed() < Duration::from_secs(3),
+        written.elapsed() < Duration::from_secs(6),
         "the machine was too slow for this test's timing: {:?}",
         written.elapsed()
     );
 
-    // Past the first copy's expiry (3 s), within the renewed copy's life (≥ 4.5 s).
-    tokio::time::sleep_until((written + Duration::from_millis(3_500)).into()).await;
+    // Past the first copy's expiry (6 s), within the renewed copy's life (≥ 8.5 s).
+    tokio::time::sleep_until((written + Duration::from_millis(7_000)).into()).await;
     assert_eq!(cache.get(&"a".to_owned()).await.unwrap().as_deref(), Some("v1"));
     let stats = cache.stats();
     let moka = stats.layer("moka").unwrap();
