@@ -1100,7 +1100,10 @@ where
                 }
                 Ok(None) => slot.counters.incr(Counter::Miss),
                 Err(e) => {
-                    failed.add(i);
+                    // A value that did not decode is a miss (the layer works): promote.
+                    if e.kind() != ErrorKind::Decode {
+                        failed.add(i);
+                    }
                     if let Err(e) = self.read_failed(i, e) {
                         return inner.stale_or(key, e);
                     }
