@@ -55,16 +55,29 @@ async fn a_thousand_concurrent_callers_run_the_loader_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loader_error_reaches_every_waiter_and_caches_nothing() {
+    const TASKS: usize = 50;
     let cache = cache();
     let calls = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..50)
+    // Tasks that have called `try_get_or_load`: a task that came after the flight ended
+    // would rightly lead a second one, so the loader holds the flight open until every
+    // task has called and then long enough for the last ones to join it (joining takes no
+    // await: the reads of the in-memory layers complete at once).
+    let entered = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..TASKS)
         .map(|_| {
-            let (cache, calls) = (cache.clone(), calls.clone());
+            let (cache, calls, entered) = (cache.clone(), calls.clone(), entered.clone());
             tokio::spawn(async move {
+                entered.fetch_add(1, Ordering::SeqCst);
                 cache
                     .try_get_or_load(&"k".to_string(), || async move {
                         calls.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        bounded(async {
+                            while entered.load(Ordering::SeqCst) < TASKS {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                        })
+                        .await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                         Err::<Option<String>, _>(std::io::Error::other("database down"))
                     })
                     .await
@@ -93,38 +106,55 @@ async fn a_loader_error_reaches_every_waiter_and_caches_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
     let cache = cache();
+    let started = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
     let panicking = {
-        let cache = cache.clone();
+        let (cache, started, release) = (cache.clone(), started.clone(), release.clone());
         tokio::spawn(async move {
             cache
-                .get_or_load(&"p".to_string(), || async {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                .get_or_load(&"p".to_string(), || async move {
+                    started.notify_one();
+                    release.notified().await;
                     panic!("loader bug");
                 })
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    // A follower waiting on the panicking flight takes over with its own loader.
+    // The spawned task leads the flight (its loader runs) ...
+    bounded(started.notified()).await;
+    // ... and a follower joins it: its first poll reads the (empty, in-memory) layers at
+    // once and then waits on the flight.
     let key = "p".to_string();
     let follower = cache.get_or_load(&key, || async { "recovered".to_string() });
+    tokio::pin!(follower);
+    assert!(
+        futures::poll!(follower.as_mut()).is_pending(),
+        "the follower waits on the flight"
+    );
+    // The leader panics: the follower takes over with its own loader.
+    release.notify_one();
     assert_eq!(bounded(follower).await.unwrap(), "recovered");
-    assert!(panicking.await.is_err(), "the panic reaches its own caller");
+    assert!(
+        bounded(panicking).await.is_err(),
+        "the panic reaches its own caller"
+    );
 
     // Cancellation: the leader's future is dropped mid-load.
+    let started = Arc::new(Notify::new());
     let gate = Arc::new(Notify::new());
     let leader = {
-        let (cache, gate) = (cache.clone(), gate.clone());
+        let (cache, started, gate) = (cache.clone(), started.clone(), gate.clone());
         tokio::spawn(async move {
             cache
                 .get_or_load(&"c".to_string(), || async move {
+                    started.notify_one();
                     gate.notified().await;
                     "never".to_string()
                 })
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    bounded(started.notified()).await;
     leader.abort();
     let key = "c".to_string();
     let after = cache.get_or_load(&key, || async { "fresh".to_string() });

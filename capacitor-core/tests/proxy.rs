@@ -155,6 +155,9 @@ async fn latency_is_added_each_way() {
 
         let latency = Duration::from_millis(150);
         proxy.set_latency(latency);
+        // Every round trip pays the latency both ways; the fastest of them pays little more
+        // (a slow one is the loaded machine's doing, not the proxy's).
+        let mut fastest = Duration::MAX;
         for i in 0..3u8 {
             let msg = pattern(1000, i);
             let started = Instant::now();
@@ -164,19 +167,24 @@ async fn latency_is_added_each_way() {
                 took >= 2 * latency,
                 "a round trip took {took:?}, under twice {latency:?}"
             );
-            assert!(
-                took < 2 * latency + Duration::from_secs(1),
-                "a round trip took {took:?}"
-            );
+            fastest = fastest.min(took);
         }
-
-        proxy.set_latency(Duration::ZERO);
-        let started = Instant::now();
-        assert_eq!(round_trip(&mut stream, b"fast").await, b"fast");
-        let took = started.elapsed();
         assert!(
-            took < latency,
-            "without latency a round trip took {took:?} (first one {baseline:?})"
+            fastest < 2 * latency + Duration::from_secs(1),
+            "the fastest round trip took {fastest:?}"
+        );
+
+        // Without latency, the fastest of a few round trips is well under it.
+        proxy.set_latency(Duration::ZERO);
+        let mut fastest = Duration::MAX;
+        for _ in 0..5 {
+            let started = Instant::now();
+            assert_eq!(round_trip(&mut stream, b"fast").await, b"fast");
+            fastest = fastest.min(started.elapsed());
+        }
+        assert!(
+            fastest < latency,
+            "without latency the fastest round trip took {fastest:?} (first one {baseline:?})"
         );
     })
     .await;
@@ -210,7 +218,12 @@ async fn a_stall_holds_every_byte_in_order_until_resume() {
             read.is_err(),
             "a new connection's read completed while stalled: {read:?}"
         );
-        assert_eq!(proxy.connections(), 2);
+        // `connect` returns once the kernel completed the handshake; the proxy's accept
+        // may come later on a loaded machine.
+        eventually("the proxy holds both connections", Duration::from_secs(5), || {
+            proxy.connections() == 2
+        })
+        .await;
 
         proxy.resume();
         let mut back = vec![0u8; sent.len()];

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,22 +100,27 @@ async fn readers_of_the_authoritative_layer_never_see_half_a_transaction() {
     cache.set(k("x"), 0).await.unwrap();
     cache.set(k("y"), 0).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (l2, stop) = (l2.clone(), stop.clone());
+        let (l2, stop, reads) = (l2.clone(), stop.clone(), reads.clone());
         tokio::spawn(async move {
-            let mut reads = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 // Each commit writes x then y: reading x first, y must not be behind it.
                 let x = l2.get(&k("x")).await.unwrap().map(|e| e.value).unwrap();
                 let y = l2.get(&k("y")).await.unwrap().map(|e| e.value).unwrap();
                 assert!(y >= x, "half-applied transaction seen: x={x}, y={y}");
-                reads += 1;
+                reads.fetch_add(1, Ordering::Relaxed);
             }
-            reads
         })
     };
-    // Let the reader start spinning on its own worker thread.
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The reader spins on its own worker thread: wait until it has read before committing.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while reads.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the reader started reading");
     for i in 1..=5_000 {
         let mut tx = cache.begin().unwrap();
         tx.set(k("x"), i);
@@ -123,11 +128,11 @@ async fn readers_of_the_authoritative_layer_never_see_half_a_transaction() {
         tx.commit().await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    let reads = tokio::time::timeout(Duration::from_secs(20), reader)
+    tokio::time::timeout(Duration::from_secs(20), reader)
         .await
         .unwrap()
         .unwrap();
-    assert!(reads > 0);
+    assert!(reads.load(Ordering::Relaxed) > 0);
 }
 
 /// A bottom layer without native transactions.

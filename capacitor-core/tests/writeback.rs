@@ -195,19 +195,47 @@ async fn a_full_queue_pushes_back_then_fails_typed() {
         started.elapsed() >= Duration::from_millis(90),
         "the writer waited for room first"
     );
-    // Room appears as soon as the lower layer accepts writes again: a waiting writer gets in.
-    let writer = {
-        let cache = s.cache.clone();
-        tokio::spawn(async move { cache.set(k(11), 11).await })
-    };
+    s.l2_faults.fail_writes(false);
+    bounded(s.cache.flush()).await.unwrap();
+    assert_eq!(s.l2.raw_entry(&k(3)).map(|e| e.value), Some(33));
+    assert!(
+        s.l2.raw_entry(&k(10)).is_none(),
+        "the refused write was not queued"
+    );
+
+    // Room appears as soon as the lower layer accepts writes again: a waiting writer gets
+    // in. Its enqueue timeout is long, so that however late the drain runs on a loaded
+    // machine, the writer is still waiting when room appears.
+    let s = stack(
+        WriteBack::new()
+            .queue_bound(10)
+            .enqueue_timeout(Duration::from_secs(10))
+            .max_delay(Duration::from_millis(1))
+            .retry_backoff(Duration::from_millis(5), Duration::from_millis(5)),
+    );
+    s.l2_faults.fail_writes(true);
+    for i in 0..10 {
+        s.cache.set(k(i), i).await.unwrap();
+    }
+    let writer = s.cache.set(k(11), 11);
+    tokio::pin!(writer);
+    // Polled once (the test's runtime has one thread: the drain task runs only when this
+    // test awaits): the queue is full, so the writer waits.
+    assert!(
+        futures::poll!(writer.as_mut()).is_pending(),
+        "a writer waits while the queue is full"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        futures::poll!(writer.as_mut()).is_pending(),
+        "the writer still waits while the lower layer refuses writes"
+    );
     s.l2_faults.fail_writes(false);
     bounded(writer)
         .await
-        .unwrap()
         .expect("a waiting writer gets in once the queue drains");
     bounded(s.cache.flush()).await.unwrap();
-    assert_eq!(s.l2.raw_entry(&k(3)).map(|e| e.value), Some(33));
+    assert_eq!(s.l2.raw_entry(&k(11)).map(|e| e.value), Some(11));
 }
 
 #[tokio::test]
@@ -215,7 +243,7 @@ async fn close_reports_exactly_the_writes_that_could_not_be_written() {
     let s = stack(
         WriteBack::new()
             .max_delay(Duration::from_millis(1))
-            .flush_timeout(Duration::from_millis(200))
+            .flush_timeout(Duration::from_secs(2))
             .retry_backoff(Duration::from_millis(5), Duration::from_millis(10)),
     );
     s.cache.set(k(1), 1).await.unwrap();

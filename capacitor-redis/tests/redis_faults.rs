@@ -183,11 +183,14 @@ fn redis_down_at_start_fails_fast_then_the_layer_joins_without_a_rebuild() {
     run(async {
         let port = free_port();
         let url = format!("redis://127.0.0.1:{port}");
+        // Long timeouts: failing fast is failing well within them, which a loaded machine
+        // cannot fake.
+        let timeout = Duration::from_secs(5);
         let layer = RedisLayer::builder()
             .url(&url)
             .prefix("down:")
-            .connect_timeout(Duration::from_millis(300))
-            .command_timeout(Duration::from_millis(500))
+            .connect_timeout(timeout)
+            .command_timeout(timeout)
             .reconnect(Reconnect::Constant(Duration::from_millis(50)))
             .build::<String, String>()
             .expect("build does not need the server");
@@ -200,8 +203,8 @@ fn redis_down_at_start_fails_fast_then_the_layer_joins_without_a_rebuild() {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
         assert!(
-            started.elapsed() < Duration::from_millis(100),
-            "fail fast: {:?}",
+            started.elapsed() < Duration::from_secs(1),
+            "fail fast, not after the {timeout:?} timeouts: {:?}",
             started.elapsed()
         );
         let err = layer.connect().await.unwrap_err();
@@ -230,13 +233,15 @@ fn redis_down_at_start_fails_fast_then_the_layer_joins_without_a_rebuild() {
 fn redis_killed_mid_workload_typed_errors_within_the_timeout_and_recovery() {
     run(async {
         let mut server = RedisServer::start();
-        let timeout = Duration::from_millis(300);
+        let timeout = Duration::from_secs(1);
+        // What an operation may take beyond the timeout on a loaded machine.
+        let margin = Duration::from_secs(2);
         let redis = std::sync::Arc::new(
             RedisLayer::builder()
                 .url(server.url())
                 .prefix("kill:")
                 .command_timeout(timeout)
-                .connect_timeout(Duration::from_millis(300))
+                .connect_timeout(Duration::from_secs(5))
                 .reconnect(Reconnect::Constant(Duration::from_millis(50)))
                 .build::<String, String>()
                 .unwrap(),
@@ -255,15 +260,15 @@ fn redis_killed_mid_workload_typed_errors_within_the_timeout_and_recovery() {
             cache.set(format!("k{i}"), format!("v{i}")).await.unwrap();
         }
 
-        // Kill the server while a workload runs.
+        // Kill the server while a workload runs; the workload runs on for 2 s after the kill.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workload = {
-            let redis = redis.clone();
+            let (redis, stop) = (redis.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut worst = Duration::ZERO;
                 let mut errors = 0;
-                let end = Instant::now() + Duration::from_secs(2);
                 let mut i = 0;
-                while Instant::now() < end {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let t = Instant::now();
                     let r = redis.get(&format!("k{}", i % 200)).await;
                     worst = worst.max(t.elapsed());
@@ -286,10 +291,12 @@ fn redis_killed_mid_workload_typed_errors_within_the_timeout_and_recovery() {
         let pid = server.pid().unwrap();
         server.kill();
         eprintln!("killed redis-server pid {pid}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let (worst, errors) = workload.await.unwrap();
         assert!(errors > 0, "some operations saw the server die");
         assert!(
-            worst <= timeout + Duration::from_millis(200),
+            worst <= timeout + margin,
             "every op returned within the timeout: worst {worst:?}"
         );
 
@@ -312,7 +319,11 @@ fn redis_killed_mid_workload_typed_errors_within_the_timeout_and_recovery() {
                 matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
                 "{e}"
             );
-            assert!(t.elapsed() <= 2 * timeout + Duration::from_millis(200));
+            assert!(
+                t.elapsed() <= 2 * timeout + margin,
+                "two operations returned within their timeouts: {:?}",
+                t.elapsed()
+            );
         }
         // The composer keeps serving from L1 and the bottom layer.
         for i in 0..200 {

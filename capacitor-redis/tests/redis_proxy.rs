@@ -16,12 +16,15 @@ use capacitor_redis::fred::prelude::ClientLike;
 use capacitor_redis::{Reconnect, RedisLayer};
 use common::{delete_prefix, raw, unique_prefix, url};
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Long enough that the operations that must succeed (connect, the writes and reads
+/// around a fault) do on a loaded machine.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What an operation may take beyond the command timeout.
-const MARGIN: Duration = Duration::from_millis(500);
-/// How long the layer has to work again after a fault ends.
-const RECOVERY: Duration = Duration::from_secs(5);
+const MARGIN: Duration = Duration::from_secs(2);
+/// How long the layer has to work again after a fault ends (a few command timeouts).
+const RECOVERY: Duration = Duration::from_secs(10);
 
 fn run<F: Future<Output = ()>>(f: F) {
     tokio::runtime::Builder::new_multi_thread()
@@ -57,7 +60,7 @@ impl Fixture {
             .prefix(&prefix)
             .pool_size(2)
             .command_timeout(COMMAND_TIMEOUT)
-            .connect_timeout(Duration::from_millis(500))
+            .connect_timeout(CONNECT_TIMEOUT)
             .reconnect(Reconnect::Constant(Duration::from_millis(50)))
             .build::<String, String>()
             .expect("build");
