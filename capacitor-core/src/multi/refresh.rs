@@ -29,7 +29,7 @@ pub struct RefreshStats {
     pub renewed: u64,
     /// Refreshes running now.
     pub in_flight: u64,
-    /// Due entries not refreshed because [`MAX_IN_FLIGHT`] refreshes were running or no
+    /// Due entries not refreshed because 10,000 refreshes were running or no
     /// tokio runtime was there to run one.
     pub dropped: u64,
 }
