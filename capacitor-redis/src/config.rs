@@ -250,7 +250,7 @@ impl<C> RedisLayerBuilder<C> {
             .map_err(|e| redis_error(capacitor_core::Operation::Build, e))?;
         let clustered = pool.is_clustered();
         // Connects in the background and keeps retrying under the reconnect policy.
-        let _ = pool.connect_pool();
+        let connections = pool.connect_pool();
         Ok(RedisLayer {
             shared: Arc::new(Shared {
                 pool,
@@ -264,6 +264,7 @@ impl<C> RedisLayerBuilder<C> {
                 scan_count: self.scan_count,
                 closed: AtomicBool::new(false),
                 in_flight: tokio::sync::RwLock::new(()),
+                connections: std::sync::Mutex::new(connections),
             }),
             _types: PhantomData,
         })

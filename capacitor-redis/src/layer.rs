@@ -13,7 +13,9 @@ use capacitor_core::{
 };
 use fred::clients::{Client, Pool};
 use fred::error::Error as FredError;
-use fred::prelude::{ClientLike, Expiration, Key, KeysInterface, LuaInterface, TransactionInterface, Value};
+use fred::prelude::{
+    ClientLike, Expiration, Key, KeysInterface, LuaInterface, Options, TransactionInterface, Value,
+};
 
 use crate::config::RedisLayerBuilder;
 use crate::error::{redis_error, timeout_error, unavailable};
@@ -50,6 +52,24 @@ pub(crate) struct Shared<C> {
     /// Each operation holds a read guard while it runs; `flush` and `close` take the write
     /// guard, which waits for every operation in flight.
     pub(crate) in_flight: tokio::sync::RwLock<()>,
+    /// fred's connection tasks, one per pooled client: they reconnect for as long as they
+    /// run, so `close` (or dropping the layer) aborts them.
+    pub(crate) connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
+}
+
+impl<C> Shared<C> {
+    /// Aborts the connection tasks (and their reconnection loops).
+    pub(crate) fn stop_connections(&self) {
+        let tasks = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in tasks {
+            task.abort();
+        }
+    }
 }
 
 impl<C> Shared<C> {
@@ -125,17 +145,9 @@ impl<C> Shared<C> {
 
 impl<C> Drop for Shared<C> {
     /// A layer dropped without `close` would leave fred's connection tasks reconnecting
-    /// forever: disconnect in the background when a runtime is there to do it.
+    /// forever: aborting them drops their sockets, which closes the connections.
     fn drop(&mut self) {
-        if self.is_closed() {
-            return;
-        }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let pool = self.pool.clone();
-            handle.spawn(async move {
-                let _ = pool.quit().await;
-            });
-        }
+        self.stop_connections();
     }
 }
 
@@ -569,10 +581,32 @@ where
             return Ok(());
         }
         let _all = self.shared.in_flight.write().await;
-        let quit = self.shared.pool.quit();
-        match tokio::time::timeout(self.shared.command_timeout, quit).await {
-            Ok(Ok(())) | Err(_) => Ok(()),
-            Ok(Err(e)) => Err(redis_error(Operation::Close, e)),
+        // A pooled client that is not connected (still connecting, or Redis is down) would
+        // hold a plain QUIT until it connects or the command times out (fred queues
+        // commands while `fail_fast` is off, which the layer needs to keep retrying at
+        // start-up): a fail-fast QUIT ends its connection attempts at once instead.
+        let fail_fast = Options {
+            fail_fast: true,
+            ..Options::default()
+        };
+        let fail_fast = &fail_fast;
+        let quits = self.shared.pool.clients().iter().map(|client| async move {
+            if client.is_connected() {
+                client.quit().await
+            } else {
+                let _ = client.with_options(fail_fast).quit().await;
+                Ok(())
+            }
+        });
+        let quit = tokio::time::timeout(self.shared.command_timeout, futures::future::join_all(quits)).await;
+        // A connection that was down is still in its reconnection loop: end it.
+        self.shared.stop_connections();
+        match quit {
+            Ok(results) => results
+                .into_iter()
+                .find_map(std::result::Result::err)
+                .map_or(Ok(()), |e| Err(redis_error(Operation::Close, e))),
+            Err(_) => Ok(()),
         }
     }
 }

@@ -237,3 +237,40 @@ fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins() {
         f.close().await;
     });
 }
+
+/// `close()` returns at once, also while pooled connections are down (or still coming up),
+/// and ends their reconnection loops: nothing connects once Redis is reachable again.
+#[test]
+fn close_is_prompt_with_connections_down_and_stops_reconnecting() {
+    run(async {
+        let (proxy, via) = FaultProxy::in_front_of(&url(), 6379)
+            .await
+            .expect("start the proxy in front of the Redis server");
+        let layer = RedisLayer::builder()
+            .url(&via)
+            .prefix(unique_prefix("close"))
+            .pool_size(4)
+            .command_timeout(Duration::from_secs(10))
+            .reconnect(Reconnect::Constant(Duration::from_millis(50)))
+            .build::<String, String>()
+            .expect("build");
+        layer.connect().await.expect("connect");
+        layer.set(&s("k"), &s("v"), None).await.expect("set");
+
+        proxy.refuse(true);
+        proxy.reset_connections();
+        tokio::time::sleep(Duration::from_millis(200)).await; // reconnecting, refused
+        let started = Instant::now();
+        layer.close().await.expect("close");
+        let took = started.elapsed();
+        // Before, a QUIT on a connection that was down waited out the 10 s command timeout.
+        assert!(took < Duration::from_secs(2), "close took {took:?}");
+
+        proxy.refuse(false);
+        let accepted = proxy.accepted();
+        tokio::time::sleep(Duration::from_millis(500)).await; // 10 reconnect periods
+        assert_eq!(proxy.accepted(), accepted, "a closed layer reconnected");
+        assert_eq!(proxy.connections(), 0);
+        proxy.stop();
+    });
+}
