@@ -899,6 +899,23 @@ async fn dropping_the_layer_stops_the_sweeper_and_releases_the_pool() {
     .await;
 }
 
+/// Begins a transaction on `admin` that holds the row lock of `key` in `table` until it
+/// ends.
+async fn lock_row<'a>(
+    admin: &'a mut tokio_postgres::Client,
+    table: &str,
+    key: &str,
+) -> tokio_postgres::Transaction<'a> {
+    let tx = admin.transaction().await.expect("begin");
+    tx.execute(
+        &format!("SELECT 1 FROM \"public\".\"{table}\" WHERE key = $1 FOR UPDATE"),
+        &[&key],
+    )
+    .await
+    .expect("lock");
+    tx
+}
+
 /// A builder for `table` whose connections carry `application_name = table`, so that
 /// [`lock_waiters`] sees this test's sessions only.
 fn named_builder(table: &str) -> PostgresLayerBuilder {
@@ -1044,13 +1061,7 @@ async fn an_exhausted_pool_is_a_timeout() {
 
         // Another session locks the row; the layer's only connection then waits on it.
         let mut admin = admin().await;
-        let tx = admin.transaction().await.expect("begin");
-        tx.execute(
-            &format!("SELECT 1 FROM \"public\".\"{table}\" WHERE key = 'locked' FOR UPDATE"),
-            &[],
-        )
-        .await
-        .expect("lock");
+        let tx = lock_row(&mut admin, &table, "locked").await;
         let blocked = {
             let layer = layer.clone();
             tokio::spawn(async move { layer.set(&s("locked"), &s("v1"), None).await })
@@ -1088,22 +1099,16 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
     bounded(async {
         let table = unique_table("stmt");
         let _guard = TableGuard(table.clone());
-        // 500 ms: short beside the 3 s bound below, long enough that an unblocked insert on
-        // a loaded CI machine is not cancelled.
+        // 1 s: short beside the 4 s bound below, long enough that an unblocked insert on a
+        // loaded CI machine is not cancelled.
         let layer = builder(&table)
-            .statement_timeout(Duration::from_millis(500))
+            .statement_timeout(Duration::from_secs(1))
             .build::<String, String>()
             .await
             .expect("build");
         layer.set(&s("locked"), &s("v0"), None).await.expect("set");
         let mut admin = admin().await;
-        let tx = admin.transaction().await.expect("begin");
-        tx.execute(
-            &format!("SELECT 1 FROM \"public\".\"{table}\" WHERE key = 'locked' FOR UPDATE"),
-            &[],
-        )
-        .await
-        .expect("lock");
+        let tx = lock_row(&mut admin, &table, "locked").await;
 
         let started = Instant::now();
         let err = layer
@@ -1178,19 +1183,13 @@ async fn a_timed_out_operation_does_not_hold_up_the_next_one() {
         let layer = builder(&table)
             .pool_size(1)
             .statement_timeout(Duration::from_secs(20))
-            .operation_timeout(Duration::from_millis(300))
+            .operation_timeout(Duration::from_secs(2))
             .build::<String, String>()
             .await
             .expect("build");
         layer.set(&s("locked"), &s("v0"), None).await.expect("set");
         let mut admin = admin().await;
-        let tx = admin.transaction().await.expect("begin");
-        tx.execute(
-            &format!("SELECT 1 FROM \"public\".\"{table}\" WHERE key = 'locked' FOR UPDATE"),
-            &[],
-        )
-        .await
-        .expect("lock");
+        let tx = lock_row(&mut admin, &table, "locked").await;
 
         let err = layer
             .set(&s("locked"), &s("v1"), None)
