@@ -64,49 +64,20 @@ impl<C> Shared<C> {
         Ok(())
     }
 
-    /// The operation `start` builds, bounded by the layer's operation timeout: past it, a
-    /// typed [`ErrorKind::Timeout`] instead of waiting for a server that may never answer
-    /// (the server enforces `statement_timeout` only on queries it received; a stalled or
-    /// partitioned network would leave the query waiting for the kernel to give up on
-    /// the connection, minutes later).
-    ///
-    /// A connection the operation holds when it times out is closed instead of going
-    /// back to the pool: its reply is still owed, and every later query on it would wait
-    /// behind that reply.
+    /// The operation `start` builds, bounded by the layer's operation timeout (see
+    /// [`bounded`]).
     pub(crate) async fn bounded<T, F, Fut>(&self, op: Operation, start: F) -> Result<T>
     where
         F: FnOnce(Abandon) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let abandon = Abandon::default();
-        let operation = std::pin::pin!(start(abandon.clone()));
-        match tokio::time::timeout(self.operation_timeout, operation).await {
-            Ok(result) => result,
-            Err(_) => {
-                // Set before the operation (and the connection it holds) is dropped, when
-                // this function returns.
-                abandon.0.store(true, Ordering::Release);
-                Err(Error::new(
-                    ErrorKind::Timeout,
-                    op,
-                    format!(
-                        "no answer from PostgreSQL within the {:?} operation timeout",
-                        self.operation_timeout
-                    ),
-                ))
-            }
-        }
+        bounded(self.operation_timeout, op, start).await
     }
 
-    /// A pooled connection, or [`ErrorKind::Closed`]. It is discarded rather than
-    /// returned to the pool if `abandon` is set when it drops (see [`Shared::bounded`]).
+    /// A pooled connection, or [`ErrorKind::Closed`] (see [`checkout`]).
     pub(crate) async fn client(&self, op: Operation, abandon: Abandon) -> Result<Conn> {
         self.check_open(op)?;
-        let object = self.pool.get().await.map_err(|e| pool_error(op, e))?;
-        Ok(Conn {
-            object: Some(object),
-            abandon,
-        })
+        checkout(&self.pool, op, abandon).await
     }
 
     /// The current time of the layer's clock, as a query parameter.
@@ -115,7 +86,48 @@ impl<C> Shared<C> {
     }
 }
 
-/// Set by [`Shared::bounded`] when the operation it runs timed out.
+/// The operation `start` builds, bounded by `timeout`: past it, a typed
+/// [`ErrorKind::Timeout`] instead of waiting for a server that may never answer (the
+/// server enforces `statement_timeout` only on queries it received; a stalled or
+/// partitioned network would leave the query waiting for the kernel to give up on the
+/// connection, minutes later).
+///
+/// A connection the operation holds when it times out is closed instead of going back to
+/// the pool: its reply is still owed, and every later query on it would wait behind that
+/// reply.
+pub(crate) async fn bounded<T, F, Fut>(timeout: Duration, op: Operation, start: F) -> Result<T>
+where
+    F: FnOnce(Abandon) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let abandon = Abandon::default();
+    let operation = std::pin::pin!(start(abandon.clone()));
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result,
+        Err(_) => {
+            // Set before the operation (and the connection it holds) is dropped, when this
+            // function returns.
+            abandon.0.store(true, Ordering::Release);
+            Err(Error::new(
+                ErrorKind::Timeout,
+                op,
+                format!("no answer from PostgreSQL within the {timeout:?} operation timeout"),
+            ))
+        }
+    }
+}
+
+/// A connection from `pool`, discarded rather than returned to the pool if `abandon` is
+/// set when it drops (see [`bounded`]).
+pub(crate) async fn checkout(pool: &Pool, op: Operation, abandon: Abandon) -> Result<Conn> {
+    let object = pool.get().await.map_err(|e| pool_error(op, e))?;
+    Ok(Conn {
+        object: Some(object),
+        abandon,
+    })
+}
+
+/// Set by [`bounded`] when the operation it runs timed out.
 #[derive(Clone, Default)]
 pub(crate) struct Abandon(Arc<AtomicBool>);
 

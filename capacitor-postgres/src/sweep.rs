@@ -12,7 +12,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::watch;
 
 use crate::error::pg_error;
-use crate::layer::{prepare, Shared};
+use crate::layer::{bounded, checkout, prepare, Shared};
 
 /// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
 async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {
@@ -38,14 +38,19 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
         loop {
             // Upgrade per batch, and never hold the layer across an await: a dropped layer
             // stops the sweeper.
-            let (pool, sql, now) = {
+            let (pool, sql, now, timeout) = {
                 let Some(shared) = shared.upgrade() else { return };
                 if shared.is_closed() {
                     return;
                 }
-                (shared.pool.clone(), shared.sql.sweep.clone(), shared.now())
+                (
+                    shared.pool.clone(),
+                    shared.sql.sweep.clone(),
+                    shared.now(),
+                    shared.operation_timeout,
+                )
             };
-            match sweep_batch(&pool, &sql, now, batch).await {
+            match sweep_batch(&pool, &sql, now, batch, timeout).await {
                 Ok(deleted) if deleted >= u64::try_from(batch).unwrap_or(u64::MAX) => {}
                 // The expired rows are gone, or the database failed (retried on the next
                 // tick): the sweeper has no caller to report to, and a failed pass loses
@@ -59,18 +64,24 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
     }
 }
 
-/// Deletes up to `batch` rows that expired at or before `now`; how many it deleted.
+/// Deletes up to `batch` rows that expired at or before `now`, within the layer's
+/// operation timeout (over a stalled link a pass would otherwise hold a pooled connection
+/// until the kernel gives up); how many it deleted.
 pub(crate) async fn sweep_batch(
     pool: &Pool,
     sql: &str,
     now: std::time::SystemTime,
     batch: i64,
+    timeout: Duration,
 ) -> Result<u64> {
     let op = Operation::Delete;
-    let client = pool.get().await.map_err(|e| crate::error::pool_error(op, e))?;
-    let stmt = prepare(&client, sql, op).await?;
-    client
-        .execute(&stmt, &[&now, &batch])
-        .await
-        .map_err(|e| pg_error(op, e))
+    bounded(timeout, op, |abandon| async move {
+        let client = checkout(pool, op, abandon).await?;
+        let stmt = prepare(&client, sql, op).await?;
+        client
+            .execute(&stmt, &[&now, &batch])
+            .await
+            .map_err(|e| pg_error(op, e))
+    })
+    .await
 }
