@@ -500,7 +500,7 @@ where
 {
     type Output = Result<Option<Entry<V>>>;
 
-    #[inline]
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match std::mem::replace(&mut self.state, GetState::Finished) {
@@ -555,7 +555,10 @@ where
 {
     type Output = Result<Option<V>>;
 
-    #[inline]
+    // Always inlined, with `GetEntry::poll` and the synchronous prefix: an L1 hit then
+    // compiles into the caller with no result moved through the stack (measured: 10-20 ns
+    // of a 25 ns hit when the compiler chose not to inline, as it did with `tracing` on).
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0)
             .poll(cx)
@@ -972,7 +975,7 @@ where
     /// L1 hit costs one virtual call and one counter, and a miss through memory layers
     /// allocates nothing. What needs awaiting (an async layer, a promotion) comes back
     /// boxed.
-    #[inline]
+    #[inline(always)]
     fn read_sync_prefix<'a>(&'a self, key: &'a K) -> Step<'a, V> {
         if let Err(e) = self.check_open(Operation::Get) {
             return Step::Done(Err(e));
