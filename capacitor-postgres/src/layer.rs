@@ -92,9 +92,10 @@ impl<C> Shared<C> {
 /// partitioned network would leave the query waiting for the kernel to give up on the
 /// connection, minutes later).
 ///
-/// A connection the operation holds when it times out is closed instead of going back to
-/// the pool: its reply is still owed, and every later query on it would wait behind that
-/// reply.
+/// A connection the operation holds when it does not complete (it timed out here, or its
+/// caller dropped it: a composer's layer timeout, a `select!`, a dropped scan) is closed
+/// instead of going back to the pool, and its statement is cancelled on the server: its
+/// reply is still owed, and every later query on it would wait behind that reply.
 pub(crate) async fn bounded<T, F, Fut>(timeout: Duration, op: Operation, start: F) -> Result<T>
 where
     F: FnOnce(Abandon) -> Fut,
@@ -102,20 +103,34 @@ where
 {
     let abandon = Abandon::default();
     let operation = std::pin::pin!(start(abandon.clone()));
-    match tokio::time::timeout(timeout, operation).await {
-        Ok(result) => result,
-        Err(_) => {
-            // Set before the operation (and the connection it holds) is dropped, when this
-            // function returns.
-            abandon.0.store(true, Ordering::Release);
-            Err(Error::new(
-                ErrorKind::Timeout,
-                op,
-                format!("no answer from PostgreSQL within the {timeout:?} operation timeout"),
-            ))
+    // Declared after `operation`, so dropped before it (also when this future is dropped
+    // mid-await): the flag is set before the operation's connection is dropped.
+    let mut unfinished = SetOnDrop(&abandon, true);
+    let outcome = tokio::time::timeout(timeout, operation).await;
+    unfinished.1 = outcome.is_err();
+    outcome.unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Timeout,
+            op,
+            format!("no answer from PostgreSQL within the {timeout:?} operation timeout"),
+        ))
+    })
+}
+
+/// Sets the flag when dropped while armed.
+struct SetOnDrop<'a>(&'a Abandon, bool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0 .0.store(true, Ordering::Release);
         }
     }
 }
+
+/// How long a cancel request for an abandoned statement may take (it opens a connection
+/// of its own).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection from `pool`, discarded rather than returned to the pool if `abandon` is
 /// set when it drops (see [`bounded`]).
@@ -160,8 +175,19 @@ impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(object) = self.object.take() {
             if self.abandon.0.load(Ordering::Acquire) {
-                // Detached: dropping the client closes the connection.
-                drop(Object::take(object));
+                // Detached from the pool. The driver closes the socket only once the owed
+                // replies have come, and until then the server keeps running (or waiting
+                // on a lock for) the statement: cancel it, as libpq's PQcancel does (a
+                // plain-TCP cancel request carrying only the backend's key).
+                let client = Object::take(object);
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let token = client.cancel_token();
+                    runtime.spawn(async move {
+                        let cancel = token.cancel_query(tokio_postgres::NoTls);
+                        let _ = tokio::time::timeout(CANCEL_TIMEOUT, cancel).await;
+                    });
+                }
+                drop(client);
             }
         }
     }

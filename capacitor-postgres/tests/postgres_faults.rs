@@ -927,7 +927,23 @@ fn named_builder(table: &str) -> PostgresLayerBuilder {
 /// Waits (up to 30 s) until a session named `app` waits on a lock of type `wait_event`
 /// (`advisory`, `tuple`, `transactionid`, …).
 async fn lock_waiters(admin: &impl tokio_postgres::GenericClient, app: &str, wait_event: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    waiting_until(admin, app, Some(wait_event), Duration::from_secs(30), |n| n >= 1).await;
+}
+
+/// Waits (up to 5 s, far less than the statement timeouts of the tests that use it)
+/// until no session named `app` waits on any lock.
+async fn no_lock_waiters(admin: &impl tokio_postgres::GenericClient, app: &str) {
+    waiting_until(admin, app, None, Duration::from_secs(5), |n| n == 0).await;
+}
+
+async fn waiting_until(
+    admin: &impl tokio_postgres::GenericClient,
+    app: &str,
+    wait_event: Option<&str>,
+    within: Duration,
+    done: impl Fn(i64) -> bool,
+) {
+    let deadline = Instant::now() + within;
     loop {
         // Inside a transaction the activity view is a snapshot: take a fresh one.
         admin
@@ -937,18 +953,18 @@ async fn lock_waiters(admin: &impl tokio_postgres::GenericClient, app: &str, wai
         let waiting: i64 = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND wait_event = $1 AND application_name = $2",
+                 AND ($1::text IS NULL OR wait_event = $1) AND application_name = $2",
                 &[&wait_event, &app],
             )
             .await
             .expect("pg_stat_activity")
             .get(0);
-        if waiting >= 1 {
+        if done(waiting) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "no session waits on a {wait_event} lock"
+            "{waiting} session(s) of {app} wait on {wait_event:?} locks"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -1172,17 +1188,18 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
     .await;
 }
 
-/// The client-side operation timeout (here shorter than the statement timeout, as when a
-/// link stalls) gives up on the connection: the next operation gets a fresh one instead of
-/// queueing behind the reply the server still owes on the old one.
+/// An operation that does not complete (the client-side operation timeout, here shorter
+/// than the statement timeout as when a link stalls; or its caller dropping it) gives up
+/// its connection: the statement is cancelled on the server, and the next operation gets
+/// a fresh connection instead of queueing behind the reply still owed on the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_operation_does_not_hold_up_the_next_one() {
+async fn an_unfinished_operation_is_cancelled_and_does_not_hold_up_the_next_one() {
     bounded(async {
         let table = unique_table("abandon");
         let _guard = TableGuard(table.clone());
-        let layer = builder(&table)
+        let layer = named_builder(&table)
             .pool_size(1)
-            .statement_timeout(Duration::from_secs(20))
+            .statement_timeout(Duration::from_secs(60))
             .operation_timeout(Duration::from_secs(2))
             .build::<String, String>()
             .await
@@ -1200,19 +1217,43 @@ async fn a_timed_out_operation_does_not_hold_up_the_next_one() {
             (ErrorKind::Timeout, Operation::Set),
             "{err}"
         );
-        // The pool's only connection sent an UPDATE that still waits for the lock; reads
-        // do not wait on row locks, so a fresh connection answers at once.
-        for key in ["free", "locked"] {
-            let found = layer.get(&s(key)).await.unwrap_or_else(|e| {
-                panic!("a read after the timeout must not queue behind the abandoned update: {e}")
-            });
-            assert_eq!(
-                found.map(|e| e.value),
-                (key == "locked").then(|| s("v0")),
-                "{key}"
-            );
-        }
+        // Cancelled on the server: no session of the layer waits on the lock any more.
+        no_lock_waiters(&tx, &table).await;
+        let reads_answer = |round: &'static str| {
+            let layer = layer.clone();
+            async move {
+                // Reads do not wait on row locks: a fresh connection answers at once.
+                for key in ["free", "locked"] {
+                    let found = layer.get(&s(key)).await.unwrap_or_else(|e| {
+                        panic!("{round}: a read must not queue behind the abandoned update: {e}")
+                    });
+                    assert_eq!(
+                        found.map(|e| e.value),
+                        (key == "locked").then(|| s("v0")),
+                        "{round}: {key}"
+                    );
+                }
+            }
+        };
+        reads_answer("after the operation timeout").await;
+
+        // The caller gives up first (its own timeout, as a composer's layer timeout does).
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            layer.set(&s("locked"), &s("v2"), None),
+        )
+        .await
+        .expect_err("the update waits on the row lock");
+        no_lock_waiters(&tx, &table).await;
+        reads_answer("after the caller gave up").await;
+
+        // Neither abandoned update is applied once the lock is released: both were
+        // cancelled while they waited for it.
         tx.rollback().await.expect("release");
+        assert_eq!(
+            layer.get(&s("locked")).await.expect("get").map(|e| e.value),
+            Some(s("v0"))
+        );
         layer.set(&s("after"), &s("x"), None).await.expect("set");
         assert_eq!(
             layer.get(&s("after")).await.expect("get").map(|e| e.value),
