@@ -697,8 +697,9 @@ where
     /// Refresh-ahead: when the top layer answers a read (`get`, `get_entry`,
     /// `get_or_load`) with an entry that expires within `window`, a background task
     /// re-reads the key from the layers below and promotes it, which renews the top copy
-    /// before it expires. One refresh per key runs at a time, at most 10,000 at once; the
-    /// reader never waits for it. Hot keys then stay in the top layer instead of missing
+    /// before it expires. One refresh per key runs at a time, at most 10,000 keys are
+    /// tracked, and a copy that a refresh could not renew (the key is gone below, or
+    /// expires there as soon) does not start another; the reader never waits for it. Hot keys then stay in the top layer instead of missing
     /// it at every expiry (and sending a burst of reads below). Give the top layer a TTL
     /// shorter than the layers below, or the copy found there expires as soon. Off by
     /// default; counted in [`Stats::refresh`](crate::Stats::refresh).
@@ -784,10 +785,17 @@ where
             if window.is_zero() {
                 return Err(Error::config("refresh_ahead", "must be greater than zero"));
             }
-            if self.layers.len() < 2 || !self.promotion {
+            if self.layers.len() < 2 || !self.promotion || self.layers[0].read_only {
                 return Err(Error::config(
                     "refresh_ahead",
-                    "renews the top layer by promotion from a layer below: it needs two layers and promotion on",
+                    "renews the top layer by promotion from a layer below: it needs two layers, \
+                     a writable top layer and promotion on",
+                ));
+            }
+            if self.layers[0].ttl.is_some_and(|ttl| ttl <= window) {
+                return Err(Error::config(
+                    "refresh_ahead",
+                    "must be shorter than the top layer's TTL (or every copy would be due at once)",
                 ));
             }
         }

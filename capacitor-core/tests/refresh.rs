@@ -142,6 +142,13 @@ async fn a_failing_layer_below_neither_fails_nor_delays_the_read() {
     let stats = settled(&s.cache).await;
     assert_eq!((stats.started, stats.renewed), (1, 0));
     assert!(s.cache.stats().layer("l2").unwrap().errors >= 1);
+    // The same copy does not ask again (no read below on every hit of the window).
+    s.clock.advance(Duration::from_secs(1));
+    for _ in 0..10 {
+        assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v1")));
+        settled(&s.cache).await; // any refresh it started has ended
+    }
+    assert_eq!(settled(&s.cache).await.started, 1);
     // Not renewed: the l1 copy expires as it would have; l2 answers once it is back.
     s.clock.advance(Duration::from_secs(3));
     s.faults.fail_reads(false);
@@ -158,6 +165,13 @@ async fn a_key_gone_below_is_left_to_expire() {
     assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v1")));
     let stats = settled(&s.cache).await;
     assert_eq!((stats.started, stats.renewed), (1, 0));
+    for _ in 0..10 {
+        assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v1")));
+        settled(&s.cache).await; // any refresh it started has ended
+    }
+    let stats = settled(&s.cache).await;
+    assert_eq!(stats.started, 1, "one refresh per copy, not one per hit");
+    assert_eq!(s.cache.stats().layer("l2").unwrap().misses, 1);
     s.clock.advance(Duration::from_secs(3));
     assert_eq!(s.cache.get(&k("a")).await.unwrap(), None);
 }
@@ -173,6 +187,19 @@ async fn a_closed_cache_starts_no_read_below() {
     settled(&s.cache).await;
     assert_eq!(s.cache.stats().layer("l2").unwrap().hits, l2_hits);
     assert!(s.l2.raw_entry(&k("a")).is_some());
+}
+
+#[tokio::test]
+async fn a_renewed_copy_is_refreshed_again_in_its_own_window() {
+    let s = stack();
+    s.cache.set(k("a"), k("v1")).await.unwrap();
+    for round in 1..=3 {
+        s.clock.advance(Duration::from_secs(8)); // 2 s left of the current copy
+        assert_eq!(s.cache.get(&k("a")).await.unwrap(), Some(k("v1")));
+        let stats = settled(&s.cache).await;
+        assert_eq!((stats.started, stats.renewed), (round, round));
+    }
+    assert_eq!(s.cache.stats().layer("l1").unwrap().misses, 0);
 }
 
 #[test]
@@ -194,6 +221,16 @@ fn refresh_ahead_needs_a_window_two_layers_and_promotion() {
             .layer(two())
             .promotion(false)
             .refresh_ahead(Duration::from_secs(1))
+            .build(),
+        MultiLayer::builder()
+            .layer(one().read_only(true))
+            .layer(two())
+            .refresh_ahead(Duration::from_secs(1))
+            .build(),
+        MultiLayer::builder()
+            .layer(one().ttl(Duration::from_secs(5)))
+            .layer(two())
+            .refresh_ahead(Duration::from_secs(5))
             .build(),
     ];
     for result in cases {

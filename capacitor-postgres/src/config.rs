@@ -299,7 +299,8 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// `build()` checks and creates the table in one transaction whose statement timeout is
     /// this one or 30 s, whichever is longer, so that a short timeout meant for reads and
-    /// writes does not cancel DDL waiting on a busy catalog.
+    /// writes does not cancel DDL waiting on a busy catalog. With zero it sets none, so a
+    /// role-level timeout applies to the DDL too.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self

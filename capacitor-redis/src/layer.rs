@@ -584,7 +584,8 @@ where
         // A pooled client that is not connected (still connecting, or Redis is down) would
         // hold a plain QUIT until it connects or the command times out (fred queues
         // commands while `fail_fast` is off, which the layer needs to keep retrying at
-        // start-up): a fail-fast QUIT ends its connection attempts at once instead.
+        // start-up): it gets a fail-fast QUIT, which returns at once, and aborting the
+        // connection tasks below ends its reconnection loop.
         let fail_fast = Options {
             fail_fast: true,
             ..Options::default()

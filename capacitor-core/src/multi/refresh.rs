@@ -3,19 +3,20 @@
 //! before it expires. Hot keys then never miss the top layer on expiry, and the layers
 //! below see one read per key and window instead of a burst of misses.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use super::MultiLayer;
-use crate::entry::Entry;
+use crate::entry::{Entry, Timestamp};
 use crate::error::Operation;
 
-/// At most this many keys are refreshed at once; past it, due entries are left to expire
-/// (and are read through on their next miss, as without refresh-ahead).
-const MAX_IN_FLIGHT: usize = 10_000;
+/// At most this many keys are tracked (being refreshed, or refreshed without renewing the
+/// copy that asked); past it, due entries are left to expire (and are read through on
+/// their next miss, as without refresh-ahead).
+const MAX_TRACKED: usize = 10_000;
 
 /// Counters of refresh-ahead (see
 /// [`MultiLayerBuilder::refresh_ahead`](crate::MultiLayerBuilder::refresh_ahead)).
@@ -29,15 +30,23 @@ pub struct RefreshStats {
     pub renewed: u64,
     /// Refreshes running now.
     pub in_flight: u64,
-    /// Due entries not refreshed because 10,000 refreshes were running or no
-    /// tokio runtime was there to run one.
+    /// Due entries not refreshed because 10,000 keys were being tracked or no tokio
+    /// runtime was there to run one.
     pub dropped: u64,
 }
 
-/// The refresh window and the keys being refreshed.
+/// A key's refresh: the expiry of the top-layer copy that asked for it, and whether it
+/// still runs. Kept after it ends, so that a copy the refresh could not renew (the key
+/// is gone below, or expires there as soon) does not ask again on every hit.
+struct Record {
+    copy_expires: Timestamp,
+    running: bool,
+}
+
+/// The refresh window and the keys being (or recently) refreshed.
 pub(super) struct Refresher<K> {
     window: Duration,
-    running: Mutex<HashSet<K>>,
+    tracked: Mutex<HashMap<K, Record>>,
     started: AtomicU64,
     renewed: AtomicU64,
     dropped: AtomicU64,
@@ -47,23 +56,23 @@ impl<K: Hash + Eq> Refresher<K> {
     pub(super) fn new(window: Duration) -> Self {
         Refresher {
             window,
-            running: Mutex::new(HashSet::new()),
+            tracked: Mutex::new(HashMap::new()),
             started: AtomicU64::new(0),
             renewed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
     }
 
-    /// The set is only inserted into and removed from: a panic cannot leave it torn.
-    fn running(&self) -> MutexGuard<'_, HashSet<K>> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The map's entries are each written whole: a panic cannot leave it torn.
+    fn tracked(&self) -> MutexGuard<'_, HashMap<K, Record>> {
+        self.tracked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(super) fn stats(&self) -> RefreshStats {
         RefreshStats {
             started: self.started.load(Ordering::Relaxed),
             renewed: self.renewed.load(Ordering::Relaxed),
-            in_flight: self.running().len() as u64,
+            in_flight: self.tracked().values().filter(|r| r.running).count() as u64,
             dropped: self.dropped.load(Ordering::Relaxed),
         }
     }
@@ -82,7 +91,9 @@ where
 {
     fn drop(&mut self) {
         if let Some(refresh) = &self.cache.inner.refresh {
-            refresh.running().remove(&self.key);
+            if let Some(record) = refresh.tracked().get_mut(&self.key) {
+                record.running = false;
+            }
         }
     }
 }
@@ -93,13 +104,18 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Starts a background refresh of `key` when `entry`, just served by the top layer,
-    /// expires within the refresh window and no refresh of the key is running.
+    /// expires within the refresh window, no refresh of the key is running, and no
+    /// earlier refresh was asked for by this same copy.
     #[inline(never)]
     pub(super) fn refresh_if_due(&self, key: &K, entry: &Entry<V>) {
         let Some(refresh) = &self.inner.refresh else {
             return;
         };
-        match entry.remaining(self.inner.clock.now()) {
+        let Some(copy_expires) = entry.expires_at else {
+            return;
+        };
+        let now = self.inner.clock.now();
+        match entry.remaining(now) {
             Some(left) if !left.is_zero() && left <= refresh.window => {}
             _ => return,
         }
@@ -108,15 +124,26 @@ where
             return;
         };
         {
-            let mut running = refresh.running();
-            if running.contains(key) {
-                return;
+            let mut tracked = refresh.tracked();
+            if let Some(record) = tracked.get(key) {
+                if record.running || record.copy_expires == copy_expires {
+                    return;
+                }
+            } else if tracked.len() >= MAX_TRACKED {
+                // Forget ended refreshes of copies that have expired since.
+                tracked.retain(|_, r| r.running || r.copy_expires > now);
+                if tracked.len() >= MAX_TRACKED {
+                    refresh.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
             }
-            if running.len() >= MAX_IN_FLIGHT {
-                refresh.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            running.insert(key.clone());
+            tracked.insert(
+                key.clone(),
+                Record {
+                    copy_expires,
+                    running: true,
+                },
+            );
         }
         refresh.started.fetch_add(1, Ordering::Relaxed);
         let claim = Claim {
