@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use capacitor_core::testkit::MapLayer;
+use capacitor_core::testkit::{within, MapLayer};
 use capacitor_core::{ErrorKind, LayerConfig, ManualClock, MultiLayer, Timestamp};
 use tokio::sync::Notify;
 
@@ -19,11 +19,7 @@ fn cache() -> MultiLayer<String, String> {
         .unwrap()
 }
 
-async fn bounded<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("bounded wait")
-}
+const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_callers_run_the_loader_once() {
@@ -44,7 +40,7 @@ async fn a_thousand_concurrent_callers_run_the_loader_once() {
         })
         .collect();
     for t in tasks {
-        assert_eq!(bounded(t).await.unwrap().unwrap(), "loaded");
+        assert_eq!(within(WAIT, t).await.unwrap().unwrap(), "loaded");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -71,7 +67,7 @@ async fn a_loader_error_reaches_every_waiter_and_caches_nothing() {
                 cache
                     .try_get_or_load(&"k".to_string(), || async move {
                         calls.fetch_add(1, Ordering::SeqCst);
-                        bounded(async {
+                        within(WAIT, async {
                             while entered.load(Ordering::SeqCst) < TASKS {
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                             }
@@ -85,7 +81,7 @@ async fn a_loader_error_reaches_every_waiter_and_caches_nothing() {
         })
         .collect();
     for t in tasks {
-        let err = bounded(t)
+        let err = within(WAIT, t)
             .await
             .unwrap()
             .expect_err("every waiter sees the error");
@@ -121,7 +117,7 @@ async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
         })
     };
     // The spawned task leads the flight (its loader runs) ...
-    bounded(started.notified()).await;
+    within(WAIT, started.notified()).await;
     // ... and a follower joins it: its first poll reads the (empty, in-memory) layers at
     // once and then waits on the flight.
     let key = "p".to_string();
@@ -133,9 +129,9 @@ async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
     );
     // The leader panics: the follower takes over with its own loader.
     release.notify_one();
-    assert_eq!(bounded(follower).await.unwrap(), "recovered");
+    assert_eq!(within(WAIT, follower).await.unwrap(), "recovered");
     assert!(
-        bounded(panicking).await.is_err(),
+        within(WAIT, panicking).await.is_err(),
         "the panic reaches its own caller"
     );
 
@@ -154,11 +150,11 @@ async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
                 .await
         })
     };
-    bounded(started.notified()).await;
+    within(WAIT, started.notified()).await;
     leader.abort();
     let key = "c".to_string();
     let after = cache.get_or_load(&key, || async { "fresh".to_string() });
-    assert_eq!(bounded(after).await.unwrap(), "fresh");
+    assert_eq!(within(WAIT, after).await.unwrap(), "fresh");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,11 +174,11 @@ async fn a_write_during_the_load_wins_and_the_loaded_value_is_not_cached() {
                 .await
         })
     };
-    bounded(started.notified()).await;
+    within(WAIT, started.notified()).await;
     cache.set("k".into(), "new from a set".into()).await.unwrap();
     release.notify_one();
     assert_eq!(
-        bounded(loading).await.unwrap().unwrap(),
+        within(WAIT, loading).await.unwrap().unwrap(),
         "old from the loader",
         "waiters get the loaded value"
     );
@@ -207,10 +203,10 @@ async fn a_write_during_the_load_wins_and_the_loaded_value_is_not_cached() {
                 .await
         })
     };
-    bounded(started.notified()).await;
+    within(WAIT, started.notified()).await;
     cache.delete(&"d".to_string()).await.unwrap();
     release.notify_one();
-    bounded(loading).await.unwrap().unwrap();
+    within(WAIT, loading).await.unwrap().unwrap();
     assert_eq!(
         cache.get(&"d".to_string()).await.unwrap(),
         None,

@@ -3,14 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capacitor_core::testkit::FaultProxy;
+use capacitor_core::testkit::{within, FaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -18,12 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a read that must not complete is given.
 const QUIET: Duration = Duration::from_millis(300);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-}
 
 /// An echo server on `127.0.0.1:0`: what it reads on a connection it writes back.
 struct Echo {
@@ -110,7 +103,7 @@ async fn connect(addr: SocketAddr) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_pass_through_both_ways_unchanged() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         assert!(proxy.addr().ip().is_loopback());
@@ -145,7 +138,7 @@ async fn bytes_pass_through_both_ways_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_is_added_each_way() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         let mut stream = connect(proxy.addr()).await;
@@ -192,7 +185,7 @@ async fn latency_is_added_each_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stall_holds_every_byte_in_order_until_resume() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         let mut stream = connect(proxy.addr()).await;
@@ -241,7 +234,7 @@ async fn a_stall_holds_every_byte_in_order_until_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_read_end_of_file_and_new_ones_work() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         let mut a = connect(proxy.addr()).await;
@@ -274,7 +267,7 @@ async fn dropped_connections_read_end_of_file_and_new_ones_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_connections_fail_with_connection_reset_and_new_ones_work() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         let mut a = connect(proxy.addr()).await;
@@ -301,7 +294,7 @@ async fn reset_connections_fail_with_connection_reset_and_new_ones_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_close_at_once_until_refusal_is_lifted() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         let proxy = FaultProxy::start(echo.addr).await.expect("start");
         let mut open = connect(proxy.addr()).await;
@@ -339,7 +332,7 @@ async fn refused_connections_close_at_once_until_refusal_is_lifted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_and_dropping_the_last_handle_close_the_listener_and_connections() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let echo = Echo::start().await;
         for explicit in [true, false] {
             let proxy = FaultProxy::start(echo.addr).await.expect("start");

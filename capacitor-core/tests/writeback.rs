@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capacitor_core::testkit::{Faults, FaultyLayer, MapLayer};
+use capacitor_core::testkit::{within, Faults, FaultyLayer, MapLayer};
 use capacitor_core::{
     ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, SetOptions, WriteBack, WritePolicy,
 };
@@ -47,11 +47,7 @@ fn k(i: u64) -> String {
     format!("k{i}")
 }
 
-async fn bounded<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("bounded wait")
-}
+const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn set_returns_before_the_lower_layer_is_written_and_flush_writes_it() {
@@ -70,7 +66,7 @@ async fn set_returns_before_the_lower_layer_is_written_and_flush_writes_it() {
     );
     assert_eq!(s.l1.raw_entry(&k(7)).map(|e| e.value), Some(7));
     assert_eq!(s.cache.stats().write_back.map(|w| w.queue_depth), Some(100));
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     for i in 0..100 {
         assert_eq!(s.l2.raw_entry(&k(i)).map(|e| e.value), Some(i));
     }
@@ -88,7 +84,7 @@ async fn repeated_writes_coalesce_and_the_last_one_wins() {
     }
     s.cache.delete(&k(2)).await.unwrap();
     s.cache.set(k(2), 5).await.unwrap();
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     assert_eq!(s.l2.raw_entry(&k(1)).map(|e| e.value), Some(999));
     assert_eq!(s.l2.raw_entry(&k(2)).map(|e| e.value), Some(5));
     let w = s.cache.stats().write_back.unwrap();
@@ -110,7 +106,7 @@ async fn deletes_are_tombstones_that_hide_the_key_before_and_after_draining() {
         "pending delete hides the L2 value"
     );
     assert!(!s.cache.exists(&k(1)).await.unwrap());
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     assert!(s.l2.raw_entry(&k(1)).is_none());
 }
 
@@ -163,7 +159,7 @@ async fn a_failing_lower_layer_is_retried_in_order_and_nothing_is_dropped() {
     );
     assert_eq!(s.l2.raw_len(), 0);
     s.l2_faults.fail_writes(false);
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     for i in 0..50 {
         assert_eq!(
             s.l2.raw_entry(&k(i)).map(|e| e.value),
@@ -196,7 +192,7 @@ async fn a_full_queue_pushes_back_then_fails_typed() {
         "the writer waited for room first"
     );
     s.l2_faults.fail_writes(false);
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     assert_eq!(s.l2.raw_entry(&k(3)).map(|e| e.value), Some(33));
     assert!(
         s.l2.raw_entry(&k(10)).is_none(),
@@ -231,10 +227,10 @@ async fn a_full_queue_pushes_back_then_fails_typed() {
         "the writer still waits while the lower layer refuses writes"
     );
     s.l2_faults.fail_writes(false);
-    bounded(writer)
+    within(WAIT, writer)
         .await
         .expect("a waiting writer gets in once the queue drains");
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     assert_eq!(s.l2.raw_entry(&k(11)).map(|e| e.value), Some(11));
 }
 
@@ -247,11 +243,11 @@ async fn close_reports_exactly_the_writes_that_could_not_be_written() {
             .retry_backoff(Duration::from_millis(5), Duration::from_millis(10)),
     );
     s.cache.set(k(1), 1).await.unwrap();
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     s.l2_faults.fail_writes(true);
     s.cache.set(k(2), 2).await.unwrap();
     s.cache.set(k(3), 3).await.unwrap();
-    let err = bounded(s.cache.close())
+    let err = within(WAIT, s.cache.close())
         .await
         .expect_err("unwritable writes are reported");
     assert!(err.to_string().contains("2 pending writes"), "{err}");
@@ -274,7 +270,7 @@ async fn an_entry_that_expires_while_pending_removes_the_older_value_below() {
         .unwrap();
     s.clock.advance(Duration::from_secs(6));
     assert_eq!(s.cache.get(&k(1)).await.unwrap(), None);
-    bounded(s.cache.flush()).await.unwrap();
+    within(WAIT, s.cache.flush()).await.unwrap();
     assert!(
         s.l2.raw_entry(&k(1)).is_none(),
         "the expired write must not resurrect the older value"
@@ -290,7 +286,7 @@ async fn dropping_every_handle_still_drains_the_queue() {
     }
     let l2 = s.l2.clone();
     drop(s);
-    bounded(async {
+    within(WAIT, async {
         while l2.raw_len() < 10 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

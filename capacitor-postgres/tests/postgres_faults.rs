@@ -10,10 +10,11 @@
 
 mod common;
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use capacitor_core::testkit::within;
 use capacitor_core::{
     envelope, Codec, Entry, EntryStream, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
     Result, Timestamp, WriteOp,
@@ -26,12 +27,6 @@ use futures_core::Stream;
 /// Every test body runs under this bound.
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const START: u64 = 1_700_000_000_000;
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-}
 
 fn s(x: &str) -> String {
     x.to_owned()
@@ -88,7 +83,7 @@ fn closed_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_are_not_plain_identifiers_are_config_errors() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let long = "t".repeat(64);
         for bad in [
             "x; drop table y",
@@ -142,7 +137,7 @@ async fn names_that_are_not_plain_identifiers_are_config_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_errors_name_the_field() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let cases: Vec<(&str, PostgresLayerBuilder)> = vec![
             ("url", PostgresLayer::builder()),
             ("url", PostgresLayer::builder().url("postgres://u@h:notaport/db")),
@@ -197,7 +192,7 @@ fn building_outside_a_runtime_is_a_config_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_table_of_the_wrong_shape_is_a_config_error_naming_the_column() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let admin = admin().await;
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -337,7 +332,7 @@ async fn an_existing_table_of_the_wrong_shape_is_a_config_error_naming_the_colum
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_schema_and_table_are_created_with_the_documented_ddl() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let schema = unique_table("schema");
         let admin = admin().await;
         let layer = PostgresLayer::builder()
@@ -383,7 +378,7 @@ async fn a_new_schema_and_table_are_created_with_the_documented_ddl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_starting_together_create_the_table_once() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("race");
         let _guard = TableGuard(table.clone());
         let builds = (0..6).map(|_| {
@@ -403,7 +398,7 @@ async fn processes_starting_together_create_the_table_once() {
 /// process creating the same table, or a busy catalog, would).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_statement_timeout_does_not_cancel_the_build_waiting_on_a_creator() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("slowddl");
         let _guard = TableGuard(table.clone());
         let mut admin = admin().await;
@@ -450,7 +445,7 @@ async fn a_short_statement_timeout_does_not_cancel_the_build_waiting_on_a_creato
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_that_do_not_decode_are_a_decode_error_and_removed() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("decode");
         let _guard = TableGuard(table.clone());
         let layer = string_layer(&table, &ManualClock::new(START)).await;
@@ -522,7 +517,7 @@ async fn rows_that_do_not_decode_are_a_decode_error_and_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_row_under_a_multilayer_is_a_counted_miss() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("multi");
         let _guard = TableGuard(table.clone());
         let pg = string_layer(&table, &ManualClock::new(START)).await;
@@ -556,7 +551,7 @@ async fn a_bad_row_under_a_multilayer_is_a_counted_miss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_over_the_limit_are_refused_before_anything_is_written() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("toolarge");
         let _guard = TableGuard(table.clone());
         let layer = builder(&table)
@@ -602,7 +597,7 @@ async fn values_over_the_limit_are_refused_before_anything_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_formats_nul_bytes_and_non_string_keys() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let admin = admin().await;
         let table = unique_table("keys");
         let _guard = TableGuard(table.clone());
@@ -711,7 +706,7 @@ async fn key_formats_nul_bytes_and_non_string_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_written_twice_in_one_batch_keeps_its_last_write() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("dupes");
         let _guard = TableGuard(table.clone());
         let layer = string_layer(&table, &ManualClock::new(START)).await;
@@ -773,7 +768,7 @@ async fn a_key_written_twice_in_one_batch_keeps_its_last_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_follows_the_layer_clock_and_the_column_is_authoritative() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("clock");
         let _guard = TableGuard(table.clone());
         let clock = ManualClock::new(START);
@@ -828,7 +823,7 @@ async fn expiry_follows_the_layer_clock_and_the_column_is_authoritative() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_deletes_expired_rows_in_batches_and_stops_on_close() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("sweep");
         let _guard = TableGuard(table.clone());
         let clock = ManualClock::new(START);
@@ -872,7 +867,7 @@ async fn the_sweeper_deletes_expired_rows_in_batches_and_stops_on_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_layer_stops_the_sweeper_and_releases_the_pool() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("dropped");
         let _guard = TableGuard(table.clone());
         let admin = admin().await;
@@ -985,7 +980,7 @@ async fn connections(admin: &tokio_postgres::Client, app: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_ends_scans_and_every_operation() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("close");
         let _guard = TableGuard(table.clone());
         let layer = builder(&table)
@@ -1028,7 +1023,7 @@ async fn close_ends_scans_and_every_operation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_unavailable_at_once_and_the_password_stays_secret() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let port = closed_port();
         let url = format!("postgres://app:hunter2-secret@127.0.0.1:{port}/db");
         let b = PostgresLayer::builder().url(&url).table("t");
@@ -1063,7 +1058,7 @@ async fn an_unreachable_server_is_unavailable_at_once_and_the_password_stays_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_is_a_timeout() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("pool");
         let _guard = TableGuard(table.clone());
         let layer = named_builder(&table)
@@ -1112,7 +1107,7 @@ async fn an_exhausted_pool_is_a_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("stmt");
         let _guard = TableGuard(table.clone());
         // 1 s: short beside the 4 s bound below, long enough that an unblocked insert on a
@@ -1194,7 +1189,7 @@ async fn a_statement_over_the_timeout_is_a_timeout_and_a_batch_leaves_nothing() 
 /// a fresh connection instead of queueing behind the reply still owed on the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_operation_is_cancelled_and_does_not_hold_up_the_next_one() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("abandon");
         let _guard = TableGuard(table.clone());
         let layer = named_builder(&table)
@@ -1267,7 +1262,7 @@ async fn an_unfinished_operation_is_cancelled_and_does_not_hold_up_the_next_one(
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_through_native_tls() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let table = unique_table("tls");
         let _guard = TableGuard(table.clone());
         // The local server's certificate is self-signed (Debian's snakeoil): accept it here.

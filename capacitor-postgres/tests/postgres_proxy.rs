@@ -14,7 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use capacitor_core::testkit::FaultProxy;
+use capacitor_core::testkit::{within, FaultProxy};
 use capacitor_core::{ErrorKind, Layer};
 use capacitor_postgres::PostgresLayer;
 use common::{unique_table, url, TableGuard};
@@ -30,12 +30,6 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 const MARGIN: Duration = Duration::from_secs(2);
 /// How long the layer has to work again after a fault ends.
 const RECOVERY: Duration = Duration::from_secs(15);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-}
 
 fn s(x: &str) -> String {
     x.to_owned()
@@ -178,7 +172,7 @@ async fn fails_in_time<T: std::fmt::Debug>(what: &str, op: impl Future<Output = 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_network_fails_in_time_then_the_layer_recovers() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let f = Fixture::new("pstall").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
         assert_eq!(
@@ -201,7 +195,7 @@ async fn a_stalled_network_fails_in_time_then_the_layer_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_and_reset_connections_are_replaced() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let f = Fixture::new("preset").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
 
@@ -227,7 +221,7 @@ async fn closed_and_reset_connections_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let f = Fixture::new("pdown").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
 

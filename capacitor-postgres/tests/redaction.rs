@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::future::Future;
 use std::time::Duration;
 
+use capacitor_core::testkit::within;
 use capacitor_core::{Error, ErrorKind, Layer, Operation};
 use capacitor_postgres::PostgresLayer;
 use common::{unique_table, url, TableGuard};
@@ -17,12 +17,6 @@ use tokio_postgres::config::Host;
 
 const SECRET: &str = "s3cret-pw";
 const TEST_TIMEOUT: Duration = Duration::from_secs(20);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-}
 
 /// `Display` and `Debug` of `err` and of every error in its source chain.
 fn everything_shown(err: &Error) -> String {
@@ -70,7 +64,7 @@ fn sources_with_passwords(port: u16) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builder_debug_output_hides_the_password() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         for source in sources_with_passwords(closed_port()) {
             let builder = PostgresLayer::builder().url(&source).table("t");
             assert_secret(&format!("{builder:?} {builder:#?}"));
@@ -84,7 +78,7 @@ async fn builder_debug_output_hides_the_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_of_a_failed_connection_hide_the_password() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         for source in sources_with_passwords(closed_port()) {
             let err = PostgresLayer::builder()
                 .url(&source)
@@ -120,7 +114,7 @@ async fn errors_of_a_failed_connection_hide_the_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_of_credentials_the_server_refuses_hide_the_password() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let (host, port) = server();
         // No such role, no such database: the server itself refuses the connection.
         let refused = [
@@ -147,7 +141,7 @@ async fn errors_of_credentials_the_server_refuses_hide_the_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_built_with_a_password_does_not_show_it() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         // The test server may ignore the password (trust auth) or need its own: use the
         // configured one when there is one, else a made-up one the server ignores.
         let (host, port) = server();
@@ -190,7 +184,7 @@ async fn a_layer_built_with_a_password_does_not_show_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_that_does_not_parse_is_a_config_error_without_the_password() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         // Should one parse after all, nothing listens on its port.
         let port = closed_port();
         let bad = [

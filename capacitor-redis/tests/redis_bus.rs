@@ -16,19 +16,6 @@ use common::{unique_prefix, url, RedisServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(TEST_TIMEOUT, f)
-                .await
-                .expect("the test timed out");
-        });
-}
-
 async fn wait_connected(bus: &RedisBus) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !bus.is_connected() {
@@ -55,7 +42,7 @@ fn composer(redis: Arc<RedisLayer<String, String>>, bus: Arc<RedisBus>) -> Multi
 
 #[test]
 fn a_write_in_one_instance_stops_being_stale_in_the_other_within_a_bounded_delay() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("bus");
         let channel = format!("{prefix}invalidate");
         let redis = Arc::new(RedisLayer::builder().url(url()).prefix(&prefix).build().unwrap());
@@ -128,7 +115,7 @@ fn a_write_in_one_instance_stops_being_stale_in_the_other_within_a_bounded_delay
 
 #[test]
 fn own_messages_are_ignored_and_others_delivered() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let channel = format!("{}invalidate", unique_prefix("bus_own"));
         let a = RedisBus::builder().url(url()).channel(&channel).build().unwrap();
         let b = RedisBus::builder().url(url()).channel(&channel).build().unwrap();
@@ -164,7 +151,7 @@ fn own_messages_are_ignored_and_others_delivered() {
 
 #[test]
 fn a_reconnect_delivers_invalidation_all() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let mut server = RedisServer::start();
         let bus = RedisBus::builder()
             .url(server.url())

@@ -16,22 +16,6 @@ use common::{free_port, raw, unique_prefix, url, RedisServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    rt().block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, f)
-            .await
-            .expect("the test timed out");
-    });
-}
-
 async fn layer_at(url: &str, prefix: &str) -> RedisLayer<String, String> {
     let layer = RedisLayer::builder().url(url).prefix(prefix).build().unwrap();
     layer
@@ -43,7 +27,7 @@ async fn layer_at(url: &str, prefix: &str) -> RedisLayer<String, String> {
 
 #[test]
 fn wrongtype_and_foreign_bytes_are_decode_misses_evicted_under_the_prefix() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("foreign");
         let raw = raw().await;
         let layer = layer_at(&url(), &prefix).await;
@@ -91,7 +75,7 @@ fn wrongtype_and_foreign_bytes_are_decode_misses_evicted_under_the_prefix() {
 
 #[test]
 fn without_a_prefix_foreign_keys_are_reported_but_never_deleted() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let name = unique_prefix("noprefix");
         let raw = raw().await;
         let layer = layer_at(&url(), "").await;
@@ -107,7 +91,7 @@ fn without_a_prefix_foreign_keys_are_reported_but_never_deleted() {
 
 #[test]
 fn a_foreign_value_through_a_multilayer_is_a_counted_miss_that_reads_on_below() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("multi_decode");
         let raw = raw().await;
         let redis = layer_at(&url(), &prefix).await;
@@ -149,7 +133,7 @@ fn a_foreign_value_through_a_multilayer_is_a_counted_miss_that_reads_on_below() 
 
 #[test]
 fn a_value_over_the_maximum_is_refused_before_anything_is_sent() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("too_large");
         let raw = raw().await;
         let layer = RedisLayer::builder()
@@ -180,7 +164,7 @@ fn a_value_over_the_maximum_is_refused_before_anything_is_sent() {
 
 #[test]
 fn redis_down_at_start_fails_fast_then_the_layer_joins_without_a_rebuild() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let port = free_port();
         let url = format!("redis://127.0.0.1:{port}");
         // Long timeouts: failing fast is failing well within them, which a loaded machine
@@ -231,7 +215,7 @@ fn redis_down_at_start_fails_fast_then_the_layer_joins_without_a_rebuild() {
 
 #[test]
 fn redis_killed_mid_workload_typed_errors_within_the_timeout_and_recovery() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let mut server = RedisServer::start();
         let timeout = Duration::from_secs(1);
         // What an operation may take beyond the timeout on a loaded machine.

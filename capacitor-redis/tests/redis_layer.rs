@@ -14,18 +14,7 @@ use capacitor_redis::RedisLayer;
 use common::{raw, unique_prefix, url};
 use futures::StreamExt;
 
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(60), f)
-                .await
-                .expect("the test timed out");
-        });
-}
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn layer<K: capacitor_core::StorageKey>(prefix: &str) -> RedisLayer<K, String> {
     let layer = RedisLayer::builder().url(url()).prefix(prefix).build().unwrap();
@@ -38,7 +27,7 @@ async fn layer<K: capacitor_core::StorageKey>(prefix: &str) -> RedisLayer<K, Str
 
 #[test]
 fn string_keys_are_readable_and_ttls_are_native() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("readable");
         let raw = raw().await;
         let layer = layer::<String>(&prefix).await;
@@ -75,7 +64,7 @@ fn string_keys_are_readable_and_ttls_are_native() {
 
 #[test]
 fn scan_escapes_glob_characters() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let base = unique_prefix("glob");
         let raw = raw().await;
         let tricky = layer::<String>(&format!("{base}a*[b]?\\:")).await;
@@ -103,7 +92,7 @@ fn scan_escapes_glob_characters() {
 
 #[test]
 fn binary_keys_scan_by_byte_prefix() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("binary");
         let raw = raw().await;
         let layer = layer::<u64>(&prefix).await;
@@ -132,7 +121,7 @@ fn binary_keys_scan_by_byte_prefix() {
 
 #[test]
 fn a_scan_reports_foreign_values_and_goes_on() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("scan_foreign");
         let raw = raw().await;
         let layer = layer::<String>(&prefix).await;
@@ -166,7 +155,7 @@ fn a_scan_reports_foreign_values_and_goes_on() {
 
 #[test]
 fn operations_after_close_fail_and_flush_waits() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("close");
         let layer = std::sync::Arc::new(layer::<String>(&prefix).await);
         let writers: Vec<_> = (0..20)
@@ -194,7 +183,7 @@ fn operations_after_close_fail_and_flush_waits() {
 
 #[test]
 fn passwords_never_appear_in_debug_or_errors() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let builder = RedisLayer::builder().url("redis://user:hunter2@127.0.0.1:1/0");
         assert!(!format!("{builder:?}").contains("hunter2"));
         let err = RedisLayer::builder()

@@ -26,19 +26,6 @@ const MARGIN: Duration = Duration::from_secs(2);
 /// How long the layer has to work again after a fault ends (a few command timeouts).
 const RECOVERY: Duration = Duration::from_secs(10);
 
-fn run<F: Future<Output = ()>>(f: F) {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            tokio::time::timeout(TEST_TIMEOUT, f)
-                .await
-                .expect("the test timed out");
-        });
-}
-
 fn s(x: &str) -> String {
     x.to_owned()
 }
@@ -138,7 +125,7 @@ async fn fails_in_time<T: std::fmt::Debug>(what: &str, op: impl Future<Output = 
 
 #[test]
 fn a_stalled_network_is_a_timeout_within_the_command_timeout_then_the_layer_recovers() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let f = Fixture::new("pstall").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
         assert_eq!(
@@ -181,7 +168,7 @@ fn a_stalled_network_is_a_timeout_within_the_command_timeout_then_the_layer_reco
 
 #[test]
 fn closed_and_reset_connections_are_replaced() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let f = Fixture::new("preset").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
         // `connect` waits for one connection; the pool's other one comes up meanwhile.
@@ -215,7 +202,7 @@ fn closed_and_reset_connections_are_replaced() {
 
 #[test]
 fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let f = Fixture::new("pdown").await;
         f.layer.set(&s("k"), &s("v"), None).await.expect("set");
 
@@ -242,7 +229,7 @@ fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins() {
 /// and ends their reconnection loops: nothing connects once Redis is reachable again.
 #[test]
 fn close_is_prompt_with_connections_down_and_stops_reconnecting() {
-    run(async {
+    common::run(TEST_TIMEOUT, async {
         let (proxy, via) = FaultProxy::in_front_of(&url(), 6379)
             .await
             .expect("start the proxy in front of the Redis server");

@@ -3,10 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use capacitor_core::testkit::within;
 use capacitor_core::{
     envelope, Codec, EntryStream, Error, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
     Result, Timestamp, WriteOp,
@@ -18,12 +19,6 @@ use futures_core::Stream;
 /// Every test body runs under this bound.
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const START: u64 = 1_700_000_000_000;
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-}
 
 fn s(x: &str) -> String {
     x.to_owned()
@@ -76,7 +71,7 @@ fn path_under_a_regular_file_is_a_typed_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_directory_is_a_typed_error_and_close_releases_it() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
         let first = SledLayer::builder()
@@ -239,7 +234,7 @@ fn configuration_errors_name_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let layer = string_layer(&db, &ManualClock::new(START));
 
@@ -318,7 +313,7 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bytes_under_a_multilayer_are_a_counted_miss() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let sled_layer = string_layer(&db, &ManualClock::new(START));
         let cache = MultiLayer::<String, String>::builder()
@@ -366,7 +361,7 @@ impl Codec<String> for PickyCodec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_over_the_limit_are_refused_before_anything_is_written() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         // The codec writes a string as its bytes: encoded size = length.
         let layer: SledLayer<String, String, PickyCodec> = SledLayer::builder()
@@ -456,7 +451,7 @@ async fn values_over_the_limit_are_refused_before_anything_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_entries_are_removed_when_read_and_not_counted() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let clock = ManualClock::new(START);
         let layer = string_layer(&db, &clock);
@@ -499,7 +494,7 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_removes_unread_expired_entries_and_stops_on_close_and_drop() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let clock = ManualClock::new(START);
         let interval = Duration::from_millis(20);
@@ -572,7 +567,7 @@ async fn the_sweeper_removes_unread_expired_entries_and_stops_on_close_and_drop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scanning_100k_keys_returns_exactly_them_lazily() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let clock = ManualClock::new(START);
         let layer: SledLayer<String, u64> = SledLayer::builder()
@@ -650,7 +645,7 @@ async fn scanning_100k_keys_returns_exactly_them_lazily() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_close_and_reopen_under_every_policy() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         for policy in [
             FlushPolicy::EveryWrite,
             FlushPolicy::EveryMillis(10),
@@ -702,7 +697,7 @@ async fn data_survives_close_and_reopen_under_every_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_stored_as_their_storage_key_bytes() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let strings = string_layer(&db, &ManualClock::new(START));
         strings.set(&s("user:42"), &s("Ada"), None).await.expect("set");
@@ -727,7 +722,7 @@ async fn keys_are_stored_as_their_storage_key_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capabilities_sync_read_and_close() {
-    bounded(async {
+    within(TEST_TIMEOUT, async {
         let db = scratch_db();
         let layer = string_layer(&db, &ManualClock::new(START));
         let caps = layer.capabilities();

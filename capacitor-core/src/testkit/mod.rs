@@ -80,6 +80,30 @@ impl TestContext {
     }
 }
 
+/// Awaits `f`, failing the test if it takes longer than `limit`: a test that hangs then
+/// fails with this message instead of running until the harness kills it.
+///
+/// # Panics
+///
+/// When `limit` passes first.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use capacitor_core::testkit::within;
+///
+/// assert_eq!(within(Duration::from_secs(5), async { 42 }).await, 42);
+/// # });
+/// ```
+pub async fn within<F: Future>(limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(output) => output,
+        Err(_) => panic!("did not finish within {limit:?}"),
+    }
+}
+
 /// Polls `f` once with a no-op waker and returns its output: for operations that must
 /// complete without waiting (in-memory layers), in tests and benchmarks that want no
 /// executor in the way. Inlined, as an `.await` inlines a poll into its caller.

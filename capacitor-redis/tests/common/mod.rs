@@ -17,6 +17,17 @@ use capacitor_core::{async_trait, Capabilities, Entry, EntryStream, Layer, Resul
 use capacitor_redis::fred::prelude::{Client, ClientLike, Config, KeysInterface, Value};
 use capacitor_redis::RedisLayer;
 
+/// Runs a test body on a fresh two-worker runtime, failing it if it takes longer than
+/// `limit`.
+pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(capacitor_core::testkit::within(limit, f));
+}
+
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
 /// The server every test uses: `CAPACITOR_REDIS_URL`, else the local default.
