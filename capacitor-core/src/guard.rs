@@ -1,19 +1,26 @@
-//! The promotion race guard.
+//! Per-key write order: overlap detection for writers, tickets for readers.
 //!
-//! A reader that fetched a value from a lower layer must not copy it into an upper layer
-//! after a concurrent `set`/`delete` of the same key has written there: that would
-//! resurrect stale data for a whole TTL. Keys hash onto striped pairs of counters:
+//! Keys hash onto striped pairs of counters (`in_flight`, `version`):
 //!
-//! - a writer increments `in_flight` and `version` before touching any layer, and
-//!   decrements `in_flight` when done (also when its future is dropped);
-//! - a reader takes a [`Ticket`] before reading the lower layers. The ticket is void if a
-//!   writer was in flight then (that writer may have written the upper layer already
-//!   while the lower one still holds the old value).
-//! - the reader promotes only if the version still matches, and checks once more after
-//!   its write; if a writer started meanwhile it removes what it wrote (a later miss is
-//!   harmless, a stale hit is not).
+//! - a **writer** increments both before touching any layer ([`Generations::begin_write`])
+//!   and, after its last layer write, asks [`WriteGuard::finish`] whether another write of
+//!   the stripe overlapped it: one was in flight when it began, or one began since. Layers
+//!   may then have applied the two writes in different orders (the store A then B, L1 B
+//!   then A), so the writer that sees an overlap removes the key from every cache layer
+//!   once its own writes are done. The last of a group of overlapping writers always sees
+//!   the overlap (it began while another was in flight, or another began after it), so
+//!   after the group the caches hold nothing or, later, what a read copies from the store.
+//!   A guard dropped without `finish` (the write's future was dropped half-way) leaves
+//!   `in_flight` raised until the composer has invalidated the key (see `WriteScope`).
+//! - a **reader** takes a [`Ticket`] before it reads below the top layer. The ticket is
+//!   void if a writer was in flight then (that writer may have written the upper layer
+//!   already while the lower one still held the old value); the reader copies what it
+//!   read upward (promotion, fail-safe record, loader fill) only while the version is
+//!   unchanged, and checks once more after its write, undoing it if a writer began
+//!   meanwhile (a later miss is harmless, a stale hit is not).
 //!
-//! Stripes only ever cause false positives (a skipped promotion), never a missed race.
+//! Stripes only ever cause false positives (a skipped promotion, an extra invalidation),
+//! never a missed race. Nothing here is touched by an L1 hit.
 
 use std::hash::{BuildHasher, Hash};
 
@@ -51,15 +58,33 @@ pub(crate) struct Ticket {
     valid: bool,
 }
 
-/// Held by a writer while it writes; dropping it ends the write.
+/// Held by a writer while it writes; [`finish`](WriteGuard::finish) ends the write.
 pub(crate) struct WriteGuard<'a> {
     stripe: &'a Stripe,
+    /// Another write of the stripe was in flight when this one began.
+    joined: bool,
+    /// The stripe's version this write set.
+    version: u64,
+}
+
+impl WriteGuard<'_> {
+    /// Whether another write of the stripe overlapped this one (checked before this write
+    /// leaves, so that a writer beginning after the check still sees this one in flight).
+    pub(crate) fn overlapped(&self) -> bool {
+        self.joined || self.stripe.version.load(Ordering::SeqCst) != self.version
+    }
 }
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         self.stripe.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Which stripes saw a write since a [`Snapshot`] was taken, for readers that cannot take
+/// a ticket per key before reading (a scan reads keys it does not know in advance).
+pub(crate) struct Snapshot {
+    versions: Box<[u64]>,
 }
 
 impl Generations {
@@ -76,9 +101,13 @@ impl Generations {
 
     pub(crate) fn begin_write(&self, stripe: usize) -> WriteGuard<'_> {
         let s = &self.stripes[stripe];
-        s.in_flight.fetch_add(1, Ordering::SeqCst);
-        s.version.fetch_add(1, Ordering::SeqCst);
-        WriteGuard { stripe: s }
+        let joined = s.in_flight.fetch_add(1, Ordering::SeqCst) > 0;
+        let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
+        WriteGuard {
+            stripe: s,
+            joined,
+            version,
+        }
     }
 
     /// A write of every key at once (a cleared cache): every promotion in flight is void.
@@ -100,5 +129,80 @@ impl Generations {
     /// Whether no write of the stripe started since the ticket was taken.
     pub(crate) fn still_valid(&self, ticket: Ticket) -> bool {
         ticket.valid && self.stripes[ticket.stripe].version.load(Ordering::SeqCst) == ticket.version
+    }
+
+    /// The version of every stripe, a stripe with a write in flight marked void.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            versions: self
+                .stripes
+                .iter()
+                .map(|s| {
+                    let version = s.version.load(Ordering::SeqCst);
+                    if s.in_flight.load(Ordering::SeqCst) == 0 {
+                        version
+                    } else {
+                        u64::MAX
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// A ticket for `stripe` as of `snapshot`: valid when no write of the stripe was in
+    /// flight then or began since.
+    pub(crate) fn ticket_as_of(&self, snapshot: &Snapshot, stripe: usize) -> Ticket {
+        let version = snapshot.versions[stripe];
+        Ticket {
+            stripe,
+            version,
+            valid: version != u64::MAX && self.ticket(stripe).valid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_writer_sees_every_overlap_and_tickets_see_every_write() {
+        let g = Generations::new();
+        let alone = g.begin_write(7);
+        assert!(!alone.overlapped());
+        drop(alone);
+
+        // B begins while A is in flight; A finishes first, then B.
+        let a = g.begin_write(7);
+        let b = g.begin_write(7);
+        assert!(a.overlapped(), "a later writer began");
+        drop(a);
+        assert!(b.overlapped(), "began while another was in flight");
+        drop(b);
+
+        let t = g.ticket(7);
+        assert!(g.still_valid(t));
+        let w = g.begin_write(7);
+        assert!(!g.still_valid(t));
+        assert!(
+            !g.still_valid(g.ticket(7)),
+            "a writer in flight voids new tickets"
+        );
+        drop(w);
+
+        let snap = g.snapshot();
+        assert!(g.still_valid(g.ticket_as_of(&snap, 3)));
+        drop(g.begin_write(3));
+        assert!(
+            !g.still_valid(g.ticket_as_of(&snap, 3)),
+            "a write after the snapshot"
+        );
+        let held = g.begin_write(4);
+        let snap = g.snapshot();
+        drop(held);
+        assert!(
+            !g.still_valid(g.ticket_as_of(&snap, 4)),
+            "in flight at the snapshot"
+        );
     }
 }

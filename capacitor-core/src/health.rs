@@ -3,7 +3,7 @@
 //! A breaker is all atomics (no lock on the read path): `admit` is one relaxed load while
 //! the layer is healthy.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -342,13 +342,20 @@ pub(crate) fn is_failure(err: &Error) -> bool {
 /// down, or skipped by its breaker). Reads skip this layer for those keys until a later
 /// write, delete or promotion of the key succeeds there.
 ///
+/// A key whose write to this layer had an unknown outcome (it timed out, or its future was
+/// dropped half-way) is *pinned*: the abandoned command may still land here after later
+/// writes, so reads skip the layer for that key until the pin ends (the layer's TTL, by
+/// which any copy written then has expired, or [`IN_DOUBT_WITHOUT_TTL`]), whatever is
+/// written meanwhile.
+///
 /// Bounded: past `limit` keys the tracker gives up on single keys and has reads skip the
 /// layer altogether until the layer's TTL has passed since the last key that could not
 /// be recorded (every older copy has expired by then), or for good when the layer has no
 /// TTL ([`DirtyKeys::overflowed`], reported in `LayerStats::suspects_overflowed`;
 /// configure a TTL on cache layers).
 pub(crate) struct DirtyKeys<K> {
-    keys: Mutex<HashSet<K, rustc_hash::FxBuildHasher>>,
+    /// Key -> end of its pin in ms (0: not pinned, cleaned by the next write).
+    keys: Mutex<HashMap<K, u64, rustc_hash::FxBuildHasher>>,
     len: AtomicUsize,
     limit: usize,
     /// Reads skip the whole layer until this time (ms), `u64::MAX`: for good.
@@ -356,10 +363,14 @@ pub(crate) struct DirtyKeys<K> {
     ttl: Option<Duration>,
 }
 
+/// How long a key of a cache layer without a TTL stays pinned after a write of unknown
+/// outcome (an abandoned command lands within its connection's timeouts, far below this).
+pub(crate) const IN_DOUBT_WITHOUT_TTL: Duration = Duration::from_secs(60);
+
 impl<K: Hash + Eq + Clone> DirtyKeys<K> {
     pub(crate) fn new(limit: usize, ttl: Option<Duration>) -> Self {
         DirtyKeys {
-            keys: Mutex::new(HashSet::default()),
+            keys: Mutex::new(HashMap::default()),
             len: AtomicUsize::new(0),
             limit,
             skip_until: AtomicU64::new(0),
@@ -386,42 +397,77 @@ impl<K: Hash + Eq + Clone> DirtyKeys<K> {
         if self.len.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        self.keys.lock().map(|k| k.contains(key)).unwrap_or(true)
+        self.keys
+            .lock()
+            .map(|k| {
+                k.get(key)
+                    .is_some_and(|&until| until == 0 || until > now.as_millis())
+            })
+            .unwrap_or(true)
     }
 
+    /// Reads skip `keys` here until a write of them succeeds here.
     pub(crate) fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp)
     where
         K: 'a,
     {
-        let Ok(mut set) = self.keys.lock() else { return };
+        self.insert(keys, now, 0);
+    }
+
+    /// Reads skip `keys` here for the layer's TTL, whatever is written meanwhile: a write
+    /// of them may still land here.
+    pub(crate) fn pin<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp)
+    where
+        K: 'a,
+    {
+        let until = now
+            .saturating_add(self.ttl.unwrap_or(IN_DOUBT_WITHOUT_TTL))
+            .as_millis()
+            .max(1);
+        self.insert(keys, now, until);
+    }
+
+    fn insert<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp, until: u64)
+    where
+        K: 'a,
+    {
+        let Ok(mut map) = self.keys.lock() else { return };
         for key in keys {
-            if set.len() >= self.limit {
-                let until = match self.ttl {
-                    Some(ttl) => now.saturating_add(ttl).as_millis(),
-                    None => u64::MAX,
+            if map.len() >= self.limit && !map.contains_key(key) {
+                map.retain(|_, &mut pin| pin == 0 || pin > now.as_millis());
+            }
+            if map.len() >= self.limit && !map.contains_key(key) {
+                let ttl = self.ttl.unwrap_or(IN_DOUBT_WITHOUT_TTL);
+                let until = match (self.ttl, until) {
+                    (None, 0) => u64::MAX,
+                    _ => now.saturating_add(ttl).as_millis(),
                 };
                 self.skip_until.fetch_max(until, Ordering::Relaxed);
                 break;
             }
-            set.insert(key.clone());
+            let pin = map.entry(key.clone()).or_insert(0);
+            *pin = (*pin).max(until);
         }
-        self.len.store(set.len(), Ordering::Relaxed);
+        self.len.store(map.len(), Ordering::Relaxed);
     }
 
-    /// The layer now holds the current value of these keys (or none).
+    /// The layer now holds the current value of these keys (or none); pinned keys stay
+    /// until their pin ends.
     #[inline]
-    pub(crate) fn clean<'a>(&self, keys: impl IntoIterator<Item = &'a K>)
+    pub(crate) fn clean<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp)
     where
         K: 'a,
     {
         if self.len.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let Ok(mut set) = self.keys.lock() else { return };
+        let Ok(mut map) = self.keys.lock() else { return };
         for key in keys {
-            set.remove(key);
+            if map.get(key).is_some_and(|&pin| pin <= now.as_millis()) {
+                map.remove(key);
+            }
         }
-        self.len.store(set.len(), Ordering::Relaxed);
+        self.len.store(map.len(), Ordering::Relaxed);
     }
 }
 
@@ -521,7 +567,7 @@ mod tests {
         assert!(!d.skip(&1, now));
         d.mark([&1], now);
         assert!(d.skip(&1, now) && !d.skip(&2, now));
-        d.clean([&1]);
+        d.clean([&1], now);
         assert!(!d.skip(&1, now));
         d.mark([&1, &2, &3], now);
         assert!(d.overflowed());
@@ -531,5 +577,20 @@ mod tests {
             !d.skip(&4, Timestamp::from_millis(11_000)),
             "the layer TTL has passed"
         );
+    }
+
+    #[test]
+    fn pinned_keys_outlive_later_writes_until_the_layer_ttl() {
+        let now = Timestamp::from_millis(1_000);
+        let d = DirtyKeys::new(10, Some(Duration::from_secs(10)));
+        d.pin([&1], now);
+        d.clean([&1], now);
+        assert!(
+            d.skip(&1, Timestamp::from_millis(10_999)),
+            "a write does not end a pin"
+        );
+        assert!(!d.skip(&1, Timestamp::from_millis(11_000)), "the TTL ends it");
+        d.clean([&1], Timestamp::from_millis(11_000));
+        assert_eq!(d.len(), 0);
     }
 }

@@ -23,6 +23,7 @@ mod metrics;
 mod refresh;
 mod transaction;
 mod warmup;
+mod write;
 
 #[cfg(feature = "metrics")]
 pub use self::metrics::MetricsReporter;
@@ -42,6 +43,7 @@ use crate::writeback::{Pending, Queue};
 use loader::{jitter, Flights, NegativeCache};
 pub use refresh::RefreshStats;
 use refresh::Refresher;
+use write::{Writes, Written};
 
 struct Slot<K, V> {
     name: String,
@@ -157,9 +159,9 @@ where
     }
 
     /// This layer now holds the current state of `keys`.
-    fn cleaned<'a>(&self, keys: impl IntoIterator<Item = &'a K>) {
+    fn cleaned<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp) {
         if let Some(s) = &self.suspects {
-            s.clean(keys);
+            s.clean(keys, now);
         }
     }
 
@@ -294,6 +296,8 @@ struct Inner<K, V> {
     bus_counters: BusCounters,
     fail_safe: Option<FailSafeStore<K, V>>,
     refresh: Option<Refresher<K>>,
+    /// Keys whose last write to the store had an unknown outcome.
+    in_doubt: write::InDoubt<K>,
 }
 
 #[derive(Default)]
@@ -362,6 +366,22 @@ where
     fn remember(&self, key: &K, value: &V, expires_at: Option<Timestamp>) {
         if let Some(fail_safe) = &self.fail_safe {
             fail_safe.record(key, value, expires_at, self.clock.now());
+        }
+    }
+
+    /// Fail-safe: `value`, just read below the top layer under `ticket`, is the current
+    /// value of `key`, unless a write of the key began since the ticket (checked before
+    /// and after the record, as a promotion is: the writer's record must not be
+    /// overwritten by the older value this read found).
+    fn remember_read(&self, key: &K, entry: &Entry<V>, ticket: Ticket) {
+        if let Some(fail_safe) = &self.fail_safe {
+            if !self.guard.still_valid(ticket) {
+                return;
+            }
+            fail_safe.record(key, &entry.value, entry.expires_at, self.clock.now());
+            if !self.guard.still_valid(ticket) {
+                fail_safe.forget(key);
+            }
         }
     }
 
@@ -890,6 +910,7 @@ where
                 bus_counters: BusCounters::default(),
                 fail_safe: self.fail_safe.map(FailSafeStore::new),
                 refresh: self.refresh_ahead.map(Refresher::new),
+                in_doubt: write::InDoubt::default(),
             }),
         })
         .inspect(|cache| {
@@ -1013,8 +1034,8 @@ where
                     if ticket.is_none() && inner.refresh.is_some() {
                         self.refresh_if_due(key, &entry);
                     }
-                    if ticket.is_some() && inner.fail_safe.is_some() {
-                        inner.remember(key, &entry.value, entry.expires_at);
+                    if let Some(ticket) = ticket.filter(|_| inner.fail_safe.is_some()) {
+                        inner.remember_read(key, &entry, ticket);
                     }
                     crate::observe::read_outcome(
                         Some(&slot.name),
@@ -1101,7 +1122,7 @@ where
                         self.refresh_if_due(key, &entry);
                     }
                     if i > 0 {
-                        inner.remember(key, &entry.value, entry.expires_at);
+                        inner.remember_read(key, &entry, ticket);
                         if inner.promotion {
                             self.promote(key, &entry, i, ticket, failed).await;
                         }
@@ -1134,8 +1155,9 @@ where
     }
 
     /// Whether to write a promoted copy into `slot` (counted when skipped).
-    fn may_promote(&self, slot: &Slot<K, V>, ticket: Ticket) -> bool {
-        let valid = self.inner.guard.still_valid(ticket);
+    fn may_promote(&self, slot: &Slot<K, V>, key: &K, ticket: Ticket) -> bool {
+        let valid =
+            self.inner.guard.still_valid(ticket) && !self.inner.in_doubt.pinned(key, self.inner.clock.now());
         if !valid {
             slot.counters.incr(Counter::PromotionSkipped);
         }
@@ -1171,7 +1193,7 @@ where
         };
         let above = self.inner.slots[..found].iter().enumerate().rev();
         for (_, slot) in above.filter(|(i, s)| !s.read_only && !failed.contains(*i)) {
-            if !self.may_promote(slot, ticket) {
+            if !self.may_promote(slot, key, ticket) {
                 continue;
             }
             let result = slot.set(key, &entry.value, min_ttl(slot.ttl, remaining)).await;
@@ -1181,7 +1203,7 @@ where
                     slot.invalidation_failed(&e, [key], self.inner.clock.now());
                 }
             } else if written {
-                slot.cleaned([key]);
+                slot.cleaned([key], self.inner.clock.now());
             }
         }
     }
@@ -1192,7 +1214,7 @@ where
             return;
         };
         for slot in self.inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
-            if !self.may_promote(slot, ticket) {
+            if !self.may_promote(slot, key, ticket) {
                 continue;
             }
             let result = slot
@@ -1245,64 +1267,65 @@ where
         self.check_open(Operation::Set)?;
         Self::check_ttl(ttl, Operation::Set)?;
         let inner = &*self.inner;
-        let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
-        if let Some(negative) = &inner.negative {
-            negative.forget(key);
-        }
-        let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
+        let writes = Writes::Set { key, value, ttl };
         if let Some(queue) = &inner.queue {
-            queue
-                .push(
-                    key,
-                    Pending::Set {
-                        value: value.clone(),
-                        expires_at,
-                    },
-                    Operation::Set,
-                )
-                .await?;
-            inner.remember(key, value, expires_at);
-            let l1 = &inner.slots[0];
-            match l1.set(key, value, inner.write_ttl(l1, ttl)).await {
-                Ok(()) => l1.counters.incr(Counter::Set),
-                Err(e) => {
-                    // The buffer serves the value meanwhile; drop a stale L1 copy.
-                    drop(l1.error(e));
-                    if l1.delete(key).await.is_err() {
-                        l1.counters.incr(Counter::Error);
-                    }
-                }
-            }
-            return Ok(());
+            let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
+            let pending = Pending::Set {
+                value: value.clone(),
+                expires_at,
+            };
+            return self
+                .write_back(&writes, pending, queue, Operation::Set)
+                .await
+                .map(drop);
         }
-        let mut cache_error = None;
-        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.set(key, value, inner.write_ttl(slot, ttl)).await {
-                Ok(()) => {
-                    slot.counters.incr(Counter::Set);
-                    slot.cleaned([key]);
-                }
-                Err(e) => {
-                    let err = slot.error(e);
-                    if i == inner.authoritative {
-                        return Err(err);
-                    }
-                    // The cache may still hold the previous value: drop it there, or
-                    // failing that, stop reading the key there until it is rewritten.
-                    if let Err(e) = slot.delete(key).await {
-                        slot.invalidation_failed(&e, [key], inner.clock.now());
-                    }
-                    cache_error.get_or_insert(err);
-                }
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(drop)
+    }
+
+    /// Under write-back: queues the write, then applies it to L1 through the write path
+    /// (an L1 failure leaves the key out of L1; the buffer serves it meanwhile).
+    async fn write_back(
+        &self,
+        writes: &Writes<'_, K, V>,
+        pending: Pending<V>,
+        queue: &Queue<K, V>,
+        op: Operation,
+    ) -> Result<Written> {
+        let inner = &*self.inner;
+        let key = match writes {
+            Writes::Set { key, .. } | Writes::Delete { key } => *key,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    op,
+                    "write-back queues single writes",
+                ))
             }
-            if i == inner.authoritative {
-                inner.remember(key, value, expires_at);
+        };
+        // Entered before the push: the buffer and L1 then see overlapping writes of the
+        // key in one order, or L1 loses the key (see `fan_out`).
+        let scope = write::WriteScope::enter(inner, writes, 0..=0);
+
+        match &pending {
+            Pending::Set { value, expires_at } => {
+                queue.push(key, pending.clone(), op).await?;
+                inner.remember(key, value, *expires_at);
+            }
+            Pending::Delete => {
+                inner.forget(key);
+                queue.push(key, Pending::Delete, op).await?;
             }
         }
-        inner.publish(key).await;
-        match cache_error {
-            Some(err) if inner.fail_on_cache_error => Err(err),
-            _ => Ok(()),
+        write::fan_out(scope, None).await
+    }
+
+    /// A write's result from what the write path reported: a cache layer's error only
+    /// with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    fn cache_result(&self, written: Written) -> Result<u64> {
+        match written.cache_error {
+            Some(err) if self.inner.fail_on_cache_error => Err(err),
+            _ => Ok(written.found),
         }
     }
 
@@ -1322,45 +1345,16 @@ where
     async fn remove(&self, key: &K) -> Result<bool> {
         self.check_open(Operation::Delete)?;
         let inner = &*self.inner;
-        let _writing = inner.guard.begin_write(inner.guard.stripe_of(key));
-        if let Some(negative) = &inner.negative {
-            negative.forget(key);
-        }
-        inner.forget(key);
+        let writes = Writes::Delete { key };
         if let Some(queue) = &inner.queue {
             let pending = self.buffered(key);
-            queue.push(key, Pending::Delete, Operation::Delete).await?;
-            let l1 = &inner.slots[0];
-            let in_l1 = l1.delete(key).await.map_err(|e| l1.error(e))?;
-            l1.counters.incr(Counter::Delete);
-            return Ok(in_l1 || matches!(pending, Some(Some(_))));
+            let written = self
+                .write_back(&writes, Pending::Delete, queue, Operation::Delete)
+                .await?;
+            return Ok(written.found > 0 || matches!(pending, Some(Some(_))));
         }
-        let mut existed = false;
-        let mut cache_error = None;
-        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.delete(key).await {
-                Ok(found) => {
-                    slot.counters.incr(Counter::Delete);
-                    slot.cleaned([key]);
-                    if i == inner.authoritative {
-                        existed = found;
-                    }
-                }
-                Err(e) => {
-                    let err = slot.error(e);
-                    if i == inner.authoritative {
-                        return Err(err);
-                    }
-                    slot.suspected([key], inner.clock.now());
-                    cache_error.get_or_insert(err);
-                }
-            }
-        }
-        inner.publish(key).await;
-        match cache_error {
-            Some(err) if inner.fail_on_cache_error => Err(err),
-            _ => Ok(existed),
-        }
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(|found| found > 0)
     }
 
     /// Whether some layer holds a live entry under `key`. Does not promote and does not
@@ -1486,7 +1480,7 @@ where
                     Some(entry) => {
                         slot.counters.incr(Counter::Hit);
                         if i > 0 {
-                            inner.remember(&keys[p], &entry.value, entry.expires_at);
+                            inner.remember_read(&keys[p], &entry, tickets[p]);
                             if inner.promotion {
                                 self.promote(&keys[p], &entry, i, tickets[p], failed).await;
                             }
@@ -1521,46 +1515,12 @@ where
             }
             return Ok(());
         }
-        let inner = &*self.inner;
-        let _writing: Vec<_> = entries
-            .iter()
-            .map(|(k, _)| inner.guard.begin_write(inner.guard.stripe_of(k)))
-            .collect();
-        let mut cache_error = None;
-        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.set_many(entries, inner.write_ttl(slot, options.ttl)).await {
-                Ok(()) => {
-                    (0..entries.len()).for_each(|_| slot.counters.incr(Counter::Set));
-                    slot.cleaned(entries.iter().map(|(k, _)| k));
-                }
-                Err(e) => {
-                    let err = slot.error(e);
-                    if i == inner.authoritative {
-                        return Err(err);
-                    }
-                    let keys: Vec<K> = entries.iter().map(|(k, _)| k.clone()).collect();
-                    if let Err(e) = slot.delete_many(&keys).await {
-                        slot.invalidation_failed(&e, &keys, inner.clock.now());
-                    }
-                    cache_error.get_or_insert(err);
-                }
-            }
-            if i == inner.authoritative {
-                let expires_at = options
-                    .ttl
-                    .and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
-                for (key, value) in entries {
-                    inner.remember(key, value, expires_at);
-                }
-            }
-        }
-        for (key, _) in entries {
-            inner.publish(key).await;
-        }
-        match cache_error {
-            Some(err) if inner.fail_on_cache_error => Err(err),
-            _ => Ok(()),
-        }
+        let writes = Writes::SetMany {
+            entries,
+            ttl: options.ttl,
+        };
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(drop)
     }
 
     /// Removes every key from every writable layer, bottom-up; returns how many the
@@ -1578,40 +1538,15 @@ where
             }
             return Ok(removed);
         }
+        let written = self.write_through(&Writes::DeleteMany { keys }).await?;
+        self.cache_result(written)
+    }
+
+    /// Writes every writable layer, the authoritative one first (see `write`).
+    async fn write_through(&self, writes: &Writes<'_, K, V>) -> Result<Written> {
         let inner = &*self.inner;
-        let _writing: Vec<_> = keys
-            .iter()
-            .map(|k| inner.guard.begin_write(inner.guard.stripe_of(k)))
-            .collect();
-        keys.iter().for_each(|k| inner.forget(k));
-        let mut removed = 0;
-        let mut cache_error = None;
-        for (i, slot) in inner.slots.iter().enumerate().rev().filter(|(_, s)| !s.read_only) {
-            match slot.delete_many(keys).await {
-                Ok(n) => {
-                    (0..keys.len()).for_each(|_| slot.counters.incr(Counter::Delete));
-                    slot.cleaned(keys);
-                    if i == inner.authoritative {
-                        removed = n;
-                    }
-                }
-                Err(e) => {
-                    let err = slot.error(e);
-                    if i == inner.authoritative {
-                        return Err(err);
-                    }
-                    slot.suspected(keys, inner.clock.now());
-                    cache_error.get_or_insert(err);
-                }
-            }
-        }
-        for key in keys {
-            inner.publish(key).await;
-        }
-        match cache_error {
-            Some(err) if inner.fail_on_cache_error => Err(err),
-            _ => Ok(removed),
-        }
+        let scope = write::WriteScope::enter(inner, writes, 0..=inner.authoritative);
+        write::fan_out(scope, Some(inner.authoritative)).await
     }
 
     /// Flushes every layer (persistent layers make acknowledged writes durable).
@@ -1895,9 +1830,6 @@ where
                     match write_below(&inner, &batch).await {
                         Ok(()) => {
                             queue.complete(&batch);
-                            for (key, _, _) in &batch {
-                                inner.publish(key).await;
-                            }
                             break;
                         }
                         Err(_) if inner.closed.load(Ordering::Acquire) && queue.is_closing() => {
@@ -1923,9 +1855,9 @@ where
 /// much earlier in the lower layers).
 const TTL_GRANULARITY_MS: u128 = 100;
 
-/// Writes one drained batch to every writable layer below L1, bottom first, with the
-/// write-through failure rules: the authoritative layer's error fails the batch (it will
-/// be retried); a cache layer's error is counted and the batch's keys invalidated there.
+/// Writes one drained batch to every writable layer below L1 through the write path: the
+/// authoritative layer's error fails the batch (it will be retried); a cache layer's error
+/// is counted and the batch's keys invalidated there.
 async fn write_below<K, V>(inner: &Inner<K, V>, batch: &[(K, Pending<V>, u64)]) -> Result<()>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -1954,40 +1886,11 @@ where
             Pending::Delete => deletes.push(key.clone()),
         }
     }
-    for (i, slot) in inner
-        .slots
-        .iter()
-        .enumerate()
-        .skip(1)
-        .rev()
-        .filter(|(_, s)| !s.read_only)
-    {
-        let mut outcome = Ok(());
-        for (ttl, entries) in &sets {
-            if outcome.is_ok() {
-                outcome = slot.set_many(entries, inner.write_ttl(slot, *ttl)).await;
-            }
-        }
-        if outcome.is_ok() && !deletes.is_empty() {
-            outcome = slot.delete_many(&deletes).await.map(drop);
-        }
-        match outcome {
-            Ok(()) => {
-                let n = sets.values().map(Vec::len).sum::<usize>() + deletes.len();
-                (0..n).for_each(|_| slot.counters.incr(Counter::Set));
-                slot.cleaned(batch.iter().map(|(k, _, _)| k));
-            }
-            Err(e) => {
-                let err = slot.error(e);
-                if i == inner.authoritative {
-                    return Err(err);
-                }
-                let keys: Vec<K> = batch.iter().map(|(k, _, _)| k.clone()).collect();
-                if let Err(e) = slot.delete_many(&keys).await {
-                    slot.invalidation_failed(&e, &keys, inner.clock.now());
-                }
-            }
-        }
-    }
+    let writes = Writes::Drained {
+        sets: &sets,
+        deletes: &deletes,
+    };
+    let scope = write::WriteScope::enter(inner, &writes, 1..=inner.authoritative);
+    write::fan_out(scope, Some(inner.authoritative)).await?;
     Ok(())
 }

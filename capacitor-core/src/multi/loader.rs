@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,44 +14,62 @@ use tokio::sync::watch;
 use super::MultiLayer;
 use crate::entry::Timestamp;
 use crate::error::{BoxError, Error, ErrorKind, Operation, Result};
+use crate::guard::Ticket;
 
 enum Role<V> {
-    Lead(watch::Sender<Outcome<V>>),
+    Lead(watch::Sender<Outcome<V>>, u64, Ticket),
     Follow(watch::Receiver<Outcome<V>>),
 }
 
 /// What a flight's leader hands its followers.
 type Outcome<V> = Option<std::result::Result<Option<V>, Arc<Error>>>;
 
+/// One load in progress.
+struct Flight<V> {
+    id: u64,
+    /// Taken when the flight began, before its leader's first read: a write of the key
+    /// that began since (or was in flight then) voids the flight for callers arriving
+    /// after it, and keeps the leader from caching what it loaded.
+    ticket: Ticket,
+    outcome: watch::Receiver<Outcome<V>>,
+}
+
 /// The loads in progress, one per key.
 pub(super) struct Flights<K, V> {
-    map: Mutex<HashMap<K, watch::Receiver<Outcome<V>>>>,
+    map: Mutex<HashMap<K, Flight<V>>>,
+    next_id: AtomicU64,
 }
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
         Flights {
             map: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         }
     }
 }
 
 impl<K, V> Flights<K, V> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Outcome<V>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Flight<V>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Removes a leader's flight when it ends, also by panic or cancellation, so that the key
 /// is never wedged: followers see the sender dropped and one of them leads a new flight.
+/// A flight that a later one replaced is not touched.
 struct Landing<'a, K: Hash + Eq, V> {
     flights: &'a Flights<K, V>,
     key: &'a K,
+    id: u64,
 }
 
 impl<K: Hash + Eq, V> Drop for Landing<'_, K, V> {
     fn drop(&mut self) {
-        self.flights.lock().remove(self.key);
+        let mut flights = self.flights.lock();
+        if flights.get(self.key).is_some_and(|f| f.id == self.id) {
+            flights.remove(self.key);
+        }
     }
 }
 
@@ -222,18 +241,39 @@ where
             let role = {
                 let mut flights = inner.flights.lock();
                 match flights.get(key) {
-                    Some(rx) => Role::Follow(rx.clone()),
-                    None => {
+                    // A flight that began before a write of the key (or during one) may
+                    // hand out the value from before it: a caller arriving after the
+                    // write must not get that, so it starts a flight of its own.
+                    Some(flight) if inner.guard.still_valid(flight.ticket) => {
+                        Role::Follow(flight.outcome.clone())
+                    }
+                    _ => {
                         let (tx, rx) = watch::channel(None);
-                        flights.insert(key.clone(), rx);
-                        Role::Lead(tx)
+                        let id = inner.flights.next_id.fetch_add(1, Ordering::Relaxed);
+                        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+                        flights.insert(
+                            key.clone(),
+                            Flight {
+                                id,
+                                ticket,
+                                outcome: rx,
+                            },
+                        );
+                        Role::Lead(tx, id, ticket)
                     }
                 }
             };
             match role {
-                Role::Lead(tx) => {
+                Role::Lead(tx, id, ticket) => {
                     let Some(loader) = loader.take() else { continue };
-                    return self.lead(key, tx, negatives.is_some(), loader).await;
+                    let landing = Landing {
+                        flights: &inner.flights,
+                        key,
+                        id,
+                    };
+                    return self
+                        .lead(key, tx, ticket, landing, negatives.is_some(), loader)
+                        .await;
                 }
                 Role::Follow(mut rx) => match rx.wait_for(Option::is_some).await {
                     Ok(outcome) => match &*outcome {
@@ -252,6 +292,8 @@ where
         &self,
         key: &K,
         tx: watch::Sender<Outcome<V>>,
+        ticket: Ticket,
+        _landing: Landing<'_, K, V>,
         negative: bool,
         loader: F,
     ) -> Result<Option<V>>
@@ -261,17 +303,12 @@ where
         E: Into<BoxError>,
     {
         let inner = &*self.inner;
-        let _landing = Landing {
-            flights: &inner.flights,
-            key,
-        };
-        // The flight before ours may have just written the value.
+        // The flight before ours may have just written the value. (The flight's ticket
+        // was taken before this read: a write that completes from here on voids the fill.)
         if let Some(v) = self.get(key).await? {
             let _ = tx.send(Some(Ok(Some(v.clone()))));
             return Ok(Some(v));
         }
-        // Taken before the loader runs: a write that completes meanwhile voids it.
-        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
         let loaded = loader().await.map_err(|e| {
             let source: BoxError = e.into();
             let kind = source

@@ -5,7 +5,8 @@ use std::fmt;
 use std::hash::Hash;
 use std::time::Duration;
 
-use super::{Counter, MultiLayer};
+use super::write::{fan_out, WriteScope, Writes};
+use super::MultiLayer;
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::layer::WriteOp;
 
@@ -144,10 +145,12 @@ where
     ///
     /// # Errors
     ///
-    /// The authoritative layer's error (nothing was applied: no layer changed);
-    /// [`ErrorKind::InvalidInput`] for a zero TTL; a cache layer that could not be
-    /// invalidated (the commit is applied; that layer may serve the old value until its
-    /// TTL ends).
+    /// The authoritative layer's error (nothing was applied: no layer changed, unless it
+    /// timed out, when the caches above are invalidated too); [`ErrorKind::InvalidInput`]
+    /// for a zero TTL; a cache layer that could not be invalidated only with
+    /// [`fail_on_cache_error`](crate::MultiLayerBuilder::fail_on_cache_error), as for
+    /// `set` (the commit is applied; reads pass that layer by for the written keys until
+    /// they are written there again).
     pub async fn commit(self) -> Result<()> {
         let cache = self.cache;
         cache.check_open(Operation::Transaction)?;
@@ -176,46 +179,9 @@ where
         if let Some(queue) = &inner.queue {
             queue.flush().await?;
         }
-        let _writing: Vec<_> = ops
-            .iter()
-            .map(|op| inner.guard.begin_write(inner.guard.stripe_of(op.key())))
-            .collect();
-        if let Some(negative) = &inner.negative {
-            ops.iter().for_each(|op| negative.forget(op.key()));
-        }
-        let bottom = &inner.slots[inner.authoritative];
-        let capped: Vec<WriteOp<K, V>> = ops
-            .into_iter()
-            .map(|op| match op {
-                WriteOp::Set { key, value, ttl } => WriteOp::Set {
-                    key,
-                    value,
-                    ttl: inner.write_ttl(bottom, ttl),
-                },
-                delete => delete,
-            })
-            .collect();
-        bottom.apply_atomic(&capped).await.map_err(|e| bottom.error(e))?;
-        let keys: Vec<K> = capped.iter().map(|op| op.key().clone()).collect();
-        keys.iter().for_each(|k| inner.forget(k));
-        keys.iter().for_each(|_| bottom.counters.incr(Counter::Set));
-        let mut failed = None;
-        for slot in inner.slots[..inner.authoritative]
-            .iter()
-            .rev()
-            .filter(|s| !s.read_only)
-        {
-            match slot.delete_many(&keys).await {
-                Ok(_) => slot.cleaned(&keys),
-                Err(e) => {
-                    slot.suspected(&keys, inner.clock.now());
-                    failed.get_or_insert(slot.error(e));
-                }
-            }
-        }
-        for key in &keys {
-            inner.publish(key).await;
-        }
-        failed.map_or(Ok(()), Err)
+        let writes = Writes::Atomic { ops: &ops };
+        let scope = WriteScope::enter(inner, &writes, 0..=inner.authoritative);
+        let written = fan_out(scope, Some(inner.authoritative)).await?;
+        cache.cache_result(written).map(drop)
     }
 }

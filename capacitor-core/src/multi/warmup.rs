@@ -142,13 +142,30 @@ where
                 progress(copied);
             }
         };
+        // Before the scan reads anything: an entry of a stripe no write touched since is
+        // the store's current value.
+        let before = inner.guard.snapshot();
         while options.limit.is_none_or(|limit| report.copied < limit) {
             let Some(item) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await else {
                 break;
             };
             let (key, entry) = item.map_err(|e| e.with_layer(slot.name.clone()))?;
-            // Taken on receipt; a write that completes from here on wins (see promotion).
-            let ticket = inner.guard.ticket(inner.guard.stripe_of(&key));
+            let stripe = inner.guard.stripe_of(&key);
+            let mut ticket = inner.guard.ticket_as_of(&before, stripe);
+            let mut entry = entry;
+            if !inner.guard.still_valid(ticket) {
+                // A write of the key may have landed after the scan read it: read it again
+                // under a fresh ticket, as a promotion does.
+                ticket = inner.guard.ticket(stripe);
+                match slot.get(&key).await {
+                    Ok(Some(fresh)) => entry = fresh,
+                    Ok(None) => {
+                        report.skipped += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(slot.error(e)),
+                }
+            }
             let Some(remaining) = self.promotion_ttl(&entry) else {
                 report.skipped += 1;
                 continue;
@@ -156,7 +173,7 @@ where
             let mut copied = false;
             for &i in targets.iter().rev() {
                 let target = &inner.slots[i];
-                if !self.may_promote(target, ticket) {
+                if !self.may_promote(target, &key, ticket) {
                     continue;
                 }
                 let result = target

@@ -1,0 +1,498 @@
+//! The one write path: every write form (set, delete, their batch forms, the write-back
+//! drain, a transaction's commit, a write-back `set` into L1) goes through
+//! [`MultiLayer::fan_out`] inside a [`WriteScope`].
+//!
+//! Order of a write: the key's stripes are entered (readers' tickets are void from here);
+//! the authoritative layer is written first; if it fails, the caches above it are left as
+//! they were, unless the outcome is unknown (a timeout: the store may hold the new value),
+//! in which case they are invalidated. Then each cache layer above is written, nearest
+//! the store first; a cache layer that fails is invalidated (or, failing that, its copy
+//! is suspect and reads pass it by). Last, the scope checks for overlap: if another write
+//! of the key ran at the same time, the layers may have applied the two in different
+//! orders, so the key is removed from every cache layer (a later read copies the store's
+//! value up). A scope dropped half-way (the caller's future was dropped) removes the key
+//! from the in-process layers and pins it in the remote cache layers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{Counter, Inner, Slot};
+use rustc_hash::FxBuildHasher;
+
+use crate::entry::Timestamp;
+use crate::error::{Error, ErrorKind, Result};
+use crate::guard::WriteGuard;
+use crate::layer::WriteOp;
+
+/// What one call of the write path writes.
+pub(super) enum Writes<'a, K, V> {
+    Set {
+        key: &'a K,
+        value: &'a V,
+        ttl: Option<Duration>,
+    },
+    Delete {
+        key: &'a K,
+    },
+    SetMany {
+        entries: &'a [(K, V)],
+        ttl: Option<Duration>,
+    },
+    DeleteMany {
+        keys: &'a [K],
+    },
+    /// A write-back batch: sets grouped by remaining TTL, then deletes.
+    Drained {
+        sets: &'a BTreeMap<Option<Duration>, Vec<(K, V)>>,
+        deletes: &'a [K],
+    },
+    /// A transaction: atomic in the authoritative layer, invalidated in the layers above.
+    Atomic {
+        ops: &'a [WriteOp<K, V>],
+    },
+}
+
+impl<K, V> Writes<'_, K, V> {
+    pub(super) fn for_each_key(&self, mut f: impl FnMut(&K)) {
+        match self {
+            Writes::Set { key, .. } | Writes::Delete { key } => f(key),
+            Writes::SetMany { entries, .. } => entries.iter().for_each(|(k, _)| f(k)),
+            Writes::DeleteMany { keys } => keys.iter().for_each(f),
+            Writes::Drained { sets, deletes } => {
+                sets.values().flatten().for_each(|(k, _)| f(k));
+                deletes.iter().for_each(f);
+            }
+            Writes::Atomic { ops } => ops.iter().for_each(|op| f(op.key())),
+        }
+    }
+
+    fn keys(&self) -> Vec<&K> {
+        let mut out: Vec<&K> = Vec::new();
+        match self {
+            Writes::Set { key, .. } | Writes::Delete { key } => out.push(key),
+            Writes::SetMany { entries, .. } => out.extend(entries.iter().map(|(k, _)| k)),
+            Writes::DeleteMany { keys } => out.extend(keys.iter()),
+            Writes::Drained { sets, deletes } => {
+                out.extend(sets.values().flatten().map(|(k, _)| k));
+                out.extend(deletes.iter());
+            }
+            Writes::Atomic { ops } => out.extend(ops.iter().map(WriteOp::key)),
+        }
+        out
+    }
+
+    /// Counts what a layer applied: sets as sets, deletes as deletes.
+    fn count(&self, slot: &Slot<K, V>) {
+        let (sets, deletes) = match self {
+            Writes::Set { .. } => (1, 0),
+            Writes::Delete { .. } => (0, 1),
+            Writes::SetMany { entries, .. } => (entries.len(), 0),
+            Writes::DeleteMany { keys } => (0, keys.len()),
+            Writes::Drained { sets, deletes } => (sets.values().map(Vec::len).sum(), deletes.len()),
+            Writes::Atomic { ops } => {
+                let sets = ops.iter().filter(|op| matches!(op, WriteOp::Set { .. })).count();
+                (sets, ops.len() - sets)
+            }
+        };
+        (0..sets).for_each(|_| slot.counters.incr(Counter::Set));
+        (0..deletes).for_each(|_| slot.counters.incr(Counter::Delete));
+    }
+}
+
+/// Whether a failed write may still have been applied (or land later): the layer did not
+/// answer in time. Other errors mean the layer refused it.
+pub(super) fn outcome_unknown(err: &Error) -> bool {
+    err.kind() == ErrorKind::Timeout
+}
+
+/// Keys whose write to the authoritative layer had an unknown outcome (it timed out, or
+/// its future was dropped half-way): the store may still apply it at any moment, after
+/// later writes too. Until the pin ends, no cache layer above the store gets a copy of
+/// such a key (writes and promotions skip them, their copies are removed), so every read
+/// is answered by the store, whatever it ends up holding.
+pub(super) struct InDoubt<K> {
+    /// Key -> end of its pin.
+    keys: Mutex<HashMap<K, Timestamp, FxBuildHasher>>,
+    len: AtomicUsize,
+}
+
+/// How long a key stays pinned after a write of unknown outcome to the store: far beyond
+/// any layer's timeouts, within which an abandoned command lands or is lost.
+pub(super) const IN_DOUBT_FOR: Duration = Duration::from_secs(60);
+
+/// Keys pinned at once at most; past it the oldest pins are dropped first.
+const IN_DOUBT_BOUND: usize = 100_000;
+
+impl<K: Hash + Eq + Clone> Default for InDoubt<K> {
+    fn default() -> Self {
+        InDoubt {
+            keys: Mutex::new(HashMap::default()),
+            len: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> InDoubt<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Timestamp, FxBuildHasher>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn pin<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp)
+    where
+        K: 'a,
+    {
+        let mut map = self.lock();
+        let until = now.saturating_add(IN_DOUBT_FOR);
+        for key in keys {
+            if map.len() >= IN_DOUBT_BOUND {
+                map.retain(|_, until| *until > now);
+            }
+            map.insert(key.clone(), until);
+        }
+        self.len.store(map.len(), Ordering::Relaxed);
+    }
+
+    /// Whether `key` must not be copied above the store now.
+    #[inline]
+    pub(super) fn pinned(&self, key: &K, now: Timestamp) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut map = self.lock();
+        match map.get(key) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                map.remove(key);
+                self.len.store(map.len(), Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Keys pinned now (expired pins included until next looked at).
+    pub(super) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+/// The span of one write: its keys' stripes are entered until the write is finished or
+/// dropped. Dropped half-way, it invalidates the key where that can be done at once.
+pub(super) struct WriteScope<
+    'a,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+> {
+    inner: &'a Inner<K, V>,
+    writes: &'a Writes<'a, K, V>,
+    layers: RangeInclusive<usize>,
+    guards: Guards<'a>,
+    done: bool,
+}
+
+enum Guards<'a> {
+    One(WriteGuard<'a>),
+    Many(Vec<WriteGuard<'a>>),
+}
+
+impl Guards<'_> {
+    fn overlapped(&self) -> bool {
+        match self {
+            Guards::One(g) => g.overlapped(),
+            Guards::Many(gs) => gs.iter().any(WriteGuard::overlapped),
+        }
+    }
+}
+
+impl<'a, K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static>
+    WriteScope<'a, K, V>
+{
+    /// Enters the stripes of every key of `writes`, which will write `layers`.
+    pub(super) fn enter(
+        inner: &'a Inner<K, V>,
+        writes: &'a Writes<'a, K, V>,
+        layers: RangeInclusive<usize>,
+    ) -> Self {
+        let guards = match writes {
+            Writes::Set { key, .. } | Writes::Delete { key } => {
+                Guards::One(inner.guard.begin_write(inner.guard.stripe_of(*key)))
+            }
+            _ => {
+                let mut stripes = Vec::new();
+                writes.for_each_key(|k| stripes.push(inner.guard.stripe_of(k)));
+                stripes.sort_unstable();
+                stripes.dedup();
+                Guards::Many(stripes.into_iter().map(|s| inner.guard.begin_write(s)).collect())
+            }
+        };
+        WriteScope {
+            inner,
+            writes,
+            layers,
+            guards,
+            done: false,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Drop
+    for WriteScope<'_, K, V>
+{
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Dropped half-way: which layers hold what is unknown, and a remote command may
+        // still land. In-process copies go now; remote cache layers pin the keys.
+        let inner = self.inner;
+        let now = inner.clock.now();
+        let keys = self.writes.keys();
+        for k in &keys {
+            inner.forget(k);
+        }
+        if self.layers.contains(&inner.authoritative) {
+            inner.in_doubt.pin(keys.iter().copied(), now);
+        }
+        for i in self.layers.clone() {
+            let slot = &inner.slots[i];
+            if slot.read_only || i == inner.authoritative {
+                continue;
+            }
+            if slot.sync_ops {
+                for k in &keys {
+                    if !matches!(slot.layer.delete_sync(k), Some(Ok(_))) {
+                        slot.counters.incr(Counter::Error);
+                    }
+                }
+            } else if let Some(suspects) = &slot.suspects {
+                suspects.pin(keys.iter().copied(), now);
+            }
+        }
+    }
+}
+
+/// What the write path reports back: how many keys the authoritative layer held (for
+/// deletes) and the first cache-layer error, if any.
+pub(super) struct Written {
+    pub(super) found: u64,
+    pub(super) cache_error: Option<Error>,
+}
+
+/// Applies the writes of `scope` to its writable layers, bottom first; `authority` is
+/// the layer whose failure fails the write (`None` under write-back, where the buffer
+/// took the write before; the count of keys found is then L1's).
+pub(super) async fn fan_out<K, V>(
+    mut scope: WriteScope<'_, K, V>,
+    authority: Option<usize>,
+) -> Result<Written>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let inner = scope.inner;
+    let writes = scope.writes;
+    let layers = scope.layers.clone();
+    if let Some(negative) = &inner.negative {
+        writes.for_each_key(|k| negative.forget(k));
+    }
+    let mut found = 0;
+    let mut cache_error = None;
+    let pinned = inner.in_doubt.len() > 0 && {
+        let now = inner.clock.now();
+        let mut any = false;
+        writes.for_each_key(|k| any |= inner.in_doubt.pinned(k, now));
+        any
+    };
+    for i in layers.clone().rev() {
+        let slot = &inner.slots[i];
+        if slot.read_only {
+            continue;
+        }
+        if Some(i) == authority {
+            match apply(inner, slot, writes).await {
+                Ok(n) => {
+                    found = n;
+                    writes.count(slot);
+                    remember(inner, writes);
+                }
+                Err(e) => {
+                    let err = slot.error(e);
+                    if outcome_unknown(&err) {
+                        // The store may apply the write now or later (after later writes
+                        // too): until that is settled no cache keeps a copy of the keys.
+                        inner.in_doubt.pin(writes.keys(), inner.clock.now());
+                        invalidate_caches(inner, writes, 0..=i).await;
+                    }
+                    scope.done = true;
+                    return Err(err);
+                }
+            }
+            continue;
+        }
+        let applied = match writes {
+            // A commit's values are in the store only, and so are keys in doubt: copies
+            // above are removed.
+            _ if pinned => invalidate(inner, slot, writes).await,
+            Writes::Atomic { .. } => invalidate(inner, slot, writes).await,
+            _ => match apply(inner, slot, writes).await {
+                Ok(n) => {
+                    if authority.is_none() {
+                        found = n;
+                    }
+                    writes.count(slot);
+                    writes.for_each_key(|k| slot.cleaned([k], inner.clock.now()));
+                    Ok(())
+                }
+                Err(e) => {
+                    let err = slot.error(e);
+                    if outcome_unknown(&err) {
+                        if let Some(suspects) = &slot.suspects {
+                            suspects.pin(writes.keys(), inner.clock.now());
+                        }
+                    }
+                    // The layer may still hold the previous value: drop it there, or
+                    // failing that, stop reading the key there until it is rewritten.
+                    let _ = invalidate(inner, slot, writes).await;
+                    Err(err)
+                }
+            },
+        };
+        if let Err(err) = applied {
+            cache_error.get_or_insert(err);
+        }
+    }
+    if scope.guards.overlapped() {
+        // Another write of these keys ran meanwhile and the layers may have applied the
+        // two in different orders: only the authoritative layer's order counts.
+        invalidate_caches(inner, writes, layers).await;
+        writes.for_each_key(|k| inner.forget(k));
+    }
+    scope.done = true;
+    drop(scope);
+    if authority.is_some() {
+        for key in writes.keys() {
+            inner.publish(key).await;
+        }
+    }
+    Ok(Written { found, cache_error })
+}
+
+/// Writes `writes` into one layer; the number of keys it held for deletes.
+async fn apply<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>, writes: &Writes<'_, K, V>) -> Result<u64>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    match writes {
+        Writes::Set { key, value, ttl } => slot
+            .set(key, value, inner.write_ttl(slot, *ttl))
+            .await
+            .map(|()| 0),
+        Writes::Delete { key } => slot.delete(key).await.map(u64::from),
+        Writes::SetMany { entries, ttl } => slot
+            .set_many(entries, inner.write_ttl(slot, *ttl))
+            .await
+            .map(|()| 0),
+        Writes::DeleteMany { keys } => slot.delete_many(keys).await,
+        Writes::Drained { sets, deletes } => {
+            for (ttl, entries) in sets.iter() {
+                slot.set_many(entries, inner.write_ttl(slot, *ttl)).await?;
+            }
+            if deletes.is_empty() {
+                return Ok(0);
+            }
+            slot.delete_many(deletes).await
+        }
+        Writes::Atomic { ops } => {
+            let capped: Vec<WriteOp<K, V>> = ops
+                .iter()
+                .map(|op| match op {
+                    WriteOp::Set { key, value, ttl } => WriteOp::Set {
+                        key: key.clone(),
+                        value: value.clone(),
+                        ttl: inner.write_ttl(slot, *ttl),
+                    },
+                    WriteOp::Delete { key } => WriteOp::Delete { key: key.clone() },
+                })
+                .collect();
+            slot.apply_atomic(&capped).await.map(|()| 0)
+        }
+    }
+}
+
+/// Fail-safe after the authoritative layer took `writes`: sets are the last known
+/// values, deletes leave nothing to fall back on. (A drained batch was recorded when it
+/// was queued.)
+fn remember<K, V>(inner: &Inner<K, V>, writes: &Writes<'_, K, V>)
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    if inner.fail_safe.is_none() {
+        return;
+    }
+    let expiry =
+        |ttl: Option<Duration>| ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
+    match writes {
+        Writes::Set { key, value, ttl } => inner.remember(key, value, expiry(*ttl)),
+        Writes::SetMany { entries, ttl } => {
+            let at = expiry(*ttl);
+            entries.iter().for_each(|(k, v)| inner.remember(k, v, at));
+        }
+        Writes::Drained { .. } => {}
+        Writes::Delete { .. } | Writes::DeleteMany { .. } | Writes::Atomic { .. } => {
+            writes.for_each_key(|k| inner.forget(k));
+        }
+    }
+}
+
+/// Removes the keys of `writes` from one cache layer; when that fails, reads pass the
+/// layer by for those keys until a write succeeds there.
+async fn invalidate<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>, writes: &Writes<'_, K, V>) -> Result<()>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let result = match writes {
+        Writes::Set { key, .. } | Writes::Delete { key } => slot.delete(key).await.map(drop),
+        _ => {
+            let keys: Vec<K> = writes.keys().into_iter().cloned().collect();
+            slot.delete_many(&keys).await.map(drop)
+        }
+    };
+    match result {
+        Ok(()) => {
+            writes.for_each_key(|k| slot.cleaned([k], inner.clock.now()));
+            Ok(())
+        }
+        Err(e) => {
+            slot.invalidation_failed(&e, writes.keys(), inner.clock.now());
+            Err(e.with_layer(slot.name.clone()))
+        }
+    }
+}
+
+/// [`invalidate`] in every writable layer of `layers` other than the authoritative one,
+/// nearest the store first.
+async fn invalidate_caches<K, V>(
+    inner: &Inner<K, V>,
+    writes: &Writes<'_, K, V>,
+    layers: RangeInclusive<usize>,
+) where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    for i in layers.rev() {
+        let slot = &inner.slots[i];
+        if slot.read_only || i == inner.authoritative {
+            continue;
+        }
+        let _ = invalidate(inner, slot, writes).await;
+    }
+}
