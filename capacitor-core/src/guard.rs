@@ -33,6 +33,11 @@ const STRIPES: usize = 1024;
 struct Stripe {
     version: AtomicU64,
     in_flight: AtomicU64,
+    /// Copies upward (promotions, fail-safe records) between their first check and their
+    /// last: a writer does not return while one runs, so a copy that passed its check
+    /// before the writer began, and lands after the writer's own write, is undone by its
+    /// second check before the writer is acknowledged.
+    copying: AtomicU64,
 }
 
 pub(crate) struct Generations {
@@ -72,6 +77,25 @@ impl WriteGuard<'_> {
     /// leaves, so that a writer beginning after the check still sees this one in flight).
     pub(crate) fn overlapped(&self) -> bool {
         self.joined || self.stripe.version.load(Ordering::SeqCst) != self.version
+    }
+}
+
+impl WriteGuard<'_> {
+    /// Whether a copy upward of the stripe is between its checks.
+    pub(crate) fn copies_running(&self) -> bool {
+        self.stripe.copying.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Held by a reader from before its first check of a [`Ticket`] to after its last (see
+/// [`Generations::begin_copy`]).
+pub(crate) struct CopyGuard<'a> {
+    stripe: &'a Stripe,
+}
+
+impl Drop for CopyGuard<'_> {
+    fn drop(&mut self) {
+        self.stripe.copying.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -124,6 +148,14 @@ impl Generations {
             version,
             valid,
         }
+    }
+
+    /// Announces a copy upward under `ticket` (taken before its checks, dropped after):
+    /// either the copy's check sees a writer's version, or the writer sees the copy.
+    pub(crate) fn begin_copy(&self, ticket: Ticket) -> CopyGuard<'_> {
+        let stripe = &self.stripes[ticket.stripe];
+        stripe.copying.fetch_add(1, Ordering::SeqCst);
+        CopyGuard { stripe }
     }
 
     /// Whether no write of the stripe started since the ticket was taken.

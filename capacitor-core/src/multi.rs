@@ -375,6 +375,7 @@ where
     /// overwritten by the older value this read found).
     fn remember_read(&self, key: &K, entry: &Entry<V>, ticket: Ticket) {
         if let Some(fail_safe) = &self.fail_safe {
+            let _copy = self.guard.begin_copy(ticket);
             if !self.guard.still_valid(ticket) {
                 return;
             }
@@ -1191,12 +1192,19 @@ where
         let Some(remaining) = self.promotion_ttl(entry) else {
             return;
         };
+        let _copy = self.inner.guard.begin_copy(ticket);
         let above = self.inner.slots[..found].iter().enumerate().rev();
         for (_, slot) in above.filter(|(i, s)| !s.read_only && !failed.contains(*i)) {
             if !self.may_promote(slot, key, ticket) {
                 continue;
             }
             let result = slot.set(key, &entry.value, min_ttl(slot.ttl, remaining)).await;
+            if let (Err(e), Some(suspects)) = (&result, &slot.suspects) {
+                if write::outcome_unknown(e) {
+                    // The copy may still land, after a later write too.
+                    suspects.pin([key], self.inner.clock.now());
+                }
+            }
             let written = result.is_ok();
             if self.promoted(slot, ticket, result) {
                 if let Err(e) = slot.delete(key).await {
@@ -1213,6 +1221,7 @@ where
         let Some(remaining) = self.promotion_ttl(entry) else {
             return;
         };
+        let _copy = self.inner.guard.begin_copy(ticket);
         for slot in self.inner.slots[..found].iter().rev().filter(|s| !s.read_only) {
             if !self.may_promote(slot, key, ticket) {
                 continue;

@@ -171,6 +171,7 @@ where
                 continue;
             };
             let mut copied = false;
+            let _copy = inner.guard.begin_copy(ticket);
             for &i in targets.iter().rev() {
                 let target = &inner.slots[i];
                 if !self.may_promote(target, &key, ticket) {

@@ -202,6 +202,24 @@ enum Guards<'a> {
 }
 
 impl Guards<'_> {
+    /// Waits until no copy upward of these stripes is between its checks (those copies
+    /// undo themselves: they see this write's version).
+    async fn settle(&self) {
+        let running = || match self {
+            Guards::One(g) => g.copies_running(),
+            Guards::Many(gs) => gs.iter().any(WriteGuard::copies_running),
+        };
+        let mut spins = 0u32;
+        while running() {
+            spins += 1;
+            if spins < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
     fn overlapped(&self) -> bool {
         match self {
             Guards::One(g) => g.overlapped(),
@@ -270,8 +288,19 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'sta
                         slot.counters.incr(Counter::Error);
                     }
                 }
-            } else if let Some(suspects) = &slot.suspects {
-                suspects.pin(keys.iter().copied(), now);
+            } else {
+                if let Some(suspects) = &slot.suspects {
+                    suspects.pin(keys.iter().copied(), now);
+                }
+                // Reads pass the layer by for these keys; its copies are removed in the
+                // background (the pin stays: the abandoned write may still land).
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let layer = std::sync::Arc::clone(&slot.layer);
+                    let owned: Vec<K> = keys.iter().map(|k| (*k).clone()).collect();
+                    runtime.spawn(async move {
+                        let _ = layer.delete_many(&owned).await;
+                    });
+                }
             }
         }
     }
@@ -367,6 +396,7 @@ where
             cache_error.get_or_insert(err);
         }
     }
+    scope.guards.settle().await;
     if scope.guards.overlapped() {
         // Another write of these keys ran meanwhile and the layers may have applied the
         // two in different orders: only the authoritative layer's order counts.

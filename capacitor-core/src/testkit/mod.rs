@@ -20,11 +20,15 @@
 mod cases;
 mod composer;
 mod doubles;
+mod gate;
+mod history;
 mod proxy;
 
 pub use cases::CASES;
 pub use composer::COMPOSER_CASES;
 pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
+pub use gate::{Gate, GateLayer, GateOp, Gates, Hold};
+pub use history::{run_history, History, HistoryOptions, Violation};
 pub use proxy::FaultProxy;
 
 use std::future::Future;
