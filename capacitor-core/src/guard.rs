@@ -81,6 +81,17 @@ impl WriteGuard<'_> {
 }
 
 impl WriteGuard<'_> {
+    /// Whether this write is the first of its stripe since `ticket` was taken, with no
+    /// other write in flight: a loader's fill may then go ahead under that ticket.
+    pub(crate) fn first_since(&self, ticket: Ticket) -> bool {
+        ticket.valid && !self.joined && self.version == ticket.version.wrapping_add(1)
+    }
+
+    /// The stripe's version this write set.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Whether a copy upward of the stripe is between its checks.
     pub(crate) fn copies_running(&self) -> bool {
         self.stripe.copying.load(Ordering::SeqCst) > 0
@@ -161,6 +172,12 @@ impl Generations {
     /// Whether no write of the stripe started since the ticket was taken.
     pub(crate) fn still_valid(&self, ticket: Ticket) -> bool {
         ticket.valid && self.stripes[ticket.stripe].version.load(Ordering::SeqCst) == ticket.version
+    }
+
+    /// Whether the latest write begun on `ticket`'s stripe set `version` (no write began
+    /// after it).
+    pub(crate) fn latest_is(&self, ticket: Ticket, version: u64) -> bool {
+        self.stripes[ticket.stripe].version.load(Ordering::SeqCst) == version
     }
 
     /// The version of every stripe, a stripe with a write in flight marked void.

@@ -1273,10 +1273,27 @@ where
     }
 
     async fn write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.write_or_fill(key, value, ttl, None).await
+    }
+
+    /// [`write`](Self::write), or a loader's fill when `fill` is given (skipped when a
+    /// write of the key began since the flight's ticket).
+    async fn write_or_fill(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        fill: Option<&write::Fill>,
+    ) -> Result<()> {
         self.check_open(Operation::Set)?;
         Self::check_ttl(ttl, Operation::Set)?;
         let inner = &*self.inner;
-        let writes = Writes::Set { key, value, ttl };
+        let writes = Writes::Set {
+            key,
+            value,
+            ttl,
+            fill,
+        };
         if let Some(queue) = &inner.queue {
             let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
             let pending = Pending::Set {

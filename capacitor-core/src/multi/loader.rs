@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::write::Fill;
 use super::MultiLayer;
 use crate::entry::Timestamp;
 use crate::error::{BoxError, Error, ErrorKind, Operation, Result};
 use crate::guard::Ticket;
 
 enum Role<V> {
-    Lead(watch::Sender<Outcome<V>>, u64, Ticket),
+    Lead(watch::Sender<Outcome<V>>, u64, Arc<Fill>),
     Follow(watch::Receiver<Outcome<V>>),
 }
 
@@ -31,6 +32,8 @@ struct Flight<V> {
     /// that began since (or was in flight then) voids the flight for callers arriving
     /// after it, and keeps the leader from caching what it loaded.
     ticket: Ticket,
+    /// The leader's fill write, once it began: the only write since the ticket.
+    fill: Arc<Fill>,
     outcome: watch::Receiver<Outcome<V>>,
 }
 
@@ -243,28 +246,34 @@ where
                 match flights.get(key) {
                     // A flight that began before a write of the key (or during one) may
                     // hand out the value from before it: a caller arriving after the
-                    // write must not get that, so it starts a flight of its own.
-                    Some(flight) if inner.guard.still_valid(flight.ticket) => {
+                    // write must not get that, so it starts a flight of its own. (The
+                    // leader's own fill is a write too, but it writes the flight's value.)
+                    Some(flight)
+                        if inner.guard.still_valid(flight.ticket)
+                            || flight.fill.only_write_since(&inner.guard) =>
+                    {
                         Role::Follow(flight.outcome.clone())
                     }
                     _ => {
                         let (tx, rx) = watch::channel(None);
                         let id = inner.flights.next_id.fetch_add(1, Ordering::Relaxed);
                         let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+                        let fill = Arc::new(Fill::new(ticket));
                         flights.insert(
                             key.clone(),
                             Flight {
                                 id,
                                 ticket,
+                                fill: Arc::clone(&fill),
                                 outcome: rx,
                             },
                         );
-                        Role::Lead(tx, id, ticket)
+                        Role::Lead(tx, id, fill)
                     }
                 }
             };
             match role {
-                Role::Lead(tx, id, ticket) => {
+                Role::Lead(tx, id, fill) => {
                     let Some(loader) = loader.take() else { continue };
                     let landing = Landing {
                         flights: &inner.flights,
@@ -272,7 +281,7 @@ where
                         id,
                     };
                     return self
-                        .lead(key, tx, ticket, landing, negatives.is_some(), loader)
+                        .lead(key, tx, &fill, landing, negatives.is_some(), loader)
                         .await;
                 }
                 Role::Follow(mut rx) => match rx.wait_for(Option::is_some).await {
@@ -292,7 +301,7 @@ where
         &self,
         key: &K,
         tx: watch::Sender<Outcome<V>>,
-        ticket: Ticket,
+        fill: &Fill,
         _landing: Landing<'_, K, V>,
         negative: bool,
         loader: F,
@@ -318,9 +327,10 @@ where
         });
         let outcome = match loaded {
             Ok(value) => {
-                if inner.guard.still_valid(ticket) {
+                if inner.guard.still_valid(fill.ticket) {
                     match &value {
-                        Some(v) => self.write(key, v, None).await?,
+                        // Written only if no write of the key begins before the fill does.
+                        Some(v) => self.write_or_fill(key, v, None, Some(fill)).await?,
                         None if negative => {
                             if let Some(n) = &inner.negative {
                                 n.remember(key, inner.clock.now());

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use rustc_hash::FxBuildHasher;
 
 use crate::entry::Timestamp;
 use crate::error::{Error, ErrorKind, Result};
-use crate::guard::WriteGuard;
+use crate::guard::{Ticket, WriteGuard};
 use crate::layer::WriteOp;
 
 /// What one call of the write path writes.
@@ -34,6 +34,9 @@ pub(super) enum Writes<'a, K, V> {
         key: &'a K,
         value: &'a V,
         ttl: Option<Duration>,
+        /// A loader's fill: written only if it is the first write of the key since the
+        /// flight's ticket.
+        fill: Option<&'a Fill>,
     },
     Delete {
         key: &'a K,
@@ -100,6 +103,29 @@ impl<K, V> Writes<'_, K, V> {
         };
         (0..sets).for_each(|_| slot.counters.incr(Counter::Set));
         (0..deletes).for_each(|_| slot.counters.incr(Counter::Delete));
+    }
+}
+
+/// A loader flight's claim on its fill write (see [`Writes::Set`]'s `fill`).
+pub(super) struct Fill {
+    pub(super) ticket: Ticket,
+    /// The stripe version the fill write set; 0 until it began.
+    pub(super) version: AtomicU64,
+}
+
+impl Fill {
+    pub(super) fn new(ticket: Ticket) -> Self {
+        Fill {
+            ticket,
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the only write of the stripe since the ticket is this fill (so that the
+    /// flight's value is still current for a caller arriving now).
+    pub(super) fn only_write_since(&self, guard: &crate::guard::Generations) -> bool {
+        let v = self.version.load(Ordering::SeqCst);
+        v != 0 && guard.latest_is(self.ticket, v)
     }
 }
 
@@ -194,6 +220,8 @@ pub(super) struct WriteScope<
     layers: RangeInclusive<usize>,
     guards: Guards<'a>,
     done: bool,
+    /// A fill that a write of its key overtook: nothing is written.
+    pub(super) refused: bool,
 }
 
 enum Guards<'a> {
@@ -237,10 +265,20 @@ impl<'a, K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 
         writes: &'a Writes<'a, K, V>,
         layers: RangeInclusive<usize>,
     ) -> Self {
+        let mut refused = false;
         let guards = match writes {
-            Writes::Set { key, .. } | Writes::Delete { key } => {
-                Guards::One(inner.guard.begin_write(inner.guard.stripe_of(*key)))
+            Writes::Set { key, fill, .. } => {
+                let guard = inner.guard.begin_write(inner.guard.stripe_of(*key));
+                if let Some(fill) = fill {
+                    if guard.first_since(fill.ticket) {
+                        fill.version.store(guard.version(), Ordering::SeqCst);
+                    } else {
+                        refused = true;
+                    }
+                }
+                Guards::One(guard)
             }
+            Writes::Delete { key } => Guards::One(inner.guard.begin_write(inner.guard.stripe_of(*key))),
             _ => {
                 let mut stripes = Vec::new();
                 writes.for_each_key(|k| stripes.push(inner.guard.stripe_of(k)));
@@ -254,7 +292,8 @@ impl<'a, K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 
             writes,
             layers,
             guards,
-            done: false,
+            done: refused,
+            refused,
         }
     }
 }
@@ -327,6 +366,12 @@ where
     let inner = scope.inner;
     let writes = scope.writes;
     let layers = scope.layers.clone();
+    if scope.refused {
+        return Ok(Written {
+            found: 0,
+            cache_error: None,
+        });
+    }
     if let Some(negative) = &inner.negative {
         writes.for_each_key(|k| negative.forget(k));
     }
@@ -420,7 +465,7 @@ where
     V: Clone + Send + Sync + 'static,
 {
     match writes {
-        Writes::Set { key, value, ttl } => slot
+        Writes::Set { key, value, ttl, .. } => slot
             .set(key, value, inner.write_ttl(slot, *ttl))
             .await
             .map(|()| 0),
@@ -470,7 +515,7 @@ where
     let expiry =
         |ttl: Option<Duration>| ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
     match writes {
-        Writes::Set { key, value, ttl } => inner.remember(key, value, expiry(*ttl)),
+        Writes::Set { key, value, ttl, .. } => inner.remember(key, value, expiry(*ttl)),
         Writes::SetMany { entries, ttl } => {
             let at = expiry(*ttl);
             entries.iter().for_each(|(k, v)| inner.remember(k, v, at));
