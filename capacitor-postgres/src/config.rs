@@ -148,6 +148,7 @@ pub struct PostgresLayerBuilder<C = BincodeCodec> {
     pool: PoolConfig,
     statement_timeout: Duration,
     operation_timeout: Option<Duration>,
+    fence_margin: Duration,
     max_value_bytes: usize,
     create_table: bool,
     unlogged: bool,
@@ -206,6 +207,7 @@ impl PostgresLayerBuilder<BincodeCodec> {
             },
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             operation_timeout: None,
+            fence_margin: Duration::from_millis(250),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             create_table: true,
             unlogged: false,
@@ -317,9 +319,32 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// A connection whose operation timed out on the client side is closed, not returned
     /// to the pool: later queries on it would wait behind the reply the server still
-    /// owes. A write that timed out may still have been applied, as with any timeout.
+    /// owes. A write that timed out may still be applied, but only until this timeout's
+    /// end (every write carries that deadline and PostgreSQL skips a write that starts
+    /// later), and a later write of the same key through this layer is held back until
+    /// the deadline plus the [`fence_margin`](Self::fence_margin) has passed: a write
+    /// that failed never lands after one that was acknowledged.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = Some(timeout);
+        self
+    }
+
+    /// How long past a timed-out write's deadline its keys stay in doubt (default
+    /// 250 ms): the most the application's and the server's clocks may differ, plus the
+    /// time a commit may take after its deadline check. A later write of such a key waits
+    /// until then (or fails with a timeout if its own deadline comes first).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use capacitor_postgres::PostgresLayer;
+    ///
+    /// let builder = PostgresLayer::builder().fence_margin(Duration::from_millis(500));
+    /// # let _ = builder;
+    /// ```
+    pub fn fence_margin(mut self, margin: Duration) -> Self {
+        self.fence_margin = margin;
         self
     }
 
@@ -452,6 +477,7 @@ impl<C> PostgresLayerBuilder<C> {
             pool: self.pool,
             statement_timeout: self.statement_timeout,
             operation_timeout: self.operation_timeout,
+            fence_margin: self.fence_margin,
             max_value_bytes: self.max_value_bytes,
             create_table: self.create_table,
             unlogged: self.unlogged,
@@ -646,6 +672,7 @@ impl<C> PostgresLayerBuilder<C> {
             unlogged: self.unlogged,
             closed: AtomicBool::new(false),
             operation_timeout,
+            fence: crate::fence::Fence::new(self.fence_margin),
             shutdown,
         });
         if self.sweeper {

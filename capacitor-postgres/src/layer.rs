@@ -17,6 +17,7 @@ use tokio_postgres::Statement;
 
 use crate::config::PostgresLayerBuilder;
 use crate::error::{pg_error, pool_error};
+use crate::fence::{deadline_after, too_late};
 use crate::key::KeyFormat;
 use crate::scan::ScanStream;
 use crate::schema::Table;
@@ -47,6 +48,8 @@ pub(crate) struct Shared<C> {
     pub(crate) closed: AtomicBool,
     /// Bound on every operation, awaiting included (see [`Shared::bounded`]).
     pub(crate) operation_timeout: Duration,
+    /// Keys whose last write may still be applied (see `fence`).
+    pub(crate) fence: crate::fence::Fence,
     /// Set to `true` on close; dropped (which the sweeper also notices) with the layer.
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -417,13 +420,30 @@ where
         let text = self.key_text(&bytes, op)?;
         let expires_at = expiry_for(self.shared.clock.now(), ttl);
         let stored = self.encode(value, expires_at, op)?;
+        let deadline = deadline_after(self.shared.operation_timeout);
+        self.shared.fence.clear([text.as_ref()], deadline, op).await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set, op).await?;
-        client
-            .execute(&stmt, &[&text, &stored, &expires_at.map(sql_time)])
+        let sent = self
+            .shared
+            .fence
+            .in_flight(vec![text.clone().into_owned()], deadline);
+        match client
+            .query_opt(&stmt, &[&text, &stored, &expires_at.map(sql_time), &deadline])
             .await
-            .map_err(|e| pg_error(op, e))?;
-        Ok(())
+        {
+            Ok(row) => {
+                sent.settled();
+                match row {
+                    Some(_) => Ok(()),
+                    None => Err(too_late(op)),
+                }
+            }
+            Err(e) => {
+                sent.settle_if_answered(&e);
+                Err(pg_error(op, e))
+            }
+        }
     }
 
     /// `true` when a live row was deleted (an expired one is deleted too, and reported
@@ -432,16 +452,29 @@ where
         let op = Operation::Delete;
         let bytes = key.encode_key();
         let text = self.key_text(&bytes, op)?;
+        let deadline = deadline_after(self.shared.operation_timeout);
+        self.shared.fence.clear([text.as_ref()], deadline, op).await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete, op).await?;
-        let row = client
-            .query_opt(&stmt, &[&text, &self.shared.now()])
+        let sent = self
+            .shared
+            .fence
+            .in_flight(vec![text.clone().into_owned()], deadline);
+        let row = match client
+            .query_one(&stmt, &[&text, &self.shared.now(), &deadline])
             .await
-            .map_err(|e| pg_error(op, e))?;
-        match row {
-            Some(row) => row.try_get(0).map_err(|e| pg_error(op, e)),
-            None => Ok(false),
-        }
+        {
+            Ok(row) => {
+                sent.settled();
+                row
+            }
+            Err(e) => {
+                sent.settle_if_answered(&e);
+                return Err(pg_error(op, e));
+            }
+        };
+        fenced(&row, op)?;
+        row.try_get(1).map_err(|e| pg_error(op, e))
     }
 
     /// Whether a live row exists; its value is not decoded.
@@ -526,13 +559,27 @@ where
         }
         let batch = self.encode_batch(entries.iter().map(|(k, v)| (k, Some((v, ttl)))), op)?;
         let (keys, values, expiries) = columns(batch);
+        let deadline = deadline_after(self.shared.operation_timeout);
+        self.shared
+            .fence
+            .clear(keys.iter().map(String::as_str), deadline, op)
+            .await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set_many, op).await?;
-        client
-            .execute(&stmt, &[&keys, &values, &expiries])
+        let sent = self.shared.fence.in_flight(keys.clone(), deadline);
+        match client
+            .query_one(&stmt, &[&keys, &values, &expiries, &deadline])
             .await
-            .map_err(|e| pg_error(op, e))?;
-        Ok(())
+        {
+            Ok(row) => {
+                sent.settled();
+                fenced(&row, op)
+            }
+            Err(e) => {
+                sent.settle_if_answered(&e);
+                Err(pg_error(op, e))
+            }
+        }
     }
 
     /// One `DELETE … WHERE key = ANY($1)`, counting the live rows it deleted.
@@ -547,13 +594,29 @@ where
             let bytes = key.encode_key();
             texts.push(self.key_text(&bytes, op)?.into_owned());
         }
+        let deadline = deadline_after(self.shared.operation_timeout);
+        self.shared
+            .fence
+            .clear(texts.iter().map(String::as_str), deadline, op)
+            .await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete_many, op).await?;
-        let count: i64 = client
-            .query_one(&stmt, &[&texts, &self.shared.now()])
+        let sent = self.shared.fence.in_flight(texts.clone(), deadline);
+        let row = match client
+            .query_one(&stmt, &[&texts, &self.shared.now(), &deadline])
             .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| pg_error(op, e))?;
+        {
+            Ok(row) => {
+                sent.settled();
+                row
+            }
+            Err(e) => {
+                sent.settle_if_answered(&e);
+                return Err(pg_error(op, e));
+            }
+        };
+        fenced(&row, op)?;
+        let count: i64 = row.try_get(1).map_err(|e| pg_error(op, e))?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
@@ -585,29 +648,27 @@ where
                 None => deletes.push(key),
             }
         }
-        let mut client = self.shared.client(op, abandon).await?;
-        let tx = client.transaction().await.map_err(|e| pg_error(op, e))?;
-        if !upserts.is_empty() {
-            let (keys, values, expiries) = columns(upserts);
-            let stmt = tx
-                .prepare_cached(&self.shared.sql.set_many)
-                .await
-                .map_err(|e| pg_error(op, e))?;
-            tx.execute(&stmt, &[&keys, &values, &expiries])
-                .await
-                .map_err(|e| pg_error(op, e))?;
+        let (keys, values, expiries) = columns(upserts);
+        let deadline = deadline_after(self.shared.operation_timeout);
+        let all = keys.iter().chain(deletes.iter()).map(String::as_str);
+        self.shared.fence.clear(all, deadline, op).await?;
+        let client = self.shared.client(op, abandon).await?;
+        let stmt = prepare(&client, &self.shared.sql.apply, op).await?;
+        let touched: Vec<String> = keys.iter().chain(deletes.iter()).cloned().collect();
+        let sent = self.shared.fence.in_flight(touched, deadline);
+        match client
+            .query_one(&stmt, &[&keys, &values, &expiries, &deletes, &deadline])
+            .await
+        {
+            Ok(row) => {
+                sent.settled();
+                fenced(&row, op)
+            }
+            Err(e) => {
+                sent.settle_if_answered(&e);
+                Err(pg_error(op, e))
+            }
         }
-        if !deletes.is_empty() {
-            let stmt = tx
-                .prepare_cached(&self.shared.sql.delete_keys)
-                .await
-                .map_err(|e| pg_error(op, e))?;
-            tx.execute(&stmt, &[&deletes])
-                .await
-                .map_err(|e| pg_error(op, e))?;
-        }
-        // A failed statement above drops `tx`, which rolls back.
-        tx.commit().await.map_err(|e| pg_error(op, e))
     }
 }
 
@@ -716,6 +777,17 @@ where
         let _ = self.shared.shutdown.send(true);
         self.shared.pool.close();
         Ok(())
+    }
+}
+
+/// Fails when a fenced statement (first column: whether it started before its deadline)
+/// was skipped.
+fn fenced(row: &tokio_postgres::Row, op: Operation) -> Result<()> {
+    let in_time: bool = row.try_get(0).map_err(|e| pg_error(op, e))?;
+    if in_time {
+        Ok(())
+    } else {
+        Err(too_late(op))
     }
 }
 

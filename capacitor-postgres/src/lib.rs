@@ -99,6 +99,7 @@
 
 mod config;
 mod error;
+mod fence;
 mod key;
 mod layer;
 mod scan;

@@ -15,7 +15,7 @@ pub(crate) struct Statements {
     pub(crate) get_many: String,
     pub(crate) set_many: String,
     pub(crate) delete_many: String,
-    pub(crate) delete_keys: String,
+    pub(crate) apply: String,
     pub(crate) remove_if_unchanged: String,
     pub(crate) scan_first: String,
     pub(crate) scan_next: String,
@@ -23,6 +23,9 @@ pub(crate) struct Statements {
     pub(crate) scan_next_open: String,
     pub(crate) sweep: String,
 }
+
+/// The deadline check of a fenced write (see `fence`): evaluated once per statement.
+const FENCE: &str = "SELECT clock_timestamp() < $DEADLINE::timestamptz AS ok";
 
 const UPSERT_TAIL: &str = "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
      expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at";
@@ -50,12 +53,18 @@ impl Statements {
                 "SELECT EXISTS (SELECT 1 FROM {t} \
                  WHERE key = $1 AND (expires_at IS NULL OR expires_at > $2))"
             ),
+            // Fenced writes (see `fence`): nothing is proposed when the statement starts
+            // past its deadline; the first column says whether it started in time.
             set: format!(
-                "INSERT INTO {t} (key, value, expires_at, updated_at) VALUES ($1, $2, $3, now()) {UPSERT_TAIL}"
+                "WITH f AS ({}) INSERT INTO {t} (key, value, expires_at, updated_at) \
+                 SELECT $1, $2, $3, now() FROM f WHERE f.ok {UPSERT_TAIL} RETURNING true",
+                FENCE.replace("$DEADLINE", "$4")
             ),
             delete: format!(
-                "DELETE FROM {t} WHERE key = $1 \
-                 RETURNING (expires_at IS NULL OR expires_at > $2::timestamptz)"
+                "WITH f AS ({}), d AS (DELETE FROM {t} WHERE key = $1 AND (SELECT ok FROM f) \
+                 RETURNING (expires_at IS NULL OR expires_at > $2::timestamptz) AS live) \
+                 SELECT (SELECT ok FROM f), coalesce((SELECT bool_or(live) FROM d), false)",
+                FENCE.replace("$DEADLINE", "$3")
             ),
             get_many: format!(
                 "SELECT key, value, expires_at FROM {t} \
@@ -65,15 +74,29 @@ impl Statements {
             // in one statement, and a fixed lock order keeps concurrent batches from
             // deadlocking each other.
             set_many: format!(
-                "INSERT INTO {t} (key, value, expires_at, updated_at) \
+                "WITH f AS ({}), u AS (INSERT INTO {t} (key, value, expires_at, updated_at) \
                  SELECT k, v, e, now() FROM unnest($1::text[], $2::bytea[], $3::timestamptz[]) AS u(k, v, e) \
-                 {UPSERT_TAIL}"
+                 WHERE (SELECT ok FROM f) {UPSERT_TAIL} RETURNING 1) \
+                 SELECT (SELECT ok FROM f), (SELECT count(*) FROM u)",
+                FENCE.replace("$DEADLINE", "$4")
             ),
             delete_many: format!(
-                "WITH d AS (DELETE FROM {t} WHERE key = ANY($1::text[]) RETURNING expires_at) \
-                 SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > $2::timestamptz) FROM d"
+                "WITH f AS ({}), d AS (DELETE FROM {t} WHERE key = ANY($1::text[]) AND (SELECT ok FROM f) \
+                 RETURNING expires_at) \
+                 SELECT (SELECT ok FROM f), \
+                 (SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > $2::timestamptz) FROM d)",
+                FENCE.replace("$DEADLINE", "$3")
             ),
-            delete_keys: format!("DELETE FROM {t} WHERE key = ANY($1::text[])"),
+            // A transaction as one statement: its deletes and upserts (of distinct keys)
+            // commit together, with no COMMIT message that could arrive after the deadline.
+            apply: format!(
+                "WITH f AS ({}), d AS (DELETE FROM {t} WHERE key = ANY($4::text[]) AND (SELECT ok FROM f) RETURNING 1), \
+                 u AS (INSERT INTO {t} (key, value, expires_at, updated_at) \
+                 SELECT k, v, e, now() FROM unnest($1::text[], $2::bytea[], $3::timestamptz[]) AS u(k, v, e) \
+                 WHERE (SELECT ok FROM f) {UPSERT_TAIL} RETURNING 1) \
+                 SELECT (SELECT ok FROM f), (SELECT count(*) FROM d), (SELECT count(*) FROM u)",
+                FENCE.replace("$DEADLINE", "$5")
+            ),
             remove_if_unchanged: format!("DELETE FROM {t} WHERE key = $1 AND value = $2"),
             scan_first: scan(">=", true),
             scan_next: scan(">", true),

@@ -241,3 +241,123 @@ async fn a_server_turning_connections_away_is_unavailable_then_the_layer_rejoins
     })
     .await;
 }
+
+/// A layer through `proxy` on `table` whose operations give up after `timeout`.
+async fn layer_with_timeout(
+    proxy: &FaultProxy,
+    table: &str,
+    timeout: Duration,
+) -> PostgresLayer<String, String> {
+    let (_, parsed) = server().await;
+    PostgresLayer::builder()
+        .config(through(&parsed, proxy.addr()))
+        .table(table)
+        .pool_size(4)
+        .statement_timeout(STATEMENT_TIMEOUT)
+        .operation_timeout(timeout)
+        .wait_timeout(POOL_TIMEOUT)
+        .create_timeout(POOL_TIMEOUT)
+        .recycle_timeout(POOL_TIMEOUT)
+        .sweeper(false)
+        .build::<String, String>()
+        .await
+        .expect("build through the proxy")
+}
+
+/// A write delayed past its timeout reaches the server after a later write of its key was
+/// acknowledged: the server must keep the later one (the delayed statement carries a
+/// deadline it arrives after), and the later write must not be sent before that deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_timed_out_never_lands_after_a_later_acknowledged_write() {
+    within(TEST_TIMEOUT, async {
+        let f = Fixture::new("pfence").await;
+        let table = f._guard.0.clone();
+        let layer = layer_with_timeout(&f.proxy, &table, Duration::from_millis(400)).await;
+        layer.set(&s("k"), &s("v1"), None).await.expect("set v1");
+        layer.delete(&s("gone")).await.expect("delete");
+
+        // v2 (and a delete) spend 1.5 s on the way: their timeout ends long before.
+        f.proxy.set_latency(Duration::from_millis(1_500));
+        let err = layer
+            .set(&s("k"), &s("v2"), None)
+            .await
+            .expect_err("v2 times out");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        let err = layer.delete(&s("k2")).await.expect_err("the delete times out");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        f.proxy.set_latency(Duration::ZERO);
+
+        // v3 is acknowledged (after waiting out v2's deadline), then v2's bytes arrive.
+        layer.set(&s("k2"), &s("kept"), None).await.expect("set k2");
+        layer.set(&s("k"), &s("v3"), None).await.expect("set v3");
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(
+            f.layer.get(&s("k")).await.expect("get").map(|e| e.value),
+            Some(s("v3")),
+            "the acknowledged write was overwritten by the one that timed out"
+        );
+        assert_eq!(
+            f.layer.get(&s("k2")).await.expect("get").map(|e| e.value),
+            Some(s("kept")),
+            "a delete that timed out removed a later write"
+        );
+        layer.close().await.expect("close");
+        f.close().await;
+    })
+    .await;
+}
+
+/// As above with the composer's write timeout (200 ms) shorter than the layer's (2 s):
+/// the composer drops the layer's future, and the layer still fences what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_abandoned_by_the_composer_never_lands_after_a_later_one() {
+    use capacitor_core::testkit::MapLayer;
+    use capacitor_core::{LayerConfig, MultiLayer};
+    use std::sync::Arc;
+
+    within(TEST_TIMEOUT, async {
+        let f = Fixture::new("pfence2").await;
+        let table = f._guard.0.clone();
+        let store = layer_with_timeout(&f.proxy, &table, Duration::from_secs(2)).await;
+        let l1 = Arc::new(MapLayer::<String, String>::new());
+        let cache = MultiLayer::builder()
+            .layer(LayerConfig::shared(
+                "l1",
+                l1.clone() as Arc<dyn Layer<String, String>>,
+            ))
+            .layer(LayerConfig::new("postgres", store).write_timeout(Duration::from_millis(200)))
+            .build()
+            .expect("composer");
+        cache.set(s("k"), s("v1")).await.expect("set v1");
+
+        f.proxy.set_latency(Duration::from_millis(1_500));
+        let err = cache.set(s("k"), s("v2")).await.expect_err("v2 times out");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        f.proxy.set_latency(Duration::ZERO);
+
+        // The layer holds v3 back until v2's deadline (2 s) has passed: retry until then.
+        let started = Instant::now();
+        loop {
+            match cache.set(s("k"), s("v3")).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == ErrorKind::Timeout && started.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("set v3: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(
+            f.layer.get(&s("k")).await.expect("get").map(|e| e.value),
+            Some(s("v3")),
+            "the store holds the write that timed out"
+        );
+        assert_eq!(cache.get(&s("k")).await.expect("get"), Some(s("v3")));
+        if let Some(copy) = l1.raw_entry(&s("k")) {
+            assert_eq!(copy.value, s("v3"), "L1 disagrees with the store");
+        }
+        cache.close().await.expect("close");
+        f.proxy.stop();
+    })
+    .await;
+}
