@@ -14,6 +14,7 @@ mod config;
 mod entry;
 mod error;
 mod failsafe;
+pub mod fence;
 mod guard;
 mod health;
 mod layer;

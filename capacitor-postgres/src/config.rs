@@ -672,7 +672,7 @@ impl<C> PostgresLayerBuilder<C> {
             unlogged: self.unlogged,
             closed: AtomicBool::new(false),
             operation_timeout,
-            fence: crate::fence::Fence::new(self.fence_margin),
+            fence: capacitor_core::fence::WriteFence::new(self.fence_margin),
             shutdown,
         });
         if self.sweeper {

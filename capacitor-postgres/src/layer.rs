@@ -17,11 +17,11 @@ use tokio_postgres::Statement;
 
 use crate::config::PostgresLayerBuilder;
 use crate::error::{pg_error, pool_error};
-use crate::fence::{deadline_after, too_late};
 use crate::key::KeyFormat;
 use crate::scan::ScanStream;
 use crate::schema::Table;
 use crate::sql::Statements;
+use capacitor_core::fence::{deadline_after, too_late, InFlight};
 
 /// The latest expiry written to the `expires_at` column: 9999-12-31T23:59:59.999Z. Longer
 /// TTLs (up to `Duration::MAX`) are stored as this instant, which PostgreSQL can represent
@@ -49,7 +49,7 @@ pub(crate) struct Shared<C> {
     /// Bound on every operation, awaiting included (see [`Shared::bounded`]).
     pub(crate) operation_timeout: Duration,
     /// Keys whose last write may still be applied (see `fence`).
-    pub(crate) fence: crate::fence::Fence,
+    pub(crate) fence: capacitor_core::fence::WriteFence,
     /// Set to `true` on close; dropped (which the sweeper also notices) with the layer.
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -440,7 +440,7 @@ where
                 }
             }
             Err(e) => {
-                sent.settle_if_answered(&e);
+                settle_if_answered(sent, &e);
                 Err(pg_error(op, e))
             }
         }
@@ -469,7 +469,7 @@ where
                 row
             }
             Err(e) => {
-                sent.settle_if_answered(&e);
+                settle_if_answered(sent, &e);
                 return Err(pg_error(op, e));
             }
         };
@@ -576,7 +576,7 @@ where
                 fenced(&row, op)
             }
             Err(e) => {
-                sent.settle_if_answered(&e);
+                settle_if_answered(sent, &e);
                 Err(pg_error(op, e))
             }
         }
@@ -611,7 +611,7 @@ where
                 row
             }
             Err(e) => {
-                sent.settle_if_answered(&e);
+                settle_if_answered(sent, &e);
                 return Err(pg_error(op, e));
             }
         };
@@ -665,7 +665,7 @@ where
                 fenced(&row, op)
             }
             Err(e) => {
-                sent.settle_if_answered(&e);
+                settle_if_answered(sent, &e);
                 Err(pg_error(op, e))
             }
         }
@@ -777,6 +777,15 @@ where
         let _ = self.shared.shutdown.send(true);
         self.shared.pool.close();
         Ok(())
+    }
+}
+
+/// Settles `sent` on an answer from the server (a database error rolled the statement
+/// back); leaves its keys in doubt on any other failure (the connection broke: the
+/// statement may have run).
+fn settle_if_answered(sent: InFlight<'_>, err: &tokio_postgres::Error) {
+    if err.as_db_error().is_some() {
+        sent.settled();
     }
 }
 

@@ -99,7 +99,6 @@
 
 mod config;
 mod error;
-mod fence;
 mod key;
 mod layer;
 mod scan;

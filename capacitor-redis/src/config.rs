@@ -265,11 +265,17 @@ impl<C> RedisLayerBuilder<C> {
                 closed: AtomicBool::new(false),
                 in_flight: tokio::sync::RwLock::new(()),
                 connections: std::sync::Mutex::new(connections),
+                fence: capacitor_core::fence::WriteFence::new(FENCE_MARGIN),
             }),
             _types: PhantomData,
         })
     }
 }
+
+/// How long past a timed-out write's deadline its keys stay in doubt: the most the
+/// application's and Redis's clocks may differ (a script's `TIME` check to its effect
+/// takes no time: scripts run atomically).
+const FENCE_MARGIN: Duration = Duration::from_millis(250);
 
 /// A fred builder for `url` with capacitor's timeouts and reconnect policy. Checks that a
 /// tokio runtime is there to connect from.

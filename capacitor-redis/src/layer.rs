@@ -13,9 +13,9 @@ use capacitor_core::{
 };
 use fred::clients::{Client, Pool};
 use fred::error::Error as FredError;
-use fred::prelude::{
-    ClientLike, Expiration, Key, KeysInterface, LuaInterface, Options, TransactionInterface, Value,
-};
+use fred::prelude::{ClientLike, Key, KeysInterface, LuaInterface, Options, Value};
+
+use capacitor_core::fence::{deadline_after, too_late};
 
 use crate::config::RedisLayerBuilder;
 use crate::error::{redis_error, timeout_error, unavailable};
@@ -32,6 +32,36 @@ if ARGV[1] ~= nil and redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// Every write: sets the first `ARGV[2]` keys (value `ARGV[1+2i]`, `PX` `ARGV[2+2i]` or none
+/// when empty) and deletes the remaining keys, all or nothing (a script runs atomically),
+/// but only if the server's clock is before the deadline `ARGV[1]` (ms since the epoch).
+/// Returns -1 when late, else how many keys it deleted. The deadline fence (see
+/// `capacitor_core::fence`) is what keeps a write that timed out, or that fred resends
+/// after a reconnection, from landing after a later acknowledged write of the key.
+const WRITE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(ARGV[1]) then
+  return -1
+end
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local px = ARGV[2 + 2 * i]
+  if px == '' then
+    redis.call('SET', KEYS[i], ARGV[1 + 2 * i])
+  else
+    redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', px)
+  end
+end
+local deleted = 0
+for i = n + 1, #KEYS do
+  deleted = deleted + redis.call('DEL', KEYS[i])
+end
+return deleted
+";
+
+/// One set for [`WRITE_SCRIPT`]: the key, the stored bytes, the `PX` in ms.
+type SetArgs = (Key, Value, Option<u64>);
 
 /// The longest `PX` sent: about 31 700 years. Longer TTLs (up to `Duration::MAX`) are cut
 /// to this, which Redis accepts (it refuses expiries that overflow its clock).
@@ -55,6 +85,8 @@ pub(crate) struct Shared<C> {
     /// fred's connection tasks, one per pooled client: they reconnect for as long as they
     /// run, so `close` (or dropping the layer) aborts them.
     pub(crate) connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
+    /// Keys whose last write may still be applied (see `WRITE_SCRIPT`).
+    pub(crate) fence: capacitor_core::fence::WriteFence,
 }
 
 impl<C> Shared<C> {
@@ -285,16 +317,102 @@ where
     }
 
     /// Encodes a write: the key, the stored value and its `PX`.
-    fn encode_set(
-        &self,
-        key: &K,
-        value: &V,
-        ttl: Option<Duration>,
-        op: Operation,
-    ) -> Result<(Key, Value, Option<Expiration>)> {
+    fn encode_set(&self, key: &K, value: &V, ttl: Option<Duration>, op: Operation) -> Result<SetArgs> {
         let expires_at = expiry_for(self.shared.clock.now(), ttl);
         let stored = self.encode(value, expires_at, op)?;
-        Ok((self.key(key), stored, ttl.map(px)))
+        Ok((self.key(key), stored, ttl.map(px_millis)))
+    }
+
+    /// Runs [`WRITE_SCRIPT`] for `sets` and `deletes` (in a cluster, all their keys must
+    /// share a slot), fenced by the command timeout's end; how many keys it deleted.
+    async fn write_fenced(&self, op: Operation, sets: Vec<SetArgs>, deletes: Vec<Key>) -> Result<u64> {
+        let mut batches = vec![(sets, deletes)];
+        self.write_fenced_batches(op, &mut batches).await
+    }
+
+    /// [`write_fenced`](Self::write_fenced) for several independent scripts in one
+    /// pipeline (a cluster routes each to its slot): one fence for all of them.
+    async fn write_fenced_batches(
+        &self,
+        op: Operation,
+        batches: &mut Vec<(Vec<SetArgs>, Vec<Key>)>,
+    ) -> Result<u64> {
+        use std::time::UNIX_EPOCH;
+        let deadline = deadline_after(self.shared.command_timeout);
+        let deadline_ms = deadline
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut names = Vec::new();
+        let mut calls = Vec::with_capacity(batches.len());
+        for (sets, deletes) in batches.drain(..) {
+            let mut keys: Vec<Key> = Vec::with_capacity(sets.len() + deletes.len());
+            let mut args: Vec<Value> = Vec::with_capacity(2 + 2 * sets.len());
+            args.push(Value::from(deadline_ms.to_string()));
+            args.push(Value::from(sets.len().to_string()));
+            for (k, v, px) in sets {
+                keys.push(k);
+                args.push(v);
+                args.push(Value::from(px.map(|ms| ms.to_string()).unwrap_or_default()));
+            }
+            keys.extend(deletes);
+            names.extend(
+                keys.iter()
+                    .map(|k| String::from_utf8_lossy(k.as_bytes()).into_owned()),
+            );
+            calls.push((keys, args));
+        }
+        self.shared
+            .fence
+            .clear(names.iter().map(String::as_str), deadline, op)
+            .await?;
+        let sent = self.shared.fence.in_flight(names, deadline);
+        let replies = self
+            .shared
+            .run(op, |c| async move {
+                if calls.len() == 1 {
+                    let (keys, args) = calls.remove(0);
+                    return Ok(vec![c.eval::<i64, _, _, _>(WRITE_SCRIPT, keys, args).await]);
+                }
+                // fred does not pipeline scripts: sent one after another on this client
+                // (in a cluster each to its slot's node).
+                let mut replies = Vec::with_capacity(calls.len());
+                for (keys, args) in calls {
+                    replies.push(c.eval::<i64, _, _, _>(WRITE_SCRIPT, keys, args).await);
+                }
+                Ok(replies)
+            })
+            .await;
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(e) => {
+                // A reply (an error Redis sent) settles it; a timeout or a lost connection
+                // leaves the keys in doubt until the deadline has passed.
+                if !matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable) {
+                    sent.settled();
+                }
+                return Err(e);
+            }
+        };
+        let mut deleted = 0u64;
+        let mut late = false;
+        let mut first_error = None;
+        for reply in replies {
+            match reply {
+                Ok(n) if n < 0 => late = true,
+                Ok(n) => deleted += u64::try_from(n).unwrap_or(0),
+                Err(e) => {
+                    first_error.get_or_insert(redis_error(op, e));
+                }
+            }
+        }
+        sent.settled();
+        if let Some(err) = first_error {
+            return Err(err);
+        }
+        if late {
+            return Err(too_late(op));
+        }
+        Ok(deleted)
     }
 
     /// Decodes one `GET` reply, evicting what does not decode.
@@ -313,11 +431,10 @@ where
 }
 
 /// `PX` for `ttl`, at least 1 ms (Redis refuses 0) and at most [`MAX_PX_MILLIS`].
-fn px(ttl: Duration) -> Expiration {
-    let ms = u64::try_from(ttl.as_millis())
+fn px_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis())
         .unwrap_or(u64::MAX)
-        .clamp(1, MAX_PX_MILLIS);
-    Expiration::PX(i64::try_from(ms).unwrap_or(i64::MAX))
+        .clamp(1, MAX_PX_MILLIS)
 }
 
 #[async_trait]
@@ -360,29 +477,20 @@ where
         }
     }
 
-    /// `SET key value [PX ttl]`.
+    /// `SET key value [PX ttl]`, in the fenced write script.
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         let op = Operation::Set;
-        let (k, v, ex) = self.encode_set(key, value, ttl, op)?;
+        let write = self.encode_set(key, value, ttl, op)?;
         let _guard = self.shared.in_flight.read().await;
-        self.shared
-            .run(op, |c| async move {
-                c.set::<Value, _, _>(k, v, ex, None, false).await
-            })
-            .await
-            .map(|_| ())
+        self.write_fenced(op, vec![write], Vec::new()).await.map(drop)
     }
 
-    /// `DEL key`.
+    /// `DEL key`, in the fenced write script.
     async fn delete(&self, key: &K) -> Result<bool> {
         let op = Operation::Delete;
         let _guard = self.shared.in_flight.read().await;
         let k = self.key(key);
-        let n: i64 = self
-            .shared
-            .run(op, |c| async move { c.del::<i64, _>(k).await })
-            .await?;
-        Ok(n > 0)
+        Ok(self.write_fenced(op, Vec::new(), vec![k]).await? > 0)
     }
 
     /// `EXISTS key` (the value is not decoded).
@@ -457,20 +565,11 @@ where
                 Ok(())
             };
         }
-        let results = self
-            .shared
-            .run(op, |c| async move {
-                let p = c.pipeline();
-                for (k, v, ex) in writes {
-                    p.set::<(), _, _>(k, v, ex, None, false).await?;
-                }
-                Ok(p.try_all::<Value>().await)
-            })
-            .await?;
-        for r in results {
-            r.map_err(|e| redis_error(op, e))?;
+        if !self.shared.clustered {
+            return self.write_fenced(op, writes, Vec::new()).await.map(drop);
         }
-        Ok(())
+        let mut batches = writes.into_iter().map(|w| (vec![w], Vec::new())).collect();
+        self.write_fenced_batches(op, &mut batches).await.map(drop)
     }
 
     /// One `DEL k1 k2 …` (in a cluster, a pipeline of `DEL`s).
@@ -487,27 +586,10 @@ where
         let mut rkeys: Vec<Key> = keys.iter().map(|k| self.key(k)).collect();
         rkeys.dedup();
         if !self.shared.clustered {
-            let n: i64 = self
-                .shared
-                .run(op, |c| async move { c.del::<i64, _>(rkeys).await })
-                .await?;
-            return Ok(u64::try_from(n).unwrap_or(0));
+            return self.write_fenced(op, Vec::new(), rkeys).await;
         }
-        let results = self
-            .shared
-            .run(op, |c| async move {
-                let p = c.pipeline();
-                for k in rkeys {
-                    p.del::<(), _>(k).await?;
-                }
-                Ok(p.try_all::<i64>().await)
-            })
-            .await?;
-        let mut n = 0u64;
-        for r in results {
-            n += u64::try_from(r.map_err(|e| redis_error(op, e))?).unwrap_or(0);
-        }
-        Ok(n)
+        let mut batches = rkeys.into_iter().map(|k| (Vec::new(), vec![k])).collect();
+        self.write_fenced_batches(op, &mut batches).await
     }
 
     /// `SCAN … MATCH <prefix>* COUNT n` (glob characters in the prefix escaped), lazily:
@@ -527,41 +609,37 @@ where
     /// else Redis refuses the batch (`CROSSSLOT`) and nothing is applied.
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
         let op = Operation::Transaction;
-        enum Write {
-            Set(Key, Value, Option<Expiration>),
-            Del(Key),
-        }
-        let mut writes = Vec::with_capacity(ops.len());
+        // As in any transaction only the last write of a key counts (the script runs its
+        // sets before its deletes, so each key must appear once).
+        let mut last: std::collections::HashMap<Key, Option<SetArgs>> = std::collections::HashMap::new();
+        let mut order = Vec::new();
         for w in ops {
-            writes.push(match w {
-                WriteOp::Set { key, value, ttl } => {
-                    let (k, v, ex) = self.encode_set(key, value, *ttl, op)?;
-                    Write::Set(k, v, ex)
-                }
-                WriteOp::Delete { key } => Write::Del(self.key(key)),
-            });
+            let k = self.key(w.key());
+            let write = match w {
+                WriteOp::Set { key, value, ttl } => Some(self.encode_set(key, value, *ttl, op)?),
+                WriteOp::Delete { .. } => None,
+            };
+            if last.insert(k.clone(), write).is_none() {
+                order.push(k);
+            }
+        }
+        let mut sets: Vec<SetArgs> = Vec::new();
+        let mut deletes: Vec<Key> = Vec::new();
+        for k in order {
+            match last.remove(&k).flatten() {
+                Some(set) => sets.push(set),
+                None => deletes.push(k),
+            }
         }
         let _guard = self.shared.in_flight.read().await;
-        if writes.is_empty() {
+        if sets.is_empty() && deletes.is_empty() {
             return if self.shared.is_closed() {
                 Err(Error::closed(op))
             } else {
                 Ok(())
             };
         }
-        self.shared
-            .run(op, |c| async move {
-                let tx = c.multi();
-                for w in writes {
-                    match w {
-                        Write::Set(k, v, ex) => tx.set::<(), _, _>(k, v, ex, None, false).await?,
-                        Write::Del(k) => tx.del::<(), _>(k).await?,
-                    }
-                }
-                tx.exec::<Value>(true).await
-            })
-            .await
-            .map(|_| ())
+        self.write_fenced(op, sets, deletes).await.map(drop)
     }
 
     /// Waits for the operations in flight; Redis has nothing more to make durable here

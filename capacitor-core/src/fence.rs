@@ -1,42 +1,64 @@
-//! Deadline fences: a write that timed out can never land after a later write of its key.
+//! Deadline fences for remote layers: a write that timed out can never land after a later
+//! write of its key.
 //!
-//! Every write statement carries a deadline (the wall-clock time its operation timeout
-//! ends) and PostgreSQL applies it only if the statement starts before then
-//! (`clock_timestamp() < deadline`, checked once per statement; writes are single
-//! statements, committed as they finish). A write whose outcome the layer does not learn
-//! (its timeout passed, its future was dropped, its connection broke) may still be applied
-//! until that deadline, never after. Its keys are *in doubt* until the deadline plus
-//! [`fence_margin`](crate::PostgresLayerBuilder::fence_margin) (allowing for the two clocks
-//! to differ and for the commit to follow the check); a later write of such a key through
-//! this layer waits until then, or fails with [`ErrorKind::Timeout`] without being sent if
-//! its own deadline comes first.
+//! A remote layer sends every write with a deadline (the wall-clock time its timeout
+//! ends), and the server applies it only if it starts before then (PostgreSQL:
+//! `clock_timestamp() < deadline` in the statement; Redis: `TIME` in a script). A write
+//! whose outcome the layer does not learn (its timeout passed, its future was dropped, its
+//! connection broke) may still be applied until that deadline, never after. [`WriteFence`]
+//! keeps its keys *in doubt* until the deadline plus a margin (for the two clocks to
+//! differ and the commit to follow the check); a later write of such a key through the
+//! same layer waits until then, or fails with [`ErrorKind::Timeout`] without being sent if
+//! its own deadline comes first. So a failed write never overwrites an acknowledged one.
+//!
+//! # Examples
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use capacitor_core::fence::{deadline_after, WriteFence};
+//! use capacitor_core::{ErrorKind, Operation};
+//!
+//! let fence = WriteFence::new(Duration::from_millis(50));
+//! let deadline = deadline_after(Duration::from_millis(100));
+//! fence.clear(["k"], deadline, Operation::Set).await?; // nothing in doubt: no wait
+//! let sent = fence.in_flight(vec!["k".to_string()], deadline);
+//! drop(sent); // no answer: "k" is in doubt until the deadline + 50 ms
+//! let sooner = deadline_after(Duration::from_millis(10));
+//! let err = fence.clear(["k"], sooner, Operation::Set).await.unwrap_err();
+//! assert_eq!(err.kind(), ErrorKind::Timeout);
+//! # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+//! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use capacitor_core::{Error, ErrorKind, Operation, Result};
+use crate::error::{Error, ErrorKind, Operation, Result};
 
-/// Keys whose last write may still be applied, with the deadline it carried.
-pub(crate) struct Fence {
+/// Keys whose last write may still be applied, with the deadline it carried (see the
+/// [module docs](self)).
+#[derive(Debug)]
+pub struct WriteFence {
     in_doubt: Mutex<HashMap<String, SystemTime>>,
     len: AtomicUsize,
-    pub(crate) margin: Duration,
+    margin: Duration,
 }
 
 /// Far enough to be "no deadline" and representable as a `timestamptz` parameter.
 const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The deadline of an operation that starts now under `timeout`.
-pub(crate) fn deadline_after(timeout: Duration) -> SystemTime {
+pub fn deadline_after(timeout: Duration) -> SystemTime {
     let now = SystemTime::now();
     now.checked_add(timeout.min(FAR)).unwrap_or(now)
 }
 
-impl Fence {
-    pub(crate) fn new(margin: Duration) -> Self {
-        Fence {
+impl WriteFence {
+    /// A fence keeping keys in doubt for `margin` past their write's deadline.
+    pub fn new(margin: Duration) -> Self {
+        WriteFence {
             in_doubt: Mutex::new(HashMap::new()),
             len: AtomicUsize::new(0),
             margin,
@@ -47,20 +69,30 @@ impl Fence {
         self.in_doubt.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// How many keys are in doubt now.
-    pub(crate) fn len(&self) -> usize {
+    /// How many keys are in doubt now (expired doubts included until the next
+    /// [`clear`](Self::clear)).
+    pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no key is in doubt.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits until no earlier write of `keys` can still be applied; an error, without
     /// waiting, if that is after `deadline` (the caller's own).
-    pub(crate) async fn clear<'a>(
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Timeout`] when a key stays in doubt past `deadline`.
+    pub async fn clear<'a>(
         &self,
         keys: impl IntoIterator<Item = &'a str>,
         deadline: SystemTime,
         op: Operation,
     ) -> Result<()> {
-        if self.len() == 0 {
+        if self.is_empty() {
             return Ok(());
         }
         let until = {
@@ -90,7 +122,7 @@ impl Fence {
 
     /// Arms a guard for a write of `keys` with `deadline`, about to be sent: unless
     /// [`settled`](InFlight::settled), its keys are in doubt when it drops.
-    pub(crate) fn in_flight(&self, keys: Vec<String>, deadline: SystemTime) -> InFlight<'_> {
+    pub fn in_flight(&self, keys: Vec<String>, deadline: SystemTime) -> InFlight<'_> {
         InFlight {
             fence: self,
             keys,
@@ -110,8 +142,10 @@ impl Fence {
 }
 
 /// A sent write whose outcome is not known yet.
-pub(crate) struct InFlight<'a> {
-    fence: &'a Fence,
+#[derive(Debug)]
+#[must_use = "dropped unsettled, the write's keys are in doubt"]
+pub struct InFlight<'a> {
+    fence: &'a WriteFence,
     keys: Vec<String>,
     deadline: SystemTime,
     armed: bool,
@@ -119,17 +153,8 @@ pub(crate) struct InFlight<'a> {
 
 impl InFlight<'_> {
     /// The server answered: the write was applied, or refused.
-    pub(crate) fn settled(mut self) {
+    pub fn settled(mut self) {
         self.armed = false;
-    }
-
-    /// Settles on an answer from the server (a database error rolled the statement back);
-    /// leaves the keys in doubt on any other failure (the connection broke: the statement
-    /// may have run).
-    pub(crate) fn settle_if_answered(self, err: &tokio_postgres::Error) {
-        if err.as_db_error().is_some() {
-            self.settled();
-        }
     }
 }
 
@@ -142,11 +167,11 @@ impl Drop for InFlight<'_> {
 }
 
 /// The error for a write the server skipped because it started after its deadline.
-pub(crate) fn too_late(op: Operation) -> Error {
+pub fn too_late(op: Operation) -> Error {
     Error::new(
         ErrorKind::Timeout,
         op,
-        "PostgreSQL received the write after its deadline and did not apply it",
+        "the server received the write after its deadline and did not apply it",
     )
 }
 
@@ -157,7 +182,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_in_doubt_holds_back_later_writes_of_its_key_until_its_deadline() {
-        let fence = Fence::new(Duration::from_millis(20));
+        let fence = WriteFence::new(Duration::from_millis(20));
         let deadline = SystemTime::now() + Duration::from_millis(60);
         drop(fence.in_flight(vec!["k".into()], deadline));
         fence.in_flight(vec!["other".into()], deadline).settled();
