@@ -146,6 +146,108 @@ fn a_write_abandoned_by_the_composer_never_lands_after_a_later_acknowledged_one(
     });
 }
 
+/// A set abandoned by the composer (200 ms) while the network is stalled, its connection
+/// then closed: fred resends it once it has reconnected. A later set acknowledged after
+/// the reconnection must still be what Redis ends with.
+#[test]
+fn a_write_fred_resends_after_reconnecting_never_lands_after_a_later_one() {
+    common::run(TEST_TIMEOUT, async {
+        let (proxy, via) = FaultProxy::in_front_of(&url(), 6379).await.expect("proxy");
+        let prefix = unique_prefix("resend");
+        let redis = Arc::new(redis_at(&via, &prefix, Duration::from_secs(2)));
+        redis.connect().await.expect("connect");
+        let cache = MultiLayer::builder()
+            .layer(LayerConfig::new(
+                "l1",
+                MokaLayer::<String, String>::builder()
+                    .max_capacity(100)
+                    .build()
+                    .unwrap(),
+            ))
+            .layer(
+                LayerConfig::shared("redis", redis.clone() as Arc<dyn Layer<String, String>>)
+                    .write_timeout(Duration::from_millis(200)),
+            )
+            .build()
+            .unwrap();
+        cache.set(s("k"), s("v1")).await.unwrap();
+        proxy.stall();
+        let err = cache.set(s("k"), s("v2")).await.expect_err("v2 times out");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        proxy.drop_connections();
+        proxy.resume();
+        let started = Instant::now();
+        loop {
+            match cache.set(s("k"), s("v3")).await {
+                Ok(()) => break,
+                Err(e) if started.elapsed() < Duration::from_secs(15) => {
+                    assert!(
+                        matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+                        "{e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("set v3: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        let direct = redis_at(&url(), &prefix, Duration::from_secs(2));
+        direct.connect().await.unwrap();
+        assert_eq!(
+            direct.get(&s("k")).await.unwrap().map(|e| e.value),
+            Some(s("v3")),
+            "the resent set overwrote the acknowledged one"
+        );
+        assert_eq!(cache.get(&s("k")).await.unwrap(), Some(s("v3")));
+        cache.close().await.unwrap();
+        direct.close().await.unwrap();
+        proxy.stop();
+        delete_prefix(&raw().await, &prefix).await;
+    });
+}
+
+/// The same with the layer's own 400 ms command timeout: the delayed set reaches Redis
+/// after its deadline and is refused there.
+#[test]
+fn a_write_that_timed_out_in_the_layer_is_refused_when_it_arrives_late() {
+    common::run(TEST_TIMEOUT, async {
+        let (proxy, via) = FaultProxy::in_front_of(&url(), 6379).await.expect("proxy");
+        let prefix = unique_prefix("fence400");
+        let redis = redis_at(&via, &prefix, Duration::from_millis(400));
+        redis.connect().await.expect("connect");
+        redis.set(&s("k"), &s("v1"), None).await.unwrap();
+        proxy.set_latency(Duration::from_millis(1_500));
+        let err = redis
+            .set(&s("k"), &s("v2"), None)
+            .await
+            .expect_err("v2 times out");
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        proxy.set_latency(Duration::ZERO);
+        let started = Instant::now();
+        loop {
+            match redis.set(&s("k"), &s("v3"), None).await {
+                Ok(()) => break,
+                Err(e) if e.kind() == ErrorKind::Timeout && started.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("set v3: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let direct = redis_at(&url(), &prefix, Duration::from_secs(2));
+        direct.connect().await.unwrap();
+        assert_eq!(
+            direct.get(&s("k")).await.unwrap().map(|e| e.value),
+            Some(s("v3")),
+            "the set that timed out overwrote the acknowledged one"
+        );
+        redis.close().await.unwrap();
+        direct.close().await.unwrap();
+        proxy.stop();
+        delete_prefix(&raw().await, &prefix).await;
+    });
+}
+
 /// One writer sets a key in a loop while its private Redis is killed (SIGKILL) and
 /// restarted; fred resends commands that were in flight after it reconnects. Once the
 /// loop ends on an acknowledged write and everything settles, Redis holds that write.
