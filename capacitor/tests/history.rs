@@ -57,7 +57,7 @@ async fn round(what: &str, write_back: bool, fail_safe: bool, seed: u64) -> (usi
     );
     let redis = Arc::new(
         RedisLayer::builder()
-            .url(&redis_url())
+            .url(redis_url())
             .prefix(format!("{name}:"))
             .pool_size(4)
             .command_timeout(Duration::from_secs(5))
@@ -70,7 +70,7 @@ async fn round(what: &str, write_back: bool, fail_safe: bool, seed: u64) -> (usi
         .expect("Redis (is it up? `cargo xtask test` starts it)");
     let postgres = Arc::new(
         PostgresLayer::builder()
-            .url(&postgres_url())
+            .url(postgres_url())
             .table(&name)
             .pool_size(8)
             .statement_timeout(Duration::from_secs(5))
