@@ -220,7 +220,7 @@ fn redis_benches(c: &mut Criterion) {
 
     // Write-back drain: 2,000 writes (500 in a quick run) through a write-back composer
     // (the drain sends them as pipelines of 500), `flush` included, beside as many
-    // sequential raw SETs (+ moka inserts). Target (DESIGN.md §4): the drain at least 5x
+    // sequential raw SETs (+ moka inserts). Target: the drain at least 5x
     // faster, a ratio <= 0.2.
     let drain = size(2_000, 500);
     let write_back = rt.block_on(async {

@@ -1,4 +1,4 @@
-//! The composer's semantics (DESIGN.md §3) on test-kit layers with a manual clock.
+//! The composer's semantics (docs/semantics.md) on test-kit layers with a manual clock.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
