@@ -424,26 +424,11 @@ where
         self.shared.fence.clear([text.as_ref()], deadline, op).await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set, op).await?;
-        let sent = self
-            .shared
-            .fence
-            .in_flight(vec![text.clone().into_owned()], deadline);
-        match client
-            .query_opt(&stmt, &[&text, &stored, &expires_at.map(sql_time), &deadline])
-            .await
-        {
-            Ok(row) => {
-                sent.settled();
-                match row {
-                    Some(_) => Ok(()),
-                    None => Err(too_late(op)),
-                }
-            }
-            Err(e) => {
-                settle_if_answered(sent, &e);
-                Err(pg_error(op, e))
-            }
-        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&text, &stored, &expires_at.map(sql_time), &deadline];
+        let keys = vec![text.clone().into_owned()];
+        run_fenced(&self.shared, &client, &stmt, &params, keys, deadline, op).await?;
+        Ok(())
     }
 
     /// `true` when a live row was deleted (an expired one is deleted too, and reported
@@ -456,24 +441,9 @@ where
         self.shared.fence.clear([text.as_ref()], deadline, op).await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete, op).await?;
-        let sent = self
-            .shared
-            .fence
-            .in_flight(vec![text.clone().into_owned()], deadline);
-        let row = match client
-            .query_one(&stmt, &[&text, &self.shared.now(), &deadline])
-            .await
-        {
-            Ok(row) => {
-                sent.settled();
-                row
-            }
-            Err(e) => {
-                settle_if_answered(sent, &e);
-                return Err(pg_error(op, e));
-            }
-        };
-        fenced(&row, op)?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&text, &self.shared.now(), &deadline];
+        let keys = vec![text.clone().into_owned()];
+        let row = run_fenced(&self.shared, &client, &stmt, &params, keys, deadline, op).await?;
         row.try_get(1).map_err(|e| pg_error(op, e))
     }
 
@@ -566,20 +536,9 @@ where
             .await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.set_many, op).await?;
-        let sent = self.shared.fence.in_flight(keys.clone(), deadline);
-        match client
-            .query_one(&stmt, &[&keys, &values, &expiries, &deadline])
-            .await
-        {
-            Ok(row) => {
-                sent.settled();
-                fenced(&row, op)
-            }
-            Err(e) => {
-                settle_if_answered(sent, &e);
-                Err(pg_error(op, e))
-            }
-        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&keys, &values, &expiries, &deadline];
+        run_fenced(&self.shared, &client, &stmt, &params, keys.clone(), deadline, op).await?;
+        Ok(())
     }
 
     /// One `DELETE … WHERE key = ANY($1)`, counting the live rows it deleted.
@@ -601,21 +560,8 @@ where
             .await?;
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.delete_many, op).await?;
-        let sent = self.shared.fence.in_flight(texts.clone(), deadline);
-        let row = match client
-            .query_one(&stmt, &[&texts, &self.shared.now(), &deadline])
-            .await
-        {
-            Ok(row) => {
-                sent.settled();
-                row
-            }
-            Err(e) => {
-                settle_if_answered(sent, &e);
-                return Err(pg_error(op, e));
-            }
-        };
-        fenced(&row, op)?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&texts, &self.shared.now(), &deadline];
+        let row = run_fenced(&self.shared, &client, &stmt, &params, texts.clone(), deadline, op).await?;
         let count: i64 = row.try_get(1).map_err(|e| pg_error(op, e))?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
@@ -655,20 +601,10 @@ where
         let client = self.shared.client(op, abandon).await?;
         let stmt = prepare(&client, &self.shared.sql.apply, op).await?;
         let touched: Vec<String> = keys.iter().chain(deletes.iter()).cloned().collect();
-        let sent = self.shared.fence.in_flight(touched, deadline);
-        match client
-            .query_one(&stmt, &[&keys, &values, &expiries, &deletes, &deadline])
-            .await
-        {
-            Ok(row) => {
-                sent.settled();
-                fenced(&row, op)
-            }
-            Err(e) => {
-                settle_if_answered(sent, &e);
-                Err(pg_error(op, e))
-            }
-        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&keys, &values, &expiries, &deletes, &deadline];
+        run_fenced(&self.shared, &client, &stmt, &params, touched, deadline, op).await?;
+        Ok(())
     }
 }
 
@@ -777,6 +713,32 @@ where
         let _ = self.shared.shutdown.send(true);
         self.shared.pool.close();
         Ok(())
+    }
+}
+
+/// Runs one fenced write statement (first column: whether it started before `deadline`)
+/// and returns its row: `keys` stay in doubt unless the server answered, and a statement
+/// the server skipped as late is a [`too_late`] error.
+async fn run_fenced<C>(
+    shared: &Shared<C>,
+    client: &Conn,
+    stmt: &Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    keys: Vec<String>,
+    deadline: SystemTime,
+    op: Operation,
+) -> Result<tokio_postgres::Row> {
+    let sent = shared.fence.in_flight(keys, deadline);
+    match client.query_one(stmt, params).await {
+        Ok(row) => {
+            sent.settled();
+            fenced(&row, op)?;
+            Ok(row)
+        }
+        Err(e) => {
+            settle_if_answered(sent, &e);
+            Err(pg_error(op, e))
+        }
     }
 }
 

@@ -56,8 +56,9 @@ impl Statements {
             // Fenced writes (see `fence`): nothing is proposed when the statement starts
             // past its deadline; the first column says whether it started in time.
             set: format!(
-                "WITH f AS ({}) INSERT INTO {t} (key, value, expires_at, updated_at) \
-                 SELECT $1, $2, $3, now() FROM f WHERE f.ok {UPSERT_TAIL} RETURNING true",
+                "WITH f AS ({}), u AS (INSERT INTO {t} (key, value, expires_at, updated_at) \
+                 SELECT $1, $2, $3, now() FROM f WHERE f.ok {UPSERT_TAIL} RETURNING 1) \
+                 SELECT (SELECT ok FROM f), (SELECT count(*) FROM u)",
                 FENCE.replace("$DEADLINE", "$4")
             ),
             delete: format!(
