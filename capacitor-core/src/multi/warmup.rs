@@ -10,6 +10,7 @@ use futures_core::Stream;
 use super::MultiLayer;
 use crate::config::min_ttl;
 use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::stats::Counter;
 
 /// Options of [`MultiLayer::warm_up`].
 ///
@@ -181,8 +182,8 @@ where
                     .set(&key, &entry.value, min_ttl(target.ttl, remaining))
                     .await;
                 let failed = result.is_err();
-                if self.promoted(target, ticket, result) && target.delete(&key).await.is_err() {
-                    target.counters.incr(super::Counter::Error);
+                if self.promotion_voided(target, ticket, result) && target.delete(&key).await.is_err() {
+                    target.counters.incr(Counter::Error);
                 }
                 report.failed += u64::from(failed);
                 copied |= !failed && inner.guard.still_valid(ticket);

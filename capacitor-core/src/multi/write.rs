@@ -12,6 +12,9 @@
 //! orders, so the key is removed from every cache layer (a later read copies the store's
 //! value up). A scope dropped half-way (the caller's future was dropped) removes the key
 //! from the in-process layers and pins it in the remote cache layers.
+//!
+//! The public write methods (`set`, `set_with`, `delete`, `set_many`, `delete_many`) are
+//! here too, with the write-through and write-back entries into the write path.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -20,13 +23,22 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Counter, Inner, Slot};
+use super::loader::jitter;
+use super::{Inner, MultiLayer, Slot};
 use rustc_hash::FxBuildHasher;
 
+use crate::config::{min_ttl, SetOptions};
 use crate::entry::Timestamp;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Ticket, WriteGuard};
 use crate::layer::WriteOp;
+use crate::observe::traced;
+use crate::stats::Counter;
+use crate::writeback::{Pending, Queue};
+
+// Named by the doc comments only.
+#[cfg(doc)]
+use super::MultiLayerBuilder;
 
 /// What one call of the write path writes.
 pub(super) enum Writes<'a, K, V> {
@@ -569,5 +581,218 @@ async fn invalidate_caches<K, V>(
             continue;
         }
         let _ = invalidate(inner, slot, writes).await;
+    }
+}
+
+impl<K, V> MultiLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Stores `value` under `key` in every writable layer, each with its own TTL.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](MultiLayer::set_with).
+    pub async fn set(&self, key: K, value: V) -> Result<()> {
+        traced!("capacitor.set", self.inner.name, self.write(&key, &value, None))
+    }
+
+    /// Stores `value` under `key` with per-write options (a TTL: each layer keeps the
+    /// entry for `min(options.ttl, layer TTL)`).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidInput`] for a zero TTL; [`ErrorKind::Closed`] after close; the
+    /// authoritative layer's error (nothing above it was changed); a cache layer's error
+    /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    pub async fn set_with(&self, key: K, value: V, options: SetOptions) -> Result<()> {
+        traced!(
+            "capacitor.set",
+            self.inner.name,
+            self.write(&key, &value, options.ttl)
+        )
+    }
+
+    fn check_ttl(ttl: Option<Duration>, op: Operation) -> Result<()> {
+        if ttl == Some(Duration::ZERO) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                op,
+                "TTL must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.write_or_fill(key, value, ttl, None).await
+    }
+
+    /// [`write`](Self::write), or a loader's fill when `fill` is given (skipped when a
+    /// write of the key began since the flight's ticket).
+    pub(super) async fn write_or_fill(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        fill: Option<&Fill>,
+    ) -> Result<()> {
+        self.check_open(Operation::Set)?;
+        Self::check_ttl(ttl, Operation::Set)?;
+        let inner = &*self.inner;
+        let writes = Writes::Set {
+            key,
+            value,
+            ttl,
+            fill,
+        };
+        if let Some(queue) = &inner.queue {
+            let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
+            let pending = Pending::Set {
+                value: value.clone(),
+                expires_at,
+            };
+            return self
+                .write_back(&writes, pending, queue, Operation::Set)
+                .await
+                .map(drop);
+        }
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(drop)
+    }
+
+    /// Under write-back: queues the write, then applies it to L1 through the write path
+    /// (an L1 failure leaves the key out of L1; the buffer serves it meanwhile).
+    async fn write_back(
+        &self,
+        writes: &Writes<'_, K, V>,
+        pending: Pending<V>,
+        queue: &Queue<K, V>,
+        op: Operation,
+    ) -> Result<Written> {
+        let inner = &*self.inner;
+        let key = match writes {
+            Writes::Set { key, .. } | Writes::Delete { key } => *key,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    op,
+                    "write-back queues single writes",
+                ))
+            }
+        };
+        // Entered before the push: the buffer and L1 then see overlapping writes of the
+        // key in one order, or L1 loses the key (see `fan_out`).
+        let scope = WriteScope::enter(inner, writes, 0..=0);
+        if scope.refused {
+            return fan_out(scope, None).await;
+        }
+        match &pending {
+            Pending::Set { value, expires_at } => {
+                queue.push(key, pending.clone(), op).await?;
+                inner.remember(key, value, *expires_at);
+            }
+            Pending::Delete => {
+                inner.forget(key);
+                queue.push(key, Pending::Delete, op).await?;
+            }
+        }
+        fan_out(scope, None).await
+    }
+
+    /// A write's result from what the write path reported: a cache layer's error only
+    /// with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    pub(super) fn cache_result(&self, written: Written) -> Result<u64> {
+        match written.cache_error {
+            Some(err) if self.inner.fail_on_cache_error => Err(err),
+            _ => Ok(written.found),
+        }
+    }
+
+    /// Removes `key` from every writable layer, bottom-up. Returns whether the
+    /// authoritative layer held it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Closed`] after close; the authoritative layer's error (nothing above
+    /// it was changed); a cache layer's error only with
+    /// [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error). A cache layer that
+    /// fails to delete may serve the old value until its TTL ends; the error is counted.
+    pub async fn delete(&self, key: &K) -> Result<bool> {
+        traced!("capacitor.delete", self.inner.name, self.remove(key))
+    }
+
+    async fn remove(&self, key: &K) -> Result<bool> {
+        self.check_open(Operation::Delete)?;
+        let inner = &*self.inner;
+        let writes = Writes::Delete { key };
+        if let Some(queue) = &inner.queue {
+            let pending = self.buffered(key);
+            let written = self
+                .write_back(&writes, Pending::Delete, queue, Operation::Delete)
+                .await?;
+            return Ok(written.found > 0 || matches!(pending, Some(Some(_))));
+        }
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(|found| found > 0)
+    }
+
+    /// Stores every `(key, value)` in every writable layer through the layers' batch
+    /// forms, bottom first, with the same failure rules as [`set`](MultiLayer::set).
+    ///
+    /// # Errors
+    ///
+    /// As [`set_with`](MultiLayer::set_with). If the authoritative layer fails part-way,
+    /// whether earlier entries of the batch were stored depends on that layer (atomic for
+    /// layers with batch transactions, a prefix of the batch for the default loop).
+    pub async fn set_many(&self, entries: &[(K, V)], options: SetOptions) -> Result<()> {
+        self.check_open(Operation::SetMany)?;
+        Self::check_ttl(options.ttl, Operation::SetMany)?;
+        if self.inner.queue.is_some() {
+            for (key, value) in entries {
+                self.write(key, value, options.ttl).await?;
+            }
+            return Ok(());
+        }
+        let writes = Writes::SetMany {
+            entries,
+            ttl: options.ttl,
+        };
+        let written = self.write_through(&writes).await?;
+        self.cache_result(written).map(drop)
+    }
+
+    /// Removes every key from every writable layer, bottom-up; returns how many the
+    /// authoritative layer held.
+    ///
+    /// # Errors
+    ///
+    /// As [`delete`](MultiLayer::delete).
+    pub async fn delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.check_open(Operation::DeleteMany)?;
+        if self.inner.queue.is_some() {
+            let mut removed = 0;
+            for key in keys {
+                removed += u64::from(MultiLayer::delete(self, key).await?);
+            }
+            return Ok(removed);
+        }
+        let written = self.write_through(&Writes::DeleteMany { keys }).await?;
+        self.cache_result(written)
+    }
+
+    /// Writes every writable layer, the authoritative one first (see `write`).
+    async fn write_through(&self, writes: &Writes<'_, K, V>) -> Result<Written> {
+        let inner = &*self.inner;
+        let scope = WriteScope::enter(inner, writes, 0..=inner.authoritative);
+        fan_out(scope, Some(inner.authoritative)).await
+    }
+}
+
+impl<K, V> Inner<K, V> {
+    /// The TTL a write gives `slot`: the shorter of the layer's and the write's, jittered.
+    fn write_ttl(&self, slot: &Slot<K, V>, ttl: Option<Duration>) -> Option<Duration> {
+        jitter(min_ttl(slot.ttl, ttl), self.ttl_jitter)
     }
 }

@@ -1,0 +1,275 @@
+//! The composer: [`MultiLayer`] and its builder.
+//!
+//! A composer puts several layers behind one typed key-value API. The first layer is L1;
+//! the bottom-most writable layer is the authoritative one, the source of truth for
+//! writes; the layers above it are cache layers.
+//!
+//! # Reads and promotion
+//!
+//! A read asks the layers in order and returns the first hit. An error of a cache layer
+//! counts as a miss and the read goes on downward; an error of the last layer is the
+//! caller's error; a value that does not decode is a miss anywhere. In-process layers
+//! (synchronous operations, no timeout, no breaker) answer without a future, so an L1
+//! hit costs one virtual call and one counter; the read continues in a boxed future only
+//! from the first layer that must be awaited, or for a promotion that must be. A remote
+//! cache layer is passed by for keys it may hold an outdated copy of (a write could
+//! neither reach it nor remove its copy, or may still land there).
+//!
+//! With promotion on, a hit below L1 is copied into the writable layers above it, nearest
+//! first, with `ttl = min(layer TTL, remaining life)`; layers whose read failed during
+//! this read are left out. Before it reads below L1, the read takes a ticket of the key's
+//! stripe (see `crate::guard`): the ticket is void if a write of the key was in flight
+//! then, a copy upward is written only while no write of the key has begun since, and it
+//! is checked again after the copy, which is removed if one has (a later miss is
+//! harmless, a stale hit is not). Keys whose last write to the authoritative layer had an
+//! unknown outcome get no copy above it until their pin ends.
+//!
+//! # Writes
+//!
+//! Every write form (set, delete, their batch forms, the write-back drain, a transaction's
+//! commit, a write-back `set` into L1) goes through one write path (`write::fan_out`).
+//! The key's stripes are entered first (readers' tickets are void from there). The
+//! authoritative layer is written first; if it fails, the caches above it are left as
+//! they were, unless the outcome is unknown (a timeout: the store may hold the new value),
+//! in which case they are invalidated and the key is pinned. Then each cache layer above
+//! is written, nearest the store first; a cache layer that fails is invalidated (or,
+//! failing that, its copy is suspect and reads pass it by), and its error fails the write
+//! only with [`fail_on_cache_error`](crate::MultiLayerBuilder::fail_on_cache_error).
+//!
+//! Concurrent writers of one key: if another write of the key ran at the same time, the
+//! layers may have applied the two in different orders, so the writer that sees the
+//! overlap removes the key from every cache layer (a later read copies the store's value
+//! up). A writer does not return while a copy upward of its keys is between its two
+//! checks. A write dropped half-way (the caller's future was dropped) removes the key
+//! from the in-process layers and pins it in the remote cache layers. With an
+//! invalidation bus, each written key is published after the write (under write-back,
+//! once the drain has written it below), and keys other instances publish are dropped
+//! from this instance's in-process layers.
+//!
+//! # Write-back
+//!
+//! Under [`WritePolicy::Back`] a write is queued in the pending-writes buffer (the latest
+//! write of a key wins) and applied to L1; reads below L1 see the buffer first
+//! (read-your-writes). A drain task writes due batches through the same write path to the
+//! layers below L1, retrying a refused batch with exponential backoff; remaining TTLs are
+//! rounded down to 100 ms so that batches group. [`close`](MultiLayer::close) drains what
+//! is queued, and [`unwritten_keys`](MultiLayer::unwritten_keys) reports what could not
+//! be written.
+//!
+//! # Fail-safe
+//!
+//! With [`fail_safe`](crate::MultiLayerBuilder::fail_safe), the composer keeps the last
+//! value written through it, or read below L1 (under the read's ticket, as a promotion),
+//! for each key, and serves it when a read fails because the layers that could answer
+//! are down, time out or are skipped by their breakers (not when the composer is closed
+//! or the call is invalid or unsupported). Deletes, transactions and invalidation-bus
+//! messages remove copies.
+//!
+//! # Loads
+//!
+//! [`get_or_load`](MultiLayer::get_or_load) runs one loader per key at a time (single
+//! flight); a write of the key that began since the flight did keeps the loaded value
+//! from being written (the waiters still get it), and a caller that arrives after such a
+//! write starts a flight of its own instead of joining (the leader's own fill does not
+//! count). The flight's ticket is taken before its leader's first read. Negative caching
+//! and TTL jitter are options of the builder.
+//!
+//! # Files
+//!
+//! `builder` validates and constructs; `slot` is one configured layer (breaker, timeouts,
+//! counters, suspect keys); `future` and `read` are the read cascade, `promote` its
+//! copies upward; `write` is the write path and its public methods, `write_back` the
+//! drain task, `transaction` atomic commits; `fail_safe`, `invalidation`, `loader`,
+//! `refresh`, `warmup`, `scan` and `metrics` one concern each; `layer_impl` makes a
+//! composer a [`Layer`]; `lifecycle` is `flush` and `close`.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::bus::InvalidationBus;
+use crate::config::WritePolicy;
+use crate::entry::SharedClock;
+use crate::error::{Error, Operation, Result};
+use crate::failsafe::Store as FailSafeStore;
+use crate::guard::Generations;
+use crate::health::DirtyKeys;
+use crate::stats::{BusStats, Stats};
+use crate::writeback::Queue;
+
+// Named by the doc comments only.
+#[cfg(doc)]
+use crate::layer::Layer;
+
+mod builder;
+mod fail_safe;
+mod future;
+mod invalidation;
+mod layer_impl;
+mod lifecycle;
+mod loader;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod promote;
+mod read;
+mod refresh;
+mod scan;
+mod slot;
+mod transaction;
+mod warmup;
+mod write;
+mod write_back;
+
+#[cfg(feature = "metrics")]
+pub use self::metrics::MetricsReporter;
+
+pub use builder::MultiLayerBuilder;
+pub use future::{Get, GetEntry};
+pub use transaction::Transaction;
+pub use warmup::{WarmUp, WarmUpReport};
+
+use invalidation::BusCounters;
+use loader::{Flights, NegativeCache};
+pub use refresh::RefreshStats;
+use refresh::Refresher;
+use slot::Slot;
+
+struct Inner<K, V> {
+    name: String,
+    slots: Box<[Slot<K, V>]>,
+    /// Index of the bottom-most writable layer: the source of truth for writes.
+    authoritative: usize,
+    promotion: bool,
+    fail_on_cache_error: bool,
+    policy: WritePolicy,
+    guard: Generations,
+    clock: SharedClock,
+    closed: AtomicBool,
+    /// The pending-writes buffer under [`WritePolicy::Back`].
+    queue: Option<Queue<K, V>>,
+    flights: Flights<K, V>,
+    negative: Option<NegativeCache<K>>,
+    /// Writes shorten layer TTLs by a random fraction below this.
+    ttl_jitter: f64,
+    bus: Option<Arc<dyn InvalidationBus<K>>>,
+    bus_counters: BusCounters,
+    fail_safe: Option<FailSafeStore<K, V>>,
+    refresh: Option<Refresher<K>>,
+    /// Keys whose last write to the store had an unknown outcome.
+    in_doubt: write::InDoubt<K>,
+}
+
+/// Several layers behind one typed key-value API.
+///
+/// Reads ask the layers in order and return the first hit; with promotion on, the value
+/// is copied into the writable layers above with `ttl = min(layer TTL, remaining life)`.
+/// Writes go through every writable layer, the authoritative (bottom) one first. The
+/// module docs and the project's `docs/semantics.md` give the full semantics, concurrent
+/// writers included. Cheap to clone (an `Arc` inside); clones share
+/// layers and stats.
+///
+/// A `MultiLayer` is itself a [`Layer`], so it can be a layer of another.
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+/// use std::time::Duration;
+///
+/// let cache = MultiLayer::<String, String>::builder()
+///     .layer(LayerConfig::new("l1", MapLayer::new()).ttl(Duration::from_secs(60)))
+///     .layer(LayerConfig::new("db", MapLayer::new()))
+///     .build()?;
+///
+/// cache.set("user:42".into(), "Ada".into()).await?;
+/// assert_eq!(cache.get(&"user:42".into()).await?, Some("Ada".to_string()));
+/// assert!(cache.delete(&"user:42".into()).await?);
+/// assert_eq!(cache.get(&"user:42".into()).await?, None);
+/// cache.close().await?;
+/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// ```
+pub struct MultiLayer<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for MultiLayer<K, V> {
+    fn clone(&self) -> Self {
+        MultiLayer {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for MultiLayer<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.slots.iter().map(|s| s.name.as_str()).collect();
+        f.debug_struct("MultiLayer")
+            .field("name", &self.inner.name)
+            .field("layers", &names)
+            .field("policy", &self.inner.policy)
+            .field("promotion", &self.inner.promotion)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> MultiLayer<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn check_open(&self, op: Operation) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(op).with_layer(self.inner.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the per-layer counters (and of the write-back buffer).
+    pub fn stats(&self) -> Stats {
+        Stats {
+            layers: self
+                .inner
+                .slots
+                .iter()
+                .map(|s| {
+                    let mut stats = s.counters.snapshot(&s.name);
+                    stats.breaker = s.breaker_state();
+                    stats.breaker_opens = s.breaker.as_ref().map_or(0, |b| b.opened.load(Ordering::Relaxed));
+                    stats.suspect_keys = s.suspects.as_ref().map_or(0, |d| d.len() as u64);
+                    stats.suspects_overflowed = s.suspects.as_ref().is_some_and(DirtyKeys::overflowed);
+                    stats
+                })
+                .collect(),
+            fail_safe: self.inner.fail_safe.as_ref().map(FailSafeStore::stats),
+            refresh: self.inner.refresh.as_ref().map(Refresher::stats),
+            write_back: self.inner.queue.as_ref().map(Queue::stats),
+            bus: self.inner.bus.as_ref().map(|_| {
+                let c = &self.inner.bus_counters;
+                BusStats {
+                    published: c.published.load(Ordering::Relaxed),
+                    publish_errors: c.publish_errors.load(Ordering::Relaxed),
+                    received: c.received.load(Ordering::Relaxed),
+                    clears: c.clears.load(Ordering::Relaxed),
+                }
+            }),
+        }
+    }
+
+    /// Under [`WritePolicy::Back`], the keys whose latest write has not reached the lower
+    /// layers yet; after [`close`](MultiLayer::close), exactly the writes that could not
+    /// be written. Empty under write-through.
+    pub fn unwritten_keys(&self) -> Vec<K> {
+        self.inner
+            .queue
+            .as_ref()
+            .map(Queue::unwritten_keys)
+            .unwrap_or_default()
+    }
+
+    /// The configured layer names, top first.
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.slots.iter().map(|s| s.name.as_str())
+    }
+}
