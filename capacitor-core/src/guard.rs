@@ -101,12 +101,16 @@ impl WriteGuard<'_> {
 /// Held by a reader from before its first check of a [`Ticket`] to after its last (see
 /// [`Generations::begin_copy`]).
 pub(crate) struct CopyGuard<'a> {
-    stripe: &'a Stripe,
+    /// `None` for a copy whose ticket was void already: it will not copy, and must not
+    /// keep writers waiting (readers arriving during a write would starve it).
+    stripe: Option<&'a Stripe>,
 }
 
 impl Drop for CopyGuard<'_> {
     fn drop(&mut self) {
-        self.stripe.copying.fetch_sub(1, Ordering::SeqCst);
+        if let Some(stripe) = self.stripe {
+            stripe.copying.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -164,9 +168,14 @@ impl Generations {
     /// Announces a copy upward under `ticket` (taken before its checks, dropped after):
     /// either the copy's check sees a writer's version, or the writer sees the copy.
     pub(crate) fn begin_copy(&self, ticket: Ticket) -> CopyGuard<'_> {
+        if !self.still_valid(ticket) {
+            return CopyGuard { stripe: None };
+        }
+        // Announced, then checked again by the copy (SeqCst both): a writer that bumped
+        // the version after this load either sees the announcement or is seen by the check.
         let stripe = &self.stripes[ticket.stripe];
         stripe.copying.fetch_add(1, Ordering::SeqCst);
-        CopyGuard { stripe }
+        CopyGuard { stripe: Some(stripe) }
     }
 
     /// Whether no write of the stripe started since the ticket was taken.

@@ -40,6 +40,9 @@ use crate::writeback::{Pending, Queue};
 #[cfg(doc)]
 use super::MultiLayerBuilder;
 
+/// How often a writer checks for copies between their checks before it yields.
+const SETTLE_SPINS: u32 = 10_000;
+
 /// What one call of the write path writes.
 pub(super) enum Writes<'a, K, V> {
     Set {
@@ -251,13 +254,25 @@ impl Guards<'_> {
             Guards::One(g) => g.copies_running(),
             Guards::Many(gs) => gs.iter().any(WriteGuard::copies_running),
         };
-        let mut spins = 0u32;
-        while running() {
-            spins += 1;
-            if spins < 64 {
-                tokio::task::yield_now().await;
+        // An in-process copy takes nanoseconds: wait for it on this thread, so that a
+        // write over in-memory layers still completes on its first poll. A copy into a
+        // remote layer may take its write timeout: past the spins, yield to the runtime.
+        for spin in 0..SETTLE_SPINS {
+            if !running() {
+                return;
+            }
+            if spin < 64 {
+                std::hint::spin_loop();
             } else {
+                std::thread::yield_now();
+            }
+        }
+        let timer = tokio::runtime::Handle::try_current().is_ok();
+        while running() {
+            if timer {
                 tokio::time::sleep(Duration::from_millis(1)).await;
+            } else {
+                tokio::task::yield_now().await;
             }
         }
     }
