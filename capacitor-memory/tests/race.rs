@@ -46,7 +46,9 @@ fn concurrent_promotions_never_leave_a_stale_l1() {
             })
             .collect();
         start.wait();
-        poll_once(cache.set(key, new)).unwrap();
+        // Awaited, not polled once: a write waits for a promotion caught between its two
+        // checks (a reader thread preempted there) before it returns.
+        futures::executor::block_on(cache.set(key, new)).unwrap();
         stop.store(true, Ordering::SeqCst);
         for r in readers {
             r.join().unwrap();
