@@ -75,6 +75,7 @@ pub(crate) struct WriteGuard<'a> {
 impl WriteGuard<'_> {
     /// Whether another write of the stripe overlapped this one (checked before this write
     /// leaves, so that a writer beginning after the check still sees this one in flight).
+    #[inline]
     pub(crate) fn overlapped(&self) -> bool {
         self.joined || self.stripe.version.load(Ordering::SeqCst) != self.version
     }
@@ -83,16 +84,19 @@ impl WriteGuard<'_> {
 impl WriteGuard<'_> {
     /// Whether this write is the first of its stripe since `ticket` was taken, with no
     /// other write in flight: a loader's fill may then go ahead under that ticket.
+    #[inline]
     pub(crate) fn first_since(&self, ticket: Ticket) -> bool {
         ticket.valid && !self.joined && self.version == ticket.version.wrapping_add(1)
     }
 
     /// The stripe's version this write set.
+    #[inline]
     pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
     /// Whether a copy upward of the stripe is between its checks.
+    #[inline]
     pub(crate) fn copies_running(&self) -> bool {
         self.stripe.copying.load(Ordering::SeqCst) > 0
     }
@@ -107,6 +111,7 @@ pub(crate) struct CopyGuard<'a> {
 }
 
 impl Drop for CopyGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if let Some(stripe) = self.stripe {
             stripe.copying.fetch_sub(1, Ordering::SeqCst);
@@ -115,6 +120,7 @@ impl Drop for CopyGuard<'_> {
 }
 
 impl Drop for WriteGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.stripe.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
@@ -134,10 +140,12 @@ impl Generations {
         }
     }
 
+    #[inline]
     pub(crate) fn stripe_of<K: Hash>(&self, key: &K) -> usize {
         (self.hasher.hash_one(key) as usize) % STRIPES
     }
 
+    #[inline]
     pub(crate) fn begin_write(&self, stripe: usize) -> WriteGuard<'_> {
         let s = &self.stripes[stripe];
         let joined = s.in_flight.fetch_add(1, Ordering::SeqCst) > 0;
@@ -154,6 +162,7 @@ impl Generations {
         (0..self.stripes.len()).map(|i| self.begin_write(i)).collect()
     }
 
+    #[inline]
     pub(crate) fn ticket(&self, stripe: usize) -> Ticket {
         let s = &self.stripes[stripe];
         let version = s.version.load(Ordering::SeqCst);
@@ -167,6 +176,7 @@ impl Generations {
 
     /// Announces a copy upward under `ticket` (taken before its checks, dropped after):
     /// either the copy's check sees a writer's version, or the writer sees the copy.
+    #[inline]
     pub(crate) fn begin_copy(&self, ticket: Ticket) -> CopyGuard<'_> {
         if !self.still_valid(ticket) {
             return CopyGuard { stripe: None };
@@ -179,12 +189,14 @@ impl Generations {
     }
 
     /// Whether no write of the stripe started since the ticket was taken.
+    #[inline]
     pub(crate) fn still_valid(&self, ticket: Ticket) -> bool {
         ticket.valid && self.stripes[ticket.stripe].version.load(Ordering::SeqCst) == ticket.version
     }
 
     /// Whether the latest write begun on `ticket`'s stripe set `version` (no write began
     /// after it).
+    #[inline]
     pub(crate) fn latest_is(&self, ticket: Ticket, version: u64) -> bool {
         self.stripes[ticket.stripe].version.load(Ordering::SeqCst) == version
     }

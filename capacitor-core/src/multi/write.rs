@@ -104,12 +104,21 @@ impl<K, V> Writes<'_, K, V> {
     }
 
     /// Counts what a layer applied: sets as sets, deletes as deletes.
-    #[inline]
+    #[inline(always)]
     fn count(&self, slot: &Slot<K, V>) {
-        let (sets, deletes) = match self {
+        match self {
             // The single forms, on every write: one counter, no loop.
-            Writes::Set { .. } => return slot.counters.incr(Counter::Set),
-            Writes::Delete { .. } => return slot.counters.incr(Counter::Delete),
+            Writes::Set { .. } => slot.counters.incr(Counter::Set),
+            Writes::Delete { .. } => slot.counters.incr(Counter::Delete),
+            _ => self.count_many(slot),
+        }
+    }
+
+    #[inline(never)]
+    fn count_many(&self, slot: &Slot<K, V>) {
+        let (sets, deletes) = match self {
+            Writes::Set { .. } => (1, 0),
+            Writes::Delete { .. } => (0, 1),
             Writes::SetMany { entries, .. } => (entries.len(), 0),
             Writes::DeleteMany { keys } => (0, keys.len()),
             Writes::Drained { sets, deletes } => (sets.values().map(Vec::len).sum(), deletes.len()),
@@ -247,19 +256,28 @@ enum Guards<'a> {
 }
 
 impl Guards<'_> {
-    /// Waits until no copy upward of these stripes is between its checks (those copies
-    /// undo themselves: they see this write's version).
-    async fn settle(&self) {
-        let running = || match self {
+    #[inline(always)]
+    fn copies_running(&self) -> bool {
+        match self {
             Guards::One(g) => g.copies_running(),
             Guards::Many(gs) => gs.iter().any(WriteGuard::copies_running),
-        };
-        // An in-process copy takes nanoseconds: wait for it on this thread, so that a
-        // write over in-memory layers still completes on its first poll. A copy into a
-        // remote layer may take its write timeout: past the spins, yield to the runtime.
+        }
+    }
+
+    /// Whether no copy upward of these stripes is between its checks, waiting for one
+    /// on this thread a while (an in-process copy takes nanoseconds, and a write over
+    /// in-memory layers should complete on its first poll).
+    #[inline(always)]
+    fn settle_now(&self) -> bool {
+        !self.copies_running() || self.spin_until_settled()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn spin_until_settled(&self) -> bool {
         for spin in 0..SETTLE_SPINS {
-            if !running() {
-                return;
+            if !self.copies_running() {
+                return true;
             }
             if spin < 64 {
                 std::hint::spin_loop();
@@ -267,8 +285,18 @@ impl Guards<'_> {
                 std::thread::yield_now();
             }
         }
+        false
+    }
+
+    /// Waits until no copy upward of these stripes is between its checks (those copies
+    /// undo themselves: they see this write's version). A copy into a remote layer may
+    /// take its write timeout: past [`settle_now`](Self::settle_now), yield to the runtime.
+    async fn settle(&self) {
+        if self.settle_now() {
+            return;
+        }
         let timer = tokio::runtime::Handle::try_current().is_ok();
-        while running() {
+        while self.copies_running() {
             if timer {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             } else {
@@ -277,6 +305,7 @@ impl Guards<'_> {
         }
     }
 
+    #[inline(always)]
     fn overlapped(&self) -> bool {
         match self {
             Guards::One(g) => g.overlapped(),
@@ -330,10 +359,18 @@ impl<'a, K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Drop
     for WriteScope<'_, K, V>
 {
+    #[inline(always)]
     fn drop(&mut self) {
-        if self.done {
-            return;
+        if !self.done {
+            self.abandoned();
         }
+    }
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> WriteScope<'_, K, V> {
+    #[cold]
+    #[inline(never)]
+    fn abandoned(&mut self) {
         // Dropped half-way: which layers hold what is unknown, and a remote command may
         // still land. In-process copies go now; remote cache layers pin the keys.
         let inner = self.inner;
@@ -381,9 +418,73 @@ pub(super) struct Written {
     pub(super) cache_error: Option<Error>,
 }
 
+/// How far a write has come through its layers: the synchronous prefix of the write
+/// path hands it to the awaited rest where a layer must be awaited.
+pub(super) struct Progress {
+    /// Layers still to write; the next is the last (the nearest the store).
+    todo: RangeInclusive<usize>,
+    /// A layer taken from `todo` whose call is still to be made (`None`), or was made and
+    /// whose result is still to be handled.
+    current: Option<(usize, Option<Result<u64>>)>,
+    /// A key of the write is in doubt: cache layers are invalidated, not written.
+    pinned: bool,
+    found: u64,
+    cache_error: Option<Error>,
+}
+
+impl Progress {
+    fn begin<K, V>(scope: &WriteScope<'_, K, V>) -> Self
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        let inner = scope.inner;
+        let writes = scope.writes;
+        if let Some(negative) = &inner.negative {
+            writes.for_each_key(|k| negative.forget(k));
+        }
+        let pinned = inner.in_doubt.len() > 0 && {
+            let now = inner.clock.now();
+            let mut any = false;
+            writes.for_each_key(|k| any |= inner.in_doubt.pinned(k, now));
+            any
+        };
+        Progress {
+            todo: scope.layers.clone(),
+            current: None,
+            pinned,
+            found: 0,
+            cache_error: None,
+        }
+    }
+
+    /// The next writable layer to handle, with its result if it was called already.
+    fn next<K, V>(&mut self, inner: &Inner<K, V>) -> Option<(usize, Option<Result<u64>>)> {
+        if let Some(current) = self.current.take() {
+            return Some(current);
+        }
+        loop {
+            let i = self.todo.next_back()?;
+            if !inner.slots[i].read_only {
+                return Some((i, None));
+            }
+        }
+    }
+
+    fn written(&mut self) -> Written {
+        Written {
+            found: self.found,
+            cache_error: self.cache_error.take(),
+        }
+    }
+}
+
 /// Applies the writes of `scope` to its writable layers, bottom first; `authority` is
 /// the layer whose failure fails the write (`None` under write-back, where the buffer
 /// took the write before; the count of keys found is then L1's).
+///
+/// In-process layers are written without awaiting (see [`fan_out_sync`]): a write over
+/// them completes on its first poll and builds no future per layer.
 pub(super) async fn fan_out<K, V>(
     mut scope: WriteScope<'_, K, V>,
     authority: Option<usize>,
@@ -392,38 +493,109 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    let inner = scope.inner;
-    let writes = scope.writes;
-    let layers = scope.layers.clone();
+    match start(&mut scope, authority) {
+        Ok(done) => done,
+        Err(progress) => fan_out_awaited(scope, authority, progress).await,
+    }
+}
+
+/// The part of [`fan_out`] that needs no future: `Ok` with the write's result when it
+/// is done, or `Err` with how far it came, for [`fan_out_awaited`] to go on from.
+#[inline(always)]
+pub(super) fn start<K, V>(
+    scope: &mut WriteScope<'_, K, V>,
+    authority: Option<usize>,
+) -> std::result::Result<Result<Written>, Progress>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     if scope.refused {
-        return Ok(Written {
+        return Ok(Ok(Written {
             found: 0,
             cache_error: None,
-        });
+        }));
     }
-    if let Some(negative) = &inner.negative {
-        writes.for_each_key(|k| negative.forget(k));
+    let mut progress = Progress::begin(scope);
+    match fan_out_sync(scope, authority, &mut progress) {
+        Some(done) => Ok(done),
+        None => Err(progress),
     }
-    let mut found = 0;
-    let mut cache_error = None;
-    let pinned = inner.in_doubt.len() > 0 && {
-        let now = inner.clock.now();
-        let mut any = false;
-        writes.for_each_key(|k| any |= inner.in_doubt.pinned(k, now));
-        any
-    };
-    for i in layers.clone().rev() {
+}
+
+/// The synchronous prefix of the write path: layers that answer at once are written
+/// here, in the same order and with the same bookkeeping as in [`fan_out_awaited`]. At
+/// the first layer that must be awaited, a failure, a key in doubt, an overlap or a
+/// copy still running, it stops and returns `None`, leaving the rest to the awaited
+/// path (a failure's result is handed over in `progress`, not handled twice).
+#[inline]
+fn fan_out_sync<K, V>(
+    scope: &mut WriteScope<'_, K, V>,
+    authority: Option<usize>,
+    progress: &mut Progress,
+) -> Option<Result<Written>>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let inner = scope.inner;
+    let writes = scope.writes;
+    if progress.pinned {
+        return None;
+    }
+    while let Some(i) = progress.todo.next_back() {
         let slot = &inner.slots[i];
         if slot.read_only {
             continue;
         }
+        let result = match slot.sync_ops.then(|| apply_sync(inner, slot, writes)).flatten() {
+            Some(result) => result,
+            None => {
+                progress.current = Some((i, None));
+                return None;
+            }
+        };
+        match result {
+            Ok(n) if Some(i) == authority => applied_authority(inner, slot, writes, n, progress),
+            Ok(n) => applied_cache(inner, slot, writes, n, authority, progress),
+            Err(e) => {
+                progress.current = Some((i, Some(Err(e))));
+                return None;
+            }
+        }
+    }
+    if !scope.guards.settle_now() || scope.guards.overlapped() {
+        return None;
+    }
+    if authority.is_some() && inner.bus.is_some() {
+        return None;
+    }
+    scope.done = true;
+    Some(Ok(progress.written()))
+}
+
+/// The write path from where [`fan_out_sync`] stopped.
+pub(super) async fn fan_out_awaited<K, V>(
+    mut scope: WriteScope<'_, K, V>,
+    authority: Option<usize>,
+    mut progress: Progress,
+) -> Result<Written>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let inner = scope.inner;
+    let writes = scope.writes;
+    let layers = scope.layers.clone();
+    while let Some((i, called)) = progress.next(inner) {
+        let slot = &inner.slots[i];
         if Some(i) == authority {
-            match apply(inner, slot, writes).await {
-                Ok(n) => {
-                    found = n;
-                    writes.count(slot);
-                    remember(inner, writes);
-                }
+            let result = match called {
+                Some(result) => result,
+                None => apply(inner, slot, writes).await,
+            };
+            match result {
+                Ok(n) => applied_authority(inner, slot, writes, n, &mut progress),
                 Err(e) => {
                     let err = slot.error(e);
                     if outcome_unknown(&err) {
@@ -441,36 +613,35 @@ where
         let applied = match writes {
             // A commit's values are in the store only, and so are keys in doubt: copies
             // above are removed.
-            _ if pinned => invalidate(inner, slot, writes).await,
+            _ if progress.pinned => invalidate(inner, slot, writes).await,
             Writes::Atomic { .. } => invalidate(inner, slot, writes).await,
-            _ => match apply(inner, slot, writes).await {
-                Ok(n) => {
-                    if authority.is_none() {
-                        found = n;
+            _ => {
+                let result = match called {
+                    Some(result) => result,
+                    None => apply(inner, slot, writes).await,
+                };
+                match result {
+                    Ok(n) => {
+                        applied_cache(inner, slot, writes, n, authority, &mut progress);
+                        Ok(())
                     }
-                    writes.count(slot);
-                    if slot.suspects.is_some() {
-                        let now = inner.clock.now();
-                        writes.for_each_key(|k| slot.cleaned([k], now));
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    let err = slot.error(e);
-                    if outcome_unknown(&err) {
-                        if let Some(suspects) = &slot.suspects {
-                            suspects.pin(writes.keys(), inner.clock.now());
+                    Err(e) => {
+                        let err = slot.error(e);
+                        if outcome_unknown(&err) {
+                            if let Some(suspects) = &slot.suspects {
+                                suspects.pin(writes.keys(), inner.clock.now());
+                            }
                         }
+                        // The layer may still hold the previous value: drop it there, or
+                        // failing that, stop reading the key there until it is rewritten.
+                        let _ = invalidate(inner, slot, writes).await;
+                        Err(err)
                     }
-                    // The layer may still hold the previous value: drop it there, or
-                    // failing that, stop reading the key there until it is rewritten.
-                    let _ = invalidate(inner, slot, writes).await;
-                    Err(err)
                 }
-            },
+            }
         };
         if let Err(err) = applied {
-            cache_error.get_or_insert(err);
+            progress.cache_error.get_or_insert(err);
         }
     }
     scope.guards.settle().await;
@@ -488,7 +659,65 @@ where
             inner.publish(key).await;
         }
     }
-    Ok(Written { found, cache_error })
+    Ok(progress.written())
+}
+
+/// The authoritative layer took `writes`.
+#[inline]
+fn applied_authority<K, V>(
+    inner: &Inner<K, V>,
+    slot: &Slot<K, V>,
+    writes: &Writes<'_, K, V>,
+    found: u64,
+    progress: &mut Progress,
+) where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
+    progress.found = found;
+    writes.count(slot);
+    remember(inner, writes);
+}
+
+/// A cache layer took `writes`.
+#[inline]
+fn applied_cache<K, V>(
+    inner: &Inner<K, V>,
+    slot: &Slot<K, V>,
+    writes: &Writes<'_, K, V>,
+    found: u64,
+    authority: Option<usize>,
+    progress: &mut Progress,
+) where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    if authority.is_none() {
+        progress.found = found;
+    }
+    writes.count(slot);
+    if slot.suspects.is_some() {
+        let now = inner.clock.now();
+        writes.for_each_key(|k| slot.cleaned([k], now));
+    }
+}
+
+/// [`apply`] without a future, for a layer with synchronous operations: `None` where the
+/// layer (or this form of write) must be awaited.
+#[inline]
+fn apply_sync<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>, writes: &Writes<'_, K, V>) -> Option<Result<u64>>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    match writes {
+        Writes::Set { key, value, ttl, .. } => slot
+            .layer
+            .set_sync(key, value, inner.write_ttl(slot, *ttl))
+            .map(|r| r.map(|()| 0)),
+        Writes::Delete { key } => slot.layer.delete_sync(key).map(|r| r.map(u64::from)),
+        _ => None,
+    }
 }
 
 /// Writes `writes` into one layer; the number of keys it held for deletes.
@@ -537,14 +766,23 @@ where
 /// Fail-safe after the authoritative layer took `writes`: sets are the last known
 /// values, deletes leave nothing to fall back on. (A drained batch was recorded when it
 /// was queued.)
+#[inline(always)]
 fn remember<K, V>(inner: &Inner<K, V>, writes: &Writes<'_, K, V>)
 where
     K: Hash + Eq + Clone,
     V: Clone,
 {
-    if inner.fail_safe.is_none() {
-        return;
+    if inner.fail_safe.is_some() {
+        remember_written(inner, writes);
     }
+}
+
+#[inline(never)]
+fn remember_written<K, V>(inner: &Inner<K, V>, writes: &Writes<'_, K, V>)
+where
+    K: Hash + Eq + Clone,
+    V: Clone,
+{
     let expiry =
         |ttl: Option<Duration>| ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
     match writes {
@@ -619,7 +857,11 @@ where
     ///
     /// As [`set_with`](MultiLayer::set_with).
     pub async fn set(&self, key: K, value: V) -> Result<()> {
-        traced!("capacitor.set", self.inner.name, self.write(&key, &value, None))
+        traced!(
+            "capacitor.set",
+            self.inner.name,
+            self.write_or_fill(&key, &value, None, None)
+        )
     }
 
     /// Stores `value` under `key` with per-write options (a TTL: each layer keeps the
@@ -634,7 +876,7 @@ where
         traced!(
             "capacitor.set",
             self.inner.name,
-            self.write(&key, &value, options.ttl)
+            self.write_or_fill(&key, &value, options.ttl, None)
         )
     }
 
@@ -809,14 +1051,27 @@ where
     /// Writes every writable layer, the authoritative one first (see `write`).
     async fn write_through(&self, writes: &Writes<'_, K, V>) -> Result<Written> {
         let inner = &*self.inner;
-        let scope = WriteScope::enter(inner, writes, 0..=inner.authoritative);
-        fan_out(scope, Some(inner.authoritative)).await
+        let mut scope = WriteScope::enter(inner, writes, 0..=inner.authoritative);
+        let authority = Some(inner.authoritative);
+        match start(&mut scope, authority) {
+            Ok(done) => done,
+            Err(progress) => fan_out_awaited(scope, authority, progress).await,
+        }
     }
 }
 
 impl<K, V> Inner<K, V> {
     /// The TTL a write gives `slot`: the shorter of the layer's and the write's, jittered.
+    #[inline(always)]
     fn write_ttl(&self, slot: &Slot<K, V>, ttl: Option<Duration>) -> Option<Duration> {
-        jitter(min_ttl(slot.ttl, ttl), self.ttl_jitter)
+        let ttl = match (slot.ttl, ttl) {
+            (None, None) => return None,
+            (a, b) => min_ttl(a, b),
+        };
+        if self.ttl_jitter > 0.0 {
+            jitter(ttl, self.ttl_jitter)
+        } else {
+            ttl
+        }
     }
 }
