@@ -162,7 +162,6 @@ impl Generations {
         (0..self.stripes.len()).map(|i| self.begin_write(i)).collect()
     }
 
-    #[inline]
     pub(crate) fn ticket(&self, stripe: usize) -> Ticket {
         let s = &self.stripes[stripe];
         let version = s.version.load(Ordering::SeqCst);

@@ -23,6 +23,7 @@ where
     /// value of `key`, unless a write of the key began since the ticket (checked before
     /// and after the record, as a promotion is: the writer's record must not be
     /// overwritten by the older value this read found).
+    #[inline(never)]
     pub(super) fn remember_read(&self, key: &K, entry: &Entry<V>, ticket: Ticket) {
         if let Some(fail_safe) = &self.fail_safe {
             let _copy = self.guard.begin_copy(ticket);
@@ -70,6 +71,7 @@ where
     }
 
     /// A read of `key` failed with `err`: the fail-safe copy, or the error.
+    #[inline(never)]
     pub(super) fn stale_or(&self, key: &K, err: Error) -> Result<Option<Entry<V>>> {
         let servable = !matches!(
             err.kind(),

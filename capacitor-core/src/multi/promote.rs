@@ -26,8 +26,8 @@ where
 
     /// Whether to write a promoted copy into `slot` (counted when skipped).
     pub(super) fn may_promote(&self, slot: &Slot<K, V>, key: &K, ticket: Ticket) -> bool {
-        let valid =
-            self.inner.guard.still_valid(ticket) && !self.inner.in_doubt.pinned(key, self.inner.clock.now());
+        let valid = self.inner.guard.still_valid(ticket)
+            && (self.inner.in_doubt.len() == 0 || !self.inner.in_doubt.pinned(key, self.inner.clock.now()));
         if !valid {
             slot.counters.incr(Counter::PromotionSkipped);
         }
@@ -93,6 +93,7 @@ where
     }
 
     /// [`promote`](Self::promote) for layers that all have synchronous operations.
+    #[inline(never)]
     pub(super) fn promote_sync(&self, key: &K, entry: &Entry<V>, found: usize, ticket: Ticket) {
         let Some(remaining) = self.promotion_ttl(entry) else {
             return;

@@ -90,8 +90,10 @@ where
                     if ticket.is_none() && inner.refresh.is_some() {
                         self.refresh_if_due(key, &entry);
                     }
-                    if let Some(ticket) = ticket.filter(|_| inner.fail_safe.is_some()) {
-                        inner.remember_read(key, &entry, ticket);
+                    if inner.fail_safe.is_some() {
+                        if let Some(ticket) = ticket {
+                            inner.remember_read(key, &entry, ticket);
+                        }
                     }
                     crate::observe::read_outcome(
                         Some(&slot.name),
@@ -124,7 +126,16 @@ where
 
     /// Read-your-writes under write-back: the pending write of `key`, if any (`Some(None)`
     /// for a pending delete or an expired pending set).
+    #[inline(always)]
     pub(super) fn buffered(&self, key: &K) -> Option<Option<Entry<V>>> {
+        match &self.inner.queue {
+            None => None,
+            Some(_) => self.buffered_in_queue(key),
+        }
+    }
+
+    #[inline(never)]
+    fn buffered_in_queue(&self, key: &K) -> Option<Option<Entry<V>>> {
         let queue = self.inner.queue.as_ref()?;
         let found = match queue.lookup(key)? {
             Pending::Set { value, expires_at } => {
@@ -139,6 +150,7 @@ where
 
     /// Counts a failed read at layer `i`. A decode error is a miss anywhere; another error
     /// is a miss in a cache layer and the caller's error in the last layer.
+    #[inline(never)]
     fn read_failed(&self, i: usize, err: Error) -> Result<()> {
         let slot = &self.inner.slots[i];
         if err.kind() == ErrorKind::Decode {
