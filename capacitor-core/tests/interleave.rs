@@ -368,3 +368,51 @@ async fn under_write_back_the_buffer_and_l1_agree_on_overlapping_sets() {
         assert_eq!(l1.value, 2, "L1 disagrees with the store");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_eviction_during_a_promotion_leaves_no_old_copy() {
+    // Two instances over one store; B's read of the store is held after it answered
+    // while A's set lands and its message evicts the key from B's L1.
+    let bus = capacitor_core::testkit::LoopbackBus::new();
+    let store = Arc::new(MapLayer::<String, u32>::new());
+    let a = MultiLayer::builder()
+        .layer(LayerConfig::new("l1", MapLayer::new()))
+        .layer(LayerConfig::shared(
+            "store",
+            store.clone() as Arc<dyn Layer<String, u32>>,
+        ))
+        .invalidation_bus(bus.endpoint())
+        .build()
+        .unwrap();
+    let b_l1 = Arc::new(MapLayer::<String, u32>::new());
+    let gated = GateLayer::shared(store.clone() as Arc<dyn Layer<String, u32>>);
+    let gates = gated.gates();
+    let b = MultiLayer::builder()
+        .layer(LayerConfig::shared(
+            "l1",
+            b_l1.clone() as Arc<dyn Layer<String, u32>>,
+        ))
+        .layer(LayerConfig::new("store", gated))
+        .invalidation_bus(bus.endpoint())
+        .build()
+        .unwrap();
+    a.set(k(), 1).await.unwrap();
+    let gate = gates.hold(GateOp::Get, Hold::After);
+    let read = tokio::spawn({
+        let b = b.clone();
+        async move { b.get(&k()).await }
+    });
+    gate.reached().await; // B holds 1 from the store, not yet copied up
+    let received = |c: &Cache| c.stats().bus.map_or(0, |s| s.received);
+    let before = received(&b);
+    within(LIMIT, a.set(k(), 2)).await.unwrap();
+    assert_eq!(received(&b), before + 1, "A's message reached B");
+    gate.release();
+    assert_eq!(within(LIMIT, read).await.unwrap().unwrap(), Some(1));
+    let held = b_l1.raw_entry(&k()).map(|e| e.value);
+    assert!(
+        held.is_none() || held == Some(2),
+        "B's L1 holds {held:?} after the eviction"
+    );
+    assert_eq!(b.get(&k()).await.unwrap(), Some(2));
+}

@@ -28,7 +28,7 @@ where
         match message {
             Invalidation::Key(key) => {
                 // As a local write does: promotions racing the message are discarded.
-                let _writing = self.guard.begin_write(self.guard.stripe_of(&key));
+                let writing = self.guard.begin_write(self.guard.stripe_of(&key));
                 if let Some(fail_safe) = &self.fail_safe {
                     fail_safe.forget(&key);
                 }
@@ -37,10 +37,15 @@ where
                         slot.counters.incr(Counter::Error);
                     }
                 }
+                // A copy that passed its check before the eviction and landed after it
+                // undoes itself at its second check; wait for that here (copies into
+                // in-process layers take nanoseconds), so that once the message is
+                // applied no copy read before it is served.
+                super::write::wait_for_copies(std::slice::from_ref(&writing));
             }
             Invalidation::All => {
                 self.bus_counters.clears.fetch_add(1, Ordering::Relaxed);
-                let _writing = self.guard.begin_write_all();
+                let writing = self.guard.begin_write_all();
                 if let Some(fail_safe) = &self.fail_safe {
                     fail_safe.clear();
                 }
@@ -49,6 +54,7 @@ where
                         slot.counters.incr(Counter::Error);
                     }
                 }
+                super::write::wait_for_copies(&writing);
             }
         }
     }

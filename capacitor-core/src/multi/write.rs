@@ -43,6 +43,24 @@ use super::MultiLayerBuilder;
 /// How often a writer checks for copies between their checks before it yields.
 const SETTLE_SPINS: u32 = 10_000;
 
+/// Waits on this thread, a bounded while, until no copy upward of the stripes `writing`
+/// holds is between its checks: for writers that cannot await (an invalidation bus's
+/// message handler). Returns whether they all finished.
+pub(super) fn wait_for_copies(writing: &[WriteGuard<'_>]) -> bool {
+    let running = || writing.iter().any(WriteGuard::copies_running);
+    for spin in 0..SETTLE_SPINS {
+        if !running() {
+            return true;
+        }
+        if spin < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    !running()
+}
+
 /// What one call of the write path writes.
 pub(super) enum Writes<'a, K, V> {
     Set {
@@ -275,17 +293,10 @@ impl Guards<'_> {
     #[cold]
     #[inline(never)]
     fn spin_until_settled(&self) -> bool {
-        for spin in 0..SETTLE_SPINS {
-            if !self.copies_running() {
-                return true;
-            }
-            if spin < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        match self {
+            Guards::One(g) => wait_for_copies(std::slice::from_ref(g)),
+            Guards::Many(gs) => wait_for_copies(gs),
         }
-        false
     }
 
     /// Waits until no copy upward of these stripes is between its checks (those copies
