@@ -77,6 +77,24 @@ impl History {
         self.len() == 0
     }
 
+    /// A hash of every recorded operation in order (what it did, to which key, when): two
+    /// runs with equal fingerprints interleaved their operations the same way.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same history gives the same fingerprint in every
+        // process.
+        #[allow(deprecated)]
+        let mut hasher = std::hash::SipHasher::new();
+        for e in self.events.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            (e.op, &e.key, e.start, e.end, e.acknowledged).hash(&mut hasher);
+            match e.effect {
+                Effect::Read(v) => (0u8, v).hash(&mut hasher),
+                Effect::Write(v) => (1u8, v).hash(&mut hasher),
+            }
+        }
+        hasher.finish()
+    }
+
     /// Every read that returned something a write acknowledged before the read began had
     /// replaced, and, given `finals` (what the authoritative layer holds per key after
     /// quiescence), every key whose final value is not the outcome of the history.
