@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use capacitor_core::{ErrorKind, Layer, Timestamp};
-use capacitor_redis::fred::prelude::KeysInterface;
+use capacitor_redis::fred::prelude::{KeysInterface, LuaInterface};
 use capacitor_redis::RedisLayer;
 use common::{raw, unique_prefix, url};
 use futures::StreamExt;
@@ -204,4 +204,37 @@ fn passwords_never_appear_in_debug_or_errors() {
 fn build_outside_a_runtime_is_a_config_error() {
     let err = RedisLayer::builder().build::<String, String>().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
+}
+
+#[test]
+fn writes_go_on_when_the_server_forgets_the_write_script() {
+    common::run(TEST_TIMEOUT, async {
+        // A private server: SCRIPT FLUSH empties the script cache of the whole server.
+        let server = common::RedisServer::start();
+        let layer: RedisLayer<String, String> = RedisLayer::builder()
+            .url(server.url())
+            .prefix("flush:")
+            .build()
+            .unwrap();
+        layer.connect().await.unwrap();
+        let raw = common::raw_at(&server.url()).await;
+        let k = "k".to_string();
+        layer.set(&k, &"v1".to_string(), None).await.unwrap();
+        let _: () = raw.script_flush(false).await.unwrap();
+        layer.set(&k, &"v2".to_string(), None).await.unwrap();
+        assert_eq!(
+            layer.get(&k).await.unwrap().map(|e| e.value),
+            Some("v2".to_string())
+        );
+        assert!(layer.delete(&k).await.unwrap());
+        let _: () = raw.script_flush(false).await.unwrap();
+        layer
+            .set_many(&[(k.clone(), "v3".to_string())], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            layer.get(&k).await.unwrap().map(|e| e.value),
+            Some("v3".to_string())
+        );
+    });
 }
