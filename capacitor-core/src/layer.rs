@@ -187,6 +187,32 @@ where
         Capabilities::new()
     }
 
+    /// Whether this layer would refuse `set(key, value, ttl)`, checked without writing
+    /// anything: its size limits, the keys it can store, the TTLs it can express. The
+    /// composer asks every layer before it acknowledges a write-back `set`, so that what
+    /// the store would refuse later is refused to the caller now, with the error
+    /// `set` gives. The default accepts everything.
+    ///
+    /// # Errors
+    ///
+    /// The error [`set`](Layer::set) would return for this write
+    /// ([`ErrorKind::InvalidInput`], [`ErrorKind::ValueTooLarge`],
+    /// [`ErrorKind::Encode`]); never one about the backend's state.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::Layer;
+    ///
+    /// let layer = DashMapLayer::<String, String>::new();
+    /// assert!(layer.check_write(&"k".into(), &"v".into(), None).is_ok());
+    /// ```
+    fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let _ = (key, value, ttl);
+        Ok(())
+    }
+
     /// A synchronous read for in-memory layers, tried by the composer before
     /// [`get`](Layer::get) so that an L1 hit does not pay for a boxed future.
     ///

@@ -41,7 +41,8 @@ pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use multi::MetricsReporter;
 pub use multi::{
-    Get, GetEntry, MultiLayer, MultiLayerBuilder, RefreshStats, Transaction, WarmUp, WarmUpReport,
+    Get, GetEntry, MultiLayer, MultiLayerBuilder, RefreshStats, RefusedWrite, Transaction, WarmUp,
+    WarmUpReport,
 };
 pub use scan::Scan;
 pub use stats::{BusStats, LayerStats, Stats};

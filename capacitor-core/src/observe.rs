@@ -49,7 +49,21 @@ pub(crate) fn drain_retry(cache: &str, err: &crate::Error) {
         cache,
         layer = err.layer().unwrap_or_default(),
         kind = err.kind().as_str(),
-        "write-back batch refused; retrying"
+        "write-back batch failed; retrying"
+    );
+}
+
+/// A drained write the store refused, set aside (see `MultiLayer::refused_writes`).
+#[allow(unused_variables)]
+pub(crate) fn write_refused(cache: &str, err: &crate::Error) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        target: "capacitor",
+        cache,
+        layer = err.layer().unwrap_or_default(),
+        kind = err.kind().as_str(),
+        error = %err,
+        "write-back write refused by the store; set aside"
     );
 }
 

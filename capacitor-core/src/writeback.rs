@@ -37,6 +37,17 @@ struct Slot<V> {
     /// Sequence number of the oldest write of this key not yet written: writes below it
     /// are on the lower layers (or were superseded by one that is).
     unwritten_from: u64,
+    /// The store refused this write (not a temporary failure): it is set aside, out of
+    /// the FIFO, until it is rewritten, retried or cleared. Reads still see it.
+    refused: Option<Refusal>,
+}
+
+/// Why the store refused a write-back write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) kind: ErrorKind,
+    pub(crate) reason: String,
+    pub(crate) at: Instant,
 }
 
 struct State<K, V> {
@@ -63,6 +74,9 @@ pub struct WriteBackStats {
     pub retries: u64,
     /// Reads answered from the buffer (read-your-writes after L1 eviction).
     pub buffer_hits: u64,
+    /// Writes the store refused (not a temporary failure), set aside until they are
+    /// rewritten, retried or cleared (see `MultiLayer::refused_writes`).
+    pub refused: u64,
 }
 
 pub(crate) struct Queue<K, V> {
@@ -144,6 +158,10 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         if let Some(slot) = st.map.get_mut(key) {
             slot.op = op;
             slot.seq = seq;
+            if slot.refused.take().is_some() {
+                // A new write replaces one the store refused: it is drained as usual.
+                slot.since = Instant::now();
+            }
             let requeue = !slot.queued;
             slot.queued = true;
             if requeue {
@@ -160,6 +178,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
                     since: Instant::now(),
                     queued: true,
                     unwritten_from: seq,
+                    refused: None,
                 },
             );
             st.fifo.push_back(key.clone());
@@ -241,7 +260,77 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         self.progress.notify_waiters();
     }
 
-    /// Waits until every write queued before the call has been written.
+    /// The store refused the write of `key` with sequence `seq` (not a temporary
+    /// failure): it is set aside, unless a newer write of the key replaced it meanwhile
+    /// (that one is drained as usual). Returns whether it was set aside.
+    pub(crate) fn refuse(&self, key: &K, seq: u64, refusal: Refusal) -> bool {
+        let mut st = self.lock();
+        let set_aside = match st.map.get_mut(key) {
+            Some(slot) if slot.seq == seq => {
+                slot.refused = Some(refusal);
+                true
+            }
+            Some(slot) => {
+                slot.unwritten_from = seq + 1;
+                false
+            }
+            None => false,
+        };
+        drop(st);
+        self.progress.notify_waiters();
+        set_aside
+    }
+
+    /// The writes set aside, oldest first.
+    pub(crate) fn refused(&self) -> Vec<(K, Refusal)> {
+        let st = self.lock();
+        let mut out: Vec<(K, Refusal)> = st
+            .map
+            .iter()
+            .filter_map(|(k, s)| s.refused.clone().map(|r| (k.clone(), r)))
+            .collect();
+        out.sort_by_key(|(_, r)| r.at);
+        out
+    }
+
+    /// Queues the writes set aside again; how many.
+    pub(crate) fn retry_refused(&self) -> usize {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut n = 0;
+        for (key, slot) in st.map.iter_mut() {
+            if slot.refused.take().is_some() {
+                slot.queued = true;
+                slot.since = Instant::now();
+                st.fifo.push_back(key.clone());
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.queued.notify_one();
+        }
+        n
+    }
+
+    /// Drops the writes set aside from the buffer; their keys.
+    pub(crate) fn clear_refused(&self) -> Vec<K> {
+        let mut st = self.lock();
+        let keys: Vec<K> = st
+            .map
+            .iter()
+            .filter(|(_, s)| s.refused.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &keys {
+            st.map.remove(key);
+        }
+        drop(st);
+        self.progress.notify_waiters();
+        keys
+    }
+
+    /// Waits until every write queued before the call has been written, or set aside
+    /// because the store refused it (then an error names how many).
     pub(crate) async fn flush(&self) -> Result<()> {
         let target = self.lock().next_seq;
         self.flushers.fetch_add(1, Ordering::AcqRel);
@@ -250,7 +339,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             loop {
                 let mut progress = std::pin::pin!(self.progress.notified());
                 progress.as_mut().enable();
-                if !self.lock().map.values().any(|s| s.unwritten_from < target) {
+                if !self
+                    .lock()
+                    .map
+                    .values()
+                    .any(|s| s.unwritten_from < target && s.refused.is_none())
+                {
                     return;
                 }
                 progress.await;
@@ -258,6 +352,24 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         })
         .await;
         self.flushers.fetch_sub(1, Ordering::AcqRel);
+        if outcome.is_ok() {
+            let refused = self
+                .lock()
+                .map
+                .values()
+                .filter(|s| s.unwritten_from < target && s.refused.is_some())
+                .count();
+            if refused > 0 {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    Operation::Flush,
+                    format!(
+                        "{refused} writes were refused by the store and set aside; \
+                         see MultiLayer::refused_writes"
+                    ),
+                ));
+            }
+        }
         outcome.map_err(|_| {
             Error::new(
                 ErrorKind::Timeout,
@@ -305,6 +417,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             coalesced: self.coalesced.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             buffer_hits: self.buffer_hits.load(Ordering::Relaxed),
+            refused: st.map.values().filter(|s| s.refused.is_some()).count() as u64,
         }
     }
 }

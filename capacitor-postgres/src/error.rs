@@ -7,6 +7,8 @@
 //! | serialization failure (`40001`), deadlock (`40P01`) | [`ErrorKind::Conflict`] |
 //! | authentication (class `28`), unknown database (`3D000`) | [`ErrorKind::Config`] |
 //! | the pool was closed | [`ErrorKind::Closed`] |
+//! | out of resources (class `53`: disk full, out of memory) | [`ErrorKind::Unavailable`] |
+//! | the data refused: data exception (class `22`), program limit exceeded (class `54`, an index row too large), integrity violation (class `23`) | [`ErrorKind::InvalidInput`] |
 //! | anything else | [`ErrorKind::Backend`] |
 //!
 //! The original error is kept as the source. Messages never contain the connection URL
@@ -35,6 +37,13 @@ fn classify(err: &tokio_postgres::Error) -> (ErrorKind, &'static str) {
             "53300" => (ErrorKind::Unavailable, "the server has too many connections"),
             "3D000" => (ErrorKind::Config, "the database does not exist"),
             _ if code.starts_with("08") => (ErrorKind::Unavailable, "connection failure"),
+            // Disk full, out of memory: the server may recover; the write is retried.
+            _ if code.starts_with("53") => (ErrorKind::Unavailable, "the server is out of resources"),
+            // The data itself is refused (a value out of range, a row too large for an
+            // index, a violated constraint): retrying it cannot succeed.
+            _ if code.starts_with("22") => (ErrorKind::InvalidInput, "PostgreSQL refused the data"),
+            _ if code.starts_with("54") => (ErrorKind::InvalidInput, "the row exceeds a PostgreSQL limit"),
+            _ if code.starts_with("23") => (ErrorKind::InvalidInput, "the row violates a constraint"),
             _ if code.starts_with("28") => (ErrorKind::Config, "authentication failed"),
             _ => (ErrorKind::Backend, "PostgreSQL error"),
         };

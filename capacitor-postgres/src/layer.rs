@@ -29,6 +29,10 @@ use capacitor_core::fence::{deadline_after, too_late, InFlight};
 /// as its expiry.
 pub(crate) const MAX_EXPIRY_MILLIS: u64 = 253_402_300_799_999;
 
+/// The longest stored key text (bytes) a write accepts: below the B-tree's limit of about
+/// 2,700 bytes per index row, with room for the row's overhead.
+pub const MAX_KEY_BYTES: usize = 2_048;
+
 /// `ts` as the value of a `timestamptz` parameter (clamped to [`MAX_EXPIRY_MILLIS`]).
 pub(crate) fn sql_time(ts: Timestamp) -> SystemTime {
     Timestamp::from_millis(ts.as_millis().min(MAX_EXPIRY_MILLIS)).to_system_time()
@@ -335,6 +339,24 @@ where
         self.shared.key_format.encode(key, op)
     }
 
+    /// The stored text of a key about to be written: [`key_text`](Self::key_text), no
+    /// longer than [`MAX_KEY_BYTES`] (the `key` column's index holds at most about 2.7 KB
+    /// per row; a longer key would be refused by the server).
+    fn write_key_text<'k>(&self, key: &'k Cow<'k, [u8]>, op: Operation) -> Result<Cow<'k, str>> {
+        let text = self.key_text(key, op)?;
+        if text.len() > MAX_KEY_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                op,
+                format!(
+                    "the key is {} bytes as stored; the PostgreSQL layer stores keys of up to {MAX_KEY_BYTES}",
+                    text.len()
+                ),
+            ));
+        }
+        Ok(text)
+    }
+
     /// Encodes `value` into its stored bytes, checking the size limit first.
     fn encode(&self, value: &V, expires_at: Option<Timestamp>, op: Operation) -> Result<Vec<u8>> {
         envelope::seal(
@@ -357,7 +379,10 @@ where
         let mut batch = BTreeMap::new();
         for (key, write) in ops {
             let bytes = key.encode_key();
-            let text = self.key_text(&bytes, op)?.into_owned();
+            let text = match write {
+                Some(_) => self.write_key_text(&bytes, op)?.into_owned(),
+                None => self.key_text(&bytes, op)?.into_owned(),
+            };
             let write = match write {
                 Some((value, ttl)) => {
                     let expires_at = expiry_for(now, ttl);
@@ -417,7 +442,7 @@ where
     async fn set_unbounded(&self, key: &K, value: &V, ttl: Option<Duration>, abandon: Abandon) -> Result<()> {
         let op = Operation::Set;
         let bytes = key.encode_key();
-        let text = self.key_text(&bytes, op)?;
+        let text = self.write_key_text(&bytes, op)?;
         let expires_at = expiry_for(self.shared.clock.now(), ttl);
         let stored = self.encode(value, expires_at, op)?;
         let deadline = deadline_after(self.shared.operation_timeout);
@@ -630,6 +655,18 @@ where
         self.shared
             .bounded(Operation::Get, |abandon| self.get_unbounded(key, abandon))
             .await
+    }
+
+    /// Refuses what [`set`](Layer::set) would refuse before sending anything: a key that is
+    /// not valid in the key format or longer than [`MAX_KEY_BYTES`], a value larger than
+    /// [`max_value_bytes`](PostgresLayerBuilder::max_value_bytes) once encoded, a value
+    /// the codec cannot encode.
+    fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let op = Operation::Set;
+        let bytes = key.encode_key();
+        self.write_key_text(&bytes, op)?;
+        self.encode(value, expiry_for(self.shared.clock.now(), ttl), op)
+            .map(drop)
     }
 
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {

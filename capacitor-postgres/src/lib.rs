@@ -112,7 +112,7 @@ pub use config::{
     DEFAULT_SWEEP_INTERVAL, DEFAULT_TABLE,
 };
 pub use key::KeyFormat;
-pub use layer::PostgresLayer;
+pub use layer::{PostgresLayer, MAX_KEY_BYTES};
 
 /// The pool crate, re-exported so that [`PostgresLayer::pool`] and
 /// [`PostgresLayerBuilder::pool_config`] are used with the same version.

@@ -49,6 +49,7 @@ pub struct MultiLayerBuilder<K, V> {
     fail_safe: Option<FailSafe>,
     on_health: Option<HealthListener>,
     refresh_ahead: Option<Duration>,
+    on_refused: Option<super::RefusedListener<K>>,
 }
 
 impl<K, V> fmt::Debug for MultiLayerBuilder<K, V> {
@@ -172,6 +173,32 @@ where
     /// closed). It runs on the task of the operation that caused the change: keep it short.
     pub fn on_health_change(mut self, listener: impl Fn(&HealthEvent) + Send + Sync + 'static) -> Self {
         self.on_health = Some(Arc::new(listener));
+        self
+    }
+
+    /// Under [`WritePolicy::Back`], call `listener` with the key and the error of every
+    /// drained write the store refused (not a temporary failure: a value or key it
+    /// cannot store). Such a write is set aside, reported by
+    /// [`refused_writes`](MultiLayer::refused_writes) until it is rewritten, retried or
+    /// cleared, and blocks nothing else. It runs on the drain task: keep it short.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = MultiLayer::<String, String>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .write_policy(WritePolicy::Back(WriteBack::new()))
+    ///     .on_refused_write(|key, err| eprintln!("the store refused {key}: {err}"))
+    ///     .build()?;
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// ```
+    pub fn on_refused_write(mut self, listener: impl Fn(&K, &Error) + Send + Sync + 'static) -> Self {
+        self.on_refused = Some(Arc::new(listener));
         self
     }
 
@@ -336,6 +363,7 @@ where
                 fail_safe: self.fail_safe.map(FailSafeStore::new),
                 refresh: self.refresh_ahead.map(Refresher::new),
                 in_doubt: write::InDoubt::default(),
+                on_refused: self.on_refused,
             }),
         })
         .inspect(|cache| {
@@ -378,6 +406,7 @@ where
             fail_safe: None,
             on_health: None,
             refresh_ahead: None,
+            on_refused: None,
         }
     }
 }

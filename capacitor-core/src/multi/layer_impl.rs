@@ -69,6 +69,10 @@ where
             .map_err(|e| e.with_layer(bottom.name.clone()))
     }
 
+    fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.check_write_everywhere(key, value, ttl)
+    }
+
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         self.write(key, value, ttl).await
     }

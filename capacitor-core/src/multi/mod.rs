@@ -51,10 +51,12 @@
 //! Under [`WritePolicy::Back`] a write is queued in the pending-writes buffer (the latest
 //! write of a key wins) and applied to L1; reads below L1 see the buffer first
 //! (read-your-writes). A drain task writes due batches through the same write path to the
-//! layers below L1, retrying a refused batch with exponential backoff; remaining TTLs are
-//! rounded down to 100 ms so that batches group. [`close`](MultiLayer::close) drains what
-//! is queued, and [`unwritten_keys`](MultiLayer::unwritten_keys) reports what could not
-//! be written.
+//! layers below L1, retrying a batch that failed for the moment with exponential backoff;
+//! remaining TTLs are rounded down to 100 ms so that batches group. A `set` is checked by
+//! every layer before it is acknowledged ([`Layer::check_write`]); a write the store
+//! refuses anyway is set aside ([`refused_writes`](MultiLayer::refused_writes)) while
+//! the rest is written. [`close`](MultiLayer::close) drains what is queued, and
+//! [`unwritten_keys`](MultiLayer::unwritten_keys) reports what could not be written.
 //!
 //! # Fail-safe
 //!
@@ -158,7 +160,27 @@ struct Inner<K, V> {
     refresh: Option<Refresher<K>>,
     /// Keys whose last write to the store had an unknown outcome.
     in_doubt: write::InDoubt<K>,
+    /// Told of every drained write the store refused.
+    on_refused: Option<RefusedListener<K>>,
 }
+
+/// A write-back write the store refused, set aside (see
+/// [`MultiLayer::refused_writes`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedWrite<K> {
+    /// The key.
+    pub key: K,
+    /// The kind of the store's error.
+    pub kind: crate::ErrorKind,
+    /// The store's error, as text.
+    pub reason: String,
+    /// How long ago the store refused it.
+    pub age: std::time::Duration,
+}
+
+/// What [`MultiLayerBuilder::on_refused_write`] calls.
+pub(super) type RefusedListener<K> = Arc<dyn Fn(&K, &Error) + Send + Sync>;
 
 /// Several layers behind one typed key-value API.
 ///
@@ -255,6 +277,81 @@ where
                 }
             }),
         }
+    }
+
+    /// Under [`WritePolicy::Back`], the drained writes the store refused (a value or key
+    /// it cannot store: [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput),
+    /// [`ValueTooLarge`](crate::ErrorKind::ValueTooLarge),
+    /// [`Encode`](crate::ErrorKind::Encode)), oldest first. Each is set aside: not
+    /// retried, blocking no other write, still served to reads (it was acknowledged),
+    /// and listed in [`unwritten_keys`](MultiLayer::unwritten_keys), until a new write
+    /// of its key replaces it, [`retry_refused_writes`](MultiLayer::retry_refused_writes)
+    /// queues it again or [`clear_refused_writes`](MultiLayer::clear_refused_writes)
+    /// drops it. Empty under write-through, where `set` returns the refusal.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = MultiLayer::<String, String>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .write_policy(WritePolicy::Back(WriteBack::new()))
+    ///     .build()?;
+    /// cache.set("k".into(), "v".into()).await?;
+    /// cache.flush().await?;
+    /// assert!(cache.refused_writes().is_empty());
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// ```
+    pub fn refused_writes(&self) -> Vec<RefusedWrite<K>> {
+        let Some(queue) = &self.inner.queue else {
+            return Vec::new();
+        };
+        queue
+            .refused()
+            .into_iter()
+            .map(|(key, r)| RefusedWrite {
+                key,
+                kind: r.kind,
+                reason: r.reason,
+                age: r.at.elapsed(),
+            })
+            .collect()
+    }
+
+    /// Queues every write the store refused again (after the cause was fixed: a raised
+    /// size limit, a widened column); returns how many.
+    pub fn retry_refused_writes(&self) -> usize {
+        self.inner.queue.as_ref().map_or(0, Queue::retry_refused)
+    }
+
+    /// Gives up the writes the store refused: they leave the buffer, and L1 drops its
+    /// copies, so that reads answer what the store holds. Returns their keys.
+    ///
+    /// # Errors
+    ///
+    /// L1's error when it cannot drop a copy (the key is then read past L1, as after any
+    /// failed invalidation). The writes are dropped from the buffer regardless.
+    pub async fn clear_refused_writes(&self) -> Result<Vec<K>> {
+        let Some(queue) = &self.inner.queue else {
+            return Ok(Vec::new());
+        };
+        let keys = queue.clear_refused();
+        let l1 = &self.inner.slots[0];
+        let mut first = None;
+        for key in &keys {
+            // As a write of the key: reads in flight do not copy an older value up.
+            let _writing = self.inner.guard.begin_write(self.inner.guard.stripe_of(key));
+            self.inner.forget(key);
+            if let Err(e) = l1.delete(key).await {
+                l1.invalidation_failed(&e, [key], self.inner.clock.now());
+                first.get_or_insert(e.with_layer(l1.name.clone()));
+            }
+        }
+        first.map_or(Ok(keys), Err)
     }
 
     /// Under [`WritePolicy::Back`], the keys whose latest write has not reached the lower

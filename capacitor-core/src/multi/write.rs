@@ -925,6 +925,9 @@ where
             fill,
         };
         if let Some(queue) = &inner.queue {
+            // What a layer would refuse when the drain writes it is refused now, before
+            // the write is acknowledged.
+            self.check_write_everywhere(key, value, ttl)?;
             let expires_at = ttl.and_then(|ttl| crate::entry::expiry_for(inner.clock.now(), Some(ttl)));
             let pending = Pending::Set {
                 value: value.clone(),
@@ -937,6 +940,18 @@ where
         }
         let written = self.write_through(&writes).await?;
         self.cache_result(written).map(drop)
+    }
+
+    /// [`Layer::check_write`](crate::Layer::check_write) in every writable layer, with the
+    /// TTL each would be given; the first refusal, naming its layer.
+    pub(super) fn check_write_everywhere(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        let inner = &*self.inner;
+        for slot in inner.slots.iter().filter(|s| !s.read_only) {
+            slot.layer
+                .check_write(key, value, min_ttl(slot.ttl, ttl))
+                .map_err(|e| e.with_layer(slot.name.clone()))?;
+        }
+        Ok(())
     }
 
     /// Under write-back: queues the write, then applies it to L1 through the write path

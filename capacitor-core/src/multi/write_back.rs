@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::write::{self, Writes};
 use super::Inner;
-use crate::error::Result;
-use crate::writeback::Pending;
+use crate::error::{Error, ErrorKind, Result};
+use crate::writeback::{Pending, Queue, Refusal};
 
 /// Write-back's drain task: takes due batches off the buffer and writes them to the layers
 /// below L1, retrying a refused batch with exponential backoff. It ends once the composer
@@ -34,26 +34,83 @@ where
             }
             Some(_) => {
                 let batch = queue.take_batch();
-                let mut backoff = queue.config.retry_initial;
-                loop {
-                    match write_below(&inner, &batch).await {
-                        Ok(()) => {
-                            queue.complete(&batch);
-                            break;
-                        }
-                        Err(_) if inner.closed.load(Ordering::Acquire) && queue.is_closing() => {
-                            // Closed and still refused: leave the batch in the buffer, where
-                            // `unwritten_keys` reports it.
-                            return;
-                        }
-                        Err(e) => {
-                            crate::observe::drain_retry(&inner.name, &e);
-                            queue.retries.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(queue.config.retry_max);
-                        }
-                    }
+                if !drain_batch(&inner, queue, batch).await {
+                    return;
                 }
+            }
+        }
+    }
+}
+
+/// Whether `err` is the store refusing the data itself (retrying cannot succeed), not a
+/// failure of the moment.
+fn is_refusal(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::InvalidInput | ErrorKind::ValueTooLarge | ErrorKind::Encode
+    )
+}
+
+/// Writes one batch below L1. A temporary failure is retried with exponential backoff;
+/// a refusal splits the batch in halves until the writes refused are found, which are
+/// set aside while the rest is written. `false` when the composer closed meanwhile with
+/// the batch still refused (it stays in the buffer, where `unwritten_keys` reports it).
+async fn drain_batch<K, V>(inner: &Inner<K, V>, queue: &Queue<K, V>, batch: Vec<(K, Pending<V>, u64)>) -> bool
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let mut work = vec![batch];
+    while let Some(batch) = work.pop() {
+        let mut backoff = queue.config.retry_initial;
+        loop {
+            match write_below(inner, &batch).await {
+                Ok(()) => {
+                    queue.complete(&batch);
+                    break;
+                }
+                Err(e) if is_refusal(&e) && batch.len() > 1 => {
+                    let mut first = batch;
+                    let second = first.split_off(first.len() / 2);
+                    work.push(second);
+                    work.push(first);
+                    break;
+                }
+                Err(e) if is_refusal(&e) => {
+                    if let Some((key, _, seq)) = batch.first() {
+                        inner.write_refused(queue, key, *seq, &e);
+                    }
+                    break;
+                }
+                Err(_) if inner.closed.load(Ordering::Acquire) && queue.is_closing() => return false,
+                Err(e) => {
+                    crate::observe::drain_retry(&inner.name, &e);
+                    queue.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(queue.config.retry_max);
+                }
+            }
+        }
+    }
+    true
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The store refused the drained write of `key`: set it aside and tell the user.
+    fn write_refused(&self, queue: &Queue<K, V>, key: &K, seq: u64, err: &Error) {
+        let refusal = Refusal {
+            kind: err.kind(),
+            reason: err.to_string(),
+            at: std::time::Instant::now(),
+        };
+        if queue.refuse(key, seq, refusal) {
+            crate::observe::write_refused(&self.name, err);
+            if let Some(listener) = &self.on_refused {
+                listener(key, err);
             }
         }
     }
