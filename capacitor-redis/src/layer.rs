@@ -501,6 +501,12 @@ where
         }
     }
 
+    /// Refuses what [`set`](Layer::set) would refuse before sending anything: a value
+    /// larger than `max_value_bytes` once encoded, or one the codec cannot encode.
+    fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
+        self.encode_set(key, value, ttl, Operation::Set).map(drop)
+    }
+
     /// `SET key value [PX ttl]`, in the fenced write script.
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         let op = Operation::Set;

@@ -238,3 +238,36 @@ fn writes_go_on_when_the_server_forgets_the_write_script() {
         );
     });
 }
+
+#[test]
+fn a_value_too_large_is_refused_before_a_write_back_acknowledges_it() {
+    common::run(TEST_TIMEOUT, async {
+        let prefix = unique_prefix("check");
+        let layer: RedisLayer<String, String> = RedisLayer::builder()
+            .url(url())
+            .prefix(&prefix)
+            .max_value_bytes(64)
+            .build()
+            .unwrap();
+        layer.connect().await.unwrap();
+        let big = "x".repeat(1_000);
+        let err = layer.check_write(&"k".into(), &big, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueTooLarge);
+        assert!(layer.check_write(&"k".into(), &"small".into(), None).is_ok());
+        let cache = capacitor_core::MultiLayer::builder()
+            .layer(capacitor_core::LayerConfig::new(
+                "l1",
+                capacitor_memory::DashMapLayer::<String, String>::new(),
+            ))
+            .layer(capacitor_core::LayerConfig::new("redis", layer))
+            .write_policy(capacitor_core::WritePolicy::Back(capacitor_core::WriteBack::new()))
+            .build()
+            .unwrap();
+        let err = cache.set("k".into(), big).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueTooLarge);
+        assert_eq!(err.layer(), Some("redis"));
+        assert!(cache.unwritten_keys().is_empty());
+        cache.close().await.unwrap();
+        common::delete_prefix(&raw().await, &prefix).await;
+    });
+}
