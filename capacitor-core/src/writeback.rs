@@ -126,7 +126,10 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             None => return Ok(()),
             Some(op) => op,
         };
-        let deadline = tokio::time::Instant::now() + self.config.enqueue_timeout;
+        // A timeout too long to express is no timeout: wait as long as it takes.
+        let deadline = tokio::time::Instant::now().checked_add(self.config.enqueue_timeout);
+        // A full queue is drained now, whatever its delay.
+        self.queued.notify_one();
         loop {
             let mut progress = std::pin::pin!(self.progress.notified());
             progress.as_mut().enable();
@@ -134,7 +137,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
                 None => return Ok(()),
                 Some(op) => op,
             };
-            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+            let waited = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, progress).await.is_ok(),
+                None => {
+                    progress.await;
+                    true
+                }
+            };
+            if !waited {
                 return Err(Error::new(
                     ErrorKind::QueueFull,
                     what,
@@ -216,7 +226,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
     pub(crate) fn due_in(&self) -> Option<Duration> {
         let st = self.lock();
         let oldest = st.fifo.front().and_then(|k| st.map.get(k)).map(|s| s.since)?;
-        if st.fifo.len() >= self.config.batch_size || st.closed || self.flushers.load(Ordering::Acquire) > 0 {
+        if st.fifo.len() >= self.config.batch_size
+            || st.map.len() >= self.config.queue_bound
+            || st.closed
+            || self.flushers.load(Ordering::Acquire) > 0
+        {
             return Some(Duration::ZERO);
         }
         Some(self.config.max_delay.saturating_sub(oldest.elapsed()))

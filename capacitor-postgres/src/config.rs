@@ -27,6 +27,10 @@ pub const DEFAULT_SCHEMA: &str = "public";
 pub const DEFAULT_TABLE: &str = "capacitor_kv";
 /// The default [`PostgresLayerBuilder::pool_size`]: 16 connections.
 pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// The largest [`PostgresLayerBuilder::pool_size`], beyond any server's
+/// `max_connections` (the pool reserves room for this many at build).
+pub const MAX_POOL_SIZE: usize = 10_000;
 /// The default pool wait, create and recycle timeouts: 5 seconds each.
 pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default [`PostgresLayerBuilder::statement_timeout`]: 30 seconds.
@@ -254,8 +258,8 @@ impl<C> PostgresLayerBuilder<C> {
         self
     }
 
-    /// The most connections the pool opens (default 16). The sweeper and every scan page
-    /// take one for the duration of one statement.
+    /// The most connections the pool opens (default 16, at most [`MAX_POOL_SIZE`]). The
+    /// sweeper and every scan page take one for the duration of one statement.
     pub fn pool_size(mut self, connections: usize) -> Self {
         self.pool.max_size = connections;
         self
@@ -559,6 +563,12 @@ impl<C> PostgresLayerBuilder<C> {
         let table = Table::new(&self.schema, &self.table)?;
         if self.pool.max_size == 0 {
             return Err(Error::config("pool_size", "must be greater than zero"));
+        }
+        if self.pool.max_size > MAX_POOL_SIZE {
+            return Err(Error::config(
+                "pool_size",
+                format!("must be at most {MAX_POOL_SIZE}"),
+            ));
         }
         if self.max_value_bytes == 0 {
             return Err(Error::config("max_value_bytes", "must be greater than zero"));

@@ -16,6 +16,10 @@ use crate::layer::{RedisLayer, Shared};
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 /// Connections in the pool by default.
 pub const DEFAULT_POOL_SIZE: usize = 4;
+
+/// The largest [`RedisLayerBuilder::pool_size`]: each pooled client is a connection and a
+/// task, opened at build.
+pub const MAX_POOL_SIZE: usize = 1024;
 /// How long one operation may take by default before it fails with `Timeout`.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one connection attempt may take by default.
@@ -145,8 +149,8 @@ impl<C> RedisLayerBuilder<C> {
         self
     }
 
-    /// Connections in the pool (default [`DEFAULT_POOL_SIZE`]); operations go round-robin
-    /// over the connected ones.
+    /// Connections in the pool (default [`DEFAULT_POOL_SIZE`], at most [`MAX_POOL_SIZE`]);
+    /// operations go round-robin over the connected ones.
     pub fn pool_size(mut self, connections: usize) -> Self {
         self.pool_size = connections;
         self
@@ -238,6 +242,12 @@ impl<C> RedisLayerBuilder<C> {
         )?;
         if self.pool_size == 0 {
             return Err(Error::config("pool_size", "must be at least 1"));
+        }
+        if self.pool_size > MAX_POOL_SIZE {
+            return Err(Error::config(
+                "pool_size",
+                format!("must be at most {MAX_POOL_SIZE}"),
+            ));
         }
         if self.max_value_bytes == 0 {
             return Err(Error::config("max_value_bytes", "must be greater than zero"));

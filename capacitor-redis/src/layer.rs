@@ -270,7 +270,10 @@ impl<K, V, C> RedisLayer<K, V, C> {
     /// `Closed` after close.
     pub async fn connect(&self) -> Result<()> {
         let op = Operation::Connect;
-        let deadline = tokio::time::Instant::now() + self.shared.connect_timeout;
+        // A timeout too long to express waits as long as it takes.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(self.shared.connect_timeout)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30));
         while !self.shared.pool.next_connected().is_connected() {
             if self.shared.is_closed() {
                 return Err(Error::closed(op));

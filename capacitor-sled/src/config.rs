@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// sled's page cache refuses (panics on) capacities below this.
+const MIN_CACHE_CAPACITY: u64 = 256;
+
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
 use crate::error::{is_lock_error, open_error, sled_error};
@@ -189,8 +192,8 @@ impl<C> SledLayerBuilder<C> {
         self
     }
 
-    /// The most memory sled's page cache may use, in bytes (sled's default: 1 GiB). Only
-    /// with [`path`](Self::path).
+    /// The most memory sled's page cache may use, in bytes (sled's default: 1 GiB; at
+    /// least 256). Only with [`path`](Self::path).
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = Some(bytes);
         self
@@ -273,7 +276,8 @@ impl<C> SledLayerBuilder<C> {
     /// # Errors
     ///
     /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config), naming the field: neither
-    /// or both of `path` and `db`, `temporary` or `cache_capacity` with `db`, a zero
+    /// or both of `path` and `db`, an empty `path` or one that is a file, a
+    /// `cache_capacity` below 256 bytes, `temporary` or `cache_capacity` with `db`, a zero
     /// `max_value_bytes`, `sweep_interval`, `sweep_batch` or `EveryMillis` interval, or a
     /// background task (sweeper, or `EveryMillis` with `db`) requested outside a tokio
     /// runtime.
@@ -319,6 +323,29 @@ impl<C> SledLayerBuilder<C> {
                 "flush_policy",
                 "EveryMillis needs an interval greater than zero",
             ));
+        }
+        if self
+            .cache_capacity
+            .is_some_and(|bytes| bytes < MIN_CACHE_CAPACITY)
+        {
+            return Err(Error::config(
+                "cache_capacity",
+                format!("must be at least {MIN_CACHE_CAPACITY} bytes (sled's minimum)"),
+            ));
+        }
+        if let Some(path) = &self.path {
+            if path.as_os_str().is_empty() {
+                return Err(Error::config(
+                    "path",
+                    "is empty (it would open a database in the current directory)",
+                ));
+            }
+            if path.is_file() {
+                return Err(Error::config(
+                    "path",
+                    format!("`{}` is a file; sled needs a directory", path.display()),
+                ));
+            }
         }
         match (&self.path, &self.db) {
             (None, None) => return Err(Error::config("path", "one of `path` or `db` is required")),

@@ -769,3 +769,26 @@ async fn capabilities_sync_read_and_close() {
     })
     .await;
 }
+
+#[test]
+fn an_empty_path_or_a_file_is_a_config_error() {
+    let err = SledLayer::builder()
+        .path("")
+        .build::<String, String>()
+        .unwrap_err();
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Config, "{err}");
+    assert!(err.message().contains("empty"), "{err}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let err = SledLayer::builder()
+        .path(file.path())
+        .build::<String, String>()
+        .unwrap_err();
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Config, "{err}");
+    let err = SledLayer::builder()
+        .temporary(true)
+        .path(tempfile::tempdir().unwrap().path().join("db"))
+        .cache_capacity(10)
+        .build::<String, String>()
+        .unwrap_err();
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Config, "{err}");
+}

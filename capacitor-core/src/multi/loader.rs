@@ -161,7 +161,12 @@ pub(super) fn jitter(ttl: Option<Duration>, fraction: f64) -> Option<Duration> {
         s.set(x);
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
     });
-    ttl.map(|d| d.mul_f64(1.0 - r * fraction).max(Duration::from_millis(1)))
+    // Through f64 seconds, checked: a TTL near `Duration::MAX` keeps its length.
+    ttl.map(|d| {
+        Duration::try_from_secs_f64(d.as_secs_f64() * (1.0 - r * fraction))
+            .map_or(d, |shorter| shorter.min(d))
+            .max(Duration::from_millis(1))
+    })
 }
 
 impl<K, V> MultiLayer<K, V>
