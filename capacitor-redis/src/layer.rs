@@ -60,6 +60,15 @@ end
 return deleted
 ";
 
+/// `exists` as `get` sees it: nil for no key, -1 for a key of another Redis type, else
+/// the first bytes of the string (the envelope's header, checked by the caller).
+const EXISTS_SCRIPT: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'none' then return false end
+if t ~= 'string' then return -1 end
+return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+";
+
 /// The SHA-1 of [`WRITE_SCRIPT`]: writes send `EVALSHA` (Redis does not hash and look up
 /// the script's text on every call, about 8 µs per write on loopback), and `EVAL` only
 /// when the server does not know the script yet (`NOSCRIPT`: a new or restarted server).
@@ -526,16 +535,34 @@ where
         Ok(self.write_fenced(op, Vec::new(), vec![k]).await? > 0)
     }
 
-    /// `EXISTS key` (the value is not decoded).
+    /// Whether `get` would find a value, in one script and without sending the value:
+    /// `false` for no key; [`ErrorKind::Decode`] for a key of another Redis type (removed,
+    /// as `get` removes it) or a string that is not capacitor's envelope, as `get` reports.
     async fn exists(&self, key: &K) -> Result<bool> {
         let op = Operation::Exists;
         let _guard = self.shared.in_flight.read().await;
-        let k = self.key(key);
-        let n: i64 = self
+        let rkey = self.key(key);
+        let k = rkey.clone();
+        let header = Value::from(capacitor_core::envelope::HEADER_LEN as i64);
+        let reply: Value = self
             .shared
-            .run(op, |c| async move { c.exists::<i64, _>(k).await })
+            .run(op, |c| async move {
+                c.eval::<Value, _, _, _>(EXISTS_SCRIPT, k, vec![header]).await
+            })
             .await?;
-        Ok(n > 0)
+        let foreign = |what: &str| Error::new(ErrorKind::Decode, op, format!("the key holds {what}"));
+        match reply {
+            Value::Null => Ok(false),
+            Value::Integer(_) => {
+                // As `get` does: a key of another type under the prefix is removed.
+                self.shared.evict(rkey, None).await;
+                Err(foreign("another Redis type, not a value written by capacitor"))
+            }
+            reply => match value_bytes(&reply).map(capacitor_core::envelope::unwrap) {
+                Some(Ok(_)) => Ok(true),
+                _ => Err(foreign("a value not written by capacitor")),
+            },
+        }
     }
 
     /// One `MGET` (in a cluster, one pipeline of `GET`s, routed per slot by fred). `MGET`

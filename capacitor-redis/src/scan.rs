@@ -142,7 +142,18 @@ where
         let now = self.shared.clock.now();
         for (rkey, reply) in keys.iter().zip(values.iter()) {
             let Some(bytes) = value_bytes(reply) else {
-                continue; // deleted or expired since SCAN saw it, or another type
+                // Deleted or expired since SCAN saw it (skipped), or a key of another
+                // Redis type under the prefix (a Decode item, as for a foreign value).
+                if let Some(kind) = foreign_type(&self.shared, op, rkey.clone()).await {
+                    self.ready.push_back(Err(Error::new(
+                        ErrorKind::Decode,
+                        op,
+                        format!(
+                            "a key under the prefix holds a Redis {kind}, not a value written by capacitor"
+                        ),
+                    )));
+                }
+                continue;
             };
             let stored = rkey.as_bytes();
             let Some(key_bytes) = stored.strip_prefix(self.shared.prefix.as_slice()) else {
@@ -163,6 +174,20 @@ where
         }
         Ok(())
     }
+}
+
+/// The Redis type of `key` when it holds something other than a string (`None` for a
+/// string, a missing key, or when `TYPE` fails: the scan goes on).
+async fn foreign_type<C>(shared: &Shared<C>, op: Operation, key: Key) -> Option<String> {
+    let kind: Value = shared
+        .run(op, |c| async move {
+            let cmd = CustomCommand::new_static("TYPE", ClusterHash::FirstKey, false);
+            c.custom::<Value, Value>(cmd, vec![Value::from(key)]).await
+        })
+        .await
+        .ok()?;
+    let kind = kind.as_str()?.into_owned();
+    (kind != "none" && kind != "string").then_some(kind)
 }
 
 fn parse_scan_reply(reply: Value) -> Result<(String, Vec<Key>)> {

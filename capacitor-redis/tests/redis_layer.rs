@@ -145,9 +145,50 @@ fn a_scan_reports_foreign_values_and_goes_on() {
             .collect();
         assert_eq!(
             errors,
-            vec![ErrorKind::Decode],
-            "the foreign string; the list is skipped"
+            vec![ErrorKind::Decode, ErrorKind::Decode],
+            "the foreign string and the list, each a Decode item"
         );
+        common::delete_prefix(&raw, &prefix).await;
+        layer.close().await.unwrap();
+    });
+}
+
+#[test]
+fn exists_agrees_with_get_for_foreign_data() {
+    common::run(TEST_TIMEOUT, async {
+        let prefix = unique_prefix("exists_foreign");
+        let raw = raw().await;
+        let layer = layer::<String>(&prefix).await;
+        // Two copies of each: get and exists both remove foreign data they find, so each
+        // looks at its own copy.
+        for copy in ["1", "2"] {
+            layer
+                .set(&format!("ours{copy}"), &"1".to_string(), None)
+                .await
+                .unwrap();
+            let _: () = raw
+                .set(
+                    format!("{prefix}string{copy}").as_str(),
+                    "foreign",
+                    None,
+                    None,
+                    false,
+                )
+                .await
+                .unwrap();
+            common::make_list(&raw, &format!("{prefix}list{copy}")).await;
+        }
+        for key in ["ours", "string", "list", "absent"] {
+            let got = layer
+                .get(&format!("{key}1"))
+                .await
+                .map(|e| e.is_some())
+                .map_err(|e| e.kind());
+            let exists = layer.exists(&format!("{key}2")).await.map_err(|e| e.kind());
+            assert_eq!(exists, got, "{key}: exists and get disagree");
+        }
+        assert!(layer.exists(&"ours1".to_string()).await.unwrap());
+        assert!(!layer.exists(&"absent".to_string()).await.unwrap());
         common::delete_prefix(&raw, &prefix).await;
         layer.close().await.unwrap();
     });
