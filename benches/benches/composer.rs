@@ -5,7 +5,8 @@
 //! groups) is foyer's in-memory cache doing the same hit, a peer. `cargo xtask bench`
 //! turns the medians into ratios (capacitor / raw, capacitor / peer).
 //!
-//! - `l1_hit/{dashmap,moka}/{1_layer,2_layers}`: single vs multi-layer composer on a hit.
+//! - `l1_hit/{dashmap,moka}/{1_layer,2_layers}`: single vs multi-layer composer on a hit;
+//!   `l1_hit/dashmap/cooperative`: the one-layer hit with `cooperative(true)`.
 //! - `miss/dashmap/{2,3,4}_layers`: a miss through every layer.
 //! - `l{2,3}_hit_{promotion,no_promotion}/dashmap`: a hit in L2 / L3, promotion on / off.
 //! - `write_through/dashmap/{1,2,3,4}_layers`: a set written to every layer.
@@ -77,6 +78,23 @@ fn l1_hit(c: &mut Criterion) {
         g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
         g.finish();
     }
+    // The same hit with `cooperative(true)`: each read spends tokio budget (here, outside
+    // a task, the thread-local lookup that finds none).
+    let mut g = c.benchmark_group("l1_hit/dashmap/cooperative");
+    let layer = Arc::new(DashMapLayer::new());
+    let cache: MultiLayer<u64, u64> = MultiLayer::builder()
+        .layer(LayerConfig::shared("l0", layer as Dash))
+        .cooperative(true)
+        .build()
+        .expect("config");
+    poll_once(cache.set(42, 7)).unwrap();
+    let raw: DashMap<u64, u64> = DashMap::new();
+    raw.insert(42, 7);
+    g.bench_function("capacitor", |b| {
+        b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
+    });
+    g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
+    g.finish();
 
     for n in [1usize, 2] {
         let mut g = c.benchmark_group(format!("l1_hit/moka/{}", layers_name(n)));

@@ -51,6 +51,13 @@ where
         loop {
             match std::mem::replace(&mut self.state, GetState::Finished) {
                 GetState::Start { cache, key } => {
+                    // Cooperative: a hit spends one unit of the task's tokio budget, and
+                    // once the budget is spent the read yields first (see
+                    // `MultiLayerBuilder::cooperative`).
+                    if cache.inner.cooperative && spend_budget(cx).is_pending() {
+                        self.state = GetState::Start { cache, key };
+                        return Poll::Pending;
+                    }
                     // With `tracing`, one relaxed load decides; the traced read is out of
                     // line so the untraced hit stays as small as without the feature.
                     #[cfg(feature = "tracing")]
@@ -87,6 +94,14 @@ where
             }
         }
     }
+}
+
+/// Spends one unit of the task's tokio budget; `Pending` (the task is woken at once)
+/// when it is spent. Out of line: off by default, it must not weigh on the hit.
+#[cold]
+#[inline(never)]
+fn spend_budget(cx: &mut Context<'_>) -> Poll<()> {
+    tokio::task::coop::poll_proceed(cx).map(|budget| budget.made_progress())
 }
 
 /// The future of [`MultiLayer::get`]: [`GetEntry`] without the expiry.

@@ -162,6 +162,8 @@ struct Inner<K, V> {
     in_doubt: write::InDoubt<K>,
     /// Told of every drained write the store refused.
     on_refused: Option<RefusedListener<K>>,
+    /// Reads take part in tokio's cooperative budget.
+    cooperative: bool,
 }
 
 /// A write-back write the store refused, set aside (see
