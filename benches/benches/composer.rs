@@ -64,29 +64,9 @@ fn foyer_cache() -> foyer::Cache<u64, u64> {
     foyer::CacheBuilder::new(10_000).build()
 }
 
-/// An L1 hit of a hot key, through a composer of one layer and of two.
-fn l1_hit(c: &mut Criterion) {
-    for n in [1usize, 2] {
-        let mut g = c.benchmark_group(format!("l1_hit/dashmap/{}", layers_name(n)));
-        let (cache, _) = dash_stack(n, true);
-        poll_once(cache.set(42, 7)).unwrap();
-        let raw: DashMap<u64, u64> = DashMap::new();
-        raw.insert(42, 7);
-        g.bench_function("capacitor", |b| {
-            b.iter(|| poll_once(cache.get(black_box(&42))).unwrap())
-        });
-        g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
-        g.finish();
-    }
-    // The same hit with `cooperative(true)`: each read spends tokio budget (here, outside
-    // a task, the thread-local lookup that finds none).
-    let mut g = c.benchmark_group("l1_hit/dashmap/cooperative");
-    let layer = Arc::new(DashMapLayer::new());
-    let cache: MultiLayer<u64, u64> = MultiLayer::builder()
-        .layer(LayerConfig::shared("l0", layer as Dash))
-        .cooperative(true)
-        .build()
-        .expect("config");
+/// One group: a hit of a hot key through `cache`, beside a raw dashmap get.
+fn dash_hit_group(c: &mut Criterion, name: &str, cache: &MultiLayer<u64, u64>) {
+    let mut g = c.benchmark_group(name);
     poll_once(cache.set(42, 7)).unwrap();
     let raw: DashMap<u64, u64> = DashMap::new();
     raw.insert(42, 7);
@@ -95,6 +75,22 @@ fn l1_hit(c: &mut Criterion) {
     });
     g.bench_function("raw", |b| b.iter(|| raw.get(black_box(&42)).map(|v| *v)));
     g.finish();
+}
+
+/// An L1 hit of a hot key, through a composer of one layer and of two.
+fn l1_hit(c: &mut Criterion) {
+    for n in [1usize, 2] {
+        let (cache, _) = dash_stack(n, true);
+        dash_hit_group(c, &format!("l1_hit/dashmap/{}", layers_name(n)), &cache);
+    }
+    // The same hit with `cooperative(true)`: each read spends tokio budget (here, outside
+    // a task, the thread-local lookup that finds none).
+    let cooperative: MultiLayer<u64, u64> = MultiLayer::builder()
+        .layer(LayerConfig::new("l0", DashMapLayer::new()))
+        .cooperative(true)
+        .build()
+        .expect("config");
+    dash_hit_group(c, "l1_hit/dashmap/cooperative", &cooperative);
 
     for n in [1usize, 2] {
         let mut g = c.benchmark_group(format!("l1_hit/moka/{}", layers_name(n)));

@@ -202,10 +202,9 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor::memory::DashMapLayer;
-    /// use capacitor::Layer;
+    /// use capacitor_core::{testkit::MapLayer, Layer};
     ///
-    /// let layer = DashMapLayer::<String, String>::new();
+    /// let layer = MapLayer::<String, String>::new();
     /// assert!(layer.check_write(&"k".into(), &"v".into(), None).is_ok());
     /// ```
     fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {

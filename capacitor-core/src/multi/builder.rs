@@ -189,17 +189,16 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor::memory::DashMapLayer;
-    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
-    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
+    ///     .layer(LayerConfig::new("store", MapLayer::new()))
     ///     .write_policy(WritePolicy::Back(WriteBack::new()))
     ///     .on_refused_write(|key, err| eprintln!("the store refused {key}: {err}"))
     ///     .build()?;
-    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
     /// ```
     pub fn on_refused_write(mut self, listener: impl Fn(&K, &Error) + Send + Sync + 'static) -> Self {
         self.on_refused = Some(Arc::new(listener));
@@ -219,14 +218,13 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor::memory::DashMapLayer;
-    /// use capacitor::{LayerConfig, MultiLayer};
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
     ///
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
     ///     .cooperative(true)
     ///     .build()?;
-    /// # Ok::<(), capacitor::Error>(())
+    /// # Ok::<(), capacitor_core::Error>(())
     /// ```
     pub fn cooperative(mut self, on: bool) -> Self {
         self.cooperative = on;

@@ -294,19 +294,18 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor::memory::DashMapLayer;
-    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
-    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
+    ///     .layer(LayerConfig::new("store", MapLayer::new()))
     ///     .write_policy(WritePolicy::Back(WriteBack::new()))
     ///     .build()?;
     /// cache.set("k".into(), "v".into()).await?;
     /// cache.flush().await?;
     /// assert!(cache.refused_writes().is_empty());
-    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
     /// ```
     pub fn refused_writes(&self) -> Vec<RefusedWrite<K>> {
         let Some(queue) = &self.inner.queue else {
