@@ -56,6 +56,16 @@ struct State<K, V> {
     fifo: VecDeque<K>,
     next_seq: u64,
     closed: bool,
+    /// Slots set aside (refused by the store): kept beyond `queue_bound`, which bounds
+    /// the writes still to drain.
+    refused: usize,
+}
+
+impl<K, V> State<K, V> {
+    /// Writes still to drain (set-aside ones left out).
+    fn pending(&self) -> usize {
+        self.map.len() - self.refused
+    }
 }
 
 /// A snapshot of the buffer for [`Stats`](crate::Stats).
@@ -102,6 +112,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
                 fifo: VecDeque::new(),
                 next_seq: 1,
                 closed: false,
+                refused: 0,
             }),
             queued: Notify::new(),
             progress: Notify::new(),
@@ -159,7 +170,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
 
     /// Queues `op` if there is room; gives it back when the queue is full.
     fn try_push(&self, key: &K, op: Pending<V>, what: Operation) -> Result<Option<Pending<V>>> {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.closed {
             return Err(Error::closed(what));
         }
@@ -171,6 +183,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             if slot.refused.take().is_some() {
                 // A new write replaces one the store refused: it is drained as usual.
                 slot.since = Instant::now();
+                st.refused -= 1;
             }
             let requeue = !slot.queued;
             slot.queued = true;
@@ -179,7 +192,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             } else {
                 self.coalesced.fetch_add(1, Ordering::Relaxed);
             }
-        } else if st.map.len() < self.config.queue_bound {
+        } else if st.pending() < self.config.queue_bound {
             st.map.insert(
                 key.clone(),
                 Slot {
@@ -199,7 +212,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         // The drainer sleeps until the oldest write is due: it needs waking only when the
         // queue stops being idle or a batch fills up.
         let wake = was_idle || st.fifo.len() == self.config.batch_size;
-        drop(st);
+        drop(guard);
         if wake {
             self.queued.notify_one();
         }
@@ -227,7 +240,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         let st = self.lock();
         let oldest = st.fifo.front().and_then(|k| st.map.get(k)).map(|s| s.since)?;
         if st.fifo.len() >= self.config.batch_size
-            || st.map.len() >= self.config.queue_bound
+            || st.pending() >= self.config.queue_bound
             || st.closed
             || self.flushers.load(Ordering::Acquire) > 0
         {
@@ -278,10 +291,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
     /// failure): it is set aside, unless a newer write of the key replaced it meanwhile
     /// (that one is drained as usual). Returns whether it was set aside.
     pub(crate) fn refuse(&self, key: &K, seq: u64, refusal: Refusal) -> bool {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let set_aside = match st.map.get_mut(key) {
             Some(slot) if slot.seq == seq => {
-                slot.refused = Some(refusal);
+                if slot.refused.replace(refusal).is_none() {
+                    st.refused += 1;
+                }
                 true
             }
             Some(slot) => {
@@ -290,7 +306,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             }
             None => false,
         };
-        drop(st);
+        drop(guard);
         self.progress.notify_waiters();
         set_aside
     }
@@ -314,6 +330,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         let mut n = 0;
         for (key, slot) in st.map.iter_mut() {
             if slot.refused.take().is_some() {
+                st.refused -= 1;
                 slot.queued = true;
                 slot.since = Instant::now();
                 st.fifo.push_back(key.clone());
@@ -338,6 +355,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         for key in &keys {
             st.map.remove(key);
         }
+        st.refused = 0;
         drop(st);
         self.progress.notify_waiters();
         keys
@@ -404,17 +422,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
         self.progress.notify_waiters();
     }
 
+    /// Closed, with nothing left to drain (writes set aside stay for `unwritten_keys`).
     pub(crate) fn is_closed_and_empty(&self) -> bool {
         let st = self.lock();
-        st.closed && st.map.is_empty()
+        st.closed && st.pending() == 0
     }
 
     pub(crate) fn is_closing(&self) -> bool {
         self.lock().closed
     }
 
+    /// Nothing left to drain (writes set aside do not count: no drain can write them).
     pub(crate) fn is_empty(&self) -> bool {
-        self.lock().map.is_empty()
+        self.lock().pending() == 0
     }
 
     /// The keys whose latest write is not written yet.
@@ -431,7 +451,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Queue<K, V> {
             coalesced: self.coalesced.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             buffer_hits: self.buffer_hits.load(Ordering::Relaxed),
-            refused: st.map.values().filter(|s| s.refused.is_some()).count() as u64,
+            refused: st.refused as u64,
         }
     }
 }

@@ -285,7 +285,8 @@ where
     /// it cannot store: [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput),
     /// [`ValueTooLarge`](crate::ErrorKind::ValueTooLarge),
     /// [`Encode`](crate::ErrorKind::Encode)), oldest first. Each is set aside: not
-    /// retried, blocking no other write, still served to reads (it was acknowledged),
+    /// retried, blocking no other write (kept beyond `queue_bound`, which bounds the
+    /// writes still to drain), still served to reads (it was acknowledged),
     /// and listed in [`unwritten_keys`](MultiLayer::unwritten_keys), until a new write
     /// of its key replaces it, [`retry_refused_writes`](MultiLayer::retry_refused_writes)
     /// queues it again or [`clear_refused_writes`](MultiLayer::clear_refused_writes)

@@ -107,11 +107,12 @@ where
             reason: err.to_string(),
             at: std::time::Instant::now(),
         };
-        if queue.refuse(key, seq, refusal) {
-            crate::observe::write_refused(&self.name, err);
-            if let Some(listener) = &self.on_refused {
-                listener(key, err);
-            }
+        // Set aside, or (when a newer write of the key replaced it meanwhile) dropped for
+        // that newer write, which is drained as usual: told either way.
+        queue.refuse(key, seq, refusal);
+        crate::observe::write_refused(&self.name, err);
+        if let Some(listener) = &self.on_refused {
+            listener(key, err);
         }
     }
 }
