@@ -39,14 +39,8 @@ const DURATIONS: [Duration; 4] = [
 const SIZES: [usize; 4] = [0, 1, 1 << 40, usize::MAX];
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn redis_url() -> String {
-    std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn postgres_url() -> String {
-    std::env::var("CAPACITOR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+mod common;
+use common::{postgres_url, redis_url};
 
 fn unique(what: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -17,14 +17,8 @@ use capacitor::redis::RedisLayer;
 use capacitor::{FailSafe, Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
 use capacitor_core::testkit::{run_history, HistoryOptions};
 
-fn redis_url() -> String {
-    std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn postgres_url() -> String {
-    std::env::var("CAPACITOR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+mod common;
+use common::{postgres_url, redis_url};
 
 fn unique(what: &str) -> String {
     let nanos = std::time::SystemTime::now()

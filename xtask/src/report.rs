@@ -17,7 +17,8 @@ pub(crate) const PEERS: &[(&str, &str)] = &[
     ("foyer", "foyer in-memory"),
 ];
 
-/// DESIGN.md §4 targets, by group prefix: the highest acceptable capacitor / raw ratio.
+/// The performance targets, by group prefix: the highest acceptable capacitor / raw ratio
+/// (the report's `target` column).
 const TARGETS: &[(&str, f64)] = &[
     ("l1_hit/", 1.2),
     ("l2_hit_promotion/", 1.1),
