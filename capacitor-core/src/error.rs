@@ -151,7 +151,7 @@ impl fmt::Display for Operation {
 pub struct Error(Box<Details>);
 
 #[derive(Debug, thiserror::Error)]
-#[error("{kind} in {op}{}: {message}", DisplayLayer(.layer))]
+#[error("{kind} in {op}{}: {message}{}", DisplayLayer(.layer), DisplayCause(.source, .message))]
 struct Details {
     kind: ErrorKind,
     op: Operation,
@@ -170,6 +170,22 @@ impl fmt::Display for DisplayLayer<'_> {
             Some(name) => write!(f, " on layer `{name}`"),
             None => Ok(()),
         }
+    }
+}
+
+/// The first line of the underlying error, after the message (unless the message already
+/// says it), so that a log line that prints only `Display` still names the cause.
+struct DisplayCause<'a>(&'a Option<BoxError>, &'a Cow<'static, str>);
+
+impl fmt::Display for DisplayCause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(source) = self.0 else { return Ok(()) };
+        let text = source.to_string();
+        let first = text.lines().next().unwrap_or("").trim();
+        if first.is_empty() || self.1.contains(first) {
+            return Ok(());
+        }
+        write!(f, " ({first})")
     }
 }
 
@@ -286,12 +302,25 @@ mod tests {
             .with_source(io);
         assert_eq!(
             err.to_string(),
-            "unavailable in set on layer `redis`: cannot connect"
+            "unavailable in set on layer `redis`: cannot connect (refused)"
         );
         let source = std::error::Error::source(&err).map(|s| s.to_string());
         assert_eq!(source.as_deref(), Some("refused"));
         assert!(err.is_temporary());
         assert!(!Error::closed(Operation::Get).is_temporary());
+    }
+
+    #[test]
+    fn display_names_only_the_first_line_of_a_cause_once() {
+        let two_lines = std::io::Error::other("connection refused\nat 127.0.0.1:1");
+        let err = Error::new(ErrorKind::Unavailable, Operation::Get, "no Redis").with_source(two_lines);
+        assert_eq!(
+            err.to_string(),
+            "unavailable in get: no Redis (connection refused)"
+        );
+        let said = std::io::Error::other("refused");
+        let err = Error::new(ErrorKind::Unavailable, Operation::Get, "refused").with_source(said);
+        assert_eq!(err.to_string(), "unavailable in get: refused");
     }
 
     #[test]

@@ -78,12 +78,14 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor_memory::MokaLayer;
+    /// use capacitor::memory::MokaLayer;
+    /// use capacitor::{LayerConfig, MultiLayer};
     ///
     /// let layer = MokaLayer::<String, Vec<u8>>::builder()
     ///     .max_bytes(100 * 1024 * 1024, |k: &String, v: &Vec<u8>| (k.len() + v.len()).try_into().unwrap_or(u32::MAX))
     ///     .build()?;
-    /// # Ok::<(), capacitor_core::Error>(())
+    /// let cache = MultiLayer::builder().layer(LayerConfig::new("l1", layer)).build()?;
+    /// # Ok::<(), capacitor::Error>(())
     /// ```
     pub fn max_bytes(mut self, bytes: u64, weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static) -> Self {
         self.max_bytes = Some((bytes, Arc::new(weigher)));

@@ -33,11 +33,11 @@ const SUSPECT_KEYS: usize = 100_000;
 
 /// Builds a [`MultiLayer`]; [`build`](MultiLayerBuilder::build) validates everything.
 ///
-/// Defaults: name `"multi"`, promotion on, [`WritePolicy::Through`], cache-layer write
+/// Defaults: named after its layers (`"l1+redis+postgres"`), promotion on, [`WritePolicy::Through`], cache-layer write
 /// failures do not fail the write, the system clock.
 #[must_use]
 pub struct MultiLayerBuilder<K, V> {
-    name: String,
+    name: Option<String>,
     layers: Vec<LayerConfig<K, V>>,
     promotion: bool,
     fail_on_cache_error: bool,
@@ -72,9 +72,10 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// The composer's own name (its [`Layer::name`] when nested in another composer).
+    /// The composer's own name, in its errors, stats and metrics, and its [`Layer::name`]
+    /// when nested in another composer (default: its layers' names joined by `+`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -330,7 +331,11 @@ where
             None => None,
         };
         let mut all_sync = true;
-        let cache: Arc<str> = Arc::from(self.name.as_str());
+        let name = self.name.unwrap_or_else(|| {
+            let names: Vec<&str> = self.layers.iter().map(|l| l.name.as_str()).collect();
+            names.join("+")
+        });
+        let cache: Arc<str> = Arc::from(name.as_str());
         let slots = self
             .layers
             .into_iter()
@@ -374,7 +379,7 @@ where
             .collect();
         Ok(MultiLayer {
             inner: Arc::new(Inner {
-                name: self.name,
+                name,
                 slots,
                 authoritative,
                 promotion: self.promotion,
@@ -424,7 +429,7 @@ where
     /// A builder with the defaults listed on [`MultiLayerBuilder`].
     pub fn builder() -> MultiLayerBuilder<K, V> {
         MultiLayerBuilder {
-            name: "multi".to_owned(),
+            name: None,
             layers: Vec::new(),
             promotion: true,
             fail_on_cache_error: false,
