@@ -444,8 +444,9 @@ fn bench_suites() -> Result<Vec<String>> {
     Ok(suites)
 }
 
-/// Writes REPORT.md and bench.svg from what criterion wrote since `since`; returns the
-/// report's directory.
+/// Writes REPORT.md and bench.svg from what criterion wrote since `since`, and merges the
+/// groups measured into docs/benchmarks.md and docs/bench.svg (the other groups' rows are
+/// kept, with their dates); returns the report's directory.
 fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
     let target = report::target_dir(&root());
     let criterion = target.join("criterion");
@@ -469,6 +470,44 @@ fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
         "wrote {} (medians read from {})",
         dir.join("REPORT.md").display(),
         criterion.display()
+    );
+    let docs = root().join("docs");
+    let published_path = docs.join("benchmarks.md");
+    let old = match std::fs::read_to_string(&published_path) {
+        Ok(text) => report::parse_published(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => report::Published::default(),
+        Err(e) => return Err(format!("reading {}: {e}", published_path.display()).into()),
+    };
+    if report::rows(&medians).is_empty() {
+        eprintln!("{} left as it was: no group measured", published_path.display());
+        return Ok(dir);
+    }
+    let published = report::merge(old, &medians, info);
+    std::fs::create_dir_all(&docs)?;
+    let mut dates: Vec<&str> = published
+        .dates
+        .values()
+        .map(|d| d.split(',').next().unwrap_or_default())
+        .collect();
+    dates.sort_unstable();
+    let span = match (dates.first(), dates.last()) {
+        (Some(first), Some(last)) if first != last => format!("{first} to {last}"),
+        _ => info.date.clone(),
+    };
+    let chart = match chart::svg(&published.medians, &format!("{span}, {}", info.machine))? {
+        Some(svg) => {
+            std::fs::write(docs.join("bench.svg"), svg)?;
+            eprintln!("wrote {}", docs.join("bench.svg").display());
+            Some("bench.svg")
+        }
+        None => None,
+    };
+    std::fs::write(&published_path, report::published_markdown(&published, chart)?)?;
+    eprintln!(
+        "wrote {} ({} rows, {} from this run)",
+        published_path.display(),
+        published.medians.len(),
+        report::rows(&medians).len()
     );
     Ok(dir)
 }

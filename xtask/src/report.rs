@@ -159,6 +159,11 @@ pub(crate) struct RunInfo {
 
 /// The main table: one row per group.
 pub(crate) fn table(medians: &Medians) -> Result<String> {
+    table_dated(medians, None)
+}
+
+/// The main table, with a `date` column when `dates` is given (docs/benchmarks.md).
+fn table_dated(medians: &Medians, dates: Option<&BTreeMap<String, String>>) -> Result<String> {
     let rows = rows(medians);
     let peers: Vec<(&str, &str)> = PEERS
         .iter()
@@ -170,12 +175,13 @@ pub(crate) fn table(medians: &Medians) -> Result<String> {
     for (_, title) in &peers {
         write!(md, " {title} (capacitor ÷ it) |")?;
     }
-    writeln!(md, " target | met? |")?;
+    write!(md, " target | met? |")?;
+    writeln!(md, "{}", if dates.is_some() { " date |" } else { "" })?;
     write!(md, "|---|---:|---:|---:|")?;
     for _ in &peers {
         write!(md, "---:|")?;
     }
-    writeln!(md, "---:|:---:|")?;
+    writeln!(md, "---:|:---:|{}", if dates.is_some() { "---|" } else { "" })?;
     for (group, functions) in rows {
         let (Some(ours), Some(raw)) = (functions.get("capacitor"), functions.get("raw")) else {
             continue;
@@ -197,7 +203,11 @@ pub(crate) fn table(medians: &Medians) -> Result<String> {
                 None => write!(md, " |")?,
             }
         }
-        writeln!(md, " {target_s} | {met} |")?;
+        write!(md, " {target_s} | {met} |")?;
+        match dates {
+            Some(dates) => writeln!(md, " {} |", dates.get(group.as_str()).map_or("", String::as_str))?,
+            None => writeln!(md)?,
+        }
     }
     Ok(md)
 }
@@ -350,6 +360,16 @@ pub(crate) fn markdown(medians: &Medians, info: &RunInfo, chart: Option<&str>) -
          column shows the peer's median and capacitor ÷ peer. Below 1× capacitor is faster.\n"
     )?;
     md.push_str(&table(medians)?);
+    md.push_str(&derived_md(medians)?);
+    if let Some(chart) = chart {
+        writeln!(md, "\n## Chart\n\n![median latency per operation]({chart})")?;
+    }
+    Ok(md)
+}
+
+/// The derived figures as a section, empty when there are none.
+fn derived_md(medians: &Medians) -> Result<String> {
+    let mut md = String::new();
     let derived = derived(medians);
     if !derived.is_empty() {
         writeln!(md, "\n## Derived figures\n")?;
@@ -359,8 +379,247 @@ pub(crate) fn markdown(medians: &Medians, info: &RunInfo, chart: Option<&str>) -
             writeln!(md, "| {what} | {value} | {target} | {met} |")?;
         }
     }
+    Ok(md)
+}
+
+/// What docs/benchmarks.md holds: the latest median of every group, the run each row
+/// comes from, and those runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Published {
+    pub(crate) medians: Medians,
+    /// The run label (see [`run_label`]) of each group's row.
+    pub(crate) dates: BTreeMap<String, String>,
+    /// One row of the runs table each: label, command, machine, servers.
+    pub(crate) runs: Vec<[String; 4]>,
+}
+
+/// How rows measured by this run are dated: `YYYY-MM-DD`, with `, quick` for a quick run.
+pub(crate) fn run_label(info: &RunInfo) -> String {
+    if info.mode.contains("--quick") {
+        format!("{}, quick", info.date)
+    } else {
+        info.date.clone()
+    }
+}
+
+/// The cells of a markdown table row, trimmed; `None` for a line that is not a row.
+fn cells(line: &str) -> Option<Vec<String>> {
+    let inner = line.trim().strip_prefix('|')?.strip_suffix('|')?;
+    Some(inner.split('|').map(|c| c.trim().to_owned()).collect())
+}
+
+/// The rows (header first, separator left out) of the table under the `## {heading}`
+/// section of `md`.
+fn section_rows(md: &str, heading: &str) -> Vec<Vec<String>> {
+    let mut inside = false;
+    let mut rows = Vec::new();
+    for line in md.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            inside = h.trim() == heading;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(row) = cells(line) {
+            if !row.iter().all(|c| c.chars().all(|ch| matches!(ch, '-' | ':'))) {
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
+/// A duration as [`fmt_ns`] writes it (`12.3 ns`, `1.23 µs`, `2.50 ms`, optionally
+/// followed by ` (…)`), in nanoseconds.
+pub(crate) fn parse_ns(cell: &str) -> Option<f64> {
+    let cell = cell.split(" (").next()?.trim();
+    let (number, unit) = cell.split_once(' ')?;
+    let (negative, number) = match number.strip_prefix('−') {
+        Some(n) => (true, n),
+        None => (false, number),
+    };
+    let scale = match unit {
+        "ns" => 1.0,
+        "µs" => 1_000.0,
+        "ms" => 1_000_000.0,
+        "s" => 1_000_000_000.0,
+        _ => return None,
+    };
+    let v = number.parse::<f64>().ok()? * scale;
+    Some(if negative { -v } else { v })
+}
+
+/// Reads back what [`published_markdown`] wrote; what it cannot read is left out.
+pub(crate) fn parse_published(md: &str) -> Published {
+    let mut out = Published::default();
+    let mut results = section_rows(md, "Results").into_iter();
+    if let Some(header) = results.next() {
+        let columns: Vec<Option<&str>> = header
+            .iter()
+            .map(|h| match h.as_str() {
+                "operation" => Some("operation"),
+                "capacitor" => Some("capacitor"),
+                "raw" => Some("raw"),
+                "date" => Some("date"),
+                _ => PEERS
+                    .iter()
+                    .find(|(_, title)| *h == format!("{title} (capacitor ÷ it)"))
+                    .map(|(id, _)| *id),
+            })
+            .collect();
+        for row in results {
+            let mut group = None;
+            let mut date = None;
+            let mut functions = BTreeMap::new();
+            for (column, cell) in columns.iter().zip(&row) {
+                match column {
+                    Some("operation") => group = Some(cell.trim_matches('`').to_owned()),
+                    Some("date") if !cell.is_empty() => date = Some(cell.clone()),
+                    Some(function) => {
+                        if let Some(ns) = parse_ns(cell) {
+                            functions.insert((*function).to_owned(), ns);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if let Some(group) = group.filter(|g| !g.is_empty()) {
+                if functions.contains_key("capacitor") && functions.contains_key("raw") {
+                    if let Some(date) = date {
+                        out.dates.insert(group.clone(), date);
+                    }
+                    out.medians.insert(group, functions);
+                }
+            }
+        }
+    }
+    for row in section_rows(md, "Runs").into_iter().skip(1) {
+        if let [label, command, machine, servers] = &row[..] {
+            out.runs
+                .push([label.clone(), command.clone(), machine.clone(), servers.clone()]);
+        }
+    }
+    out
+}
+
+/// `published` with the groups this run measured (`medians`) replaced or added, dated by
+/// the run; the other rows are kept with their dates. The runs table keeps the runs some
+/// row still comes from, this run first.
+pub(crate) fn merge(mut published: Published, medians: &Medians, info: &RunInfo) -> Published {
+    let measured: Vec<_> = rows(medians);
+    if measured.is_empty() {
+        return published;
+    }
+    let label = run_label(info);
+    for (group, functions) in measured {
+        published.medians.insert(group.clone(), functions.clone());
+        published.dates.insert(group.clone(), label.clone());
+    }
+    let mut servers = info.services.clone();
+    servers.extend(info.skipped.iter().map(|s| format!("skipped: {s}")));
+    let this = [
+        label.clone(),
+        info.mode.clone(),
+        info.machine.clone(),
+        servers.join("; "),
+    ]
+    .map(|c| c.replace('|', "/"));
+    let used: Vec<&String> = published.dates.values().collect();
+    let mut runs = vec![this];
+    runs.extend(
+        published
+            .runs
+            .into_iter()
+            .filter(|r| r[0] != label && used.contains(&&r[0])),
+    );
+    published.runs = runs;
+    published
+}
+
+/// The text of docs/benchmarks.md before its tables: how to run, what the suites measure,
+/// how to read the figures.
+const PUBLISHED_INTRO: &str = "\
+# Benchmarks
+
+Written by `cargo xtask bench`. A run replaces the rows of the groups it measured and keeps
+the others; the `date` column says which run each row comes from (see Runs). The README's
+short table is picked from this one.
+
+## How to run
+
+```sh
+cargo xtask bench                 # every suite, criterion's defaults
+cargo xtask bench --quick         # 0.2 s warm-up, 0.5 s measurement, 10 samples, small setups
+cargo xtask bench redis tiers     # only these suites
+```
+
+The suites are in `benches/benches/`. The Redis, PostgreSQL, three-tier and resilience
+suites use `CAPACITOR_REDIS_URL` / `CAPACITOR_POSTGRES_URL`, else the local servers (xtask
+starts the local one, or a throwaway one on a free loopback port, when it can); a suite
+whose server cannot be had is skipped and the run says why. Each run uses Redis key
+prefixes and tables named after it and removes only those. A run also writes the report of
+that run alone, `REPORT.md` and `bench.svg`, to `target/capacitor-report/` (under
+`$CARGO_TARGET_DIR` when that is set), and rewrites this file and `docs/bench.svg`. The
+in-memory peer is [foyer](https://crates.io/crates/foyer) 0.22, a dev-dependency of the
+unpublished `benches` crate only (it needs Rust 1.91).
+
+## What each suite measures
+
+- `composer`: the composer over in-memory layers: an L1 hit with one and two layers
+  (`l1_hit`, also `cooperative(true)`), a miss through 2-4 layers (`miss`), a hit in L2 or
+  L3 with promotion on and off, write-through to 1-4 layers, L1 hits on 1, 2 and 4 threads
+  at once (`l1_hit_threads`, timed per round: one hit on every thread); foyer's hit as a
+  peer in the moka groups.
+- `sled`: moka over sled: a hit that promotes, a hit without promotion, a write-through.
+- `redis`: moka over Redis: a hit, a write-through, `get_many` of 100 keys, the write-back
+  drain of 2,000 keys; the hand-written moka + fred code as a peer.
+- `postgres`: moka over PostgreSQL: a hit, a write-through, `get_many` of 100 keys, a write
+  to an `UNLOGGED` table, the write-back drain of 2,000 keys.
+- `tiers`: moka over Redis over PostgreSQL: a hit in each tier, a miss, a write-through; the
+  hand-written moka + fred + tokio-postgres code as a peer.
+- `writeback`: a write-back `set` over dashmap and moka, the drain of 10,000 keys into sled,
+  and 64 concurrent `get_or_load` callers of one cold key (raw: the hand-written check,
+  load, backfill, which runs 64 loads).
+- `resilience`: a read with Redis stalled behind the test kit's fault proxy, over
+  PostgreSQL, with a 20 ms read timeout (raw: a 20 ms sleep plus the PostgreSQL read) and
+  with the breaker open (raw: the PostgreSQL read).
+- `observe`: an L1 hit built with the `metrics` and `tracing` features (a Prometheus
+  recorder and an INFO subscriber installed) beside the same hit built without them (raw);
+  `observe_debug_spans`: DEBUG spans collected beside INFO.
+
+## How to read the table
+
+Each row is one criterion group whose functions ran one after another in the same process
+on the same data; the figures are medians. *capacitor* is the composer. *raw* is the same
+backend calls inlined in the benchmark, the floor the targets are measured against (for a
+hit: raw get, decode, raw L1 insert; for a write: raw write, raw L1 insert). *ratio* is
+capacitor ÷ raw: below 1× capacitor is faster (batching, single flight). A peer column is
+code you could run instead, with its median and capacitor ÷ it: *hand-written* is the
+cache-aside code a user writes today (`benches/src/peer.rs`: check moka, then Redis, then
+PostgreSQL, backfill the tiers above; its own connections, plain bincode), *foyer* is
+foyer's in-memory cache doing the same hit. *target* is the highest acceptable ratio. For
+`l1_hit_threads`, throughput on n threads ÷ on one is n·t(1)/t(n) (in the derived figures).
+The chart draws the same medians on a log scale, grouped by the layer measured.
+";
+
+/// The whole docs/benchmarks.md.
+pub(crate) fn published_markdown(published: &Published, chart: Option<&str>) -> Result<String> {
+    let mut md = String::from(PUBLISHED_INTRO);
+    writeln!(md, "\n## Runs\n")?;
+    writeln!(md, "| date | command | machine | servers |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    for run in &published.runs {
+        writeln!(md, "| {} |", run.join(" | "))?;
+    }
+    writeln!(md, "\n## Results\n")?;
+    md.push_str(&table_dated(&published.medians, Some(&published.dates))?);
+    md.push_str(&derived_md(&published.medians)?);
     if let Some(chart) = chart {
-        writeln!(md, "\n## Chart\n\n![median latency per operation]({chart})")?;
+        writeln!(
+            md,
+            "\n## Chart\n\n![median latency per operation, capacitor vs raw vs peers, log scale]({chart})"
+        )?;
     }
     Ok(md)
 }
@@ -488,6 +747,108 @@ mod tests {
             .unwrap();
         assert_eq!(threads.1, "1.82×");
         assert_eq!(threads.3, "yes");
+    }
+
+    fn run(date: &str, mode: &str) -> RunInfo {
+        RunInfo {
+            date: date.to_owned(),
+            machine: "2 cores".to_owned(),
+            mode: mode.to_owned(),
+            services: vec!["Redis: redis://127.0.0.1:6379 (found running)".to_owned()],
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parses_what_fmt_ns_writes() {
+        for ns in [12.3, 1_230.0, 2_500_000.0, -3.0, 107_800.0] {
+            assert_eq!(parse_ns(&fmt_ns(ns)), Some(ns), "{}", fmt_ns(ns));
+        }
+        assert_eq!(parse_ns("100.96 µs (0.99×)"), Some(100_960.0));
+        assert_eq!(parse_ns(""), None);
+        assert_eq!(parse_ns("—"), None);
+    }
+
+    #[test]
+    fn a_partial_run_keeps_the_other_rows_and_their_runs() {
+        let first = medians(&[
+            ("redis_hit/moka_over_redis", "capacitor", 110_000.0),
+            ("redis_hit/moka_over_redis", "raw", 100_000.0),
+            ("redis_hit/moka_over_redis", "hand_written", 100_000.0),
+            ("sled_hit/moka_over_sled", "capacitor", 4_650.0),
+            ("sled_hit/moka_over_sled", "raw", 4_950.0),
+        ]);
+        let full = merge(
+            Published::default(),
+            &first,
+            &run("2026-11-25", "`cargo xtask bench`"),
+        );
+        let text = published_markdown(&full, Some("bench.svg")).unwrap();
+        let read = parse_published(&text);
+        assert_eq!(read, full, "{text}");
+
+        // A quick run of the Redis suite alone: its row is replaced, sled's kept.
+        let redis = medians(&[
+            ("redis_hit/moka_over_redis", "capacitor", 99_000.0),
+            ("redis_hit/moka_over_redis", "raw", 90_000.0),
+            ("only_raw/x", "raw", 1.0),
+        ]);
+        let merged = merge(
+            read,
+            &redis,
+            &run("2026-12-02", "`cargo xtask bench --quick redis`"),
+        );
+        assert_eq!(merged.medians["redis_hit/moka_over_redis"]["capacitor"], 99_000.0);
+        assert!(!merged.medians["redis_hit/moka_over_redis"].contains_key("hand_written"));
+        assert_eq!(merged.medians["sled_hit/moka_over_sled"]["raw"], 4_950.0);
+        assert!(!merged.medians.contains_key("only_raw/x"));
+        assert_eq!(merged.dates["redis_hit/moka_over_redis"], "2026-12-02, quick");
+        assert_eq!(merged.dates["sled_hit/moka_over_sled"], "2026-11-25");
+        let labels: Vec<&str> = merged.runs.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(labels, ["2026-12-02, quick", "2026-11-25"]);
+        let text = published_markdown(&merged, None).unwrap();
+        assert!(
+            text.contains("| `sled_hit/moka_over_sled` | 4.65 µs | 4.95 µs | 0.94× |"),
+            "{text}"
+        );
+        assert!(text.contains("| ≤ 1.1× | yes | 2026-11-25 |"), "{text}");
+        assert_eq!(parse_published(&text), merged);
+
+        // Once every row is newer, the older run leaves the runs table.
+        let sled = medians(&[
+            ("sled_hit/moka_over_sled", "capacitor", 4_000.0),
+            ("sled_hit/moka_over_sled", "raw", 4_100.0),
+        ]);
+        let last = merge(
+            merged.clone(),
+            &sled,
+            &run("2026-12-03", "`cargo xtask bench sled`"),
+        );
+        let labels: Vec<&str> = last.runs.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(labels, ["2026-12-03", "2026-12-02, quick"]);
+
+        // A run that measured nothing changes nothing.
+        assert_eq!(
+            merge(merged.clone(), &Medians::new(), &run("2026-12-04", "x")),
+            merged
+        );
+    }
+
+    #[test]
+    fn the_published_file_reads_back() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        let published = parse_published(&text);
+        assert!(!published.medians.is_empty());
+        assert_eq!(published.medians.len(), published.dates.len());
+        assert!(published
+            .dates
+            .values()
+            .all(|d| published.runs.iter().any(|r| &r[0] == d)));
+        let again = published_markdown(&published, Some("bench.svg")).unwrap();
+        assert_eq!(parse_published(&again), published);
     }
 
     #[test]
