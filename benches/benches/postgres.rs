@@ -62,9 +62,9 @@ fn postgres_benches(c: &mut Criterion) {
         // bincode (no envelope), as code written by hand would.
         layer(&url, &raw_table, false).await.close().await.unwrap();
         let l1 = Arc::new(
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(1_000_000)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         );
         let cache = MultiLayer::builder()
@@ -222,9 +222,9 @@ fn postgres_benches(c: &mut Criterion) {
             ))
             .layer(LayerConfig::new(
                 "moka",
-                MokaLayer::<String, String>::builder()
+                MokaLayer::builder()
                     .max_capacity(100_000)
-                    .build()
+                    .build::<String, String>()
                     .unwrap(),
             ))
             .layer(LayerConfig::shared("postgres", pg.clone()))

@@ -56,9 +56,9 @@ fn redis_benches(c: &mut Criterion) {
         );
         redis.connect().await.unwrap();
         let l1 = Arc::new(
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(1_000_000)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         );
         let cache = MultiLayer::builder()
@@ -230,9 +230,9 @@ fn redis_benches(c: &mut Criterion) {
             ))
             .layer(LayerConfig::new(
                 "moka",
-                MokaLayer::<String, String>::builder()
+                MokaLayer::builder()
                     .max_capacity(100_000)
-                    .build()
+                    .build::<String, String>()
                     .unwrap(),
             ))
             .layer(LayerConfig::shared("redis", redis.clone()))

@@ -32,9 +32,9 @@ fn sled_benches(c: &mut Criterion) {
             .unwrap(),
     );
     let l1 = std::sync::Arc::new(
-        MokaLayer::<String, String>::builder()
+        MokaLayer::builder()
             .max_capacity(1_000_000)
-            .build()
+            .build::<String, String>()
             .unwrap(),
     );
     let cache = MultiLayer::builder()
@@ -89,9 +89,9 @@ fn sled_benches(c: &mut Criterion) {
         .promotion(false)
         .layer(LayerConfig::new(
             "moka",
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(1_000_000)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         ))
         .layer(LayerConfig::shared("sled", layer.clone()))

@@ -66,9 +66,9 @@ fn tier_benches(c: &mut Criterion) {
 
     let (l1, redis, pg, cache, hand) = rt.block_on(async {
         let l1 = Arc::new(
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(1_000_000)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         );
         let redis = Arc::new(

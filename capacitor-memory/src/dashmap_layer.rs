@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use capacitor_core::background::{Stop, Ticker};
 use capacitor_core::{
     async_trait, expiry_for, system_clock, Capabilities, Clock, Entry, Error, Layer, Operation, Result,
     SharedClock,
@@ -16,6 +17,8 @@ struct Shared<K, V> {
     map: DashMap<K, Entry<V>>,
     clock: SharedClock,
     closed: AtomicBool,
+    /// Ends the sweeper when pulled (`close`) or dropped (the layer dropped).
+    stop: Stop,
 }
 
 impl<K: Hash + Eq, V> Shared<K, V> {
@@ -27,18 +30,25 @@ impl<K: Hash + Eq, V> Shared<K, V> {
     }
 }
 
-/// Builds a [`DashMapLayer`].
+/// How often the sweeper runs unless [`DashMapLayerBuilder::sweep_interval`] says.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Builds a [`DashMapLayer`]; the key and value types are given to
+/// [`build`](DashMapLayerBuilder::build).
 ///
-/// Defaults: the system clock, no sweeper (expired entries are removed when read).
+/// Defaults: the system clock; the sweeper on, every 60 s (expired entries are also
+/// removed when read), as in every capacitor layer that sweeps.
 #[must_use]
 pub struct DashMapLayerBuilder {
     clock: SharedClock,
-    sweep_interval: Option<Duration>,
+    sweeper: bool,
+    sweep_interval: Duration,
 }
 
 impl fmt::Debug for DashMapLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DashMapLayerBuilder")
+            .field("sweeper", &self.sweeper)
             .field("sweep_interval", &self.sweep_interval)
             .finish()
     }
@@ -51,11 +61,18 @@ impl DashMapLayerBuilder {
         self
     }
 
-    /// Remove expired entries every `interval` on a tokio task (expired entries that are
-    /// never read again otherwise stay in memory). The task stops when the layer is closed
-    /// or dropped.
+    /// Whether a tokio task removes expired entries every
+    /// [`sweep_interval`](Self::sweep_interval) (without it, expired entries that are never
+    /// read again stay in memory). The task stops when the layer is closed or dropped.
+    /// Default: on.
+    pub fn sweeper(mut self, on: bool) -> Self {
+        self.sweeper = on;
+        self
+    }
+
+    /// How often the sweeper runs. Default: 60 s.
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = Some(interval);
+        self.sweep_interval = interval;
         self
     }
 
@@ -63,42 +80,41 @@ impl DashMapLayerBuilder {
     ///
     /// # Errors
     ///
-    /// [`capacitor_core::ErrorKind::Config`] for a zero sweep interval, or a sweeper
-    /// requested outside a tokio runtime.
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config) for a zero sweep interval,
+    /// or the sweeper on outside a tokio runtime (build inside one, or turn it off with
+    /// [`sweeper(false)`](Self::sweeper)).
     pub fn build<K, V>(self) -> Result<DashMapLayer<K, V>>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
         V: Clone + Send + Sync + 'static,
     {
+        if self.sweep_interval.is_zero() {
+            return Err(Error::config("sweep_interval", "must be greater than zero"));
+        }
         let shared = Arc::new(Shared {
             map: DashMap::new(),
             clock: self.clock,
             closed: AtomicBool::new(false),
+            stop: Stop::new(),
         });
-        if let Some(interval) = self.sweep_interval {
-            if interval.is_zero() {
-                return Err(Error::config("sweep_interval", "must be greater than zero"));
-            }
+        if self.sweeper {
             let handle = tokio::runtime::Handle::try_current().map_err(|e| {
                 Error::config(
-                    "sweep_interval",
-                    "the sweeper needs a tokio runtime; build inside one",
+                    "sweeper",
+                    "the sweeper needs a tokio runtime: build inside one, or call .sweeper(false)",
                 )
                 .with_source(e)
             })?;
-            handle.spawn(sweeper(Arc::downgrade(&shared), interval));
+            let ticker = shared.stop.ticker(self.sweep_interval);
+            handle.spawn(sweeper(Arc::downgrade(&shared), ticker));
         }
         Ok(DashMapLayer { shared })
     }
 }
 
-async fn sweeper<K: Hash + Eq, V>(shared: Weak<Shared<K, V>>, interval: Duration) {
-    loop {
-        tokio::time::sleep(interval).await;
+async fn sweeper<K: Hash + Eq, V>(shared: Weak<Shared<K, V>>, mut ticker: Ticker) {
+    while ticker.tick().await {
         let Some(shared) = shared.upgrade() else { return };
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
         shared.sweep();
     }
 }
@@ -113,14 +129,14 @@ async fn sweeper<K: Hash + Eq, V>(shared: Weak<Shared<K, V>>, interval: Duration
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::Layer;
-/// use capacitor_memory::DashMapLayer;
+/// use capacitor::Layer;
+/// use capacitor::memory::DashMapLayer;
 /// use std::time::Duration;
 ///
 /// let layer = DashMapLayer::builder().sweep_interval(Duration::from_secs(30)).build::<u64, String>()?;
 /// layer.set(&7, &"seven".to_string(), None).await?;
 /// assert_eq!(layer.get(&7).await?.map(|e| e.value), Some("seven".to_string()));
-/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
 /// ```
 pub struct DashMapLayer<K, V> {
     shared: Arc<Shared<K, V>>,
@@ -139,7 +155,8 @@ impl DashMapLayer<(), ()> {
     pub fn builder() -> DashMapLayerBuilder {
         DashMapLayerBuilder {
             clock: system_clock(),
-            sweep_interval: None,
+            sweeper: true,
+            sweep_interval: SWEEP_INTERVAL,
         }
     }
 }
@@ -159,13 +176,15 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// An empty layer on the system clock, without sweeper.
+    /// An empty layer on the system clock, without sweeper (it needs no runtime; the
+    /// [`builder`](DashMapLayer::builder) has one by default).
     pub fn new() -> Self {
         DashMapLayer {
             shared: Arc::new(Shared {
                 map: DashMap::new(),
                 clock: system_clock(),
                 closed: AtomicBool::new(false),
+                stop: Stop::new(),
             }),
         }
     }
@@ -289,6 +308,7 @@ where
 
     async fn close(&self) -> Result<()> {
         if !self.shared.closed.swap(true, Ordering::AcqRel) {
+            self.shared.stop.stop();
             self.shared.map.clear();
         }
         Ok(())

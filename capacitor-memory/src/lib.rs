@@ -5,7 +5,7 @@
 //! - [`DashMapLayer`]: an unbounded concurrent map on [dashmap](https://docs.rs/dashmap)
 //!   with lazy expiry and an optional background sweeper.
 //!
-//! Both answer reads synchronously ([`capacitor_core::Layer::get_sync`]), so an L1 hit
+//! Both answer reads synchronously ([`Layer::get_sync`](capacitor_core::Layer::get_sync)), so an L1 hit
 //! through a `MultiLayer` never allocates a future.
 #![forbid(unsafe_code)]
 

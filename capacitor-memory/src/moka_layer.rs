@@ -1,5 +1,6 @@
 //! [`MokaLayer`]: a bounded in-memory layer on moka.
 
+use std::any::Any;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,16 +44,20 @@ impl<K, V> Expiry<K, Stored<V>> for PerEntryTtl {
 
 type Weigher<K, V> = Arc<dyn Fn(&K, &V) -> u32 + Send + Sync + 'static>;
 
-/// Builds a [`MokaLayer`].
+/// Builds a [`MokaLayer`]; the key and value types are given to
+/// [`build`](MokaLayerBuilder::build), as for every layer.
 ///
 /// Defaults: bounded to 10,000 entries.
 #[must_use]
-pub struct MokaLayerBuilder<K, V> {
+#[derive(Default)]
+pub struct MokaLayerBuilder {
     max_capacity: Option<u64>,
-    max_bytes: Option<(u64, Weigher<K, V>)>,
+    /// The byte bound and its weigher, a `Weigher<K, V>` behind `Any` until `build::<K, V>`
+    /// names the types.
+    max_bytes: Option<(u64, Box<dyn Any + Send + Sync>)>,
 }
 
-impl<K, V> fmt::Debug for MokaLayerBuilder<K, V> {
+impl fmt::Debug for MokaLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MokaLayerBuilder")
             .field("max_capacity", &self.max_capacity)
@@ -61,19 +66,16 @@ impl<K, V> fmt::Debug for MokaLayerBuilder<K, V> {
     }
 }
 
-impl<K, V> MokaLayerBuilder<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
+impl MokaLayerBuilder {
     /// Bound the cache to `entries` entries (least recently / frequently used evicted).
+    /// Default: 10,000.
     pub fn max_capacity(mut self, entries: u64) -> Self {
         self.max_capacity = Some(entries);
         self
     }
 
     /// Bound the cache to `bytes` in total, each entry weighing what `weigher` says (in
-    /// bytes, saturating at `u32::MAX`). The Go original's `memory.Config{MaxSize: 100 MB}`.
+    /// bytes, saturating at `u32::MAX`), instead of a number of entries.
     ///
     /// # Examples
     ///
@@ -81,23 +83,37 @@ where
     /// use capacitor::memory::MokaLayer;
     /// use capacitor::{LayerConfig, MultiLayer};
     ///
-    /// let layer = MokaLayer::<String, Vec<u8>>::builder()
+    /// let layer = MokaLayer::builder()
     ///     .max_bytes(100 * 1024 * 1024, |k: &String, v: &Vec<u8>| (k.len() + v.len()).try_into().unwrap_or(u32::MAX))
-    ///     .build()?;
+    ///     .build::<String, Vec<u8>>()?;
     /// let cache = MultiLayer::builder().layer(LayerConfig::new("l1", layer)).build()?;
     /// # Ok::<(), capacitor::Error>(())
     /// ```
-    pub fn max_bytes(mut self, bytes: u64, weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static) -> Self {
-        self.max_bytes = Some((bytes, Arc::new(weigher)));
+    pub fn max_bytes<K, V>(
+        mut self,
+        bytes: u64,
+        weigher: impl Fn(&K, &V) -> u32 + Send + Sync + 'static,
+    ) -> Self
+    where
+        K: 'static,
+        V: 'static,
+    {
+        let weigher: Weigher<K, V> = Arc::new(weigher);
+        self.max_bytes = Some((bytes, Box::new(weigher)));
         self
     }
 
-    /// Validates and builds the layer.
+    /// Validates and builds the layer for keys `K` and values `V`.
     ///
     /// # Errors
     ///
-    /// [`capacitor_core::ErrorKind::Config`] when both bounds are set or a bound is zero.
-    pub fn build(self) -> Result<MokaLayer<K, V>> {
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config) when both bounds are set,
+    /// a bound is zero, or the weigher was written for other key or value types.
+    pub fn build<K, V>(self) -> Result<MokaLayer<K, V>>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
         let builder = Cache::builder().expire_after(PerEntryTtl);
         let cache = match (self.max_capacity, self.max_bytes) {
             (Some(_), Some(_)) => {
@@ -108,10 +124,18 @@ where
             }
             (Some(0), None) => return Err(Error::config("max_capacity", "must be greater than zero")),
             (None, Some((0, _))) => return Err(Error::config("max_bytes", "must be greater than zero")),
-            (None, Some((bytes, weigher))) => builder
-                .max_capacity(bytes)
-                .weigher(move |k: &K, s: &Stored<V>| weigher(k, &s.value))
-                .build(),
+            (None, Some((bytes, weigher))) => {
+                let Ok(weigher) = weigher.downcast::<Weigher<K, V>>() else {
+                    return Err(Error::config(
+                        "max_bytes",
+                        "the weigher takes other key or value types than the layer is built for",
+                    ));
+                };
+                builder
+                    .max_capacity(bytes)
+                    .weigher(move |k: &K, s: &Stored<V>| weigher(k, &s.value))
+                    .build()
+            }
             (entries, None) => builder.max_capacity(entries.unwrap_or(10_000)).build(),
         };
         Ok(MokaLayer {
@@ -130,20 +154,28 @@ where
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::Layer;
-/// use capacitor_memory::MokaLayer;
+/// use capacitor::memory::MokaLayer;
+/// use capacitor::Layer;
 /// use std::time::Duration;
 ///
-/// let l1 = MokaLayer::<String, u64>::builder().max_capacity(1_000).build()?;
+/// let l1 = MokaLayer::builder().max_capacity(1_000).build::<String, u64>()?;
 /// l1.set(&"a".into(), &1, Some(Duration::from_secs(60))).await?;
 /// let entry = l1.get(&"a".into()).await?.expect("hit");
 /// assert_eq!(entry.value, 1);
 /// assert!(entry.expires_at.is_some());
-/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
 /// ```
 pub struct MokaLayer<K, V> {
     cache: Cache<K, Stored<V>>,
     closed: AtomicBool,
+}
+
+impl MokaLayer<(), ()> {
+    /// A builder with the defaults listed on [`MokaLayerBuilder`]; the types are given to
+    /// its [`build`](MokaLayerBuilder::build).
+    pub fn builder() -> MokaLayerBuilder {
+        MokaLayerBuilder::default()
+    }
 }
 
 impl<K, V> fmt::Debug for MokaLayer<K, V> {
@@ -159,14 +191,6 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    /// A builder with the defaults listed on [`MokaLayerBuilder`].
-    pub fn builder() -> MokaLayerBuilder<K, V> {
-        MokaLayerBuilder {
-            max_capacity: None,
-            max_bytes: None,
-        }
-    }
-
     fn read(&self, key: &K) -> Result<Option<Entry<V>>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::closed(Operation::Get));

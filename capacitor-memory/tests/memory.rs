@@ -9,9 +9,9 @@ use capacitor_memory::{DashMapLayer, MokaLayer};
 
 #[tokio::test]
 async fn moka_entry_bound_evicts() {
-    let layer = MokaLayer::<u64, u64>::builder()
+    let layer = MokaLayer::builder()
         .max_capacity(100)
-        .build()
+        .build::<u64, u64>()
         .expect("config");
     for i in 0..5_000 {
         layer.set(&i, &i, None).await.expect("set");
@@ -22,11 +22,11 @@ async fn moka_entry_bound_evicts() {
 
 #[tokio::test]
 async fn moka_byte_bound_evicts_by_weight() {
-    let layer = MokaLayer::<u64, Vec<u8>>::builder()
-        .max_bytes(1024 * 1024, |_, v: &Vec<u8>| {
+    let layer = MokaLayer::builder()
+        .max_bytes(1024 * 1024, |_: &u64, v: &Vec<u8>| {
             u32::try_from(v.len()).unwrap_or(u32::MAX)
         })
-        .build()
+        .build::<u64, Vec<u8>>()
         .expect("config");
     for i in 0..100 {
         layer.set(&i, &vec![0u8; 64 * 1024], None).await.expect("set");
@@ -38,22 +38,29 @@ async fn moka_byte_bound_evicts_by_weight() {
 
 #[test]
 fn moka_builder_rejects_bad_bounds() {
-    let err = MokaLayer::<u8, u8>::builder()
+    let err = MokaLayer::builder()
         .max_capacity(0)
-        .build()
+        .build::<u8, u8>()
         .expect_err("zero");
     assert_eq!(err.kind(), ErrorKind::Config);
-    let err = MokaLayer::<u8, u8>::builder()
+    let err = MokaLayer::builder()
         .max_capacity(5)
-        .max_bytes(5, |_, _| 1)
-        .build()
+        .max_bytes(5, |_: &u8, _: &u8| 1)
+        .build::<u8, u8>()
         .expect_err("both");
     assert!(err.to_string().contains("max_capacity"));
-    let err = MokaLayer::<u8, u8>::builder()
-        .max_bytes(0, |_, _| 1)
-        .build()
+    let err = MokaLayer::builder()
+        .max_bytes(0, |_: &u8, _: &u8| 1)
+        .build::<u8, u8>()
         .expect_err("zero bytes");
     assert!(err.to_string().contains("max_bytes"));
+    // A weigher written for other types than the layer is built for: a typed error.
+    let err = MokaLayer::builder()
+        .max_bytes(64, |k: &String, _: &u8| k.len() as u32)
+        .build::<u8, u8>()
+        .expect_err("other types");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("weigher"), "{err}");
 }
 
 #[tokio::test]
@@ -85,13 +92,42 @@ async fn dashmap_expires_lazily_and_the_sweeper_removes_unread_entries() {
     assert_eq!(layer.get(&1_000).await.expect("get").map(|e| e.value), Some(0));
 }
 
+#[tokio::test(start_paused = true)]
+async fn dashmap_sweeps_every_minute_by_default_and_stops_on_close() {
+    let clock = ManualClock::new(0);
+    let layer = DashMapLayer::builder()
+        .clock(clock.clone())
+        .build::<u32, u32>()
+        .expect("config");
+    layer
+        .set(&1, &1, Some(Duration::from_secs(1)))
+        .await
+        .expect("set");
+    clock.advance(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(layer.len(), 1, "no sweep before the first minute");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(layer.len(), 0, "swept after a minute");
+    let off = DashMapLayer::builder()
+        .clock(clock.clone())
+        .sweeper(false)
+        .build::<u32, u32>()
+        .expect("config");
+    off.set(&1, &1, Some(Duration::from_secs(1))).await.expect("set");
+    clock.advance(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(off.len(), 1, "sweeper(false) leaves expired entries to reads");
+}
+
 #[test]
 fn dashmap_sweeper_outside_a_runtime_is_a_config_error() {
-    let err = DashMapLayer::builder()
-        .sweep_interval(Duration::from_secs(1))
-        .build::<u8, u8>()
-        .expect_err("no runtime");
+    let err = DashMapLayer::builder().build::<u8, u8>().expect_err("no runtime");
     assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("sweeper(false)"), "{err}");
+    DashMapLayer::builder()
+        .sweeper(false)
+        .build::<u8, u8>()
+        .expect("no sweeper, no runtime needed");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _guard = rt.enter();
     let err = DashMapLayer::builder()

@@ -44,9 +44,9 @@ async fn drop_table(table: &str) {
 async fn round(what: &str, write_back: bool, fail_safe: bool, seed: u64) -> (usize, Vec<String>) {
     let name = unique(what);
     let moka = Arc::new(
-        MokaLayer::<String, u64>::builder()
+        MokaLayer::builder()
             .max_capacity(1_000)
-            .build()
+            .build::<String, u64>()
             .unwrap(),
     );
     let redis = Arc::new(
