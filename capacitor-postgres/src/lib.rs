@@ -97,7 +97,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod config;
+mod builder;
+mod core;
 mod error;
 mod key;
 mod layer;
@@ -106,7 +107,7 @@ mod schema;
 mod sql;
 mod sweep;
 
-pub use config::{
+pub use builder::{
     PostgresLayerBuilder, DEFAULT_MAX_VALUE_BYTES, DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT,
     DEFAULT_SCAN_PAGE_SIZE, DEFAULT_SCHEMA, DEFAULT_STATEMENT_TIMEOUT, DEFAULT_SWEEP_BATCH,
     DEFAULT_SWEEP_INTERVAL, DEFAULT_TABLE, MAX_POOL_SIZE,

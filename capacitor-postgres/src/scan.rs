@@ -12,9 +12,9 @@ use capacitor_core::{Codec, Entry, Error, Operation, Result, StorageKey};
 use futures_core::Stream;
 use tokio_postgres::Row;
 
+use crate::core::{decode_entry, prepare, Shared};
 use crate::error::pg_error;
 use crate::key::ScanRange;
-use crate::layer::{decode_entry, prepare, Shared};
 
 type PageFuture = Pin<Box<dyn Future<Output = Result<Vec<Row>>> + Send>>;
 

@@ -11,8 +11,8 @@ use capacitor_core::{Operation, Result};
 use deadpool_postgres::Pool;
 use tokio::sync::watch;
 
+use crate::core::{bounded, checkout, prepare, Shared};
 use crate::error::pg_error;
-use crate::layer::{bounded, checkout, prepare, Shared};
 
 /// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
 async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {

@@ -2,106 +2,19 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use capacitor_core::{
     async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
-    ErrorKind, Layer, Operation, Result, SharedClock, StorageKey, Timestamp, WriteOp,
+    ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::IVec;
 
-use crate::config::{FlushPolicy, SledLayerBuilder};
+use crate::core::{decode_value, flush_tree, FlushPolicy, Shared, Stored};
 use crate::error::sled_error;
 use crate::scan::ScanStream;
-
-/// The open database and the tree entries live in. Dropped on close, which releases
-/// sled's directory lock once no scan stream or sweep pass holds a clone.
-pub(crate) struct Handles {
-    /// Kept so that the database (and, with `path`, its lock and flusher thread) lives as
-    /// long as the layer, also when `tree` is a named tree.
-    pub(crate) _db: sled::Db,
-    pub(crate) tree: sled::Tree,
-}
-
-/// What the layer, its scan streams and its background tasks share.
-pub(crate) struct Shared<C> {
-    /// `None` once closed.
-    pub(crate) handles: RwLock<Option<Handles>>,
-    pub(crate) codec: C,
-    pub(crate) clock: SharedClock,
-    pub(crate) flush_policy: FlushPolicy,
-    pub(crate) max_value_bytes: usize,
-    pub(crate) persistent: bool,
-    /// Set to `true` on close; dropped (which the tasks also notice) with the layer.
-    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
-}
-
-impl<C> Shared<C> {
-    /// A handle on the tree, or [`ErrorKind::Closed`]. The lock is held only to clone an
-    /// `Arc`, so a panic can never poison it; the poison is ignored all the same.
-    pub(crate) fn tree(&self, op: Operation) -> Result<sled::Tree> {
-        let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);
-        match &*handles {
-            Some(h) => Ok(h.tree.clone()),
-            None => Err(Error::closed(op)),
-        }
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.handles
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
-    }
-}
-
-/// Flushes sled's buffers and fsyncs, off the async worker threads.
-///
-/// Never `Tree::flush_async`: in sled 0.34 it runs the flush on sled's own I/O pool, whose
-/// idle-thread count underflows so that the pool never grows past its 7 initial threads;
-/// 7 concurrent flushes then wait forever for a buffer write queued behind them on the
-/// same pool (spacejam/sled#1241, #1357; fixed on sled's master, not released). A
-/// synchronous `flush` on tokio's blocking pool leaves sled's pool free to write.
-pub(crate) async fn flush_tree(tree: &sled::Tree, op: Operation) -> Result<()> {
-    let result = match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            let tree = tree.clone();
-            runtime
-                .spawn_blocking(move || tree.flush())
-                .await
-                .map_err(|e| Error::new(ErrorKind::Backend, op, "the flush task failed").with_source(e))?
-        }
-        // Not on tokio: flush on the caller's thread.
-        Err(_) => tree.flush(),
-    };
-    result.map(drop).map_err(|e| sled_error(op, e))
-}
-
-/// What stored bytes turned out to be.
-pub(crate) enum Stored<V> {
-    Live(Entry<V>),
-    Expired,
-}
-
-/// Decodes a stored value: envelope, expiry at `now` (read lazily: only entries with an
-/// expiry look at the clock), payload.
-pub(crate) fn decode_value<V, C: Codec<V>>(
-    codec: &C,
-    clock: &SharedClock,
-    bytes: &[u8],
-    op: Operation,
-) -> Result<Stored<V>> {
-    let (expires_at, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
-    if let Some(at) = expires_at {
-        if at <= clock.now() {
-            return Ok(Stored::Expired);
-        }
-    }
-    let value = codec.decode(payload).map_err(|e| e.with_operation(op))?;
-    Ok(Stored::Live(Entry::new(value, expires_at)))
-}
 
 /// Whether stored bytes hold a live entry: bytes that are not an envelope count as present
 /// (something is there and it is not known to have expired).
@@ -132,7 +45,7 @@ fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec) {
 /// miss. Durability follows the [`FlushPolicy`].
 ///
 /// Capabilities: scan (lazy, over sled's ordered iterator), transactions (sled
-/// transactions), persistence (unless built [`temporary`](SledLayerBuilder::temporary)).
+/// transactions), persistence (unless built [`temporary`](crate::SledLayerBuilder::temporary)).
 /// Reads go through [`get`](Layer::get): [`get_sync`](Layer::get_sync) answers `None`,
 /// because a sled read may go to disk and the composer's synchronous path is meant for
 /// in-memory layers.
@@ -186,13 +99,6 @@ impl<K, V, C: fmt::Debug> fmt::Debug for SledLayer<K, V, C> {
             .field("codec", &self.shared.codec)
             .field("max_value_bytes", &self.shared.max_value_bytes)
             .finish_non_exhaustive()
-    }
-}
-
-impl SledLayer<(), (), BincodeCodec> {
-    /// A builder with the defaults listed on [`SledLayerBuilder`].
-    pub fn builder() -> SledLayerBuilder {
-        SledLayerBuilder::new()
     }
 }
 

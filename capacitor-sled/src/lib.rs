@@ -47,14 +47,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod config;
+mod builder;
+mod core;
 mod error;
 mod layer;
 mod scan;
 mod sweep;
 
-pub use config::{
-    FlushPolicy, SledLayerBuilder, DEFAULT_FLUSH_POLICY, DEFAULT_LOCK_WAIT, DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_SWEEP_BATCH,
-};
+pub use builder::{SledLayerBuilder, DEFAULT_LOCK_WAIT, DEFAULT_MAX_VALUE_BYTES, DEFAULT_SWEEP_BATCH};
+pub use core::{FlushPolicy, DEFAULT_FLUSH_POLICY};
 pub use layer::SledLayer;

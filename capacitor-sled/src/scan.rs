@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use capacitor_core::{Codec, Entry, Error, Operation, Result, StorageKey};
 use futures_core::Stream;
 
+use crate::core::{decode_value, Shared, Stored};
 use crate::error::sled_error;
-use crate::layer::{decode_value, Shared, Stored};
 
 /// Entries one poll may skip (expired ones) before it yields to the runtime, so that a
 /// prefix full of expired entries does not hold a worker thread for the whole walk.

@@ -13,8 +13,8 @@ use capacitor_core::{envelope, Operation, Result, Timestamp};
 use sled::IVec;
 use tokio::sync::watch;
 
+use crate::core::{flush_tree, Shared};
 use crate::error::sled_error;
-use crate::layer::{flush_tree, Shared};
 
 /// Entries one sweep batch examines at most, so that a batch over a tree of mostly live
 /// entries still ends and yields.

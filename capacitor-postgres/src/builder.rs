@@ -14,9 +14,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolConfig, RecyclingMetho
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{NoTls, Socket};
 
+use crate::core::Shared;
 use crate::error::pool_error;
 use crate::key::KeyFormat;
-use crate::layer::{PostgresLayer, Shared};
+use crate::layer::PostgresLayer;
 use crate::schema::{self, Table};
 use crate::sql::Statements;
 use crate::sweep;
@@ -194,8 +195,15 @@ impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
     }
 }
 
+impl PostgresLayer<(), (), BincodeCodec> {
+    /// A builder with the defaults listed on [`PostgresLayerBuilder`].
+    pub fn builder() -> PostgresLayerBuilder {
+        PostgresLayerBuilder::new()
+    }
+}
+
 impl PostgresLayerBuilder<BincodeCodec> {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         PostgresLayerBuilder {
             source: Source::None,
             schema: DEFAULT_SCHEMA.to_owned(),

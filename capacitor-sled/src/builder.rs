@@ -1,4 +1,4 @@
-//! [`SledLayerBuilder`] and [`FlushPolicy`]: the user's options and their validation.
+//! [`SledLayerBuilder`]: the user's options, their validation, and opening the database.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -11,8 +11,9 @@ const MIN_CACHE_CAPACITY: u64 = 256;
 
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
+use crate::core::{FlushPolicy, Handles, Shared, DEFAULT_FLUSH_POLICY};
 use crate::error::{is_lock_error, open_error, sled_error};
-use crate::layer::{Handles, Shared, SledLayer};
+use crate::layer::SledLayer;
 use crate::sweep;
 
 /// The default [`SledLayerBuilder::max_value_bytes`]: 64 MiB.
@@ -23,59 +24,6 @@ pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
 
 /// The default [`SledLayerBuilder::lock_wait`]: 1 second.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
-
-/// The default [`FlushPolicy`]: [`FlushPolicy::EveryMillis`]`(500)`, sled's own default.
-pub const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
-
-/// When the layer makes writes durable (fsync), and so what a crash can lose.
-///
-/// "Crash" here means the process dies (a panic with `abort`, `SIGKILL`, the OOM killer)
-/// or the machine loses power. A write that only reached sled's in-memory buffers is lost
-/// by either; a write sled has flushed survives both. [`Layer::flush`] and
-/// [`Layer::close`] flush under every policy.
-///
-/// [`Layer::flush`]: capacitor_core::Layer::flush
-/// [`Layer::close`]: capacitor_core::Layer::close
-///
-/// # Examples
-///
-/// ```
-/// use capacitor_sled::{FlushPolicy, SledLayer};
-///
-/// let dir = tempfile::tempdir()?;
-/// let layer = SledLayer::builder()
-///     .path(dir.path().join("cache"))
-///     .flush_policy(FlushPolicy::EveryWrite)
-///     .build::<String, String>()?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushPolicy {
-    /// Every write (`set`, `delete`, the batch forms, `apply_atomic`) returns only after
-    /// sled has flushed it to disk. A crash loses **no acknowledged write**: a write that
-    /// returned `Ok` is on disk. The slowest policy: one fsync per write (concurrent
-    /// writers share fsyncs).
-    EveryWrite,
-    /// sled flushes in the background every this many milliseconds. A crash loses **the
-    /// writes acknowledged in the last window** (up to this many milliseconds of writes,
-    /// plus the flush in progress). With [`SledLayerBuilder::path`] this is sled's own
-    /// flusher thread; with [`SledLayerBuilder::db`] the layer runs a tokio task that
-    /// flushes at this interval, in addition to whatever the database was opened with.
-    EveryMillis(u64),
-    /// Nothing is flushed until [`Layer::flush`](capacitor_core::Layer::flush) or
-    /// [`Layer::close`](capacitor_core::Layer::close). A crash can lose **every write since
-    /// the last flush** (sled may write some of them out earlier when its buffers fill,
-    /// but nothing is promised). With [`SledLayerBuilder::db`], a database opened with a
-    /// background flusher (sled's default: every 500 ms) keeps flushing on its own.
-    Manual,
-}
-
-impl Default for FlushPolicy {
-    fn default() -> Self {
-        DEFAULT_FLUSH_POLICY
-    }
-}
 
 /// Builds a [`SledLayer`]; [`build`](SledLayerBuilder::build) validates every option
 /// and opens the database.
@@ -142,8 +90,15 @@ impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
     }
 }
 
+impl SledLayer<(), (), BincodeCodec> {
+    /// A builder with the defaults listed on [`SledLayerBuilder`].
+    pub fn builder() -> SledLayerBuilder {
+        SledLayerBuilder::new()
+    }
+}
+
 impl SledLayerBuilder<BincodeCodec> {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         SledLayerBuilder {
             path: None,
             db: None,
