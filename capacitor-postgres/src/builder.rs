@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capacitor_core::background::Stop;
 use capacitor_core::{
     envelope, system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
 };
@@ -669,7 +670,6 @@ impl<C> PostgresLayerBuilder<C> {
             } else {
                 KeyFormat::Hex
             });
-        let (shutdown, _) = tokio::sync::watch::channel(false);
         let operation_timeout = self.operation_timeout.unwrap_or_else(|| {
             let statement = if self.statement_timeout.is_zero() {
                 DEFAULT_STATEMENT_TIMEOUT
@@ -691,13 +691,12 @@ impl<C> PostgresLayerBuilder<C> {
             closed: AtomicBool::new(false),
             operation_timeout,
             fence: capacitor_core::fence::WriteFence::new(self.fence_margin),
-            shutdown,
+            stop: Stop::new(),
         });
         if self.sweeper {
             runtime.spawn(sweep::sweeper(
                 Arc::downgrade(&shared),
-                shared.shutdown.subscribe(),
-                self.sweep_interval,
+                shared.stop.ticker(self.sweep_interval),
                 i64::try_from(self.sweep_batch).unwrap_or(i64::MAX),
             ));
         }

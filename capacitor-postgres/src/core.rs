@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use capacitor_core::background::Stop;
 use capacitor_core::{envelope, Codec, Entry, Error, ErrorKind, Operation, Result, SharedClock, Timestamp};
 use deadpool_postgres::{Object, Pool};
 use tokio_postgres::Statement;
@@ -42,8 +43,8 @@ pub(crate) struct Shared<C> {
     pub(crate) operation_timeout: Duration,
     /// Keys whose last write may still be applied (see `fence`).
     pub(crate) fence: capacitor_core::fence::WriteFence,
-    /// Set to `true` on close; dropped (which the sweeper also notices) with the layer.
-    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
+    /// Pulled on close; dropped with the layer: either ends the sweeper.
+    pub(crate) stop: Stop,
 }
 
 impl<C> Shared<C> {

@@ -547,7 +547,7 @@ where
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let _ = self.shared.shutdown.send(true);
+        self.shared.stop.stop();
         self.shared.pool.close();
         Ok(())
     }

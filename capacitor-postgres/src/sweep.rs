@@ -1,40 +1,28 @@
 //! The sweeper: a background task that deletes expired rows in bounded batches.
 //!
 //! It holds a `Weak` on the layer's state, so that it never keeps a dropped layer's pool
-//! open, and stops when the layer is closed (the shutdown flag) or dropped (the flag's
-//! sender goes away).
+//! open, and a [`Ticker`] of the layer's [`Stop`](capacitor_core::background::Stop), so
+//! that it ends when the layer is closed (the switch pulled) or dropped (the switch with
+//! it).
 
 use std::sync::Weak;
 use std::time::Duration;
 
+use capacitor_core::background::Ticker;
 use capacitor_core::{Operation, Result};
 use deadpool_postgres::Pool;
-use tokio::sync::watch;
 
 use crate::core::{bounded, checkout, prepare, Shared};
 use crate::error::pg_error;
 
-/// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
-async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {
-    if *shutdown.borrow() {
-        return false;
-    }
-    tokio::select! {
-        () = tokio::time::sleep(interval) => !*shutdown.borrow(),
-        // Either the flag changed (closed) or the sender was dropped (layer dropped).
-        _ = shutdown.changed() => false,
-    }
-}
-
-/// Every `interval`, deletes expired rows, `batch` rows per statement, until a batch
-/// deletes fewer than `batch`.
+/// At every tick, deletes expired rows, `batch` rows per statement, until a batch deletes
+/// fewer than `batch`.
 pub(crate) async fn sweeper<C: Send + Sync + 'static>(
     shared: Weak<Shared<C>>,
-    mut shutdown: watch::Receiver<bool>,
-    interval: Duration,
+    mut ticker: Ticker,
     batch: i64,
 ) {
-    while tick(&mut shutdown, interval).await {
+    while ticker.tick().await {
         loop {
             // Upgrade per batch, and never hold the layer across an await: a dropped layer
             // stops the sweeper.
@@ -57,7 +45,7 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
                 // nothing.
                 Ok(_) | Err(_) => break,
             }
-            if *shutdown.borrow() {
+            if ticker.stopped() {
                 return;
             }
         }

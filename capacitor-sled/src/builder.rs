@@ -9,6 +9,7 @@ use std::time::Duration;
 /// sled's page cache refuses (panics on) capacities below this.
 const MIN_CACHE_CAPACITY: u64 = 256;
 
+use capacitor_core::background::Stop;
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
 use crate::core::{FlushPolicy, Handles, Shared, DEFAULT_FLUSH_POLICY};
@@ -367,7 +368,6 @@ impl<C> SledLayerBuilder<C> {
             None => (*db).clone(),
         };
 
-        let (shutdown, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             handles: std::sync::RwLock::new(Some(Handles { _db: db, tree })),
             codec: self.codec,
@@ -375,22 +375,20 @@ impl<C> SledLayerBuilder<C> {
             flush_policy: self.flush_policy,
             max_value_bytes: self.max_value_bytes,
             persistent,
-            shutdown,
+            stop: Stop::new(),
         });
         if let Some(runtime) = runtime {
             if let Some(interval) = self.sweep_interval {
                 runtime.spawn(sweep::sweeper(
                     Arc::downgrade(&shared),
-                    shared.shutdown.subscribe(),
-                    interval,
+                    shared.stop.ticker(interval),
                     self.sweep_batch,
                 ));
             }
             if let (true, FlushPolicy::EveryMillis(ms)) = (needs_flusher_task, self.flush_policy) {
                 runtime.spawn(sweep::flusher(
                     Arc::downgrade(&shared),
-                    shared.shutdown.subscribe(),
-                    Duration::from_millis(ms),
+                    shared.stop.ticker(Duration::from_millis(ms)),
                 ));
             }
         }

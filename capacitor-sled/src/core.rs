@@ -4,6 +4,7 @@
 
 use std::sync::{PoisonError, RwLock};
 
+use capacitor_core::background::Stop;
 use capacitor_core::{envelope, Codec, Entry, Error, ErrorKind, Operation, Result, SharedClock};
 
 use crate::error::sled_error;
@@ -79,8 +80,8 @@ pub(crate) struct Shared<C> {
     pub(crate) flush_policy: FlushPolicy,
     pub(crate) max_value_bytes: usize,
     pub(crate) persistent: bool,
-    /// Set to `true` on close; dropped (which the tasks also notice) with the layer.
-    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
+    /// Pulled on close; dropped with the layer: either ends the background tasks.
+    pub(crate) stop: Stop,
 }
 
 impl<C> Shared<C> {

@@ -367,7 +367,7 @@ where
         let Some(handles) = handles else {
             return Ok(());
         };
-        let _ = self.shared.shutdown.send(true);
+        self.shared.stop.stop();
         let flushed = flush_tree(&handles.tree, Operation::Close).await;
         // Dropping the last handle flushes again (a no-op now) and joins sled's flusher
         // thread: keep that off the runtime's worker threads when we can.

@@ -2,16 +2,16 @@
 //! caller opened, the periodic flusher of [`FlushPolicy::EveryMillis`](crate::FlushPolicy).
 //!
 //! Both hold a `Weak` on the layer's state, so that they never keep a dropped layer's
-//! database open, and stop when the layer is closed (the shutdown flag) or dropped (the
-//! flag's sender goes away).
+//! database open, and a [`Ticker`] of the layer's [`Stop`](capacitor_core::background::Stop),
+//! so that they end when the layer is closed (the switch pulled) or dropped (the switch
+//! with it).
 
 use std::ops::Bound;
 use std::sync::Weak;
-use std::time::Duration;
 
+use capacitor_core::background::Ticker;
 use capacitor_core::{envelope, Operation, Result, Timestamp};
 use sled::IVec;
-use tokio::sync::watch;
 
 use crate::core::{flush_tree, Shared};
 use crate::error::sled_error;
@@ -20,27 +20,14 @@ use crate::error::sled_error;
 /// entries still ends and yields.
 const SCAN_PER_BATCH: usize = 10_000;
 
-/// Waits `interval`; `false` when the layer was closed or dropped meanwhile.
-async fn tick(shutdown: &mut watch::Receiver<bool>, interval: Duration) -> bool {
-    if *shutdown.borrow() {
-        return false;
-    }
-    tokio::select! {
-        () = tokio::time::sleep(interval) => !*shutdown.borrow(),
-        // Either the flag changed (closed) or the sender was dropped (layer dropped).
-        _ = shutdown.changed() => false,
-    }
-}
-
-/// Every `interval`, walks the tree and deletes expired entries, `batch` deletions at a
-/// time on the blocking pool.
+/// At every tick, walks the tree and deletes expired entries, `batch` deletions at a time
+/// on the blocking pool.
 pub(crate) async fn sweeper<C: Send + Sync + 'static>(
     shared: Weak<Shared<C>>,
-    mut shutdown: watch::Receiver<bool>,
-    interval: Duration,
+    mut ticker: Ticker,
     batch: usize,
 ) {
-    while tick(&mut shutdown, interval).await {
+    while ticker.tick().await {
         let mut cursor: Option<IVec> = None;
         loop {
             // Upgrade per batch, and never across an await: a dropped layer stops the pass.
@@ -61,7 +48,7 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
                 // has no caller to report to, and one failed pass loses nothing.
                 Ok(Ok(None) | Err(_)) | Err(_) => break,
             }
-            if *shutdown.borrow() {
+            if ticker.stopped() {
                 return;
             }
         }
@@ -101,14 +88,10 @@ pub(crate) fn sweep_batch(
     Ok(None)
 }
 
-/// Flushes every `interval` ([`FlushPolicy::EveryMillis`](crate::FlushPolicy) on a
-/// database the caller opened, whose own flusher the layer cannot configure).
-pub(crate) async fn flusher<C: Send + Sync + 'static>(
-    shared: Weak<Shared<C>>,
-    mut shutdown: watch::Receiver<bool>,
-    interval: Duration,
-) {
-    while tick(&mut shutdown, interval).await {
+/// Flushes at every tick ([`FlushPolicy::EveryMillis`](crate::FlushPolicy) on a database
+/// the caller opened, whose own flusher the layer cannot configure).
+pub(crate) async fn flusher<C: Send + Sync + 'static>(shared: Weak<Shared<C>>, mut ticker: Ticker) {
+    while ticker.tick().await {
         let tree = {
             let Some(shared) = shared.upgrade() else { return };
             let Ok(tree) = shared.tree(Operation::Flush) else {
