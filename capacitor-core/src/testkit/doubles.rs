@@ -11,6 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
+use futures_core::future::BoxFuture;
+
+use super::gate::GateOp;
+use super::wrap::{Around, Wrapped};
 use crate::entry::{expiry_for, system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
@@ -271,7 +275,8 @@ impl Faults {
     }
 }
 
-/// Wraps a layer and fails or pauses on demand through its [`Faults`].
+/// Wraps a layer and fails or pauses on demand through its [`Faults`]: a [`Wrapped`] layer
+/// whose [`Around`] is its switches.
 ///
 /// # Examples
 ///
@@ -286,117 +291,56 @@ impl Faults {
 /// assert_eq!(err.kind(), ErrorKind::Unavailable);
 /// # });
 /// ```
-pub struct FaultyLayer<K, V> {
-    inner: Arc<dyn Layer<K, V>>,
-    faults: Arc<Faults>,
-}
+pub type FaultyLayer<K, V> = Wrapped<K, V, Faults>;
 
-impl<K, V> fmt::Debug for FaultyLayer<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultyLayer")
-            .field("faults", &self.faults)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<K, V> FaultyLayer<K, V>
+impl<K, V> Wrapped<K, V, Faults>
 where
     K: Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     /// Wraps `inner` with every fault off.
     pub fn new(inner: impl Layer<K, V>) -> Self {
-        FaultyLayer {
-            inner: Arc::new(inner),
-            faults: Arc::default(),
-        }
+        Self::shared(Arc::new(inner))
     }
 
     /// Wraps a shared layer (so the test can also read it directly).
     pub fn shared(inner: Arc<dyn Layer<K, V>>) -> Self {
-        FaultyLayer {
-            inner,
-            faults: Arc::default(),
-        }
+        Wrapped::with_shared(inner, Arc::default())
     }
 
     /// The switches.
     pub fn faults(&self) -> Arc<Faults> {
-        Arc::clone(&self.faults)
+        self.around()
     }
 }
 
-#[async_trait]
-impl<K, V> Layer<K, V> for FaultyLayer<K, V>
-where
-    K: Send + Sync + 'static,
-    V: Send + Sync + 'static,
-{
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut caps = self.inner.capabilities();
-        caps.sync_ops = false;
-        caps
-    }
-
-    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
-        self.faults.check(&self.faults.fail_reads, Operation::Get)?;
-        let got = self.inner.get(key).await;
-        if self.faults.pause_armed.swap(false, Ordering::SeqCst) {
-            self.faults.paused.add_permits(1);
-            if let Ok(p) = self.faults.release.acquire().await {
-                p.forget();
+impl Around for Faults {
+    fn around<'a, T: Send + 'a>(
+        &'a self,
+        op: GateOp,
+        call: BoxFuture<'a, Result<T>>,
+    ) -> BoxFuture<'a, Result<T>> {
+        Box::pin(async move {
+            let (flag, operation) = match op {
+                GateOp::Get => (&self.fail_reads, Operation::Get),
+                GateOp::Exists => (&self.fail_reads, Operation::Exists),
+                GateOp::GetMany => (&self.fail_reads, Operation::GetMany),
+                GateOp::Set => (&self.fail_writes, Operation::Set),
+                GateOp::SetMany => (&self.fail_writes, Operation::SetMany),
+                GateOp::Atomic => (&self.fail_writes, Operation::Transaction),
+                GateOp::Delete => (&self.fail_deletes, Operation::Delete),
+                GateOp::DeleteMany => (&self.fail_deletes, Operation::DeleteMany),
+            };
+            self.check(flag, operation)?;
+            let got = call.await;
+            if op == GateOp::Get && self.pause_armed.swap(false, Ordering::SeqCst) {
+                self.paused.add_permits(1);
+                if let Ok(p) = self.release.acquire().await {
+                    p.forget();
+                }
             }
-        }
-        got
-    }
-
-    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
-        self.faults.check(&self.faults.fail_writes, Operation::Set)?;
-        self.inner.set(key, value, ttl).await
-    }
-
-    async fn delete(&self, key: &K) -> Result<bool> {
-        self.faults.check(&self.faults.fail_deletes, Operation::Delete)?;
-        self.inner.delete(key).await
-    }
-
-    async fn exists(&self, key: &K) -> Result<bool> {
-        self.faults.check(&self.faults.fail_reads, Operation::Exists)?;
-        self.inner.exists(key).await
-    }
-
-    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
-        self.faults.check(&self.faults.fail_reads, Operation::GetMany)?;
-        self.inner.get_many(keys).await
-    }
-
-    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
-        self.faults.check(&self.faults.fail_writes, Operation::SetMany)?;
-        self.inner.set_many(entries, ttl).await
-    }
-
-    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
-        self.faults
-            .check(&self.faults.fail_deletes, Operation::DeleteMany)?;
-        self.inner.delete_many(keys).await
-    }
-
-    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
-        self.faults
-            .check(&self.faults.fail_writes, Operation::Transaction)?;
-        self.inner.apply_atomic(ops).await
-    }
-
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
+            got
+        })
     }
 }
 

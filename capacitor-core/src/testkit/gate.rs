@@ -6,12 +6,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use futures_core::future::BoxFuture;
 use tokio::sync::Semaphore;
 
-use crate::entry::Entry;
+use super::wrap::{Around, Wrapped};
 use crate::error::Result;
-use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
+use crate::layer::Layer;
 
 /// The operations a [`GateLayer`] can hold.
 #[non_exhaustive]
@@ -146,8 +146,9 @@ async fn wait(gate: &GateState) {
     }
 }
 
-/// Wraps a layer and holds chosen operations (see [`Gates`]). Always answers
-/// asynchronously, so the composer awaits it like a remote layer.
+/// Wraps a layer and holds chosen operations (see [`Gates`]): a [`Wrapped`] layer whose
+/// [`Around`] is its gates. Always answers asynchronously, so the composer awaits it like
+/// a remote layer.
 ///
 /// # Examples
 ///
@@ -169,20 +170,9 @@ async fn wait(gate: &GateState) {
 /// writer.await.unwrap()?;
 /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
 /// ```
-pub struct GateLayer<K, V> {
-    inner: Arc<dyn Layer<K, V>>,
-    gates: Arc<Gates>,
-}
+pub type GateLayer<K, V> = Wrapped<K, V, Gates>;
 
-impl<K, V> fmt::Debug for GateLayer<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GateLayer")
-            .field("gates", &self.gates)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<K: Send + Sync + 'static, V: Send + Sync + 'static> GateLayer<K, V> {
+impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Wrapped<K, V, Gates> {
     /// Wraps `inner` with nothing armed.
     pub fn new(inner: impl Layer<K, V>) -> Self {
         Self::shared(Arc::new(inner))
@@ -190,86 +180,34 @@ impl<K: Send + Sync + 'static, V: Send + Sync + 'static> GateLayer<K, V> {
 
     /// Wraps a shared layer (so the test can also read it directly).
     pub fn shared(inner: Arc<dyn Layer<K, V>>) -> Self {
-        GateLayer {
-            inner,
-            gates: Arc::default(),
-        }
+        Wrapped::with_shared(inner, Arc::default())
     }
 
     /// The arms, to hold operations with.
     pub fn gates(&self) -> Arc<Gates> {
-        Arc::clone(&self.gates)
-    }
-
-    async fn run<T>(&self, op: GateOp, call: impl std::future::Future<Output = T>) -> T {
-        match self.gates.take(op) {
-            None => call.await,
-            Some((Hold::Before, gate)) => {
-                wait(&gate).await;
-                call.await
-            }
-            Some((Hold::After, gate)) => {
-                let out = call.await;
-                wait(&gate).await;
-                out
-            }
-        }
+        self.around()
     }
 }
 
-#[async_trait]
-impl<K: Send + Sync + 'static, V: Send + Sync + 'static> Layer<K, V> for GateLayer<K, V> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        let mut caps = self.inner.capabilities();
-        caps.sync_ops = false;
-        caps
-    }
-
-    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
-        self.run(GateOp::Get, self.inner.get(key)).await
-    }
-
-    async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
-        self.run(GateOp::Set, self.inner.set(key, value, ttl)).await
-    }
-
-    async fn delete(&self, key: &K) -> Result<bool> {
-        self.run(GateOp::Delete, self.inner.delete(key)).await
-    }
-
-    async fn exists(&self, key: &K) -> Result<bool> {
-        self.run(GateOp::Exists, self.inner.exists(key)).await
-    }
-
-    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
-        self.run(GateOp::GetMany, self.inner.get_many(keys)).await
-    }
-
-    async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
-        self.run(GateOp::SetMany, self.inner.set_many(entries, ttl)).await
-    }
-
-    async fn delete_many(&self, keys: &[K]) -> Result<u64> {
-        self.run(GateOp::DeleteMany, self.inner.delete_many(keys)).await
-    }
-
-    async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
-        self.run(GateOp::Atomic, self.inner.apply_atomic(ops)).await
-    }
-
-    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
-        self.inner.scan(prefix)
-    }
-
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
+impl Around for Gates {
+    fn around<'a, T: Send + 'a>(
+        &'a self,
+        op: GateOp,
+        call: BoxFuture<'a, Result<T>>,
+    ) -> BoxFuture<'a, Result<T>> {
+        Box::pin(async move {
+            match self.take(op) {
+                None => call.await,
+                Some((Hold::Before, gate)) => {
+                    wait(&gate).await;
+                    call.await
+                }
+                Some((Hold::After, gate)) => {
+                    let out = call.await;
+                    wait(&gate).await;
+                    out
+                }
+            }
+        })
     }
 }

@@ -23,6 +23,7 @@ mod doubles;
 mod gate;
 mod history;
 mod proxy;
+mod wrap;
 
 pub use cases::CASES;
 pub use composer::COMPOSER_CASES;
@@ -30,6 +31,7 @@ pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
 pub use gate::{Gate, GateLayer, GateOp, Gates, Hold};
 pub use history::{run_history, History, HistoryOptions, Violation};
 pub use proxy::FaultProxy;
+pub use wrap::{Around, Wrapped};
 
 use std::future::Future;
 use std::pin::Pin;
