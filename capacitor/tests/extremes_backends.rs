@@ -39,6 +39,7 @@ const DURATIONS: [Duration; 4] = [
 const SIZES: [usize; 4] = [0, 1, 1 << 40, usize::MAX];
 const LIMIT: Duration = Duration::from_secs(30);
 
+#[path = "it/common.rs"]
 mod common;
 use common::{postgres_url, redis_url};
 

@@ -152,8 +152,8 @@ fn nextest_filter(missing: &[Backend]) -> Option<String> {
     let mut sets: Vec<String> = Vec::new();
     for b in missing {
         sets.push(format!("package({})", b.package()));
-        for (package, binary) in b.other_test_binaries() {
-            let set = format!("(package({package}) & binary({binary}))");
+        for (package, tests) in b.other_tests() {
+            let set = format!("(package({package}) & {tests})");
             if !sets.contains(&set) {
                 sets.push(set);
             }
@@ -166,7 +166,7 @@ fn nextest_filter(missing: &[Backend]) -> Option<String> {
 fn fallback_exclusions(missing: &[Backend]) -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for b in missing {
-        for p in std::iter::once(b.package()).chain(b.other_test_binaries().iter().map(|(p, _)| *p)) {
+        for p in std::iter::once(b.package()).chain(b.other_tests().iter().map(|(p, _)| *p)) {
             if !out.contains(&p) {
                 out.push(p);
             }
@@ -214,7 +214,7 @@ fn test_summary(
                 backend.name(),
                 backend.package(),
                 backend
-                    .other_test_binaries()
+                    .other_tests()
                     .iter()
                     .map(|(p, b)| format!("{p}'s `{b}` tests"))
                     .collect::<Vec<_>>()

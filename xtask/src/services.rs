@@ -63,11 +63,24 @@ impl Backend {
         }
     }
 
-    /// Test binaries outside [`package`](Backend::package) that need this backend too, as
-    /// (package, binary): left out with it when it is missing.
-    pub(crate) fn other_test_binaries(self) -> &'static [(&'static str, &'static str)] {
-        // The facade's resilience tests run against both servers.
-        &[("capacitor", "resilience")]
+    /// Tests outside [`package`](Backend::package) that need this backend too, as
+    /// (package, nextest filter within it): left out with it when it is missing.
+    pub(crate) fn other_tests(self) -> &'static [(&'static str, &'static str)] {
+        // The facade's tests that use the servers: modules of its `it` binary, and the
+        // extremes test of every backend's builder.
+        match self {
+            Backend::Postgres => &[
+                ("capacitor", "binary(it) & test(/^(resilience|history)::/)"),
+                ("capacitor", "binary(extremes_backends)"),
+            ],
+            Backend::Redis => &[
+                (
+                    "capacitor",
+                    "binary(it) & test(/^(resilience|history|refresh)::/)",
+                ),
+                ("capacitor", "binary(extremes_backends)"),
+            ],
+        }
     }
 
     fn default_url(self) -> &'static str {

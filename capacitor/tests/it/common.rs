@@ -1,4 +1,6 @@
 //! What the tests of the facade that use the real servers share: where the servers are.
+// Each URL is used only by the tests of the features that need its server.
+#![allow(dead_code)]
 
 /// `CAPACITOR_REDIS_URL`, else the local server.
 pub(crate) fn redis_url() -> String {

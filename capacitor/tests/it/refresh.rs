@@ -14,9 +14,7 @@ use capacitor::memory::MokaLayer;
 use capacitor::redis::RedisLayer;
 use capacitor::{LayerConfig, MultiLayer};
 
-fn redis_url() -> String {
-    std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use crate::common::redis_url;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_read_in_the_window_stays_in_l1_past_its_first_expiry() {

@@ -17,8 +17,7 @@ use capacitor::redis::RedisLayer;
 use capacitor::{FailSafe, Layer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
 use capacitor_core::testkit::{run_history, HistoryOptions};
 
-mod common;
-use common::{postgres_url, redis_url};
+use crate::common::{postgres_url, redis_url};
 
 fn unique(what: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -35,14 +35,7 @@ const POSTGRES_HEALTHY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Without the timeout the read would wait for as long as the fault lasts.
 const MARGIN: Duration = Duration::from_millis(1_000);
 
-fn redis_url() -> String {
-    std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn postgres_url() -> String {
-    std::env::var("CAPACITOR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+use crate::common::{postgres_url, redis_url};
 
 /// A proxy in front of the server of `url`, and `url` pointed at the proxy.
 async fn proxied(url: &str, default_port: u16) -> (FaultProxy, String) {
