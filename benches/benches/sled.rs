@@ -28,6 +28,7 @@ fn sled_benches(c: &mut Criterion) {
             .db(db.clone())
             .tree("capacitor")
             .flush_policy(FlushPolicy::Manual)
+            .sweeper(false) // no sweep pass mid-measurement
             .build::<String, String>()
             .unwrap(),
     );

@@ -88,6 +88,7 @@ fn write_back_drain(c: &mut Criterion) {
                     .db(db.clone())
                     .tree("capacitor")
                     .flush_policy(FlushPolicy::Manual)
+                    .sweeper(false) // no sweep pass mid-measurement
                     .build()
                     .unwrap(),
             ))

@@ -23,28 +23,22 @@ use crate::schema::{self, Table};
 use crate::sql::Statements;
 use crate::sweep;
 
-/// The default [`PostgresLayerBuilder::schema`]: `public`.
-pub const DEFAULT_SCHEMA: &str = "public";
-/// The default [`PostgresLayerBuilder::table`]: `capacitor_kv`.
-pub const DEFAULT_TABLE: &str = "capacitor_kv";
-/// The default [`PostgresLayerBuilder::pool_size`]: 16 connections.
-pub const DEFAULT_POOL_SIZE: usize = 16;
-
 /// The largest [`PostgresLayerBuilder::pool_size`], beyond any server's
 /// `max_connections` (the pool reserves room for this many at build).
 pub const MAX_POOL_SIZE: usize = 10_000;
-/// The default pool wait, create and recycle timeouts: 5 seconds each.
-pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(5);
-/// The default [`PostgresLayerBuilder::statement_timeout`]: 30 seconds.
-pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The default [`PostgresLayerBuilder::max_value_bytes`]: 64 MiB.
-pub const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
-/// The default [`PostgresLayerBuilder::sweep_interval`]: one minute.
-pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// The default [`PostgresLayerBuilder::sweep_batch`]: rows deleted per statement.
-pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
-/// The default [`PostgresLayerBuilder::scan_page_size`]: rows per scan page.
-pub const DEFAULT_SCAN_PAGE_SIZE: usize = 256;
+
+// The defaults, listed on `PostgresLayerBuilder` and on each setter.
+const DEFAULT_SCHEMA: &str = "public";
+const DEFAULT_TABLE: &str = "capacitor_kv";
+const DEFAULT_POOL_SIZE: usize = 16;
+/// The pool's wait, create and recycle timeouts, each.
+const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_FENCE_MARGIN: Duration = Duration::from_millis(250);
+const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_SWEEP_BATCH: usize = 1_000;
+const DEFAULT_SCAN_PAGE_SIZE: usize = 256;
 
 /// The largest `bytea` PostgreSQL stores is 1 GB, envelope included.
 const MAX_BYTEA: usize = (1 << 30) - 1;
@@ -115,14 +109,24 @@ type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Mana
 ///
 /// Required: [`url`](Self::url) or [`config`](Self::config).
 ///
-/// Defaults: table `public.capacitor_kv` ([`DEFAULT_SCHEMA`], [`DEFAULT_TABLE`]), created
-/// when missing, logged; a pool of 16 connections ([`DEFAULT_POOL_SIZE`]) with 5-second
-/// wait, create and recycle timeouts ([`DEFAULT_POOL_TIMEOUT`]); a 30-second
-/// `statement_timeout` ([`DEFAULT_STATEMENT_TIMEOUT`]); no TLS; [`BincodeCodec`]; values up
-/// to 64 MiB ([`DEFAULT_MAX_VALUE_BYTES`]); the sweeper every minute in batches of 1,000
-/// rows; scan pages of 256 rows; [`KeyFormat::Text`] for `String` keys and
-/// [`KeyFormat::Hex`] otherwise; the system clock; `application_name=capacitor` unless the
-/// URL sets one.
+/// Defaults:
+///
+/// - [`schema`](Self::schema) `public`, [`table`](Self::table) `capacitor_kv`;
+///   [`create_table`](Self::create_table) `true`, [`unlogged`](Self::unlogged) `false`
+/// - [`pool_size`](Self::pool_size) 16 connections; [`wait_timeout`](Self::wait_timeout),
+///   [`create_timeout`](Self::create_timeout) and [`recycle_timeout`](Self::recycle_timeout)
+///   5 s each
+/// - [`statement_timeout`](Self::statement_timeout) 30 s;
+///   [`operation_timeout`](Self::operation_timeout) the statement timeout plus 500 ms;
+///   [`fence_margin`](Self::fence_margin) 250 ms
+/// - [`sweeper`](Self::sweeper) on, [`sweep_interval`](Self::sweep_interval) 60 s,
+///   [`sweep_batch`](Self::sweep_batch) 1,000 rows
+/// - [`max_value_bytes`](Self::max_value_bytes) 64 MiB;
+///   [`scan_page_size`](Self::scan_page_size) 256 rows
+/// - [`key_format`](Self::key_format) [`KeyFormat::Text`] for `String` keys,
+///   [`KeyFormat::Hex`] otherwise
+/// - no TLS; [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system
+///   clock; `application_name=capacitor` unless the URL sets one
 ///
 /// The `Debug` output never shows the URL or the password.
 ///
@@ -220,7 +224,7 @@ impl PostgresLayerBuilder<BincodeCodec> {
             },
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             operation_timeout: None,
-            fence_margin: Duration::from_millis(250),
+            fence_margin: DEFAULT_FENCE_MARGIN,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             create_table: true,
             unlogged: false,
@@ -252,43 +256,43 @@ impl<C> PostgresLayerBuilder<C> {
         self
     }
 
-    /// The schema of the table (default `public`), created with the table when missing.
-    /// A plain identifier: `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case kept).
+    /// The schema of the table, created with the table when missing. A plain identifier:
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case kept). Default: `public`.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
     }
 
-    /// The table (default `capacitor_kv`). A plain identifier:
-    /// `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case kept). Anything else is refused by
-    /// [`build`](Self::build), never spliced into SQL.
+    /// The table. A plain identifier: `[A-Za-z_][A-Za-z0-9_]{0,62}`, used quoted (case
+    /// kept). Anything else is refused by [`build`](Self::build), never spliced into SQL.
+    /// Default: `capacitor_kv`.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
     }
 
-    /// The most connections the pool opens (default 16, at most [`MAX_POOL_SIZE`]). The
-    /// sweeper and every scan page take one for the duration of one statement.
+    /// The most connections the pool opens, at most [`MAX_POOL_SIZE`]. The sweeper and
+    /// every scan page take one for the duration of one statement. Default: 16.
     pub fn pool_size(mut self, connections: usize) -> Self {
         self.pool.max_size = connections;
         self
     }
 
     /// How long an operation waits for a free pooled connection before failing with
-    /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout) (default 5 s).
+    /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout). Default: 5 s.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.pool.timeouts.wait = Some(timeout);
         self
     }
 
-    /// How long opening a new connection may take (default 5 s); also tokio-postgres's
-    /// `connect_timeout` unless the URL sets one.
+    /// How long opening a new connection may take; also tokio-postgres's
+    /// `connect_timeout` unless the URL sets one. Default: 5 s.
     pub fn create_timeout(mut self, timeout: Duration) -> Self {
         self.pool.timeouts.create = Some(timeout);
         self
     }
 
-    /// How long checking a pooled connection before reuse may take (default 5 s).
+    /// How long checking a pooled connection before reuse may take. Default: 5 s.
     pub fn recycle_timeout(mut self, timeout: Duration) -> Self {
         self.pool.timeouts.recycle = Some(timeout);
         self
@@ -296,6 +300,7 @@ impl<C> PostgresLayerBuilder<C> {
 
     /// The whole deadpool configuration (size, timeouts — `None` waits forever — and
     /// queue mode), replacing [`pool_size`](Self::pool_size) and the three timeouts.
+    /// Default: 16 connections, 5 s for each timeout, deadpool's FIFO queue.
     pub fn pool_config(mut self, config: PoolConfig) -> Self {
         self.pool = config;
         self
@@ -303,8 +308,8 @@ impl<C> PostgresLayerBuilder<C> {
 
     /// The longest a statement may run on the server before PostgreSQL cancels it and the
     /// operation fails with [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout)
-    /// (SQLSTATE 57014). Default 30 s; zero disables it (PostgreSQL's meaning of `0`), so
-    /// the server's own setting applies.
+    /// (SQLSTATE 57014). Zero disables it (PostgreSQL's meaning of `0`), so the server's
+    /// own setting applies. Default: 30 s.
     ///
     /// Set per connection at connect time, as the startup parameter
     /// `options=-c statement_timeout=<ms>` (appended to any `options` the URL has), so it
@@ -326,9 +331,9 @@ impl<C> PostgresLayerBuilder<C> {
     /// [`ErrorKind::Timeout`](capacitor_core::ErrorKind::Timeout). The server enforces
     /// `statement_timeout` only on queries it received: over a stalled or partitioned
     /// network, this is what keeps a query from waiting minutes for the kernel to give up
-    /// on the connection. Default: the statement timeout (30 s when that is zero) plus
-    /// 500 ms, so that a slow statement fails with the server's error first. Zero is
-    /// rejected by `build()`.
+    /// on the connection. Zero is rejected by `build()`. Default: the statement timeout
+    /// (30 s when that is zero) plus 500 ms, so that a slow statement fails with the
+    /// server's error first.
     ///
     /// A connection whose operation timed out on the client side is closed, not returned
     /// to the pool: later queries on it would wait behind the reply the server still
@@ -342,10 +347,10 @@ impl<C> PostgresLayerBuilder<C> {
         self
     }
 
-    /// How long past a timed-out write's deadline its keys stay in doubt (default
-    /// 250 ms): the most the application's and the server's clocks may differ, plus the
-    /// time a commit may take after its deadline check. A later write of such a key waits
-    /// until then (or fails with a timeout if its own deadline comes first).
+    /// How long past a timed-out write's deadline its keys stay in doubt: the most the
+    /// application's and the server's clocks may differ, plus the time a commit may take
+    /// after its deadline check. A later write of such a key waits until then (or fails
+    /// with a timeout if its own deadline comes first). Default: 250 ms.
     ///
     /// # Examples
     ///
@@ -364,61 +369,62 @@ impl<C> PostgresLayerBuilder<C> {
     /// The largest encoded value (the codec's output, before the 13-byte envelope) a write
     /// accepts; larger ones fail with
     /// [`ErrorKind::ValueTooLarge`](capacitor_core::ErrorKind::ValueTooLarge) before
-    /// anything is sent. Default 64 MiB; at most 1 GB minus the envelope (PostgreSQL's
-    /// `bytea` limit).
+    /// anything is sent. At most 1 GB minus the envelope (PostgreSQL's `bytea` limit).
+    /// Default: 64 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
         self.max_value_bytes = bytes;
         self
     }
 
-    /// Create the table (and its schema and expiry index) when it does not exist (default
-    /// `true`). With `false` a missing table is a configuration error at build; create it
-    /// yourself with [`ddl`](Self::ddl).
+    /// Create the table (and its schema and expiry index) when it does not exist. With
+    /// `false` a missing table is a configuration error at build; create it yourself with
+    /// [`ddl`](Self::ddl). Default: `true`.
     pub fn create_table(mut self, create: bool) -> Self {
         self.create_table = create;
         self
     }
 
-    /// Use an `UNLOGGED` table (default `false`): writes skip PostgreSQL's write-ahead log,
-    /// which makes them faster, and a server **crash** (not a clean restart) empties the
-    /// table; it is not replicated to standbys either. Fits a cache whose data can be
-    /// rebuilt. An existing table must match (checked at build).
+    /// Use an `UNLOGGED` table: writes skip PostgreSQL's write-ahead log, which makes them
+    /// faster, and a server **crash** (not a clean restart) empties the table; it is not
+    /// replicated to standbys either. Fits a cache whose data can be rebuilt. An existing
+    /// table must match (checked at build). Default: `false`.
     pub fn unlogged(mut self, unlogged: bool) -> Self {
         self.unlogged = unlogged;
         self
     }
 
-    /// How often the background sweeper deletes expired rows (default every minute).
-    /// Reads never return expired rows either way; the sweeper reclaims their space.
-    pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = interval;
-        self
-    }
-
-    /// Whether to run the sweeper at all (default `true`). Turn it off when another
-    /// process (one of several app instances, a cron job) sweeps the table.
+    /// Whether to run the background sweeper, which deletes expired rows every
+    /// [`sweep_interval`](Self::sweep_interval). Reads never return expired rows either
+    /// way; the sweeper reclaims their space. Turn it off when another process (one of
+    /// several app instances, a cron job) sweeps the table. Default: `true`.
     pub fn sweeper(mut self, on: bool) -> Self {
         self.sweeper = on;
         self
     }
 
-    /// How many expired rows one sweep statement deletes (default 1,000). A pass runs
-    /// statements until one deletes fewer, each a short transaction that skips rows locked
-    /// by writers.
+    /// How often the sweeper runs a pass. Default: 60 s.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// How many expired rows one sweep statement deletes. A pass runs statements until one
+    /// deletes fewer, each a short transaction that skips rows locked by writers.
+    /// Default: 1,000.
     pub fn sweep_batch(mut self, rows: usize) -> Self {
         self.sweep_batch = rows;
         self
     }
 
-    /// How many rows one scan page reads (default 256): the memory a scan holds is one
-    /// page.
+    /// How many rows one scan page reads: the memory a scan holds is one page.
+    /// Default: 256.
     pub fn scan_page_size(mut self, rows: usize) -> Self {
         self.scan_page_size = rows;
         self
     }
 
-    /// How keys are stored in the `key` column (default: [`KeyFormat::Text`] for `String`
-    /// keys, [`KeyFormat::Hex`] for others).
+    /// How keys are stored in the `key` column. Default: [`KeyFormat::Text`] for `String`
+    /// keys, [`KeyFormat::Hex`] for others.
     pub fn key_format(mut self, format: KeyFormat) -> Self {
         self.key_format = Some(format);
         self
@@ -428,7 +434,7 @@ impl<C> PostgresLayerBuilder<C> {
     /// as `tokio_postgres_rustls::MakeRustlsConnect` (rustls) or
     /// `postgres_native_tls::MakeTlsConnector` (native-tls; the `tls` feature wraps it as
     /// [`native_tls`](Self::native_tls)). Whether TLS is required is the URL's `sslmode`:
-    /// `prefer` by default, `require` to refuse plain connections.
+    /// `prefer` by default, `require` to refuse plain connections. Default: no TLS.
     ///
     /// # Examples
     ///
@@ -459,7 +465,7 @@ impl<C> PostgresLayerBuilder<C> {
     }
 
     /// Connect with TLS through [native-tls](https://docs.rs/native-tls) (OpenSSL on
-    /// Linux, the platform's TLS elsewhere). Needs the `tls` feature.
+    /// Linux, the platform's TLS elsewhere). Needs the `tls` feature. Default: no TLS.
     ///
     /// # Examples
     ///
@@ -481,7 +487,7 @@ impl<C> PostgresLayerBuilder<C> {
         self.tls(postgres_native_tls::MakeTlsConnector::new(connector))
     }
 
-    /// The codec values are stored with (default [`BincodeCodec`]).
+    /// The codec values are stored with. Default: [`BincodeCodec`].
     pub fn codec<C2>(self, codec: C2) -> PostgresLayerBuilder<C2> {
         PostgresLayerBuilder {
             source: self.source,
@@ -509,7 +515,7 @@ impl<C> PostgresLayerBuilder<C> {
     /// [`ManualClock`](capacitor_core::ManualClock)). Reads compare `expires_at` with this
     /// clock's time, not the server's, so that an entry expires exactly when the TTL it
     /// was written with says; app instances sharing a table should have synchronised
-    /// clocks (NTP), as for any shared expiry.
+    /// clocks (NTP), as for any shared expiry. Default: the system clock.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self

@@ -107,11 +107,7 @@ mod schema;
 mod sql;
 mod sweep;
 
-pub use builder::{
-    PostgresLayerBuilder, DEFAULT_MAX_VALUE_BYTES, DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT,
-    DEFAULT_SCAN_PAGE_SIZE, DEFAULT_SCHEMA, DEFAULT_STATEMENT_TIMEOUT, DEFAULT_SWEEP_BATCH,
-    DEFAULT_SWEEP_INTERVAL, DEFAULT_TABLE, MAX_POOL_SIZE,
-};
+pub use builder::{PostgresLayerBuilder, MAX_POOL_SIZE};
 pub use key::KeyFormat;
 pub use layer::{PostgresLayer, MAX_KEY_BYTES};
 

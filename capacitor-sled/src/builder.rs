@@ -12,19 +12,16 @@ const MIN_CACHE_CAPACITY: u64 = 256;
 use capacitor_core::background::Stop;
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
-use crate::core::{FlushPolicy, Handles, Shared, DEFAULT_FLUSH_POLICY};
+use crate::core::{FlushPolicy, Handles, Shared};
 use crate::error::{is_lock_error, open_error, sled_error};
 use crate::layer::SledLayer;
 use crate::sweep;
 
-/// The default [`SledLayerBuilder::max_value_bytes`]: 64 MiB.
-pub const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
-
-/// The default [`SledLayerBuilder::sweep_batch`]: expired entries deleted per batch.
-pub const DEFAULT_SWEEP_BATCH: usize = 1_000;
-
-/// The default [`SledLayerBuilder::lock_wait`]: 1 second.
-pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
+// The defaults, listed on `SledLayerBuilder` and on each setter.
+const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_SWEEP_BATCH: usize = 1_000;
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Builds a [`SledLayer`]; [`build`](SledLayerBuilder::build) validates every option
 /// and opens the database.
@@ -32,10 +29,19 @@ pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// Exactly one of [`path`](SledLayerBuilder::path) (open a database there) or
 /// [`db`](SledLayerBuilder::db) (use an already open database) is required.
 ///
-/// Defaults: the database's default tree, [`FlushPolicy::EveryMillis`]`(500)`,
-/// [`BincodeCodec`], values up to 64 MiB ([`DEFAULT_MAX_VALUE_BYTES`]), no sweeper
-/// (expired entries are removed when read), sweeps in batches of 1,000, sled's page cache
-/// of 1 GiB (an upper bound, not an allocation), the system clock.
+/// Defaults:
+///
+/// - [`tree`](Self::tree): the database's default tree; [`temporary`](Self::temporary)
+///   `false`; [`cache_capacity`](Self::cache_capacity) sled's 1 GiB (an upper bound, not
+///   an allocation); [`lock_wait`](Self::lock_wait) 1 s
+/// - [`flush_policy`](Self::flush_policy) [`FlushPolicy::EveryMillis`]`(500)`
+/// - [`sweeper`](Self::sweeper) on, [`sweep_interval`](Self::sweep_interval) 60 s,
+///   [`sweep_batch`](Self::sweep_batch) 1,000 entries
+/// - [`max_value_bytes`](Self::max_value_bytes) 64 MiB
+/// - [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system clock
+///
+/// The sweeper runs on a tokio task: build inside a tokio runtime, or turn it off with
+/// [`sweeper(false)`](Self::sweeper) (expired entries are then removed when read).
 ///
 /// # Examples
 ///
@@ -67,7 +73,8 @@ pub struct SledLayerBuilder<C = BincodeCodec> {
     flush_policy: FlushPolicy,
     codec: C,
     max_value_bytes: usize,
-    sweep_interval: Option<Duration>,
+    sweeper: bool,
+    sweep_interval: Duration,
     sweep_batch: usize,
     lock_wait: Duration,
     clock: SharedClock,
@@ -84,6 +91,7 @@ impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
             .field("flush_policy", &self.flush_policy)
             .field("codec", &self.codec)
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("sweeper", &self.sweeper)
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_batch", &self.sweep_batch)
             .field("lock_wait", &self.lock_wait)
@@ -106,10 +114,11 @@ impl SledLayerBuilder<BincodeCodec> {
             tree: None,
             temporary: false,
             cache_capacity: None,
-            flush_policy: DEFAULT_FLUSH_POLICY,
+            flush_policy: FlushPolicy::default(),
             codec: BincodeCodec,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
-            sweep_interval: None,
+            sweeper: true,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
             sweep_batch: DEFAULT_SWEEP_BATCH,
             lock_wait: DEFAULT_LOCK_WAIT,
             clock: system_clock(),
@@ -119,7 +128,8 @@ impl SledLayerBuilder<BincodeCodec> {
 
 impl<C> SledLayerBuilder<C> {
     /// Open (or create) a database in the directory `path`; [`build`](Self::build) opens it
-    /// and holds sled's lock on it until the layer is closed or dropped.
+    /// and holds sled's lock on it until the layer is closed or dropped. Required, unless
+    /// [`db`](Self::db) is given.
     pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
         self.path = Some(path.into());
         self
@@ -127,6 +137,7 @@ impl<C> SledLayerBuilder<C> {
 
     /// Use a database the caller has already opened (and may keep using: `sled::Db` is a
     /// cheap handle). Closing the layer drops the layer's handle, not the caller's.
+    /// Required, unless [`path`](Self::path) is given.
     pub fn db(mut self, db: sled::Db) -> Self {
         self.db = Some(db);
         self
@@ -134,6 +145,7 @@ impl<C> SledLayerBuilder<C> {
 
     /// Store entries in the tree (sled's namespace) named `name` instead of the database's
     /// default tree, so that several layers or other data can share one database.
+    /// Default: the default tree.
     pub fn tree(mut self, name: impl Into<String>) -> Self {
         self.tree = Some(name.into());
         self
@@ -142,27 +154,27 @@ impl<C> SledLayerBuilder<C> {
     /// Delete the database directory when the layer (its last handle) is dropped: sled's
     /// `Config::temporary`. For scratch caches and tests. Only with
     /// [`path`](Self::path). Such a layer does not report
-    /// [`persistent`](capacitor_core::Capabilities::persistent).
+    /// [`persistent`](capacitor_core::Capabilities::persistent). Default: `false`.
     pub fn temporary(mut self, temporary: bool) -> Self {
         self.temporary = temporary;
         self
     }
 
-    /// The most memory sled's page cache may use, in bytes (sled's default: 1 GiB; at
-    /// least 256). Only with [`path`](Self::path).
+    /// The most memory sled's page cache may use, in bytes (at least 256). Only with
+    /// [`path`](Self::path). Default: sled's, 1 GiB.
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = Some(bytes);
         self
     }
 
     /// When writes are made durable; see [`FlushPolicy`] for what a crash can lose under
-    /// each.
+    /// each. Default: [`FlushPolicy::EveryMillis`]`(500)`.
     pub fn flush_policy(mut self, policy: FlushPolicy) -> Self {
         self.flush_policy = policy;
         self
     }
 
-    /// The codec values are stored with (default [`BincodeCodec`]).
+    /// The codec values are stored with. Default: [`BincodeCodec`].
     pub fn codec<C2>(self, codec: C2) -> SledLayerBuilder<C2> {
         SledLayerBuilder {
             path: self.path,
@@ -173,6 +185,7 @@ impl<C> SledLayerBuilder<C> {
             flush_policy: self.flush_policy,
             codec,
             max_value_bytes: self.max_value_bytes,
+            sweeper: self.sweeper,
             sweep_interval: self.sweep_interval,
             sweep_batch: self.sweep_batch,
             lock_wait: self.lock_wait,
@@ -183,22 +196,30 @@ impl<C> SledLayerBuilder<C> {
     /// The largest encoded value (the codec's output, before the 13-byte envelope) a write
     /// accepts; larger ones fail with
     /// [`ErrorKind::ValueTooLarge`](capacitor_core::ErrorKind::ValueTooLarge) before
-    /// anything is written. Default 64 MiB.
+    /// anything is written. Default: 64 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
         self.max_value_bytes = bytes;
         self
     }
 
-    /// Delete expired entries every `interval` on a tokio task (otherwise an expired entry
-    /// that is never read again stays on disk). Each pass walks the whole tree in batches
-    /// of [`sweep_batch`](Self::sweep_batch) deletions on tokio's blocking pool. The task
-    /// stops when the layer is closed or dropped.
-    pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = Some(interval);
+    /// Whether to run the background sweeper, a tokio task that deletes expired entries
+    /// every [`sweep_interval`](Self::sweep_interval) (without it, an expired entry that
+    /// is never read again stays on disk). Each pass walks the whole tree in batches of
+    /// [`sweep_batch`](Self::sweep_batch) deletions on tokio's blocking pool; the task
+    /// stops when the layer is closed or dropped. On, [`build`](Self::build) must run
+    /// inside a tokio runtime. Default: `true`.
+    pub fn sweeper(mut self, on: bool) -> Self {
+        self.sweeper = on;
         self
     }
 
-    /// How many expired entries one sweep batch deletes before it yields (default 1,000).
+    /// How often the sweeper runs a pass. Default: 60 s.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// How many expired entries one sweep batch deletes before it yields. Default: 1,000.
     pub fn sweep_batch(mut self, entries: usize) -> Self {
         self.sweep_batch = entries;
         self
@@ -206,7 +227,7 @@ impl<C> SledLayerBuilder<C> {
 
     /// How long [`build`](Self::build) keeps retrying when the directory is locked, before
     /// it fails with [`ErrorKind::Unavailable`](capacitor_core::ErrorKind::Unavailable)
-    /// (default 1 s; zero tries once). Only with [`path`](Self::path).
+    /// (zero tries once). Only with [`path`](Self::path). Default: 1 s.
     ///
     /// sled 0.34 releases its `flock` lazily: dropping the last handle (which
     /// [`close`](capacitor_core::Layer::close) does) signals its background threads, and
@@ -220,7 +241,7 @@ impl<C> SledLayerBuilder<C> {
     }
 
     /// The clock expiries are computed and checked against (tests use
-    /// [`ManualClock`](capacitor_core::ManualClock)).
+    /// [`ManualClock`](capacitor_core::ManualClock)). Default: the system clock.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
@@ -235,8 +256,9 @@ impl<C> SledLayerBuilder<C> {
     /// or both of `path` and `db`, an empty `path` or one that is a file, a
     /// `cache_capacity` below 256 bytes, `temporary` or `cache_capacity` with `db`, a zero
     /// `max_value_bytes`, `sweep_interval`, `sweep_batch` or `EveryMillis` interval, or a
-    /// background task (sweeper, or `EveryMillis` with `db`) requested outside a tokio
-    /// runtime.
+    /// background task requested outside a tokio runtime: the `sweeper` (on by default;
+    /// the message says to build inside a runtime or call `.sweeper(false)`), or
+    /// `flush_policy` `EveryMillis` with `db`.
     ///
     /// Opening, all with [`Operation::Build`](capacitor_core::Operation::Build), a message
     /// naming the path and sled's error as the source:
@@ -271,7 +293,7 @@ impl<C> SledLayerBuilder<C> {
         if self.sweep_batch == 0 {
             return Err(Error::config("sweep_batch", "must be greater than zero"));
         }
-        if self.sweep_interval.is_some_and(|d| d.is_zero()) {
+        if self.sweeper && self.sweep_interval.is_zero() {
             return Err(Error::config("sweep_interval", "must be greater than zero"));
         }
         if self.flush_policy == FlushPolicy::EveryMillis(0) {
@@ -324,19 +346,22 @@ impl<C> SledLayerBuilder<C> {
         // caller's database the layer runs a task of its own.
         let needs_flusher_task =
             self.db.is_some() && matches!(self.flush_policy, FlushPolicy::EveryMillis(_));
-        let runtime = if self.sweep_interval.is_some() || needs_flusher_task {
-            let field = if self.sweep_interval.is_some() {
-                "sweep_interval"
-            } else {
-                "flush_policy"
-            };
-            Some(tokio::runtime::Handle::try_current().map_err(|e| {
-                Error::config(
-                    field,
-                    "the layer's background task needs a tokio runtime; build inside one",
+        let runtime = if self.sweeper || needs_flusher_task {
+            let (field, problem) = if self.sweeper {
+                (
+                    "sweeper",
+                    "runs on a tokio task: build inside a tokio runtime, or call `.sweeper(false)`",
                 )
-                .with_source(e)
-            })?)
+            } else {
+                (
+                    "flush_policy",
+                    "EveryMillis on a caller's database flushes on a tokio task: build inside a tokio runtime",
+                )
+            };
+            Some(
+                tokio::runtime::Handle::try_current()
+                    .map_err(|e| Error::config(field, problem).with_source(e))?,
+            )
         } else {
             None
         };
@@ -378,10 +403,10 @@ impl<C> SledLayerBuilder<C> {
             stop: Stop::new(),
         });
         if let Some(runtime) = runtime {
-            if let Some(interval) = self.sweep_interval {
+            if self.sweeper {
                 runtime.spawn(sweep::sweeper(
                     Arc::downgrade(&shared),
-                    shared.stop.ticker(interval),
+                    shared.stop.ticker(self.sweep_interval),
                     self.sweep_batch,
                 ));
             }

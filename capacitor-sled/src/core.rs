@@ -10,9 +10,10 @@ use capacitor_core::{envelope, Codec, Entry, Error, ErrorKind, Operation, Result
 use crate::error::sled_error;
 
 /// The default [`FlushPolicy`]: [`FlushPolicy::EveryMillis`]`(500)`, sled's own default.
-pub const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
+const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
 
-/// When the layer makes writes durable (fsync), and so what a crash can lose.
+/// When the layer makes writes durable (fsync), and so what a crash can lose. Default:
+/// [`FlushPolicy::EveryMillis`]`(500)`, sled's own default.
 ///
 /// "Crash" here means the process dies (a panic with `abort`, `SIGKILL`, the OOM killer)
 /// or the machine loses power. A write that only reached sled's in-memory buffers is lost

@@ -54,6 +54,6 @@ mod layer;
 mod scan;
 mod sweep;
 
-pub use builder::{SledLayerBuilder, DEFAULT_LOCK_WAIT, DEFAULT_MAX_VALUE_BYTES, DEFAULT_SWEEP_BATCH};
-pub use core::{FlushPolicy, DEFAULT_FLUSH_POLICY};
+pub use builder::SledLayerBuilder;
+pub use core::FlushPolicy;
 pub use layer::SledLayer;

@@ -56,6 +56,7 @@ fn path_under_a_regular_file_is_a_typed_error() {
     let path = file.path().join("db");
     let err = SledLayer::builder()
         .path(&path)
+        .sweeper(false)
         .build::<String, String>()
         .expect_err("cannot open");
     assert_eq!(err.kind(), ErrorKind::Backend);
@@ -192,10 +193,9 @@ fn configuration_errors_name_the_field() {
         ),
         // No tokio runtime here: background tasks cannot start.
         (
-            "sweep_interval",
+            "sweeper",
             SledLayer::builder()
                 .db(db.clone())
-                .sweep_interval(Duration::from_secs(1))
                 .build::<String, String>()
                 .unwrap_err(),
         ),
@@ -203,6 +203,7 @@ fn configuration_errors_name_the_field() {
             "flush_policy",
             SledLayer::builder()
                 .db(db.clone())
+                .sweeper(false)
                 .flush_policy(FlushPolicy::EveryMillis(100))
                 .build::<String, String>()
                 .unwrap_err(),
@@ -219,15 +220,52 @@ fn configuration_errors_name_the_field() {
     // Without a background task, no runtime is needed; with `path`, sled flushes itself.
     SledLayer::builder()
         .db(db.clone())
+        .sweeper(false)
         .flush_policy(FlushPolicy::Manual)
         .build::<String, String>()
         .expect("no runtime needed");
     let dir = tempfile::tempdir().expect("tempdir");
     SledLayer::builder()
         .path(dir.path().join("db"))
+        .sweeper(false)
         .flush_policy(FlushPolicy::EveryMillis(100))
         .build::<String, String>()
         .expect("sled's own flusher thread needs no runtime");
+}
+
+#[test]
+fn the_default_sweeper_needs_a_runtime_and_the_error_says_how_to_do_without() {
+    let builder = SledLayer::builder();
+    let shown = format!("{builder:?}");
+    assert!(shown.contains("sweeper: true"), "on by default: {shown}");
+    assert!(shown.contains("sweep_interval: 60s"), "every minute: {shown}");
+    assert!(shown.contains("sweep_batch: 1000"), "1,000 per batch: {shown}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = builder
+        .path(dir.path().join("db"))
+        .build::<String, String>()
+        .expect_err("no tokio runtime on this thread");
+    assert_eq!((err.kind(), err.operation()), (ErrorKind::Config, Operation::Build), "{err}");
+    let message = err.message();
+    assert!(message.contains("`sweeper`"), "names the option: {err}");
+    assert!(message.contains("tokio runtime"), "says what is missing: {err}");
+    assert!(message.contains(".sweeper(false)"), "says how to do without: {err}");
+
+    // Off, the layer builds outside a runtime; inside one, the default builds.
+    SledLayer::builder()
+        .path(dir.path().join("db"))
+        .sweeper(false)
+        .build::<String, String>()
+        .expect("no background task, no runtime needed");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let layer = SledLayer::builder()
+            .path(dir.path().join("other"))
+            .build::<String, String>()
+            .expect("inside a runtime");
+        layer.close().await.expect("close");
+    });
 }
 
 // ---- bad bytes -----------------------------------------------------------------------
