@@ -15,7 +15,7 @@ use tokio::sync::watch;
 ///
 /// ```
 /// use std::time::Duration;
-/// use capacitor_core::background::Stop;
+/// use capacitor::background::Stop;
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 /// let stop = Stop::new();

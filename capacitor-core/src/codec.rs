@@ -19,12 +19,12 @@ use crate::error::{Error, ErrorKind, Operation, Result};
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{BincodeCodec, Codec};
+/// use capacitor::{BincodeCodec, Codec};
 ///
 /// let bytes = Codec::<(u32, String)>::encode(&BincodeCodec, &(7, "seven".into()))?;
 /// let back: (u32, String) = BincodeCodec.decode(&bytes)?;
 /// assert_eq!(back, (7, "seven".to_string()));
-/// # Ok::<(), capacitor_core::Error>(())
+/// # Ok::<(), capacitor::Error>(())
 /// ```
 pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
     /// Encodes `value`.
@@ -100,13 +100,13 @@ where
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{envelope, Timestamp};
+/// use capacitor::{envelope, Timestamp};
 ///
 /// let bytes = envelope::wrap(Some(Timestamp::from_millis(42)), b"payload");
 /// let (expiry, payload) = envelope::unwrap(&bytes)?;
 /// assert_eq!((expiry, payload), (Some(Timestamp::from_millis(42)), &b"payload"[..]));
 /// assert!(envelope::unwrap(b"not ours").is_err());
-/// # Ok::<(), capacitor_core::Error>(())
+/// # Ok::<(), capacitor::Error>(())
 /// ```
 pub mod envelope {
     use super::*;
@@ -140,13 +140,13 @@ pub mod envelope {
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::{envelope, BincodeCodec, ErrorKind, Operation};
+    /// use capacitor::{envelope, BincodeCodec, ErrorKind, Operation};
     ///
     /// let bytes = envelope::seal(&BincodeCodec, &"hi".to_string(), None, 1024, Operation::Set)?;
     /// assert_eq!(envelope::unwrap(&bytes)?.0, None);
     /// let big = envelope::seal(&BincodeCodec, &"x".repeat(100), None, 10, Operation::Set);
     /// assert_eq!(big.map_err(|e| e.kind()).err(), Some(ErrorKind::ValueTooLarge));
-    /// # Ok::<(), capacitor_core::Error>(())
+    /// # Ok::<(), capacitor::Error>(())
     /// ```
     pub fn seal<V, C: Codec<V> + ?Sized>(
         codec: &C,
@@ -210,12 +210,12 @@ pub mod envelope {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::StorageKey;
+/// use capacitor::StorageKey;
 ///
 /// assert_eq!(&*"user:42".to_string().encode_key(), b"user:42");
 /// assert_eq!(u64::decode_key(&7u64.encode_key())?, 7);
 /// assert!(String::decode_key(&[0xff]).is_err());
-/// # Ok::<(), capacitor_core::Error>(())
+/// # Ok::<(), capacitor::Error>(())
 /// ```
 pub trait StorageKey: Sized + Send + Sync + 'static {
     /// The stored bytes of the key.

@@ -50,7 +50,7 @@ pub enum WritePolicy {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{WriteBack, WritePolicy};
+/// use capacitor::{WriteBack, WritePolicy};
 /// use std::time::Duration;
 ///
 /// let policy = WritePolicy::Back(WriteBack::new().queue_bound(50_000).max_delay(Duration::from_millis(10)));
@@ -164,12 +164,13 @@ impl WriteBack {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{testkit::MapLayer, CircuitBreaker, LayerConfig};
+/// use capacitor::{CircuitBreaker, LayerConfig};
+/// use capacitor::memory::DashMapLayer;
 /// use std::time::Duration;
 ///
-/// let l1 = LayerConfig::<String, u64>::new("l1", MapLayer::new()).ttl(Duration::from_secs(30));
-/// let archive = LayerConfig::<String, u64>::new("archive", MapLayer::new()).read_only(true);
-/// let remote = LayerConfig::<String, u64>::new("remote", MapLayer::new())
+/// let l1 = LayerConfig::<String, u64>::new("l1", DashMapLayer::new()).ttl(Duration::from_secs(30));
+/// let archive = LayerConfig::<String, u64>::new("archive", DashMapLayer::new()).read_only(true);
+/// let remote = LayerConfig::<String, u64>::new("remote", DashMapLayer::new())
 ///     .read_timeout(Duration::from_millis(50))
 ///     .write_timeout(Duration::from_millis(200))
 ///     .circuit_breaker(CircuitBreaker::new().failures(3));
@@ -286,7 +287,7 @@ where
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::SetOptions;
+/// use capacitor::SetOptions;
 /// use std::time::Duration;
 ///
 /// let opts = SetOptions::new().ttl(Duration::from_secs(5));

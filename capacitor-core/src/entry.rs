@@ -72,7 +72,7 @@ impl Clock for SystemClock {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{Clock, ManualClock};
+/// use capacitor::{Clock, ManualClock};
 /// use std::time::Duration;
 ///
 /// let clock = ManualClock::new(1_000);
@@ -117,7 +117,7 @@ pub fn system_clock() -> SharedClock {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{Entry, Timestamp};
+/// use capacitor::{Entry, Timestamp};
 /// use std::time::Duration;
 ///
 /// let e = Entry::new("v", Some(Timestamp::from_millis(10_000)));

@@ -135,7 +135,7 @@ impl fmt::Display for Operation {
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::{Error, ErrorKind, Operation};
+/// use capacitor::{Error, ErrorKind, Operation};
 ///
 /// let err = Error::new(ErrorKind::Timeout, Operation::Get, "no answer in 50ms").with_layer("redis");
 /// assert_eq!(err.kind(), ErrorKind::Timeout);

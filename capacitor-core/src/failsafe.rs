@@ -32,7 +32,7 @@ use crate::error::Error;
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::FailSafe;
+/// use capacitor::FailSafe;
 /// use std::time::Duration;
 ///
 /// let fail_safe = FailSafe::new(Duration::from_secs(600)).max_entries(10_000);

@@ -16,8 +16,8 @@
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::time::Duration;
-//! use capacitor_core::fence::{deadline_after, WriteFence};
-//! use capacitor_core::{ErrorKind, Operation};
+//! use capacitor::fence::{deadline_after, WriteFence};
+//! use capacitor::{ErrorKind, Operation};
 //!
 //! let fence = WriteFence::new(Duration::from_millis(50));
 //! let deadline = deadline_after(Duration::from_millis(100));
@@ -27,7 +27,7 @@
 //! let sooner = deadline_after(Duration::from_millis(10));
 //! let err = fence.clear(["k"], sooner, Operation::Set).await.unwrap_err();
 //! assert_eq!(err.kind(), ErrorKind::Timeout);
-//! # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+//! # Ok::<(), capacitor::Error>(()) }).unwrap();
 //! ```
 
 use std::collections::HashMap;

@@ -33,7 +33,7 @@ use crate::error::{Error, ErrorKind};
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::CircuitBreaker;
+/// use capacitor::CircuitBreaker;
 /// use std::time::Duration;
 ///
 /// let breaker = CircuitBreaker::new().failures(3).cool_down(Duration::from_secs(1));

@@ -18,7 +18,7 @@ pub type EntryStream<K, V> = Pin<Box<dyn Stream<Item = Result<(K, Entry<V>)>> + 
 /// # Examples
 ///
 /// ```
-/// use capacitor_core::Capabilities;
+/// use capacitor::Capabilities;
 ///
 /// let caps = Capabilities::new().with_native_ttl().with_persistence();
 /// assert!(caps.native_ttl && caps.persistent && !caps.scan);
@@ -119,7 +119,7 @@ impl<K, V> WriteOp<K, V> {
 /// forms (override them with pipelines or multi-row statements), optional capabilities
 /// answer [`ErrorKind::Unsupported`].
 ///
-/// Contract (checked by the conformance suite in `capacitor_core::testkit`):
+/// Contract (checked by the conformance suite in `capacitor::testkit`):
 /// - `get` never returns an expired entry, and returns the entry's absolute expiry;
 /// - `set` with `ttl = None` stores without expiry; a later `set` replaces value and expiry;
 /// - `delete` returns whether the key was present;
@@ -136,7 +136,7 @@ impl<K, V> WriteOp<K, V> {
 /// use std::sync::Mutex;
 /// use std::time::Duration;
 /// use async_trait::async_trait;
-/// use capacitor_core::{expiry_for, Clock, Entry, Error, Layer, Operation, Result, SystemClock};
+/// use capacitor::{expiry_for, Clock, Entry, Error, Layer, Operation, Result, SystemClock};
 ///
 /// #[derive(Default)]
 /// struct MapLayer(Mutex<Option<HashMap<String, Entry<u64>>>>);
@@ -170,7 +170,7 @@ impl<K, V> WriteOp<K, V> {
 /// let layer = MapLayer(Mutex::new(Some(HashMap::new())));
 /// layer.set(&"a".to_string(), &1, None).await?;
 /// assert_eq!(layer.get(&"a".to_string()).await?.map(|e| e.value), Some(1));
-/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
 /// ```
 #[async_trait]
 pub trait Layer<K, V>: Send + Sync + 'static
@@ -202,9 +202,10 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::{testkit::MapLayer, Layer};
+    /// use capacitor::{Layer};
+    /// use capacitor::memory::DashMapLayer;
     ///
-    /// let layer = MapLayer::<String, String>::new();
+    /// let layer = DashMapLayer::<String, String>::new();
     /// assert!(layer.check_write(&"k".into(), &"v".into(), None).is_ok());
     /// ```
     fn check_write(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {

@@ -1,10 +1,4 @@
-//! The core of capacitor: the [`Layer`] trait, the [`MultiLayer`] composer, [`Stats`],
-//! [`Error`], value [`Codec`]s and, behind the `testkit` feature, the conformance suite
-//! every layer runs.
-//!
-//! Most users depend on the `capacitor` facade crate instead, which re-exports this crate
-//! and the backends chosen by Cargo features. Authors of a custom layer depend on this
-//! crate alone.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

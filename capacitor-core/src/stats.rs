@@ -191,11 +191,12 @@ fn ratio(num: u64, den: u64) -> f64 {
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+/// use capacitor::{LayerConfig, MultiLayer};
+/// use capacitor::memory::DashMapLayer;
 ///
 /// let cache = MultiLayer::<String, u32>::builder()
-///     .layer(LayerConfig::new("l1", MapLayer::new()))
-///     .layer(LayerConfig::new("l2", MapLayer::new()))
+///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+///     .layer(LayerConfig::new("l2", DashMapLayer::new()))
 ///     .build()?;
 /// cache.set("a".to_string(), 1).await?;
 /// cache.get(&"a".to_string()).await?;
@@ -204,7 +205,7 @@ fn ratio(num: u64, den: u64) -> f64 {
 /// assert_eq!((stats.hits(), stats.misses()), (1, 1));
 /// assert_eq!(stats.hit_ratio(), 0.5);
 /// println!("{stats}");
-/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
 /// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -160,14 +160,15 @@ where
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// use std::time::Duration;
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    /// use capacitor::{LayerConfig, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
     ///
     /// let cache = MultiLayer::<String, u32>::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()).ttl(Duration::from_secs(30)))
-    ///     .layer(LayerConfig::new("l2", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()).ttl(Duration::from_secs(30)))
+    ///     .layer(LayerConfig::new("l2", DashMapLayer::new()))
     ///     .refresh_ahead(Duration::from_secs(5)) // renew in the last 5 s of the 30
     ///     .build()?;
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub fn refresh_ahead(mut self, window: Duration) -> Self {
         self.refresh_ahead = Some(window);
@@ -190,16 +191,17 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor::memory::DashMapLayer;
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
-    ///     .layer(LayerConfig::new("store", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
     ///     .write_policy(WritePolicy::Back(WriteBack::new()))
     ///     .on_refused_write(|key, err| eprintln!("the store refused {key}: {err}"))
     ///     .build()?;
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub fn on_refused_write(mut self, listener: impl Fn(&K, &Error) + Send + Sync + 'static) -> Self {
         self.on_refused = Some(Arc::new(listener));
@@ -219,13 +221,14 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    /// use capacitor::{LayerConfig, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
     ///
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
     ///     .cooperative(true)
     ///     .build()?;
-    /// # Ok::<(), capacitor_core::Error>(())
+    /// # Ok::<(), capacitor::Error>(())
     /// ```
     pub fn cooperative(mut self, on: bool) -> Self {
         self.cooperative = on;

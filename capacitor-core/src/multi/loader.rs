@@ -190,12 +190,13 @@ where
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    /// use capacitor::{LayerConfig, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
     ///
-    /// let cache = MultiLayer::<u64, String>::builder().layer(LayerConfig::new("l1", MapLayer::new())).build()?;
+    /// let cache = MultiLayer::<u64, String>::builder().layer(LayerConfig::new("l1", DashMapLayer::new())).build()?;
     /// let name = cache.get_or_load(&42, || async { "loaded from the database".to_string() }).await?;
     /// assert_eq!(cache.get(&42).await?, Some(name));
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub async fn get_or_load<F, Fut>(&self, key: &K, loader: F) -> Result<V>
     where

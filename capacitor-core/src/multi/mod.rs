@@ -199,12 +199,13 @@ pub(super) type RefusedListener<K> = Arc<dyn Fn(&K, &Error) + Send + Sync>;
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+/// use capacitor::{LayerConfig, MultiLayer};
+/// use capacitor::memory::DashMapLayer;
 /// use std::time::Duration;
 ///
 /// let cache = MultiLayer::<String, String>::builder()
-///     .layer(LayerConfig::new("l1", MapLayer::new()).ttl(Duration::from_secs(60)))
-///     .layer(LayerConfig::new("db", MapLayer::new()))
+///     .layer(LayerConfig::new("l1", DashMapLayer::new()).ttl(Duration::from_secs(60)))
+///     .layer(LayerConfig::new("db", DashMapLayer::new()))
 ///     .build()?;
 ///
 /// cache.set("user:42".into(), "Ada".into()).await?;
@@ -212,7 +213,7 @@ pub(super) type RefusedListener<K> = Arc<dyn Fn(&K, &Error) + Send + Sync>;
 /// assert!(cache.delete(&"user:42".into()).await?);
 /// assert_eq!(cache.get(&"user:42".into()).await?, None);
 /// cache.close().await?;
-/// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
 /// ```
 pub struct MultiLayer<K, V> {
     inner: Arc<Inner<K, V>>,
@@ -295,18 +296,19 @@ where
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+    /// use capacitor::memory::DashMapLayer;
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
     /// let cache = MultiLayer::<String, String>::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
-    ///     .layer(LayerConfig::new("store", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
     ///     .write_policy(WritePolicy::Back(WriteBack::new()))
     ///     .build()?;
     /// cache.set("k".into(), "v".into()).await?;
     /// cache.flush().await?;
     /// assert!(cache.refused_writes().is_empty());
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub fn refused_writes(&self) -> Vec<RefusedWrite<K>> {
         let Some(queue) = &self.inner.queue else {

@@ -32,17 +32,20 @@ where
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer, SystemClock};
+    /// use capacitor::sled::SledLayer;
+    /// use capacitor::{LayerConfig, MultiLayer};
     /// use futures::StreamExt;
     ///
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = SledLayer::builder().path(dir.path().join("db")).build()?;
     /// let cache = MultiLayer::<String, u32>::builder()
-    ///     .layer(LayerConfig::new("store", MapLayer::scannable(SystemClock)))
+    ///     .layer(LayerConfig::new("store", store))
     ///     .build()?;
     /// cache.set("user:1".into(), 1).await?;
     /// cache.set("order:1".into(), 2).await?;
     /// let users: Vec<_> = cache.scan(b"user:")?.collect().await;
     /// assert_eq!(users.len(), 1);
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub fn scan(&self, prefix: &[u8]) -> Result<Scan<K, V>> {
         self.check_open(Operation::Scan)?;

@@ -54,11 +54,14 @@ where
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use capacitor_core::{testkit::MapLayer, LayerConfig, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::sled::SledLayer;
+    /// use capacitor::{LayerConfig, MultiLayer};
+    /// # let dir = tempfile::tempdir().unwrap();
     ///
     /// let cache = MultiLayer::<String, i64>::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
-    ///     .layer(LayerConfig::new("db", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("db", SledLayer::builder().path(dir.path().join("db")).build()?))
     ///     .build()?;
     /// cache.set("alice".into(), 100).await?;
     /// let mut tx = cache.begin()?;
@@ -67,7 +70,7 @@ where
     /// tx.set("bob".into(), 30);
     /// tx.commit().await?;
     /// assert_eq!(cache.get(&"alice".into()).await?, Some(70));
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub fn begin(&self) -> Result<Transaction<'_, K, V>> {
         self.check_open(Operation::Transaction)?;

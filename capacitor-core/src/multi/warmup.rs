@@ -92,18 +92,21 @@ where
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// use capacitor_core::{testkit::MapLayer, Layer, LayerConfig, MultiLayer, SystemClock, WarmUp};
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::sled::SledLayer;
+    /// use capacitor::{Layer, LayerConfig, MultiLayer, WarmUp};
+    /// # let dir = tempfile::tempdir().unwrap();
     /// use std::sync::Arc;
     ///
-    /// let disk = Arc::new(MapLayer::<String, u32>::scannable(SystemClock));
+    /// let disk = Arc::new(SledLayer::builder().path(dir.path().join("db")).build::<String, u32>()?);
     /// disk.set(&"user:1".to_string(), &1, None).await?;
     /// let cache = MultiLayer::builder()
-    ///     .layer(LayerConfig::new("l1", MapLayer::new()))
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
     ///     .layer(LayerConfig::shared("disk", disk))
     ///     .build()?;
     /// let report = cache.warm_up("disk", WarmUp::new().prefix("user:").limit(10_000)).await?;
     /// assert_eq!(report.copied, 1);
-    /// # Ok::<(), capacitor_core::Error>(()) }).unwrap();
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
     /// ```
     pub async fn warm_up(&self, from: &str, options: WarmUp) -> Result<WarmUpReport> {
         self.check_open(Operation::Scan)?;

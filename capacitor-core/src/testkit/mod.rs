@@ -5,10 +5,13 @@
 //! Add `capacitor-core = { version = "…", features = ["testkit"] }` to your
 //! `[dev-dependencies]`, then in `tests/conformance.rs`:
 //!
-//! ```ignore
-//! capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
-//!     // `ctx.id` is unique per test: use it as a key prefix or table name.
-//!     MyLayer::connect(&format!("{}:", ctx.id)).await.unwrap()
+//! ```
+//! use capacitor::memory::DashMapLayer;
+//! use capacitor_core::testkit::TestContext;
+//!
+//! capacitor_core::conformance_tests!(|_ctx: TestContext| async move {
+//!     // A remote layer uses `ctx.id`, unique per test, as its key prefix or table name.
+//!     DashMapLayer::<String, Vec<u8>>::new()
 //! });
 //! ```
 //!
