@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -10,134 +11,18 @@ use capacitor_core::{
     StorageKey,
 };
 use fred::clients::{Client, SubscriberClient};
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface, Value};
+use fred::prelude::{ClientLike, EventInterface, Options, PubsubInterface, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use crate::config::{fred_builder, Reconnect, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_URL};
-use crate::error::{redact_url, redis_error, timeout_error, unavailable};
-
-/// The channel used when none is configured.
-pub const DEFAULT_CHANNEL: &str = "capacitor:invalidate";
+use crate::core::{lock, Health};
+use crate::error::{redis_error, timeout_error};
 
 /// Length of the instance id at the start of every message.
 const ID_LEN: usize = 8;
 
-/// Builds a [`RedisBus`].
-///
-/// # Examples
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
-/// let bus = capacitor_redis::RedisBus::builder()
-///     .url("redis://127.0.0.1:6379")
-///     .channel("myapp:invalidate")
-///     .build()?;
-/// # Ok(()) }
-/// ```
-#[must_use]
-pub struct RedisBusBuilder {
-    url: String,
-    channel: String,
-    command_timeout: Duration,
-    connect_timeout: Duration,
-    reconnect: Reconnect,
-}
-
-impl fmt::Debug for RedisBusBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisBusBuilder")
-            .field("url", &redact_url(&self.url))
-            .field("channel", &self.channel)
-            .field("command_timeout", &self.command_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("reconnect", &self.reconnect)
-            .finish()
-    }
-}
-
-impl Default for RedisBusBuilder {
-    fn default() -> Self {
-        RedisBusBuilder {
-            url: DEFAULT_URL.to_owned(),
-            channel: DEFAULT_CHANNEL.to_owned(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            reconnect: Reconnect::default(),
-        }
-    }
-}
-
-impl RedisBusBuilder {
-    /// The server (default [`DEFAULT_URL`]), as for [`RedisLayerBuilder::url`](crate::RedisLayerBuilder::url).
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
-        self
-    }
-
-    /// The pub/sub channel (default [`DEFAULT_CHANNEL`]); every instance sharing a cache
-    /// must use the same one.
-    pub fn channel(mut self, channel: impl Into<String>) -> Self {
-        self.channel = channel.into();
-        self
-    }
-
-    /// How long a `PUBLISH` may take (default 2 s).
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
-        self
-    }
-
-    /// How long one connection attempt may take (default 2 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// How to reconnect (default: exponential from 50 ms to 2 s, forever).
-    pub fn reconnect(mut self, policy: Reconnect) -> Self {
-        self.reconnect = policy;
-        self
-    }
-
-    /// Validates the options and starts connecting (a publishing and a subscribing
-    /// connection) in the background.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`]: an empty channel, a bad URL, a zero timeout, or no tokio
-    /// runtime.
-    pub fn build(self) -> Result<RedisBus> {
-        if self.channel.is_empty() {
-            return Err(Error::config("channel", "must not be empty"));
-        }
-        let builder = fred_builder(
-            &self.url,
-            self.command_timeout,
-            self.connect_timeout,
-            self.reconnect,
-        )?;
-        let publisher = builder.build().map_err(|e| redis_error(Operation::Build, e))?;
-        let subscriber = builder
-            .build_subscriber_client()
-            .map_err(|e| redis_error(Operation::Build, e))?;
-        // The connection tasks run detached (dropping a handle does not stop them) and
-        // keep reconnecting under the policy until `close`.
-        drop(publisher.connect());
-        drop(subscriber.connect());
-        Ok(RedisBus {
-            publisher,
-            subscriber,
-            channel: self.channel,
-            instance_id: instance_id(),
-            command_timeout: self.command_timeout,
-            tasks: Mutex::new(Vec::new()),
-        })
-    }
-}
-
 /// A random id for this bus instance (not cryptographic: it only tells instances apart).
-fn instance_id() -> u64 {
+pub(crate) fn instance_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.write_u128(
@@ -159,27 +44,39 @@ fn instance_id() -> u64 {
 ///
 /// # Examples
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), capacitor::Error> {
 /// use std::sync::Arc;
-/// use capacitor_core::{LayerConfig, MultiLayer};
-/// use capacitor_memory::MokaLayer;
-/// use capacitor_redis::{RedisBus, RedisLayer};
+/// use capacitor::memory::MokaLayer;
+/// use capacitor::redis::{RedisBus, RedisLayer};
+/// use capacitor::{LayerConfig, MultiLayer};
 ///
+/// let bus = Arc::new(RedisBus::builder().channel("doc:redisbus:invalidate").build()?);
 /// let cache = MultiLayer::<String, u64>::builder()
 ///     .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(1_000).build()?))
-///     .layer(LayerConfig::new("redis", RedisLayer::builder().prefix("app:").build()?))
-///     .invalidation_bus(Arc::new(RedisBus::builder().build()?))
+///     .layer(LayerConfig::new("redis", RedisLayer::builder().prefix("doc:redisbus:").build()?))
+///     .invalidation_bus(bus.clone())
 ///     .build()?;
+/// cache.close().await?;
+/// bus.close().await?;
 /// # Ok(()) }
 /// ```
 pub struct RedisBus {
-    publisher: Client,
-    subscriber: SubscriberClient,
-    channel: String,
-    instance_id: u64,
-    command_timeout: Duration,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) publisher: Client,
+    pub(crate) subscriber: SubscriberClient,
+    pub(crate) channel: String,
+    pub(crate) instance_id: u64,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    /// What the two connections last reported, named in errors while they are down.
+    pub(crate) health: Health,
+    pub(crate) closed: AtomicBool,
+    /// The subscription tasks, one per `subscribe`.
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// fred's connection tasks (publisher, subscriber): they reconnect for as long as
+    /// they run, so `close` (or dropping the bus) aborts them.
+    pub(crate) connections: Mutex<Vec<fred::types::ConnectHandle>>,
 }
 
 impl fmt::Debug for RedisBus {
@@ -192,11 +89,6 @@ impl fmt::Debug for RedisBus {
 }
 
 impl RedisBus {
-    /// A builder with every option at its default.
-    pub fn builder() -> RedisBusBuilder {
-        RedisBusBuilder::default()
-    }
-
     /// This instance's id, sent with every message it publishes.
     pub fn instance_id(&self) -> u64 {
         self.instance_id
@@ -212,42 +104,81 @@ impl RedisBus {
         self.publisher.is_connected() && self.subscriber.is_connected()
     }
 
-    /// Stops delivering and disconnects both connections.
+    /// Waits until both connections are up. Use it to fail at start-up when Redis is
+    /// down; without it the bus connects in the background.
+    ///
+    /// It fails as soon as a connection attempt has failed (a refused connection, an
+    /// unknown host, credentials or a database index the server refuses), naming that
+    /// cause, and at the latest after the connect timeout.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable` when the connections are not up (the failed attempt's error is its
+    /// source), `Closed` after close.
+    pub async fn connect(&self) -> Result<()> {
+        self.health
+            .wait_connected(
+                Operation::Connect,
+                self.connect_timeout,
+                || self.is_connected(),
+                || self.closed.load(Ordering::Acquire),
+            )
+            .await
+    }
+
+    /// Stops delivering and disconnects both connections (ending their reconnection
+    /// loops). Idempotent.
     ///
     /// # Errors
     ///
     /// None in practice; disconnect errors are ignored.
     pub async fn close(&self) -> Result<()> {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            for t in tasks.drain(..) {
-                t.abort();
-            }
-        }
+        self.closed.store(true, Ordering::Release);
+        self.stop_tasks();
+        // A client that is not connected would hold a plain QUIT until it connects or the
+        // command times out: it gets a fail-fast one, and its connection task is aborted.
+        let fail_fast = Options {
+            fail_fast: true,
+            ..Options::default()
+        };
         let quit = async {
-            let _ = self.subscriber.quit().await;
-            let _ = self.publisher.quit().await;
+            if self.subscriber.is_connected() {
+                let _ = self.subscriber.quit().await;
+            } else {
+                let _ = self.subscriber.with_options(&fail_fast).quit().await;
+            }
+            if self.publisher.is_connected() {
+                let _ = self.publisher.quit().await;
+            } else {
+                let _ = self.publisher.with_options(&fail_fast).quit().await;
+            }
         };
         let _ = tokio::time::timeout(self.command_timeout, quit).await;
+        self.stop_connections();
         Ok(())
+    }
+
+    /// Aborts the delivery tasks.
+    fn stop_tasks(&self) {
+        for task in std::mem::take(&mut *lock(&self.tasks)) {
+            task.abort();
+        }
+    }
+
+    /// Aborts the connection tasks (and their reconnection loops).
+    fn stop_connections(&self) {
+        for task in std::mem::take(&mut *lock(&self.connections)) {
+            task.abort();
+        }
     }
 }
 
 impl Drop for RedisBus {
-    /// Stops delivering and, when a runtime is there, disconnects in the background (so
+    /// Stops delivering and aborts the connection tasks, which closes the connections (so
     /// that a bus dropped without `close` does not reconnect forever).
     fn drop(&mut self) {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            for t in tasks.drain(..) {
-                t.abort();
-            }
-        }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let (publisher, subscriber) = (self.publisher.clone(), self.subscriber.clone());
-            handle.spawn(async move {
-                let _ = subscriber.quit().await;
-                let _ = publisher.quit().await;
-            });
-        }
+        self.stop_tasks();
+        self.stop_connections();
     }
 }
 
@@ -258,8 +189,11 @@ where
 {
     async fn publish(&self, key: &K) -> Result<()> {
         let op = Operation::Set;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(op));
+        }
         if !self.publisher.is_connected() {
-            return Err(unavailable(op));
+            return Err(self.health.not_connected(op));
         }
         let key = key.encode_key();
         let mut msg = Vec::with_capacity(ID_LEN + key.len());
@@ -321,9 +255,7 @@ where
                 }
             }
         });
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.push(task);
-        }
+        lock(&self.tasks).push(task);
         Ok(())
     }
 }

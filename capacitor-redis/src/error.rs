@@ -9,7 +9,8 @@
 //! | `EXECABORT` / aborted transactions | [`ErrorKind::Conflict`] |
 //! | anything else | [`ErrorKind::Backend`] |
 //!
-//! The original error is kept as the source. Messages never contain the URL.
+//! The original error is kept as the source (its details follow the message in
+//! `Display`). Messages never contain the URL's secrets.
 
 use capacitor_core::{Error, ErrorKind, Operation};
 use fred::error::{Error as FredError, ErrorKind as FredKind};
@@ -32,8 +33,65 @@ pub(crate) fn redis_error(op: Operation, err: FredError) -> Error {
         _ if err.details().starts_with("EXECABORT") => (ErrorKind::Conflict, "the transaction was aborted"),
         _ => (ErrorKind::Backend, "Redis error"),
     };
-    let message = format!("{what}: {}", err.details());
-    Error::new(kind, op, message).with_source(err)
+    Error::new(kind, op, what).with_source(Cause(err))
+}
+
+/// A fred error as the source of a capacitor [`Error`]: shown as its details alone
+/// (`Connection refused (os error 111)`, not `IO Error: Connection refused …`), with
+/// fred's error as its own source, for callers that downcast.
+#[derive(Debug)]
+pub(crate) struct Cause(pub(crate) FredError);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let details = self.0.details();
+        if details.is_empty() {
+            write!(f, "{}", self.0)
+        } else {
+            f.write_str(&readable_io_error(details))
+        }
+    }
+}
+
+/// fred keeps an I/O error as its `Debug` text (`Os { code: 111, kind:
+/// ConnectionRefused, message: "Connection refused" }`, `Custom { kind: Uncategorized,
+/// error: "failed to lookup address information: …" }`): its `Display` form
+/// (`Connection refused (os error 111)`, `failed to lookup address information: …`).
+/// Anything else is returned as it is.
+fn readable_io_error(details: &str) -> std::borrow::Cow<'_, str> {
+    /// The quoted string after `field: "` (escapes as `Debug` writes them, undone).
+    fn quoted(text: &str, field: &str) -> Option<String> {
+        let start = text.find(&format!("{field}: \""))? + field.len() + 3;
+        let mut out = String::new();
+        let mut chars = text[start..].chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => return Some(out),
+                '\\' => out.push(chars.next()?),
+                c => out.push(c),
+            }
+        }
+        None
+    }
+    if details.starts_with("Os {") {
+        let code = details
+            .split_once("code: ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next());
+        if let (Some(message), Some(code)) = (quoted(details, "message"), code) {
+            return format!("{message} (os error {code})").into();
+        }
+    } else if details.starts_with("Custom {") {
+        if let Some(error) = quoted(details, "error") {
+            return error.into();
+        }
+    }
+    details.into()
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }
 
 /// The error of an operation that did not finish within the command timeout.
@@ -42,15 +100,6 @@ pub(crate) fn timeout_error(op: Operation, timeout: std::time::Duration) -> Erro
         ErrorKind::Timeout,
         op,
         format!("Redis did not answer within the command timeout ({timeout:?})"),
-    )
-}
-
-/// The error of an operation issued while no connection is up.
-pub(crate) fn unavailable(op: Operation) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        op,
-        "not connected to Redis (reconnecting in the background)",
     )
 }
 
@@ -128,6 +177,25 @@ mod tests {
             "redis-sentinel://h:1/0?sentinelServiceName=m&sentinelPassword=***"
         );
         assert_eq!(redact_url("user:hunter2@host"), "<not shown: not a URL>");
+    }
+
+    #[test]
+    fn io_errors_read_as_their_display() {
+        let refused = std::io::Error::from_raw_os_error(111);
+        let details = format!("{refused:?}");
+        assert_eq!(readable_io_error(&details), refused.to_string());
+        let dns = std::io::Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(
+            readable_io_error(&format!("{dns:?}")),
+            "failed to lookup address information: Name or service not known"
+        );
+        let quoted = std::io::Error::other("a \"quoted\" word");
+        assert_eq!(readable_io_error(&format!("{quoted:?}")), "a \"quoted\" word");
+        assert_eq!(
+            readable_io_error("ERR DB index is out of range"),
+            "ERR DB index is out of range"
+        );
+        assert_eq!(readable_io_error("Os { broken"), "Os { broken");
     }
 
     #[test]

@@ -1,247 +1,44 @@
 //! [`RedisLayer`] and its [`Layer`] implementation.
 
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capacitor_core::fence::{deadline_after, too_late};
 use capacitor_core::{
     async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
-    ErrorKind, Layer, Operation, Result, SharedClock, StorageKey, Timestamp, WriteOp,
+    ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
-use fred::clients::{Client, Pool};
-use fred::error::Error as FredError;
 use fred::prelude::{ClientLike, Key, KeysInterface, LuaInterface, Options, Value};
 
-use capacitor_core::fence::{deadline_after, too_late};
-
-use crate::config::RedisLayerBuilder;
-use crate::error::{redis_error, timeout_error, unavailable};
+use crate::core::{fetch_values, px_millis, run_write_script, value_bytes, SetArgs, Shared, EXISTS_SCRIPT};
+use crate::error::redis_error;
 use crate::scan::scan_stream;
 
-/// Deletes `KEYS[1]` when it holds a non-string type, or (with `ARGV[1]`) when it still
-/// holds exactly the bytes that failed to decode, so that a write racing the read stays.
-const EVICT_SCRIPT: &str = r"
-local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'none' then return 0 end
-if t ~= 'string' then return redis.call('DEL', KEYS[1]) end
-if ARGV[1] ~= nil and redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
-/// Every write: sets the first `ARGV[2]` keys (value `ARGV[1+2i]`, `PX` `ARGV[2+2i]` or none
-/// when empty) and deletes the remaining keys, all or nothing (a script runs atomically),
-/// but only if the server's clock is before the deadline `ARGV[1]` (ms since the epoch).
-/// Returns -1 when late, else how many keys it deleted. The deadline fence (see
-/// `capacitor_core::fence`) is what keeps a write that timed out, or that fred resends
-/// after a reconnection, from landing after a later acknowledged write of the key.
-const WRITE_SCRIPT: &str = r"
-local t = redis.call('TIME')
-if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(ARGV[1]) then
-  return -1
-end
-local n = tonumber(ARGV[2])
-for i = 1, n do
-  local px = ARGV[2 + 2 * i]
-  if px == '' then
-    redis.call('SET', KEYS[i], ARGV[1 + 2 * i])
-  else
-    redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', px)
-  end
-end
-local deleted = 0
-for i = n + 1, #KEYS do
-  deleted = deleted + redis.call('DEL', KEYS[i])
-end
-return deleted
-";
-
-/// `exists` as `get` sees it: nil for no key, -1 for a key of another Redis type, else
-/// the first bytes of the string (the envelope's header, checked by the caller).
-const EXISTS_SCRIPT: &str = r"
-local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'none' then return false end
-if t ~= 'string' then return -1 end
-return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-";
-
-/// The SHA-1 of [`WRITE_SCRIPT`]: writes send `EVALSHA` (Redis does not hash and look up
-/// the script's text on every call, about 8 µs per write on loopback), and `EVAL` only
-/// when the server does not know the script yet (`NOSCRIPT`: a new or restarted server).
-static WRITE_SHA: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| sha1_smol::Sha1::from(WRITE_SCRIPT).digest().to_string());
-
-/// Runs [`WRITE_SCRIPT`] by its hash, loading it with `EVAL` when the server lacks it.
-/// (A `NOSCRIPT` reply means nothing ran: sending the script again is safe.)
-async fn run_write_script(
-    c: Client,
-    keys: Vec<Key>,
-    args: Vec<Value>,
-) -> std::result::Result<i64, FredError> {
-    match c
-        .evalsha::<i64, _, _, _>(WRITE_SHA.as_str(), keys.clone(), args.clone())
-        .await
-    {
-        Err(e) if e.details().starts_with("NOSCRIPT") => {
-            c.eval::<i64, _, _, _>(WRITE_SCRIPT, keys, args).await
-        }
-        result => result,
-    }
-}
-
-/// One set for [`WRITE_SCRIPT`]: the key, the stored bytes, the `PX` in ms.
-type SetArgs = (Key, Value, Option<u64>);
-
-/// The longest `PX` sent: about 31 700 years. Longer TTLs (up to `Duration::MAX`) are cut
-/// to this, which Redis accepts (it refuses expiries that overflow its clock).
-const MAX_PX_MILLIS: u64 = 1_000_000_000_000_000;
-
-/// What the layer and its scan streams share.
-pub(crate) struct Shared<C> {
-    pub(crate) pool: Pool,
-    pub(crate) clustered: bool,
-    pub(crate) prefix: Vec<u8>,
-    pub(crate) codec: C,
-    pub(crate) clock: SharedClock,
-    pub(crate) max_value_bytes: usize,
-    pub(crate) command_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) scan_count: u32,
-    pub(crate) closed: AtomicBool,
-    /// Each operation holds a read guard while it runs; `flush` and `close` take the write
-    /// guard, which waits for every operation in flight.
-    pub(crate) in_flight: tokio::sync::RwLock<()>,
-    /// fred's connection tasks, one per pooled client: they reconnect for as long as they
-    /// run, so `close` (or dropping the layer) aborts them.
-    pub(crate) connections: std::sync::Mutex<Vec<fred::types::ConnectHandle>>,
-    /// Keys whose last write may still be applied (see `WRITE_SCRIPT`).
-    pub(crate) fence: capacitor_core::fence::WriteFence,
-}
-
-impl<C> Shared<C> {
-    /// Aborts the connection tasks (and their reconnection loops).
-    pub(crate) fn stop_connections(&self) {
-        let tasks = std::mem::take(
-            &mut *self
-                .connections
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for task in tasks {
-            task.abort();
-        }
-    }
-}
-
-impl<C> Shared<C> {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// A connected client, or `Unavailable` at once (never waits for a reconnection).
-    pub(crate) fn client(&self, op: Operation) -> Result<Client> {
-        if self.is_closed() {
-            return Err(Error::closed(op));
-        }
-        let client = self.pool.next_connected();
-        if !client.is_connected() {
-            return Err(unavailable(op));
-        }
-        Ok(client.clone())
-    }
-
-    /// Runs `f` on a connected client within the command timeout.
-    pub(crate) async fn run<T, F, Fut>(&self, op: Operation, f: F) -> Result<T>
-    where
-        F: FnOnce(Client) -> Fut,
-        Fut: Future<Output = std::result::Result<T, FredError>>,
-    {
-        let client = self.client(op)?;
-        match tokio::time::timeout(self.command_timeout, f(client)).await {
-            Ok(result) => result.map_err(|e| redis_error(op, e)),
-            Err(_) => Err(timeout_error(op, self.command_timeout)),
-        }
-    }
-
-    /// The Redis key of `key`: the prefix, then the key's bytes.
-    pub(crate) fn redis_key(&self, key: &[u8]) -> Key {
-        let mut bytes = Vec::with_capacity(self.prefix.len() + key.len());
-        bytes.extend_from_slice(&self.prefix);
-        bytes.extend_from_slice(key);
-        Key::from(bytes.into_boxed_slice())
-    }
-
-    /// Decodes stored bytes; `Ok(None)` when the envelope says the entry has expired.
-    pub(crate) fn decode<V>(&self, bytes: &[u8], op: Operation) -> Result<Option<Entry<V>>>
-    where
-        C: Codec<V>,
-    {
-        let (expires_at, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
-        let entry = Entry::new((), expires_at);
-        if entry.is_expired(self.clock.now()) {
-            return Ok(None);
-        }
-        let value = self.codec.decode(payload).map_err(|e| e.with_operation(op))?;
-        Ok(Some(Entry::new(value, expires_at)))
-    }
-
-    /// Deletes a key that did not decode, when the layer owns its namespace (a non-empty
-    /// prefix): a non-string key, or a string key still holding `bytes`. Best effort: the
-    /// read reports what it found, not a failed cleanup.
-    pub(crate) async fn evict(&self, key: Key, bytes: Option<Vec<u8>>) {
-        if self.prefix.is_empty() {
-            return;
-        }
-        let args: Vec<Value> = bytes
-            .map(|b| Value::from(b.into_boxed_slice()))
-            .into_iter()
-            .collect();
-        let _ = self
-            .run(Operation::Delete, |c| async move {
-                c.eval::<Value, _, _, _>(EVICT_SCRIPT, key, args).await
-            })
-            .await;
-    }
-}
-
-impl<C> Drop for Shared<C> {
-    /// A layer dropped without `close` would leave fred's connection tasks reconnecting
-    /// forever: aborting them drops their sockets, which closes the connections.
-    fn drop(&mut self) {
-        self.stop_connections();
-    }
-}
-
-/// A value as Redis returned it: `None` for nil.
-pub(crate) fn value_bytes(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::Null => None,
-        other => other.as_bytes(),
-    }
-}
-
 /// A remote cache layer on Redis (through [fred](https://docs.rs/fred)): a shared L2 for
-/// every app instance, with native TTLs, pipelined batches, `SCAN` and `MULTI`/`EXEC`.
+/// every app instance, with native TTLs, pipelined batches, `SCAN` and all-or-nothing
+/// batches.
 ///
 /// Built by [`RedisLayer::builder`]. Cheap to share behind an `Arc`; every clone of the
 /// pool is closed by [`close`](Layer::close).
 ///
 /// # Examples
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), capacitor::Error> {
 /// use std::time::Duration;
-/// use capacitor_core::Layer;
-/// use capacitor_redis::RedisLayer;
+/// use capacitor::redis::RedisLayer;
+/// use capacitor::Layer;
 ///
-/// let redis = RedisLayer::builder().prefix("app:").build::<String, u64>()?;
+/// let redis = RedisLayer::builder().prefix("doc:redislayer:").build::<String, u64>()?;
 /// redis.connect().await?;
-/// redis.set(&"user:42".to_string(), &7, Some(Duration::from_secs(60))).await?; // SET app:user:42 … PX 60000
+/// // SET doc:redislayer:user:42 … PX 60000
+/// redis.set(&"user:42".to_string(), &7, Some(Duration::from_secs(60))).await?;
 /// assert_eq!(redis.get(&"user:42".to_string()).await?.map(|e| e.value), Some(7));
+/// redis.delete(&"user:42".to_string()).await?;
 /// redis.close().await?;
 /// # Ok(()) }
 /// ```
@@ -261,45 +58,31 @@ impl<K, V, C> fmt::Debug for RedisLayer<K, V, C> {
     }
 }
 
-impl RedisLayer<(), ()> {
-    /// A builder with every option at its default.
-    pub fn builder() -> RedisLayerBuilder {
-        RedisLayerBuilder::default()
-    }
-}
-
 impl<K, V, C> RedisLayer<K, V, C> {
-    /// Waits until a connection is up (at most the connect timeout), then checks it with
-    /// `PING`. Use it to fail at start-up when Redis is down; without it the layer
-    /// connects in the background.
+    /// Waits until a connection is up, then checks it with `PING`. Use it to fail at
+    /// start-up when Redis is down; without it the layer connects in the background.
+    ///
+    /// It fails as soon as a connection attempt has failed (a refused connection, an
+    /// unknown host, credentials or a database index the server refuses), naming that
+    /// cause, and at the latest after the connect timeout.
     ///
     /// # Errors
     ///
-    /// `Unavailable` when no connection came up in time, the `PING`'s error otherwise,
-    /// `Closed` after close.
+    /// `Unavailable` when no connection is up (the failed attempt's error is its source),
+    /// the `PING`'s error otherwise, `Closed` after close.
     pub async fn connect(&self) -> Result<()> {
-        let op = Operation::Connect;
-        // A timeout too long to express waits as long as it takes.
-        let deadline = tokio::time::Instant::now()
-            .checked_add(self.shared.connect_timeout)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30));
-        while !self.shared.pool.next_connected().is_connected() {
-            if self.shared.is_closed() {
-                return Err(Error::closed(op));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    op,
-                    format!(
-                        "could not connect to Redis within {:?}",
-                        self.shared.connect_timeout
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.health_check().await
+        let shared = &self.shared;
+        shared
+            .health
+            .wait_connected(
+                Operation::Connect,
+                shared.connect_timeout,
+                || shared.any_connected(),
+                || shared.is_closed(),
+            )
+            .await
+            .map_err(|e| e.with_layer("redis"))?;
+        self.health_check().await.map_err(|e| e.with_layer("redis"))
     }
 
     /// One `PING` now, failing fast when no connection is up.
@@ -316,7 +99,7 @@ impl<K, V, C> RedisLayer<K, V, C> {
 
     /// Whether at least one pooled connection is up.
     pub fn is_connected(&self) -> bool {
-        !self.shared.is_closed() && self.shared.pool.next_connected().is_connected()
+        !self.shared.is_closed() && self.shared.any_connected()
     }
 
     /// The namespace prefix of every key.
@@ -464,13 +247,6 @@ where
             }
         }
     }
-}
-
-/// `PX` for `ttl`, at least 1 ms (Redis refuses 0) and at most [`MAX_PX_MILLIS`].
-fn px_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis())
-        .unwrap_or(u64::MAX)
-        .clamp(1, MAX_PX_MILLIS)
 }
 
 #[async_trait]
@@ -664,7 +440,7 @@ where
         Ok(scan_stream::<K, V, C>(Arc::clone(&self.shared), prefix))
     }
 
-    /// `MULTI` / `SET … PX` / `DEL` / `EXEC` on one connection: all or nothing. In a
+    /// One fenced script of `SET … PX` and `DEL` (scripts run atomically): all or nothing. In a
     /// cluster every key must hash to one slot (put a hash tag in the prefix, `app:{x}:`),
     /// else Redis refuses the batch (`CROSSSLOT`) and nothing is applied.
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
@@ -748,47 +524,4 @@ where
             Err(_) => Ok(()),
         }
     }
-}
-
-/// The replies to `GET` of each key, in order: one `MGET`, or in a cluster one pipeline.
-pub(crate) async fn fetch_values<C>(shared: &Shared<C>, op: Operation, keys: Vec<Key>) -> Result<Vec<Value>> {
-    let n = keys.len();
-    let values = if shared.clustered {
-        let results = shared
-            .run(op, |c| async move {
-                let p = c.pipeline();
-                for k in keys {
-                    p.get::<(), _>(k).await?;
-                }
-                Ok(p.try_all::<Value>().await)
-            })
-            .await?;
-        let mut values = Vec::with_capacity(n);
-        for r in results {
-            values.push(match r {
-                Ok(v) => v,
-                // A key of another type: a miss, as with MGET.
-                Err(e) if crate::error::is_wrongtype(&e) => Value::Null,
-                Err(e) => return Err(redis_error(op, e)),
-            });
-        }
-        values
-    } else {
-        let reply: Value = shared
-            .run(op, |c| async move { c.mget::<Value, _>(keys).await })
-            .await?;
-        match reply {
-            Value::Array(values) => values,
-            Value::Null => vec![Value::Null; n],
-            other => vec![other],
-        }
-    };
-    if values.len() != n {
-        return Err(Error::new(
-            ErrorKind::Backend,
-            op,
-            format!("Redis returned {} values for {n} keys", values.len()),
-        ));
-    }
-    Ok(values)
 }

@@ -8,7 +8,7 @@ use capacitor_core::{Codec, Entry, EntryStream, Error, ErrorKind, Operation, Res
 use fred::prelude::{ClientLike, ClusterInterface, Key, Options, Server, Value};
 use fred::types::{ClusterHash, CustomCommand};
 
-use crate::layer::{fetch_values, value_bytes, Shared};
+use crate::core::{fetch_values, value_bytes, Shared};
 
 /// `pattern` with the glob characters of Redis' `MATCH` escaped, then `*`.
 pub(crate) fn match_pattern(prefix: &[u8]) -> Vec<u8> {

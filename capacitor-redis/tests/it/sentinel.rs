@@ -4,14 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::RedisServer;
 use capacitor_core::{Layer, WriteOp};
 use capacitor_redis::RedisLayer;
-use common::RedisServer;
 
 /// A sentinel process, killed by PID when dropped.
 struct Sentinel(std::process::Child);

@@ -1,13 +1,13 @@
 //! The invalidation bus between two processes: the parent writes through its own
 //! MultiLayer (moka L1 + Redis), a child process (this test binary run again with
-//! `--exact bus_child_reader --ignored`) reads the same key through its own MultiLayer in
+//! `--exact bus_processes::bus_child_reader --ignored`) reads the same key through its own MultiLayer in
 //! a loop and prints each new value it serves. Without the bus the child would serve its
 //! L1 copy for the L1 TTL (5 minutes); with it, each write reaches it within a bounded,
 //! measured delay. The child is killed by PID when the test ends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -105,7 +105,7 @@ fn two_processes_stay_coherent_through_the_bus() {
     let mut child = Command::new(exe)
         .args([
             "--exact",
-            "bus_child_reader",
+            "bus_processes::bus_child_reader",
             "--ignored",
             "--nocapture",
             "--test-threads",

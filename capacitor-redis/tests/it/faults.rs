@@ -3,16 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
+use crate::common::{free_port, raw, unique_prefix, url, RedisServer};
 use capacitor_core::testkit::MapLayer;
 use capacitor_core::{ErrorKind, Layer, LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_redis::fred::prelude::KeysInterface;
 use capacitor_redis::{Reconnect, RedisLayer};
-use common::{free_port, raw, unique_prefix, url, RedisServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 

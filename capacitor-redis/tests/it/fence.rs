@@ -5,16 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{delete_prefix, raw, unique_prefix, url, RedisServer};
 use capacitor_core::testkit::FaultProxy;
 use capacitor_core::{ErrorKind, Layer, LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_redis::{Reconnect, RedisLayer};
-use common::{delete_prefix, raw, unique_prefix, url, RedisServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -43,9 +43,9 @@ fn concurrent_sets_through_moka_leave_l1_and_redis_agreeing() {
         let redis = Arc::new(redis_at(&url(), &prefix, Duration::from_secs(2)));
         redis.connect().await.expect("connect");
         let l1 = Arc::new(
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(10_000)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         );
         let cache = MultiLayer::builder()
@@ -100,9 +100,9 @@ fn a_write_abandoned_by_the_composer_never_lands_after_a_later_acknowledged_one(
         let redis = Arc::new(redis_at(&via, &prefix, Duration::from_secs(2)));
         redis.connect().await.expect("connect");
         let l1 = Arc::new(
-            MokaLayer::<String, String>::builder()
+            MokaLayer::builder()
                 .max_capacity(100)
-                .build()
+                .build::<String, String>()
                 .unwrap(),
         );
         let cache = MultiLayer::builder()
@@ -159,9 +159,9 @@ fn a_write_fred_resends_after_reconnecting_never_lands_after_a_later_one() {
         let cache = MultiLayer::builder()
             .layer(LayerConfig::new(
                 "l1",
-                MokaLayer::<String, String>::builder()
+                MokaLayer::builder()
                     .max_capacity(100)
-                    .build()
+                    .build::<String, String>()
                     .unwrap(),
             ))
             .layer(

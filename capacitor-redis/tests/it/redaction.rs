@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{free_port, url};
 use capacitor_core::{Error, ErrorKind, Layer, Operation};
 use capacitor_redis::{Reconnect, RedisBus, RedisLayer};
-use common::{free_port, url};
 
 const SECRET: &str = "s3cret-pw";
 

@@ -4,14 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 
+use crate::common::{raw, unique_prefix, url};
 use capacitor_core::{ErrorKind, Layer, Timestamp};
 use capacitor_redis::fred::prelude::{KeysInterface, LuaInterface};
 use capacitor_redis::RedisLayer;
-use common::{raw, unique_prefix, url};
 use futures::StreamExt;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);

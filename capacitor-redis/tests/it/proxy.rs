@@ -5,16 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use crate::common::{delete_prefix, raw, unique_prefix, url};
 use capacitor_core::testkit::FaultProxy;
 use capacitor_core::{ErrorKind, Layer};
 use capacitor_redis::fred::prelude::ClientLike;
 use capacitor_redis::{Reconnect, RedisLayer};
-use common::{delete_prefix, raw, unique_prefix, url};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Long enough that the operations that must succeed (connect, the writes and reads

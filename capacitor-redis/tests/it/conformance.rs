@@ -3,11 +3,11 @@
 //! tiny SCAN pages and a one-connection pool; and the shared composer suite with Redis at
 //! the bottom. Each test uses its own key prefix (the test's id), deleted at the end.
 
-mod common;
+use crate::common;
 
+use crate::common::DeleteOnClose;
 use capacitor_core::testkit::TestContext;
 use capacitor_redis::{RedisLayer, RedisLayerBuilder};
-use common::DeleteOnClose;
 
 /// A connected layer under the test's own prefix, configured by `tweak`, that deletes its
 /// keys when closed.

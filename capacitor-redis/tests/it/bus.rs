@@ -4,15 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{unique_prefix, url, RedisServer};
 use capacitor_core::{Invalidation, InvalidationBus, LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_redis::{Reconnect, RedisBus, RedisLayer};
-use common::{unique_prefix, url, RedisServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -1,0 +1,18 @@
+//! The Redis layer's and bus's integration tests, in one binary: against the shared
+//! server (`CAPACITOR_REDIS_URL`, default `redis://127.0.0.1:6379`), each under its own
+//! key prefix, and against private `redis-server` processes, clusters and sentinels on
+//! free loopback ports.
+
+mod common;
+
+mod bus;
+mod bus_processes;
+mod cluster;
+mod conformance;
+mod errors;
+mod faults;
+mod fence;
+mod layer;
+mod proxy;
+mod redaction;
+mod sentinel;
