@@ -54,6 +54,17 @@ pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The default codec: bincode 2 (standard configuration) over serde.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::{BincodeCodec, Codec};
+///
+/// let bytes = Codec::<(u32, String)>::encode(&BincodeCodec, &(7, "seven".to_string()))?;
+/// let back: (u32, String) = BincodeCodec.decode(&bytes)?;
+/// assert_eq!(back, (7, "seven".to_string()));
+/// # Ok::<(), capacitor::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BincodeCodec;
 

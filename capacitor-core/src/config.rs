@@ -10,6 +10,19 @@ use crate::layer::Layer;
 /// How `set` and `delete` reach the layers.
 ///
 /// More policies may be added; match with a wildcard arm.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use capacitor::{WriteBack, WritePolicy};
+///
+/// // The default: every layer is written before `set` returns.
+/// assert_eq!(WritePolicy::default(), WritePolicy::Through);
+/// // `set` returns once the top layers have the value; a task drains it below.
+/// let back = WritePolicy::Back(WriteBack::new().queue_bound(100_000).max_delay(Duration::from_millis(5)));
+/// # let _ = back;
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum WritePolicy {

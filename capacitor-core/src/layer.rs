@@ -84,6 +84,27 @@ impl Capabilities {
 }
 
 /// One write inside an atomic batch ([`Layer::apply_atomic`]).
+///
+/// # Examples
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use capacitor::sled::SledLayer;
+/// use capacitor::{Layer, WriteOp};
+/// # let dir = tempfile::tempdir().unwrap();
+///
+/// let layer = SledLayer::builder().path(dir.path().join("db")).build::<String, u32>()?;
+/// layer
+///     .apply_atomic(&[
+///         WriteOp::Set { key: "a".into(), value: 1, ttl: None },
+///         WriteOp::Set { key: "b".into(), value: 2, ttl: Some(Duration::from_secs(60)) },
+///         WriteOp::Delete { key: "c".into() },
+///     ])
+///     .await?;
+/// assert_eq!(layer.get(&"b".into()).await?.map(|e| e.value), Some(2));
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp<K, V> {
     /// Store `value` under `key`, expiring after `ttl` when given.

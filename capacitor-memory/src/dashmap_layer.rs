@@ -38,6 +38,19 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 ///
 /// Defaults: the system clock; the sweeper on, every 60 s (expired entries are also
 /// removed when read), as in every capacitor layer that sweeps.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use capacitor::memory::DashMapLayer;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let swept = DashMapLayer::builder().sweep_interval(Duration::from_secs(10)).build::<u64, String>()?;
+/// let lazy = DashMapLayer::builder().sweeper(false).build::<u64, String>()?; // expired entries go when read
+/// # let _ = (swept, lazy);
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
+/// ```
 #[must_use]
 pub struct DashMapLayerBuilder {
     clock: SharedClock,

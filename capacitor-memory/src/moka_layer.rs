@@ -48,6 +48,19 @@ type Weigher<K, V> = Arc<dyn Fn(&K, &V) -> u32 + Send + Sync + 'static>;
 /// [`build`](MokaLayerBuilder::build), as for every layer.
 ///
 /// Defaults: bounded to 10,000 entries.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::memory::MokaLayer;
+///
+/// let by_count = MokaLayer::builder().max_capacity(50_000).build::<String, String>()?;
+/// let by_bytes = MokaLayer::builder()
+///     .max_bytes(64 * 1024 * 1024, |k: &String, v: &String| (k.len() + v.len()) as u32)
+///     .build::<String, String>()?;
+/// # let _ = (by_count, by_bytes);
+/// # Ok::<(), capacitor::Error>(())
+/// ```
 #[must_use]
 #[derive(Default)]
 pub struct MokaLayerBuilder {

@@ -33,6 +33,25 @@ const SUSPECT_KEYS: usize = 100_000;
 
 /// Builds a [`MultiLayer`]; [`build`](MultiLayerBuilder::build) validates everything.
 ///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use capacitor::memory::{DashMapLayer, MokaLayer};
+/// use capacitor::{FailSafe, LayerConfig, MultiLayer};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let cache = MultiLayer::<String, String>::builder()
+///     .name("users")
+///     .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(10_000).build()?).ttl(Duration::from_secs(30)))
+///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+///     .cache_misses_for(Duration::from_secs(5))
+///     .fail_safe(FailSafe::new(Duration::from_secs(3600)))
+///     .build()?;
+/// # let _ = cache;
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
+/// ```
+///
 /// Defaults: named after its layers (`"l1+redis+postgres"`), promotion on, [`WritePolicy::Through`], cache-layer write
 /// failures do not fail the write, the system clock.
 #[must_use]

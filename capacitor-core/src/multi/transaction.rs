@@ -22,6 +22,38 @@ use crate::layer::WriteOp;
 /// after the commit, and promotions racing the commit are discarded, so once `commit`
 /// returns no layer serves a pre-commit value. Dropping the transaction (or
 /// [`rollback`](Transaction::rollback)) discards it.
+///
+/// # Examples
+///
+/// A transfer that either happens whole or not at all, and a transaction given up:
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use capacitor::memory::MokaLayer;
+/// use capacitor::sled::SledLayer;
+/// use capacitor::{LayerConfig, MultiLayer};
+/// # let dir = tempfile::tempdir().unwrap();
+///
+/// let cache = MultiLayer::<String, i64>::builder()
+///     .layer(LayerConfig::new("l1", MokaLayer::builder().build()?))
+///     .layer(LayerConfig::new("db", SledLayer::builder().path(dir.path().join("db")).build()?))
+///     .build()?;
+/// cache.set("alice".into(), 100).await?;
+///
+/// let mut tx = cache.begin()?;
+/// tx.set("alice".into(), 70);
+/// tx.set_with_ttl("bob".into(), 30, Duration::from_secs(3600));
+/// tx.delete("carol".into());
+/// tx.commit().await?;
+/// assert_eq!(cache.get(&"bob".into()).await?, Some(30));
+///
+/// let mut abandoned = cache.begin()?;
+/// abandoned.set("alice".into(), 0);
+/// abandoned.rollback(); // or drop it: nothing is written
+/// assert_eq!(cache.get(&"alice".into()).await?, Some(70));
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
+/// ```
 #[must_use = "a transaction does nothing until committed"]
 pub struct Transaction<'a, K, V> {
     cache: &'a MultiLayer<K, V>,

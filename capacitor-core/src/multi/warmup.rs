@@ -16,6 +16,32 @@ use crate::stats::Counter;
 ///
 /// Defaults: every key, no limit, into every writable layer above the source, no
 /// progress callback.
+///
+/// # Examples
+///
+/// On start, copy up to 10,000 `user:` entries from the disk layer into L1 only, and report
+/// progress:
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use capacitor::memory::MokaLayer;
+/// use capacitor::sled::SledLayer;
+/// use capacitor::{LayerConfig, MultiLayer, WarmUp};
+/// # let dir = tempfile::tempdir().unwrap();
+///
+/// let cache = MultiLayer::<String, u32>::builder()
+///     .layer(LayerConfig::new("l1", MokaLayer::builder().build()?))
+///     .layer(LayerConfig::new("disk", SledLayer::builder().path(dir.path().join("db")).build()?))
+///     .build()?;
+/// let options = WarmUp::new()
+///     .prefix("user:")
+///     .limit(10_000)
+///     .into_layers(["l1"])
+///     .progress(|copied| eprintln!("{copied} entries warmed"));
+/// let report = cache.warm_up("disk", options).await?;
+/// assert_eq!(report.copied, 0); // a new, empty disk
+/// # Ok::<(), capacitor::Error>(()) }).unwrap();
+/// ```
 #[must_use]
 #[derive(Clone, Default)]
 pub struct WarmUp {
