@@ -1,0 +1,6 @@
+//! The memory layers' integration tests, one binary (the allocation test, which installs a
+//! counting global allocator, has its own).
+
+mod conformance;
+mod layer;
+mod race;
