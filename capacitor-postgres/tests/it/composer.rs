@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
-
+use crate::common::{unique_table, url, TableGuard};
 use capacitor_core::{LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_postgres::PostgresLayer;
-use common::{unique_table, url, TableGuard};
 
 async fn postgres(table: &str) -> PostgresLayer<String, String> {
     PostgresLayer::builder()
@@ -25,7 +23,7 @@ fn moka() -> MokaLayer<String, String> {
 }
 
 async fn rows(table: &str) -> i64 {
-    let client = common::admin().await;
+    let client = crate::common::admin().await;
     client
         .query_one(&format!("SELECT count(*) FROM \"public\".\"{table}\""), &[])
         .await

@@ -4,13 +4,11 @@
 //! boundaries) and a fast sweeper; and the shared composer suite with PostgreSQL at the
 //! bottom. Each test uses its own table, dropped at the end.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::DropOnClose;
 use capacitor_core::testkit::TestContext;
 use capacitor_postgres::{PostgresLayer, PostgresLayerBuilder};
-use common::DropOnClose;
 
 /// A layer on the test's own table, configured by `tweak`, that drops the table when
 /// closed.
@@ -18,7 +16,7 @@ async fn open(
     ctx: TestContext,
     tweak: fn(PostgresLayerBuilder) -> PostgresLayerBuilder,
 ) -> DropOnClose<PostgresLayer<String, Vec<u8>>> {
-    let layer = tweak(PostgresLayer::builder().url(common::url()).table(&ctx.id))
+    let layer = tweak(PostgresLayer::builder().url(crate::common::url()).table(&ctx.id))
         .build()
         .await
         .unwrap_or_else(|e| panic!("build PostgresLayer (is PostgreSQL running?): {e}"));

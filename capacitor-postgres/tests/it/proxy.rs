@@ -8,16 +8,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::common::{unique_table, url, TableGuard};
 use capacitor_core::testkit::{within, FaultProxy};
 use capacitor_core::{ErrorKind, Layer};
 use capacitor_postgres::PostgresLayer;
-use common::{unique_table, url, TableGuard};
 use tokio_postgres::config::Host;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);

@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{unique_table, url, TableGuard};
 use capacitor_core::testkit::within;
 use capacitor_core::{Error, ErrorKind, Layer, Operation};
 use capacitor_postgres::PostgresLayer;
-use common::{unique_table, url, TableGuard};
 use tokio_postgres::config::Host;
 
 const SECRET: &str = "s3cret-pw";

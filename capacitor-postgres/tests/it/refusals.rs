@@ -5,15 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{unique_table, url, TableGuard};
 use capacitor_core::{ErrorKind, LayerConfig, MultiLayer, WriteBack, WritePolicy};
 use capacitor_memory::MokaLayer;
 use capacitor_postgres::{PostgresLayer, MAX_KEY_BYTES};
-use common::{unique_table, url, TableGuard};
 
 async fn postgres(table: &str) -> PostgresLayer<String, String> {
     PostgresLayer::builder()
@@ -38,7 +36,7 @@ fn write_back() -> WritePolicy {
 }
 
 async fn rows(table: &str) -> i64 {
-    common::admin()
+    crate::common::admin()
         .await
         .query_one(&format!("SELECT count(*) FROM \"public\".\"{table}\""), &[])
         .await
@@ -91,7 +89,7 @@ async fn a_write_the_server_refuses_is_set_aside_and_every_other_write_lands() {
     let _guard = TableGuard(table.clone());
     let layer = postgres(&table).await;
     // A rule only the server knows: no check before the write can see it.
-    common::admin()
+    crate::common::admin()
         .await
         .batch_execute(&format!(
             "ALTER TABLE \"public\".\"{table}\" ADD CONSTRAINT no_poison CHECK (key <> 'poison')"
@@ -143,7 +141,7 @@ async fn a_write_the_server_refuses_is_set_aside_and_every_other_write_lands() {
     assert_eq!(rows(&table).await, 101);
 
     // The cause fixed, a retry writes it.
-    common::admin()
+    crate::common::admin()
         .await
         .batch_execute(&format!(
             "ALTER TABLE \"public\".\"{table}\" DROP CONSTRAINT no_poison"
@@ -162,7 +160,7 @@ async fn a_refused_write_is_named_by_close_and_can_be_given_up() {
     let table = unique_table("refuse_close");
     let _guard = TableGuard(table.clone());
     let layer = postgres(&table).await;
-    common::admin()
+    crate::common::admin()
         .await
         .batch_execute(&format!(
             "ALTER TABLE \"public\".\"{table}\" ADD CONSTRAINT no_poison CHECK (key NOT LIKE 'poison%')"

@@ -2,15 +2,10 @@
 //! `FlushPolicy::EveryWrite`), and on a caller's database in a named tree with the
 //! sweeper and the layer's own periodic flusher running.
 
-/// A fresh database directory per test, removed when the layer is dropped.
-fn scratch_dir(id: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("capacitor-sled-{id}"))
-}
-
 mod by_path {
     capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
         capacitor_sled::SledLayer::builder()
-            .path(super::scratch_dir(&ctx.id))
+            .path(crate::common::scratch_dir(&ctx.id))
             .temporary(true)
             .build()
             .expect("open sled")
@@ -20,7 +15,7 @@ mod by_path {
 mod every_write {
     capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
         capacitor_sled::SledLayer::builder()
-            .path(super::scratch_dir(&ctx.id))
+            .path(crate::common::scratch_dir(&ctx.id))
             .temporary(true)
             .flush_policy(capacitor_sled::FlushPolicy::EveryWrite)
             .build()
@@ -31,7 +26,7 @@ mod every_write {
 mod db_tree_sweeper_flusher {
     capacitor_core::conformance_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
         let db = sled::Config::new()
-            .path(super::scratch_dir(&ctx.id))
+            .path(crate::common::scratch_dir(&ctx.id))
             .temporary(true)
             .open()
             .expect("open sled");
@@ -49,7 +44,7 @@ mod db_tree_sweeper_flusher {
 mod composer {
     capacitor_core::composer_tests!(|ctx: capacitor_core::testkit::TestContext| async move {
         capacitor_sled::SledLayer::builder()
-            .path(super::scratch_dir(&ctx.id))
+            .path(crate::common::scratch_dir(&ctx.id))
             .temporary(true)
             .build()
             .expect("open sled")

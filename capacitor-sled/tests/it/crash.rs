@@ -2,7 +2,7 @@
 //! sled `MultiLayer` and prints every acknowledged key; the parent kills it with SIGKILL
 //! mid-stream, reopens the directory and finds every acknowledged key with its value.
 //!
-//! The child is this test binary run again with `--exact crash_child_writer --ignored`
+//! The child is this test binary run again with `--exact crash::crash_child_writer --ignored`
 //! and the database directory in `CHILD_DIR_ENV`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -16,8 +16,10 @@ use capacitor_memory::MokaLayer;
 use capacitor_sled::{FlushPolicy, SledLayer};
 
 const CHILD_DIR_ENV: &str = "CAPACITOR_SLED_CRASH_CHILD_DIR";
+/// The child's test name as libtest matches it with `--exact`: its path in the binary.
+const CHILD_TEST: &str = "crash::crash_child_writer";
 /// Marks an acknowledgement in the child's stdout, which libtest shares: its
-/// `test crash_child_writer ... ` has no newline, so the first ack shares its line.
+/// `test crash::crash_child_writer ... ` has no newline, so the first ack shares its line.
 const ACK: &str = "capacitor-ack ";
 const ACKS_BEFORE_KILL: usize = 2_000;
 /// How long the child writes at most if nobody kills it (a parent that died).
@@ -75,7 +77,7 @@ fn acknowledged_writes_survive_sigkill() {
     let db_dir = dir.path().join("db");
     let mut child = Command::new(std::env::current_exe().expect("current exe"))
         .args([
-            "crash_child_writer",
+            CHILD_TEST,
             "--exact",
             "--ignored",
             "--nocapture",

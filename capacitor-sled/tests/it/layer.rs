@@ -16,20 +16,14 @@ use capacitor_memory::DashMapLayer;
 use capacitor_sled::{FlushPolicy, SledLayer};
 use futures_core::Stream;
 
+use crate::common::scratch_db;
+
 /// Every test body runs under this bound.
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const START: u64 = 1_700_000_000_000;
 
 fn s(x: &str) -> String {
     x.to_owned()
-}
-
-/// A database in a fresh directory, removed when the last handle is dropped.
-fn scratch_db() -> sled::Db {
-    sled::Config::new()
-        .temporary(true)
-        .open()
-        .expect("open temporary sled")
 }
 
 fn string_layer(db: &sled::Db, clock: &ManualClock) -> SledLayer<String, String> {
@@ -246,11 +240,18 @@ fn the_default_sweeper_needs_a_runtime_and_the_error_says_how_to_do_without() {
         .path(dir.path().join("db"))
         .build::<String, String>()
         .expect_err("no tokio runtime on this thread");
-    assert_eq!((err.kind(), err.operation()), (ErrorKind::Config, Operation::Build), "{err}");
+    assert_eq!(
+        (err.kind(), err.operation()),
+        (ErrorKind::Config, Operation::Build),
+        "{err}"
+    );
     let message = err.message();
     assert!(message.contains("`sweeper`"), "names the option: {err}");
     assert!(message.contains("tokio runtime"), "says what is missing: {err}");
-    assert!(message.contains(".sweeper(false)"), "says how to do without: {err}");
+    assert!(
+        message.contains(".sweeper(false)"),
+        "says how to do without: {err}"
+    );
 
     // Off, the layer builds outside a runtime; inside one, the default builds.
     SledLayer::builder()
