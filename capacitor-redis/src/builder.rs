@@ -292,9 +292,10 @@ impl RedisConnection {
 fn parse_url(url: &str) -> Result<Config> {
     let shown = redact_url(url);
     let Some((scheme, _)) = url.split_once("://") else {
+        // Not shown: there is no telling where a password would be in it.
         return Err(Error::config(
             "url",
-            format!("{shown} is not a URL; accepted forms: {URL_FORMS}"),
+            format!("not a URL (no `scheme://`); accepted forms: {URL_FORMS}"),
         ));
     };
     let scheme = scheme.to_ascii_lowercase();
