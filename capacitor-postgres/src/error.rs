@@ -12,7 +12,8 @@
 //! | anything else | [`ErrorKind::Backend`] |
 //!
 //! The original error is kept as the source. Messages never contain the connection URL
-//! (nor its password): they name the operation and quote the server's message.
+//! (nor its password): they name the operation and quote the server's message, or the
+//! driver's error and its cause ("error connecting to server: Connection refused").
 
 use capacitor_core::{Error, ErrorKind, Operation};
 use deadpool_postgres::{PoolError, TimeoutType};
@@ -81,7 +82,19 @@ pub(crate) fn pg_error_in(op: Operation, context: &str, err: tokio_postgres::Err
             db.message(),
             db.code().code()
         ),
-        None => format!("{context}{what}: {err}"),
+        None => {
+            // The driver's own text is often only its kind ("error connecting to server");
+            // the cause (an I/O error such as "Connection refused") is its source.
+            let shown = err.to_string();
+            let cause = std::error::Error::source(&err)
+                .map(|cause| cause.to_string())
+                .and_then(|cause| cause.lines().next().map(str::to_owned))
+                .filter(|cause| !cause.is_empty() && !shown.contains(cause.as_str()));
+            match cause {
+                Some(cause) => format!("{context}{what}: {shown}: {cause}"),
+                None => format!("{context}{what}: {shown}"),
+            }
+        }
     };
     Error::new(kind, op, message).with_source(err)
 }

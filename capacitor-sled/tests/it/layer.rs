@@ -62,6 +62,10 @@ fn path_under_a_regular_file_is_a_typed_error() {
     let source = std::error::Error::source(&err).expect("sled's error is kept");
     let sled_err = source.downcast_ref::<sled::Error>().expect("a sled::Error");
     assert!(matches!(sled_err, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::NotADirectory));
+    assert!(
+        err.to_string().contains("Not a directory"),
+        "the message shows the cause: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

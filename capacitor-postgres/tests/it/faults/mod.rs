@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use crate::common::{admin, unique_table, url, TableGuard};
-use capacitor_core::testkit::within;
+use capacitor_core::testkit::{within, FaultProxy};
 use capacitor_core::{
     envelope, Codec, Entry, EntryStream, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
     Result, Timestamp, WriteOp,
