@@ -133,9 +133,9 @@ type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Mana
 /// # Examples
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// # async fn demo() -> Result<(), capacitor::Error> {
 /// use std::time::Duration;
-/// use capacitor_postgres::PostgresLayer;
+/// use capacitor::postgres::PostgresLayer;
 ///
 /// let layer = PostgresLayer::builder()
 ///     .url("postgres://app:secret@db.internal:5432/app")
@@ -356,7 +356,7 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use capacitor_postgres::PostgresLayer;
+    /// use capacitor::postgres::PostgresLayer;
     ///
     /// let builder = PostgresLayer::builder().fence_margin(Duration::from_millis(500));
     /// # let _ = builder;
@@ -439,8 +439,8 @@ impl<C> PostgresLayerBuilder<C> {
     /// # Examples
     ///
     /// ```no_run
-    /// # async fn demo() -> Result<(), capacitor_core::Error> {
-    /// use capacitor_postgres::{tokio_postgres, PostgresLayer};
+    /// # async fn demo() -> Result<(), capacitor::Error> {
+    /// use capacitor::postgres::{tokio_postgres, PostgresLayer};
     ///
     /// // In practice: tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client_config).
     /// let connector = tokio_postgres::NoTls;
@@ -471,7 +471,7 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use capacitor_postgres::{native_tls, PostgresLayer};
+    /// use capacitor::postgres::{native_tls, PostgresLayer};
     ///
     /// let connector = native_tls::TlsConnector::builder().build()?;
     /// let layer = PostgresLayer::builder()
@@ -533,12 +533,12 @@ impl<C> PostgresLayerBuilder<C> {
     /// # Examples
     ///
     /// ```
-    /// use capacitor_postgres::PostgresLayer;
+    /// use capacitor::postgres::PostgresLayer;
     ///
     /// let ddl = PostgresLayer::builder().table("sessions").ddl()?;
     /// assert!(ddl.contains(r#"CREATE TABLE IF NOT EXISTS "public"."sessions""#));
     /// assert!(ddl.contains(r#"key        text COLLATE "C" PRIMARY KEY"#));
-    /// # Ok::<(), capacitor_core::Error>(())
+    /// # Ok::<(), capacitor::Error>(())
     /// ```
     pub fn ddl(&self) -> Result<String> {
         let table = Table::new(&self.schema, &self.table)?;

@@ -21,8 +21,8 @@ use capacitor_core::{Error, ErrorKind, Operation, Result};
 /// # Examples
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
-/// use capacitor_postgres::{KeyFormat, PostgresLayer};
+/// # async fn demo() -> Result<(), capacitor::Error> {
+/// use capacitor::postgres::{KeyFormat, PostgresLayer};
 ///
 /// // Byte-vector keys that are known to be readable text.
 /// let layer = PostgresLayer::builder()

@@ -58,10 +58,10 @@ pub const MAX_KEY_BYTES: usize = 2_048;
 /// # Examples
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), capacitor_core::Error> {
+/// # async fn demo() -> Result<(), capacitor::Error> {
 /// use std::time::Duration;
-/// use capacitor_core::Layer;
-/// use capacitor_postgres::PostgresLayer;
+/// use capacitor::Layer;
+/// use capacitor::postgres::PostgresLayer;
 ///
 /// let layer = PostgresLayer::builder()
 ///     .url("postgres://app@127.0.0.1:5432/app")

@@ -47,8 +47,8 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::Layer;
-/// use capacitor_sled::{FlushPolicy, SledLayer};
+/// use capacitor::Layer;
+/// use capacitor::sled::{FlushPolicy, SledLayer};
 /// use std::time::Duration;
 ///
 /// let dir = tempfile::tempdir()?;
@@ -271,14 +271,18 @@ impl<C> SledLayerBuilder<C> {
     /// # Examples
     ///
     /// ```
-    /// use capacitor_core::ErrorKind;
-    /// use capacitor_sled::SledLayer;
+    /// use capacitor::ErrorKind;
+    /// use capacitor::sled::SledLayer;
     ///
     /// let err = SledLayer::builder().build::<String, String>().unwrap_err();
     /// assert_eq!(err.kind(), ErrorKind::Config);
     ///
     /// let file = tempfile::NamedTempFile::new()?;
-    /// let err = SledLayer::builder().path(file.path().join("db")).build::<String, String>().unwrap_err();
+    /// let err = SledLayer::builder()
+    ///     .path(file.path().join("db"))
+    ///     .sweeper(false) // no tokio runtime here
+    ///     .build::<String, String>()
+    ///     .unwrap_err();
     /// assert_eq!(err.kind(), ErrorKind::Backend);
     /// assert!(err.message().contains(&file.path().display().to_string()));
     /// # Ok::<(), Box<dyn std::error::Error>>(())

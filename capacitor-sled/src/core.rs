@@ -26,12 +26,13 @@ const DEFAULT_FLUSH_POLICY: FlushPolicy = FlushPolicy::EveryMillis(500);
 /// # Examples
 ///
 /// ```
-/// use capacitor_sled::{FlushPolicy, SledLayer};
+/// use capacitor::sled::{FlushPolicy, SledLayer};
 ///
 /// let dir = tempfile::tempdir()?;
 /// let layer = SledLayer::builder()
 ///     .path(dir.path().join("cache"))
 ///     .flush_policy(FlushPolicy::EveryWrite)
+///     .sweeper(false) // built outside a tokio runtime
 ///     .build::<String, String>()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -45,15 +46,17 @@ pub enum FlushPolicy {
     EveryWrite,
     /// sled flushes in the background every this many milliseconds. A crash loses **the
     /// writes acknowledged in the last window** (up to this many milliseconds of writes,
-    /// plus the flush in progress). With [`SledLayerBuilder::path`] this is sled's own
-    /// flusher thread; with [`SledLayerBuilder::db`] the layer runs a tokio task that
-    /// flushes at this interval, in addition to whatever the database was opened with.
+    /// plus the flush in progress). With [`path`](crate::SledLayerBuilder::path) this is
+    /// sled's own flusher thread; with [`db`](crate::SledLayerBuilder::db) the layer runs a
+    /// tokio task that flushes at this interval, in addition to whatever the database was
+    /// opened with.
     EveryMillis(u64),
     /// Nothing is flushed until [`Layer::flush`](capacitor_core::Layer::flush) or
     /// [`Layer::close`](capacitor_core::Layer::close). A crash can lose **every write since
     /// the last flush** (sled may write some of them out earlier when its buffers fill,
-    /// but nothing is promised). With [`SledLayerBuilder::db`], a database opened with a
-    /// background flusher (sled's default: every 500 ms) keeps flushing on its own.
+    /// but nothing is promised). With [`db`](crate::SledLayerBuilder::db), a database
+    /// opened with a background flusher (sled's default: every 500 ms) keeps flushing on
+    /// its own.
     Manual,
 }
 

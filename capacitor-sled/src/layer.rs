@@ -60,8 +60,8 @@ fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec) {
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use capacitor_core::Layer;
-/// use capacitor_sled::SledLayer;
+/// use capacitor::Layer;
+/// use capacitor::sled::SledLayer;
 /// use std::time::Duration;
 ///
 /// let dir = tempfile::tempdir()?;
