@@ -521,13 +521,20 @@ mod tests {
         assert_eq!(nextest_filter(&[]), None);
         assert_eq!(
             nextest_filter(&[Backend::Redis]).as_deref(),
-            Some("not (package(capacitor-redis) | (package(capacitor) & binary(resilience)))")
+            Some(
+                "not (package(capacitor-redis) \
+                 | (package(capacitor) & binary(it) & test(/^(resilience|history|refresh)::/)) \
+                 | (package(capacitor) & binary(extremes_backends)))"
+            )
         );
         assert_eq!(
             nextest_filter(&[Backend::Postgres, Backend::Redis]).as_deref(),
             Some(
-                "not (package(capacitor-postgres) | (package(capacitor) & binary(resilience)) \
-                 | package(capacitor-redis))"
+                "not (package(capacitor-postgres) \
+                 | (package(capacitor) & binary(it) & test(/^(resilience|history)::/)) \
+                 | (package(capacitor) & binary(extremes_backends)) \
+                 | package(capacitor-redis) \
+                 | (package(capacitor) & binary(it) & test(/^(resilience|history|refresh)::/)))"
             )
         );
         assert_eq!(
