@@ -1,6 +1,8 @@
 //! Configuration of the composer: [`LayerConfig`], [`WritePolicy`], [`SetOptions`].
 
+use std::cell::Cell;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -335,4 +337,29 @@ pub(crate) fn min_ttl(a: Option<Duration>, b: Option<Duration>) -> Option<Durati
         (a, None) => a,
         (None, b) => b,
     }
+}
+
+/// Shortens `ttl` by a random fraction in `[0, fraction)`.
+pub(crate) fn jitter(ttl: Option<Duration>, fraction: f64) -> Option<Duration> {
+    if fraction <= 0.0 {
+        return ttl;
+    }
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
+    }
+    let r = STATE.with(|s| {
+        // xorshift64*: a uniform fraction is all we need, not cryptographic randomness.
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    });
+    // Through f64 seconds, checked: a TTL near `Duration::MAX` keeps its length.
+    ttl.map(|d| {
+        Duration::try_from_secs_f64(d.as_secs_f64() * (1.0 - r * fraction))
+            .map_or(d, |shorter| shorter.min(d))
+            .max(Duration::from_millis(1))
+    })
 }

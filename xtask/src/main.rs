@@ -5,14 +5,16 @@
 //! - `cargo xtask bench [--quick] [SUITE…]`: criterion suites, then a report of
 //!   capacitor / raw / peer medians and an SVG chart in
 //!   `$CARGO_TARGET_DIR/capacitor-report/` (else `target/capacitor-report/`).
-//! - `cargo xtask ci`: fmt check, clippy `-D warnings`, feature-combination builds,
-//!   `test`, docs with `-D warnings`.
+//! - `cargo xtask imports`: no crate's modules import each other in a cycle.
+//! - `cargo xtask ci`: fmt check, `imports`, clippy `-D warnings`, feature-combination
+//!   builds, `test`, docs with `-D warnings`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime};
 
 mod chart;
+mod imports;
 mod report;
 mod services;
 
@@ -20,13 +22,14 @@ use services::{Backend, Purpose, Services};
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
-const USAGE: &str = "usage: cargo xtask <test | bench [--quick] [SUITE...] | ci>";
+const USAGE: &str = "usage: cargo xtask <test | bench [--quick] [SUITE...] | imports [DIR] | ci>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
+        Some("imports") => check_imports(args.get(1).map_or_else(root, PathBuf::from)),
         Some("ci") => ci(),
         _ => {
             eprintln!("{USAGE}");
@@ -231,9 +234,33 @@ fn test_summary(
     lines.join("\n")
 }
 
+/// Fails naming every cycle in the import graph of a crate's modules, in the workspace
+/// at `root` (this one unless `cargo xtask imports DIR` names another checkout).
+fn check_imports(root: PathBuf) -> Result {
+    let mut found = Vec::new();
+    for krate in imports::CRATES {
+        let dir = root.join(krate);
+        if !dir.is_dir() {
+            continue;
+        }
+        for cycle in imports::cycles(&dir)? {
+            found.push(format!("{krate}: {}", cycle.join(" <-> ")));
+        }
+    }
+    if found.is_empty() {
+        eprintln!(
+            "xtask imports: no import cycle among the modules of {}",
+            imports::CRATES.join(", ")
+        );
+        return Ok(());
+    }
+    Err(format!("modules that import each other:\n  {}", found.join("\n  ")).into())
+}
+
 fn ci() -> Result {
     let started = Instant::now();
     cargo(&["fmt", "--all", "--", "--check"])?;
+    check_imports(root())?;
     cargo(&[
         "clippy",
         "--workspace",

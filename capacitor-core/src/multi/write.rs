@@ -23,11 +23,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::loader::jitter;
 use super::{Inner, MultiLayer, Slot};
 use rustc_hash::FxBuildHasher;
 
-use crate::config::{min_ttl, SetOptions};
+use crate::config::{jitter, min_ttl, SetOptions};
 use crate::entry::Timestamp;
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{Ticket, WriteGuard};

@@ -13,8 +13,7 @@ use tokio::sync::Semaphore;
 
 use futures_core::future::BoxFuture;
 
-use super::gate::GateOp;
-use super::wrap::{Around, Wrapped};
+use super::wrap::{Around, GateOp, Wrapped};
 use crate::entry::{expiry_for, system_clock, Clock, Entry, SharedClock};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};

@@ -9,31 +9,9 @@ use std::time::Duration;
 use futures_core::future::BoxFuture;
 use tokio::sync::Semaphore;
 
-use super::wrap::{Around, Wrapped};
+use super::wrap::{Around, GateOp, Wrapped};
 use crate::error::Result;
 use crate::layer::Layer;
-
-/// The operations a [`GateLayer`] can hold.
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateOp {
-    /// `get`.
-    Get,
-    /// `get_many`.
-    GetMany,
-    /// `exists`.
-    Exists,
-    /// `set`.
-    Set,
-    /// `set_many`.
-    SetMany,
-    /// `delete`.
-    Delete,
-    /// `delete_many`.
-    DeleteMany,
-    /// `apply_atomic` (a transaction's commit).
-    Atomic,
-}
 
 /// Where an operation waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,10 +31,10 @@ mod wrap;
 pub use cases::CASES;
 pub use composer::COMPOSER_CASES;
 pub use doubles::{Faults, FaultyLayer, LoopbackBus, MapLayer};
-pub use gate::{Gate, GateLayer, GateOp, Gates, Hold};
+pub use gate::{Gate, GateLayer, Gates, Hold};
 pub use history::{run_history, History, HistoryOptions, Violation};
 pub use proxy::FaultProxy;
-pub use wrap::{Around, Wrapped};
+pub use wrap::{Around, GateOp, Wrapped};
 
 use std::future::Future;
 use std::pin::Pin;

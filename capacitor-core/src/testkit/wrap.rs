@@ -10,10 +10,32 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_core::future::BoxFuture;
 
-use super::gate::GateOp;
 use crate::entry::Entry;
 use crate::error::Result;
 use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
+
+/// The operations a [`Wrapped`] layer passes through its [`Around`] (and a
+/// [`GateLayer`](super::GateLayer) can hold).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateOp {
+    /// `get`.
+    Get,
+    /// `get_many`.
+    GetMany,
+    /// `exists`.
+    Exists,
+    /// `set`.
+    Set,
+    /// `set_many`.
+    SetMany,
+    /// `delete`.
+    Delete,
+    /// `delete_many`.
+    DeleteMany,
+    /// `apply_atomic` (a transaction's commit).
+    Atomic,
+}
 
 /// What a [`Wrapped`] layer does around each call it forwards.
 ///
