@@ -160,10 +160,10 @@ impl<K, V> WriteOp<K, V> {
 /// use capacitor::{expiry_for, Clock, Entry, Error, Layer, Operation, Result, SystemClock};
 ///
 /// #[derive(Default)]
-/// struct MapLayer(Mutex<Option<HashMap<String, Entry<u64>>>>);
+/// struct HashMapLayer(Mutex<Option<HashMap<String, Entry<u64>>>>);
 ///
 /// #[async_trait]
-/// impl Layer<String, u64> for MapLayer {
+/// impl Layer<String, u64> for HashMapLayer {
 ///     fn name(&self) -> &str { "map" }
 ///     async fn get(&self, key: &String) -> Result<Option<Entry<u64>>> {
 ///         let now = SystemClock.now();
@@ -188,7 +188,7 @@ impl<K, V> WriteOp<K, V> {
 /// }
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let layer = MapLayer(Mutex::new(Some(HashMap::new())));
+/// let layer = HashMapLayer(Mutex::new(Some(HashMap::new())));
 /// layer.set(&"a".to_string(), &1, None).await?;
 /// assert_eq!(layer.get(&"a".to_string()).await?.map(|e| e.value), Some(1));
 /// # Ok::<(), capacitor::Error>(()) }).unwrap();
