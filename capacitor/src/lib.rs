@@ -41,23 +41,56 @@ pub use capacitor_core::*;
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-#[doc(inline)]
-pub use capacitor_memory as memory;
+pub mod memory {
+    //! In-memory layers: `MokaLayer` (bounded) and `DashMapLayer` (unbounded).
+    //!
+    //! The guide (configuration, defaults, limits, failures) is the crate's own
+    //! documentation: [`capacitor_memory`].
+    pub use capacitor_memory::{DashMapLayer, DashMapLayerBuilder, MokaLayer, MokaLayerBuilder};
+}
 
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
-#[doc(inline)]
-pub use capacitor_sled as sled;
+pub mod sled {
+    //! The embedded, persistent layer on sled.
+    //!
+    //! The guide (configuration, defaults, limits, failures) is the crate's own
+    //! documentation: [`capacitor_sled`].
+    pub use capacitor_sled::{FlushPolicy, SledLayer, SledLayerBuilder};
+}
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-#[doc(inline)]
-pub use capacitor_redis as redis;
+pub mod redis {
+    //! The Redis layer and the Redis invalidation bus, on fred.
+    //!
+    //! The guide (configuration, defaults, limits, failures) is the crate's own
+    //! documentation: [`capacitor_redis`].
+    #[doc(no_inline)]
+    pub use capacitor_redis::fred;
+    pub use capacitor_redis::{
+        Reconnect, RedisBus, RedisBusBuilder, RedisConnection, RedisLayer, RedisLayerBuilder, MAX_POOL_SIZE,
+    };
+}
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-#[doc(inline)]
-pub use capacitor_postgres as postgres;
+pub mod postgres {
+    //! The PostgreSQL layer, on deadpool-postgres and tokio-postgres.
+    //!
+    //! The guide (configuration, defaults, limits, failures) is the crate's own
+    //! documentation: [`capacitor_postgres`].
+    #[doc(no_inline)]
+    pub use capacitor_postgres::deadpool_postgres;
+    #[cfg(feature = "postgres-tls")]
+    #[doc(no_inline)]
+    pub use capacitor_postgres::native_tls;
+    #[doc(no_inline)]
+    pub use capacitor_postgres::tokio_postgres;
+    pub use capacitor_postgres::{
+        KeyFormat, PostgresLayer, PostgresLayerBuilder, MAX_KEY_BYTES, MAX_POOL_SIZE,
+    };
+}
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(all(
