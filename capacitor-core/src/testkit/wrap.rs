@@ -75,6 +75,12 @@ pub trait Around: fmt::Debug + Send + Sync + 'static {
         op: GateOp,
         call: BoxFuture<'a, Result<T>>,
     ) -> BoxFuture<'a, Result<T>>;
+
+    /// Runs before every `close` reaches the inner layer: clean-up a test wants done with
+    /// the layer still open (drop its table, delete its keys). Default: nothing.
+    fn before_close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A layer that forwards every call to another through an [`Around`]. Always answers
@@ -186,6 +192,7 @@ where
     }
 
     async fn close(&self) -> Result<()> {
+        self.around.before_close().await;
         self.inner.close().await
     }
 }

@@ -10,8 +10,11 @@
 
 use std::time::Duration;
 
-use capacitor_core::{async_trait, Capabilities, Entry, EntryStream, Layer, Result, WriteOp};
+use capacitor_core::testkit::{Around, GateOp, Wrapped};
+use capacitor_core::Result;
+use capacitor_postgres::deadpool_postgres::Pool;
 use capacitor_postgres::PostgresLayer;
+use futures::future::BoxFuture;
 
 /// The server every test uses: `CAPACITOR_POSTGRES_URL`, else the local default.
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -49,63 +52,47 @@ pub async fn drop_table(table: &str) {
         .expect("drop table");
 }
 
-/// A layer that drops its table (through its own pool) when first closed, so that the
-/// conformance suite, which closes every layer it made, leaves no tables behind.
-pub struct DropOnClose<L> {
-    pub inner: L,
+/// Drops a layer's table (through the layer's own pool) before the layer closes, so that
+/// the conformance suite, which closes every layer it made, leaves no tables behind.
+#[derive(Debug)]
+pub struct DropTable {
+    pool: Pool,
+    table: String,
 }
 
-#[async_trait]
-impl<V> Layer<String, V> for DropOnClose<PostgresLayer<String, V>>
+impl Around for DropTable {
+    fn around<'a, T: Send + 'a>(
+        &'a self,
+        _: GateOp,
+        call: BoxFuture<'a, Result<T>>,
+    ) -> BoxFuture<'a, Result<T>> {
+        call
+    }
+
+    fn before_close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.pool.is_closed() {
+                return;
+            }
+            if let Ok(client) = self.pool.get().await {
+                let _ = client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table))
+                    .await;
+            }
+        })
+    }
+}
+
+/// `layer`, dropping its table when closed.
+pub fn drop_on_close<V>(layer: PostgresLayer<String, V>) -> Wrapped<String, V, DropTable>
 where
     V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn get(&self, key: &String) -> Result<Option<Entry<V>>> {
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &String, value: &V, ttl: Option<Duration>) -> Result<()> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &String) -> Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn exists(&self, key: &String) -> Result<bool> {
-        self.inner.exists(key).await
-    }
-    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Entry<V>>>> {
-        self.inner.get_many(keys).await
-    }
-    async fn set_many(&self, entries: &[(String, V)], ttl: Option<Duration>) -> Result<()> {
-        self.inner.set_many(entries, ttl).await
-    }
-    async fn delete_many(&self, keys: &[String]) -> Result<u64> {
-        self.inner.delete_many(keys).await
-    }
-    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<String, V>> {
-        self.inner.scan(prefix)
-    }
-    async fn apply_atomic(&self, ops: &[WriteOp<String, V>]) -> Result<()> {
-        self.inner.apply_atomic(ops).await
-    }
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-    async fn close(&self) -> Result<()> {
-        if !self.inner.pool().is_closed() {
-            if let Ok(client) = self.inner.pool().get().await {
-                let _ = client
-                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.inner.table()))
-                    .await;
-            }
-        }
-        self.inner.close().await
-    }
+    let around = DropTable {
+        pool: layer.pool().clone(),
+        table: layer.table().to_owned(),
+    };
+    Wrapped::with(layer, around)
 }
 
 /// A table name unique to this process and call: `pt_<what>_<pid>_<n>`.

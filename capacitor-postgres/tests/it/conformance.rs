@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use crate::common::DropOnClose;
+use crate::common::{drop_on_close, DropTable};
 use capacitor_core::testkit::TestContext;
+use capacitor_core::testkit::Wrapped;
 use capacitor_postgres::{PostgresLayer, PostgresLayerBuilder};
 
 /// A layer on the test's own table, configured by `tweak`, that drops the table when
@@ -15,12 +16,12 @@ use capacitor_postgres::{PostgresLayer, PostgresLayerBuilder};
 async fn open(
     ctx: TestContext,
     tweak: fn(PostgresLayerBuilder) -> PostgresLayerBuilder,
-) -> DropOnClose<PostgresLayer<String, Vec<u8>>> {
+) -> Wrapped<String, Vec<u8>, DropTable> {
     let layer = tweak(PostgresLayer::builder().url(crate::common::url()).table(&ctx.id))
         .build()
         .await
         .unwrap_or_else(|e| panic!("build PostgresLayer (is PostgreSQL running?): {e}"));
-    DropOnClose { inner: layer }
+    drop_on_close(layer)
 }
 
 mod logged {
