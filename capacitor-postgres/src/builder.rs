@@ -471,9 +471,12 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use capacitor::postgres::{native_tls, PostgresLayer};
+    /// use capacitor::postgres::PostgresLayer;
+    /// // The native-tls crate; the facade re-exports it as `capacitor::postgres::native_tls`
+    /// // with its `postgres-tls` feature.
+    /// use native_tls::TlsConnector;
     ///
-    /// let connector = native_tls::TlsConnector::builder().build()?;
+    /// let connector = TlsConnector::builder().build()?;
     /// let layer = PostgresLayer::builder()
     ///     .url("postgres://app@db.internal/app?sslmode=require")
     ///     .native_tls(connector)

@@ -10,10 +10,10 @@ use std::time::Duration;
 use capacitor_core::{
     system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
 };
-use fred::prelude::{Builder, ClientLike, Config, EventInterface, ReconnectPolicy};
+use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 
-use crate::bus::{instance_id, RedisBus};
-use crate::core::{Health, Shared};
+use crate::bus::{instance_id, BusState, RedisBus};
+use crate::core::{Health, Shared, Watched};
 use crate::error::{redact_url, redis_error};
 use crate::layer::RedisLayer;
 
@@ -140,8 +140,10 @@ enum Server {
 /// use std::time::Duration;
 /// use capacitor::redis::{RedisBus, RedisConnection, RedisLayer};
 ///
+/// let url = "redis://127.0.0.1:6379";
+/// # let from_env = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| url.to_owned()); let url = from_env.as_str();
 /// let redis = RedisConnection::new()
-///     .url("redis://127.0.0.1:6379")
+///     .url(url)
 ///     .command_timeout(Duration::from_millis(500));
 /// let layer = RedisLayer::builder()
 ///     .connection(redis.clone())
@@ -217,15 +219,23 @@ impl RedisConnection {
         self
     }
 
-    /// How long one operation may take, including a pipeline or transaction; then it
+    /// How long one operation may take, a batch's scripts or pipeline included; then it
     /// fails with `Timeout`. Default: 2 s. Must be greater than zero.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
     }
 
-    /// How long one connection attempt may take, and the most `connect` waits.
-    /// Default: 2 s. Must be greater than zero.
+    /// How long one connection attempt may take, and how long `connect` waits for a
+    /// connection when attempts neither succeed nor fail. Default: 2 s. Must be greater
+    /// than zero.
+    ///
+    /// `connect` returns as soon as a connection is up, or as soon as an attempt made
+    /// while it waits fails (refused, unknown host, a database index or credentials the
+    /// server refuses), naming the cause (with [`Reconnect::Never`], at once when its one
+    /// attempt has failed), and otherwise fails after `connect_timeout`. Either way the clients keep reconnecting in the background (unless
+    /// [`Reconnect::Never`]): a service that starts before Redis can skip `connect`, or
+    /// call it again.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -288,8 +298,10 @@ impl RedisConnection {
     }
 }
 
-/// `url` as fred parses it, once its scheme is one fred connects with.
+/// `url` as fred parses it, once its scheme is one fred connects with. Leading and
+/// trailing spaces and control characters are ignored, as a URL parser ignores them.
 fn parse_url(url: &str) -> Result<Config> {
+    let url = url.trim_matches(|c: char| c <= ' ');
     let shown = redact_url(url);
     let Some((scheme, _)) = url.split_once("://") else {
         // Not shown: there is no telling where a password would be in it.
@@ -311,8 +323,10 @@ fn parse_url(url: &str) -> Result<Config> {
         return Err(Error::config(
             "url",
             format!(
-                "`{shown}` asks for TLS, which this build lacks: enable the facade's \
-                 `redis-tls` feature (capacitor-redis' `tls-rustls` or `tls-native`)"
+                "`{shown}` asks for TLS, which a URL gets only with a TLS feature of this \
+                 crate: enable the facade's `redis-tls` feature (capacitor-redis' \
+                 `tls-rustls` or `tls-native`), or, with fred's own TLS enabled, pass \
+                 `fred_config(..)` a fred `Config` whose `tls` field is set"
             ),
         ));
     }
@@ -376,7 +390,8 @@ macro_rules! connection_setters {
             self
         }
 
-        /// How long one connection attempt may take, and the most `connect` waits.
+        /// How long one connection attempt may take, and how long `connect` waits when
+        /// attempts neither succeed nor fail (a failed attempt fails it at once).
         /// Default: 2 s. See [`RedisConnection::connect_timeout`].
         pub fn connect_timeout(mut self, timeout: Duration) -> Self {
             self.connection = self.connection.connect_timeout(timeout);
@@ -418,8 +433,10 @@ macro_rules! connection_setters {
 /// use std::time::Duration;
 /// use capacitor::redis::RedisLayer;
 ///
+/// let url = "redis://127.0.0.1:6379";
+/// # let from_env = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| url.to_owned()); let url = from_env.as_str();
 /// let layer = RedisLayer::builder()
-///     .url("redis://127.0.0.1:6379")
+///     .url(url)
 ///     .prefix("doc:builder:")
 ///     .pool_size(8)
 ///     .command_timeout(Duration::from_millis(200))
@@ -563,7 +580,8 @@ impl<C> RedisLayerBuilder<C> {
         // Listening before connecting, so that the first failed attempt is seen.
         let health = Health::new(
             target,
-            pool.clients().iter().map(EventInterface::error_rx).collect(),
+            self.connection.reconnect != Reconnect::Never,
+            pool.clients().iter().map(Watched::new).collect(),
         );
         // Connects in the background and keeps retrying under the reconnect policy.
         let connections = pool.connect_pool();
@@ -609,8 +627,10 @@ impl<C> RedisLayerBuilder<C> {
 /// # async fn main() -> Result<(), capacitor::Error> {
 /// use capacitor::redis::RedisBus;
 ///
+/// let url = "redis://127.0.0.1:6379";
+/// # let from_env = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| url.to_owned()); let url = from_env.as_str();
 /// let bus = RedisBus::builder()
-///     .url("redis://127.0.0.1:6379")
+///     .url(url)
 ///     .channel("doc:bus:invalidate")
 ///     .build()?;
 /// bus.connect().await?; // optional: fail at start-up when Redis is down
@@ -676,9 +696,13 @@ impl RedisBusBuilder {
             .build_subscriber_client()
             .map_err(|e| redis_error(Operation::Build, e))?;
         // Listening before connecting, so that the first failed attempt is seen.
-        let health = Health::new(target, vec![publisher.error_rx(), subscriber.error_rx()]);
+        let health = Health::new(
+            target,
+            self.connection.reconnect != Reconnect::Never,
+            vec![Watched::new(&publisher), Watched::new(&subscriber)],
+        );
         // The connection tasks keep reconnecting under the policy until `close`.
-        let connections = vec![publisher.connect(), subscriber.connect()];
+        let state = Arc::new(BusState::new(publisher.connect(), subscriber.connect()));
         Ok(RedisBus {
             publisher,
             subscriber,
@@ -687,9 +711,8 @@ impl RedisBusBuilder {
             command_timeout: self.connection.command_timeout,
             connect_timeout: self.connection.connect_timeout,
             health,
-            closed: AtomicBool::new(false),
+            state,
             tasks: Mutex::new(Vec::new()),
-            connections: Mutex::new(connections),
         })
     }
 }

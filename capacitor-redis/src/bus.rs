@@ -1,9 +1,10 @@
 //! [`RedisBus`]: an [`InvalidationBus`] on Redis pub/sub.
 
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capacitor_core::{
@@ -12,6 +13,7 @@ use capacitor_core::{
 };
 use fred::clients::{Client, SubscriberClient};
 use fred::prelude::{ClientLike, EventInterface, Options, PubsubInterface, Value};
+use fred::types::ConnectHandle;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
@@ -52,10 +54,20 @@ pub(crate) fn instance_id() -> u64 {
 /// use capacitor::redis::{RedisBus, RedisLayer};
 /// use capacitor::{LayerConfig, MultiLayer};
 ///
-/// let bus = Arc::new(RedisBus::builder().channel("doc:redisbus:invalidate").build()?);
+/// # let url = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+/// // The default URL, redis://127.0.0.1:6379, for both.
+/// let bus = RedisBus::builder()
+/// #   .url(&url)
+///     .channel("doc:redisbus:invalidate")
+///     .build()?;
+/// let bus = Arc::new(bus);
+/// let redis = RedisLayer::builder()
+/// #   .url(&url)
+///     .prefix("doc:redisbus:")
+///     .build()?;
 /// let cache = MultiLayer::<String, u64>::builder()
 ///     .layer(LayerConfig::new("l1", MokaLayer::builder().max_capacity(1_000).build()?))
-///     .layer(LayerConfig::new("redis", RedisLayer::builder().prefix("doc:redisbus:").build()?))
+///     .layer(LayerConfig::new("redis", redis))
 ///     .invalidation_bus(bus.clone())
 ///     .build()?;
 /// cache.close().await?;
@@ -71,12 +83,74 @@ pub struct RedisBus {
     pub(crate) connect_timeout: Duration,
     /// What the two connections last reported, named in errors while they are down.
     pub(crate) health: Health,
-    pub(crate) closed: AtomicBool,
+    /// What the subscription tasks share with the bus.
+    pub(crate) state: Arc<BusState>,
     /// The subscription tasks, one per `subscribe`.
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// fred's connection tasks (publisher, subscriber): they reconnect for as long as
-    /// they run, so `close` (or dropping the bus) aborts them.
-    pub(crate) connections: Mutex<Vec<fred::types::ConnectHandle>>,
+}
+
+/// What a [`RedisBus`] shares with its subscription tasks, which stop retrying once the
+/// bus is closed or the subscriber's connection task has ended.
+pub(crate) struct BusState {
+    pub(crate) closed: AtomicBool,
+    /// fred's connection tasks: they reconnect for as long as they run, so `close` (or
+    /// dropping the bus) aborts them. `None` once aborted.
+    pub(crate) publisher_connection: Mutex<Option<ConnectHandle>>,
+    pub(crate) subscriber_connection: Mutex<Option<ConnectHandle>>,
+}
+
+impl BusState {
+    /// Connection tasks for `publisher` and `subscriber`.
+    pub(crate) fn new(publisher: ConnectHandle, subscriber: ConnectHandle) -> Self {
+        BusState {
+            closed: AtomicBool::new(false),
+            publisher_connection: Mutex::new(Some(publisher)),
+            subscriber_connection: Mutex::new(Some(subscriber)),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the subscriber may still (re)connect: the bus is open and the subscriber's
+    /// connection task runs (it ends after the one attempt of `Reconnect::Never`).
+    fn subscriber_may_connect(&self) -> bool {
+        !self.is_closed() && !ended(&self.subscriber_connection)
+    }
+
+    /// Aborts the connection tasks (and their reconnection loops).
+    fn stop_connections(&self) {
+        for task in [&self.publisher_connection, &self.subscriber_connection] {
+            if let Some(task) = lock(task).take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Whether a connection task has ended (or was aborted).
+fn ended(task: &Mutex<Option<ConnectHandle>>) -> bool {
+    lock(task).as_ref().is_none_or(ConnectHandle::is_finished)
+}
+
+/// Retries `attempt` every 50 ms until it succeeds; `false` when the subscriber can no
+/// longer connect (see [`BusState::subscriber_may_connect`]), so that a closed bus or a
+/// connection that is not coming back does not queue commands forever.
+async fn retry<F, Fut>(state: &BusState, mut attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<(), fred::error::Error>>,
+{
+    loop {
+        if !state.subscriber_may_connect() {
+            return false;
+        }
+        if attempt().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 impl fmt::Debug for RedisBus {
@@ -107,9 +181,13 @@ impl RedisBus {
     /// Waits until both connections are up. Use it to fail at start-up when Redis is
     /// down; without it the bus connects in the background.
     ///
-    /// It fails as soon as a connection attempt has failed (a refused connection, an
-    /// unknown host, credentials or a database index the server refuses), naming that
-    /// cause, and at the latest after the connect timeout.
+    /// It fails as soon as a connection attempt made while it waits fails (a refused
+    /// connection, an unknown host, credentials or a database index the server refuses),
+    /// naming that cause; at once when no attempt is coming (`Reconnect::Never` after its
+    /// one attempt); else after the connect timeout. An older error (one a restarted
+    /// server left behind) or a lost connection does not fail it: the clients may be
+    /// about to reconnect. Either way they keep reconnecting in the background (unless
+    /// `Reconnect::Never`), so it can be called again.
     ///
     /// # Errors
     ///
@@ -121,19 +199,26 @@ impl RedisBus {
                 Operation::Connect,
                 self.connect_timeout,
                 || self.is_connected(),
-                || self.closed.load(Ordering::Acquire),
+                || self.state.is_closed(),
+                || {
+                    (!self.publisher.is_connected() && ended(&self.state.publisher_connection))
+                        || (!self.subscriber.is_connected() && ended(&self.state.subscriber_connection))
+                },
             )
             .await
     }
 
-    /// Stops delivering and disconnects both connections (ending their reconnection
-    /// loops). Idempotent.
+    /// Refuses new `publish` and `subscribe` calls, stops delivering at once (aborting the
+    /// subscription tasks), sends `QUIT` on both connections (waiting at most the command
+    /// timeout, and not at all for a connection that is down) and ends their reconnection
+    /// loops. It does not wait for a `publish` in flight, which completes or fails.
+    /// Idempotent.
     ///
     /// # Errors
     ///
     /// None in practice; disconnect errors are ignored.
     pub async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
+        self.state.closed.store(true, Ordering::Release);
         self.stop_tasks();
         // A client that is not connected would hold a plain QUIT until it connects or the
         // command times out: it gets a fail-fast one, and its connection task is aborted.
@@ -154,20 +239,13 @@ impl RedisBus {
             }
         };
         let _ = tokio::time::timeout(self.command_timeout, quit).await;
-        self.stop_connections();
+        self.state.stop_connections();
         Ok(())
     }
 
     /// Aborts the delivery tasks.
     fn stop_tasks(&self) {
         for task in std::mem::take(&mut *lock(&self.tasks)) {
-            task.abort();
-        }
-    }
-
-    /// Aborts the connection tasks (and their reconnection loops).
-    fn stop_connections(&self) {
-        for task in std::mem::take(&mut *lock(&self.connections)) {
             task.abort();
         }
     }
@@ -178,7 +256,7 @@ impl Drop for RedisBus {
     /// that a bus dropped without `close` does not reconnect forever).
     fn drop(&mut self) {
         self.stop_tasks();
-        self.stop_connections();
+        self.state.stop_connections();
     }
 }
 
@@ -189,7 +267,7 @@ where
 {
     async fn publish(&self, key: &K) -> Result<()> {
         let op = Operation::Set;
-        if self.closed.load(Ordering::Acquire) {
+        if self.state.is_closed() {
             return Err(Error::closed(op));
         }
         if !self.publisher.is_connected() {
@@ -216,6 +294,10 @@ where
                 "RedisBus::subscribe must be called inside a tokio runtime",
             ));
         }
+        if self.state.is_closed() {
+            return Err(Error::closed(Operation::Connect));
+        }
+        let state = Arc::clone(&self.state);
         let sub = self.subscriber.clone();
         let channel = self.channel.clone();
         let own = self.instance_id;
@@ -223,8 +305,8 @@ where
         let mut messages = sub.message_rx();
         let mut reconnects = sub.reconnect_rx();
         let task = tokio::spawn(async move {
-            while sub.subscribe(channel.as_str()).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if !retry(&state, || sub.subscribe(channel.as_str())).await {
+                return;
             }
             // Connections made before the first subscription lost nothing.
             while reconnects.try_recv().is_ok() {}
@@ -245,8 +327,8 @@ where
                     },
                     ev = reconnects.recv() => match ev {
                         Ok(_) | Err(RecvError::Lagged(_)) => {
-                            while sub.resubscribe_all().await.is_err() {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            if !retry(&state, || sub.resubscribe_all()).await {
+                                break;
                             }
                             sink(Invalidation::All);
                         }
@@ -256,6 +338,11 @@ where
             }
         });
         lock(&self.tasks).push(task);
+        // A `close` racing this call may have stopped the tasks before this one was added.
+        if self.state.is_closed() {
+            self.stop_tasks();
+            return Err(Error::closed(Operation::Connect));
+        }
         Ok(())
     }
 }

@@ -3,13 +3,13 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, TryLockError};
 use std::time::Duration;
 
 use capacitor_core::{envelope, Codec, Entry, Error, ErrorKind, Operation, Result, SharedClock};
 use fred::clients::{Client, Pool};
 use fred::error::Error as FredError;
-use fred::prelude::{ClientLike, Key, KeysInterface, LuaInterface, Value};
+use fred::prelude::{ClientLike, EventInterface, FromValue, Key, KeysInterface, LuaInterface, Value};
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::broadcast::Receiver;
 
@@ -17,7 +17,8 @@ use crate::error::{redis_error, timeout_error, Cause};
 
 /// Deletes `KEYS[1]` when it holds a non-string type, or (with `ARGV[1]`) when it still
 /// holds exactly the bytes that failed to decode, so that a write racing the read stays.
-const EVICT_SCRIPT: &str = r"
+static EVICT_SCRIPT: Script = Script::new(
+    r"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return 0 end
 if t ~= 'string' then return redis.call('DEL', KEYS[1]) end
@@ -25,7 +26,8 @@ if ARGV[1] ~= nil and redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-";
+",
+);
 
 /// Every write: sets the first `ARGV[2]` keys (value `ARGV[1+2i]`, `PX` `ARGV[2+2i]` or none
 /// when empty) and deletes the remaining keys, all or nothing (a script runs atomically),
@@ -33,7 +35,8 @@ return 0
 /// Returns -1 when late, else how many keys it deleted. The deadline fence (see
 /// `capacitor_core::fence`) is what keeps a write that timed out, or that fred resends
 /// after a reconnection, from landing after a later acknowledged write of the key.
-const WRITE_SCRIPT: &str = r"
+pub(crate) static WRITE_SCRIPT: Script = Script::new(
+    r"
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(ARGV[1]) then
   return -1
@@ -52,38 +55,58 @@ for i = n + 1, #KEYS do
   deleted = deleted + redis.call('DEL', KEYS[i])
 end
 return deleted
-";
+",
+);
 
 /// `exists` as `get` sees it: nil for no key, -1 for a key of another Redis type, else
 /// the first bytes of the string (the envelope's header, checked by the caller).
-pub(crate) const EXISTS_SCRIPT: &str = r"
+pub(crate) static EXISTS_SCRIPT: Script = Script::new(
+    r"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'none' then return false end
 if t ~= 'string' then return -1 end
 return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-";
+",
+);
 
-/// The SHA-1 of [`WRITE_SCRIPT`]: writes send `EVALSHA` (Redis does not hash and look up
-/// the script's text on every call, about 8 µs per write on loopback), and `EVAL` only
-/// when the server does not know the script yet (`NOSCRIPT`: a new or restarted server).
-static WRITE_SHA: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| sha1_smol::Sha1::from(WRITE_SCRIPT).digest().to_string());
+/// A Lua script, sent by its SHA-1 (`EVALSHA`: Redis does not hash and look up the
+/// script's text on every call, about 8 µs per write on loopback), and in full (`EVAL`)
+/// only when the server does not know it yet (`NOSCRIPT`: a new or restarted server).
+pub(crate) struct Script {
+    text: &'static str,
+    sha: OnceLock<String>,
+}
 
-/// Runs [`WRITE_SCRIPT`] by its hash, loading it with `EVAL` when the server lacks it.
-/// (A `NOSCRIPT` reply means nothing ran: sending the script again is safe.)
-pub(crate) async fn run_write_script(
-    c: Client,
-    keys: Vec<Key>,
-    args: Vec<Value>,
-) -> std::result::Result<i64, FredError> {
-    match c
-        .evalsha::<i64, _, _, _>(WRITE_SHA.as_str(), keys.clone(), args.clone())
-        .await
-    {
-        Err(e) if e.details().starts_with("NOSCRIPT") => {
-            c.eval::<i64, _, _, _>(WRITE_SCRIPT, keys, args).await
+impl Script {
+    const fn new(text: &'static str) -> Self {
+        Script {
+            text,
+            sha: OnceLock::new(),
         }
-        result => result,
+    }
+
+    fn sha(&self) -> &str {
+        self.sha
+            .get_or_init(|| sha1_smol::Sha1::from(self.text).digest().to_string())
+    }
+
+    /// Runs the script on `c`. (A `NOSCRIPT` reply means nothing ran: sending the script
+    /// again is safe.)
+    pub(crate) async fn run<R: FromValue>(
+        &self,
+        c: &Client,
+        keys: Vec<Key>,
+        args: Vec<Value>,
+    ) -> std::result::Result<R, FredError> {
+        match c
+            .evalsha::<R, _, _, _>(self.sha(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                c.eval::<R, _, _, _>(self.text, keys, args).await
+            }
+            result => result,
+        }
     }
 }
 
@@ -129,6 +152,14 @@ impl<C> Shared<C> {
 }
 
 impl<C> Shared<C> {
+    /// Whether no connection task runs any more (each ended, as after the one attempt
+    /// of `Reconnect::Never`, or `close` aborted them): no connection is coming.
+    pub(crate) fn connections_ended(&self) -> bool {
+        lock(&self.connections)
+            .iter()
+            .all(fred::types::ConnectHandle::is_finished)
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -198,7 +229,7 @@ impl<C> Shared<C> {
             .collect();
         let _ = self
             .run(Operation::Delete, |c| async move {
-                c.eval::<Value, _, _, _>(EVICT_SCRIPT, key, args).await
+                EVICT_SCRIPT.run::<Value>(&c, vec![key], args).await
             })
             .await;
     }
@@ -276,75 +307,192 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One client's error channel: each error with the server it came from, when known.
-pub(crate) type ErrorReceiver = Receiver<(FredError, Option<fred::types::config::Server>)>;
+type ErrorReceiver = Receiver<(FredError, Option<fred::types::config::Server>)>;
 
-/// What a set of fred clients last reported about their connections: the cause named in
-/// the errors of operations made while none is up, and what `connect` reports at once
+/// A connection error as [`Health`] keeps it.
+#[derive(Clone)]
+struct Saved {
+    /// Its number: errors are numbered as they are read, across the clients.
+    seq: u64,
+    /// Whether it is a failed connection attempt (refused, unknown host, `SELECT` or
+    /// `AUTH` refused) rather than a lost connection or a protocol error (fred names the
+    /// server of the latter, never of the former).
+    attempt: bool,
+    error: Arc<FredError>,
+}
+
+/// One client as [`Health`] watches it: its error and connection channels (made before it
+/// connects, so that the first attempt is seen) and its latest error since it last
+/// connected.
+pub(crate) struct Watched {
+    is_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    errors: ErrorReceiver,
+    /// fred sends on it on every successful connection, the first included.
+    connects: Receiver<fred::types::config::Server>,
+    /// The latest error since this client last connected.
+    last: Option<Saved>,
+}
+
+impl Watched {
+    /// Watches `client`; call it before the client connects.
+    pub(crate) fn new<T>(client: &T) -> Self
+    where
+        T: ClientLike + EventInterface + Clone + Send + Sync + 'static,
+    {
+        let watched = client.clone();
+        Watched {
+            is_connected: Box::new(move || watched.is_connected()),
+            errors: client.error_rx(),
+            connects: client.reconnect_rx(),
+            last: None,
+        }
+    }
+
+    /// Reads what arrived since the last call; `seq` numbers the errors.
+    fn drain(&mut self, seq: &mut u64) {
+        let mut connected = false;
+        while let Ok(_) | Err(TryRecvError::Lagged(_)) = self.connects.try_recv() {
+            connected = true;
+        }
+        let mut failed = false;
+        loop {
+            match self.errors.try_recv() {
+                Ok((error, server)) if !error.is_canceled() => {
+                    *seq += 1;
+                    self.last = Some(Saved {
+                        seq: *seq,
+                        attempt: server.is_none(),
+                        error: Arc::new(error),
+                    });
+                    failed = true;
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        // The two channels do not say which came first: a connection with no error
+        // since, or a client connected now, has left its saved error behind.
+        if (connected && !failed) || (self.is_connected)() {
+            self.last = None;
+        }
+    }
+}
+
+/// What a set of fred clients reported about their connections: the cause named in the
+/// errors of operations made while none is up, and what `connect` reports at once
 /// instead of waiting for its timeout.
 ///
 /// fred reports every failed connection attempt (refused, unknown host, a `SELECT` or
-/// `AUTH` the server refused) on each client's error channel, then retries under the
-/// reconnect policy; the receivers are made before the clients connect, so the first
-/// failure is kept, and read without a task of their own when an error needs it.
+/// `AUTH` the server refused) and every lost connection on each client's error channel,
+/// then retries under the reconnect policy, and it reports every successful connection
+/// on the client's reconnect channel. Each client's latest error is kept until it
+/// connects again. The channels are read without a task of their own, when an error or
+/// `connect` needs them; errors are numbered as they are read, so that `connect` tells
+/// the attempts that failed while it waits from older errors.
 pub(crate) struct Health {
     /// Where the clients connect, for messages: `host:port`, never credentials.
     target: String,
-    receivers: Mutex<Vec<ErrorReceiver>>,
-    last: Mutex<Option<FredError>>,
+    /// Whether the clients reconnect (any policy but `Reconnect::Never`).
+    reconnects: bool,
+    /// The clients, and how many errors they reported.
+    watched: Mutex<(Vec<Watched>, u64)>,
+    /// The newest of the clients' saved errors, as of the last read of the channels:
+    /// what operations name, read without waiting for `watched`.
+    latest: RwLock<Option<Arc<FredError>>>,
 }
 
 impl Health {
-    /// Watches the clients whose error channels are `receivers`, connecting to `target`.
-    pub(crate) fn new(target: String, receivers: Vec<ErrorReceiver>) -> Self {
+    /// Watches `clients`, which connect to `target` and reconnect when `reconnects`.
+    pub(crate) fn new(target: String, reconnects: bool, clients: Vec<Watched>) -> Self {
         Health {
             target,
-            receivers: Mutex::new(receivers),
-            last: Mutex::new(None),
+            reconnects,
+            watched: Mutex::new((clients, 0)),
+            latest: RwLock::new(None),
         }
     }
 
-    /// The latest connection error reported (a closed client's cancellations aside).
-    pub(crate) fn cause(&self) -> Option<FredError> {
-        let mut last = lock(&self.last);
-        for rx in lock(&self.receivers).iter_mut() {
-            loop {
-                match rx.try_recv() {
-                    Ok((err, _)) if !err.is_canceled() => *last = Some(err),
-                    Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
-                }
+    /// Reads the channels. Returns how many errors have been read so far, and the newest
+    /// saved failed attempt numbered after `since`.
+    fn refresh(&self, since: u64) -> (u64, Option<Arc<FredError>>) {
+        self.refresh_locked(&mut lock(&self.watched), since)
+    }
+
+    fn refresh_locked(&self, watched: &mut (Vec<Watched>, u64), since: u64) -> (u64, Option<Arc<FredError>>) {
+        let (clients, seq) = watched;
+        for client in clients.iter_mut() {
+            client.drain(seq);
+        }
+        let newest = |attempts_after: Option<u64>| {
+            clients
+                .iter()
+                .filter_map(|c| c.last.as_ref())
+                .filter(|saved| attempts_after.is_none_or(|since| saved.attempt && saved.seq > since))
+                .max_by_key(|saved| saved.seq)
+                .map(|saved| Arc::clone(&saved.error))
+        };
+        *self.latest.write().unwrap_or_else(PoisonError::into_inner) = newest(None);
+        (*seq, newest(Some(since)))
+    }
+
+    /// The newest saved error. The channels are read first unless another caller is
+    /// reading them (then its result, or the previous one, is used): this is on the path
+    /// of every operation made while Redis is down, which must not queue.
+    fn cause(&self) -> Option<Arc<FredError>> {
+        match self.watched.try_lock() {
+            Ok(mut watched) => {
+                self.refresh_locked(&mut watched, u64::MAX);
             }
+            Err(TryLockError::Poisoned(poisoned)) => {
+                self.refresh_locked(&mut poisoned.into_inner(), u64::MAX);
+            }
+            Err(TryLockError::WouldBlock) => {}
         }
-        last.clone()
+        self.saved()
     }
 
-    /// The error of an operation issued while no connection is up, naming the last
-    /// connection failure when there was one.
+    /// The newest saved error as of the last read of the channels.
+    fn saved(&self) -> Option<Arc<FredError>> {
+        self.latest.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The error of an operation issued while no connection is up, naming the latest
+    /// connection error when there is one.
     pub(crate) fn not_connected(&self, op: Operation) -> Error {
-        let err = Error::new(
-            ErrorKind::Unavailable,
-            op,
-            format!(
-                "not connected to Redis at {}; reconnecting in the background",
-                self.target
+        with_cause(
+            Error::new(
+                ErrorKind::Unavailable,
+                op,
+                format!(
+                    "not connected to Redis at {}; {}",
+                    self.target,
+                    if self.reconnects {
+                        "reconnecting in the background"
+                    } else {
+                        "not reconnecting (Reconnect::Never)"
+                    }
+                ),
             ),
-        );
-        match self.cause() {
-            Some(cause) => err.with_source(Cause(cause)),
-            None => err,
-        }
+            self.cause(),
+        )
     }
 
-    /// Waits until `connected()` (at most `timeout`), failing at once when a connection
-    /// attempt has failed (with its error as the source), or when `closed()`.
+    /// Waits until `connected()` (at most `timeout`). Fails at once when `closed()`, when
+    /// a connection attempt fails after the call started (with its error as the source:
+    /// an older error, such as the one a restarted server left, does not count, nor does
+    /// a lost connection, as the clients may be about to reconnect), or when `gave_up()`
+    /// (no connection task runs any more, as after the one attempt of
+    /// `Reconnect::Never`). After the timeout, the newest saved error is the source.
     pub(crate) async fn wait_connected(
         &self,
         op: Operation,
         timeout: Duration,
         connected: impl Fn() -> bool,
         closed: impl Fn() -> bool,
+        gave_up: impl Fn() -> bool,
     ) -> Result<()> {
         let started = tokio::time::Instant::now();
+        let (since, _) = self.refresh(u64::MAX);
         loop {
             if closed() {
                 return Err(Error::closed(op));
@@ -352,22 +500,37 @@ impl Health {
             if connected() {
                 return Ok(());
             }
-            if let Some(cause) = self.cause() {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    op,
+            let (_, failed) = self.refresh(since);
+            let (message, cause) = match failed {
+                Some(failed) => (
                     format!("could not connect to Redis at {}", self.target),
-                )
-                .with_source(Cause(cause)));
-            }
-            if started.elapsed() >= timeout {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    op,
+                    Some(failed),
+                ),
+                None if gave_up() => (
+                    format!(
+                        "could not connect to Redis at {} (not reconnecting: the connection tasks ended)",
+                        self.target
+                    ),
+                    self.saved(),
+                ),
+                None if started.elapsed() >= timeout => (
                     format!("could not connect to Redis at {} within {timeout:?}", self.target),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.saved(),
+                ),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            return Err(with_cause(Error::new(ErrorKind::Unavailable, op, message), cause));
         }
+    }
+}
+
+/// `err` with the saved connection error as its source, when there is one.
+fn with_cause(err: Error, cause: Option<Arc<FredError>>) -> Error {
+    match cause {
+        Some(cause) => err.with_source(Cause(cause)),
+        None => err,
     }
 }

@@ -33,14 +33,14 @@ pub(crate) fn redis_error(op: Operation, err: FredError) -> Error {
         _ if err.details().starts_with("EXECABORT") => (ErrorKind::Conflict, "the transaction was aborted"),
         _ => (ErrorKind::Backend, "Redis error"),
     };
-    Error::new(kind, op, what).with_source(Cause(err))
+    Error::new(kind, op, what).with_source(Cause(std::sync::Arc::new(err)))
 }
 
 /// A fred error as the source of a capacitor [`Error`]: shown as its details alone
 /// (`Connection refused (os error 111)`, not `IO Error: Connection refused …`), with
 /// fred's error as its own source, for callers that downcast.
 #[derive(Debug)]
-pub(crate) struct Cause(pub(crate) FredError);
+pub(crate) struct Cause(pub(crate) std::sync::Arc<FredError>);
 
 impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,7 +90,7 @@ fn readable_io_error(details: &str) -> std::borrow::Cow<'_, str> {
 
 impl std::error::Error for Cause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+        Some(&*self.0)
     }
 }
 

@@ -11,15 +11,15 @@ use capacitor_core::{
     async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
-use fred::prelude::{ClientLike, Key, KeysInterface, LuaInterface, Options, Value};
+use fred::prelude::{ClientLike, Key, KeysInterface, Options, Value};
 
-use crate::core::{fetch_values, px_millis, run_write_script, value_bytes, SetArgs, Shared, EXISTS_SCRIPT};
+use crate::core::{fetch_values, px_millis, value_bytes, SetArgs, Shared, EXISTS_SCRIPT, WRITE_SCRIPT};
 use crate::error::redis_error;
 use crate::scan::scan_stream;
 
 /// A remote cache layer on Redis (through [fred](https://docs.rs/fred)): a shared L2 for
-/// every app instance, with native TTLs, pipelined batches, `SCAN` and all-or-nothing
-/// batches.
+/// every app instance, with native TTLs, batches in one round trip (on a single server),
+/// `SCAN` and all-or-nothing batches.
 ///
 /// Built by [`RedisLayer::builder`]. Cheap to share behind an `Arc`; every clone of the
 /// pool is closed by [`close`](Layer::close).
@@ -33,9 +33,14 @@ use crate::scan::scan_stream;
 /// use capacitor::redis::RedisLayer;
 /// use capacitor::Layer;
 ///
-/// let redis = RedisLayer::builder().prefix("doc:redislayer:").build::<String, u64>()?;
+/// # let url = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+/// // The default URL, redis://127.0.0.1:6379.
+/// let redis = RedisLayer::builder()
+/// #   .url(&url)
+///     .prefix("doc:redislayer:")
+///     .build::<String, u64>()?;
 /// redis.connect().await?;
-/// // SET doc:redislayer:user:42 … PX 60000
+/// // The write script's SET doc:redislayer:user:42 … PX 60000
 /// redis.set(&"user:42".to_string(), &7, Some(Duration::from_secs(60))).await?;
 /// assert_eq!(redis.get(&"user:42".to_string()).await?.map(|e| e.value), Some(7));
 /// redis.delete(&"user:42".to_string()).await?;
@@ -62,9 +67,13 @@ impl<K, V, C> RedisLayer<K, V, C> {
     /// Waits until a connection is up, then checks it with `PING`. Use it to fail at
     /// start-up when Redis is down; without it the layer connects in the background.
     ///
-    /// It fails as soon as a connection attempt has failed (a refused connection, an
-    /// unknown host, credentials or a database index the server refuses), naming that
-    /// cause, and at the latest after the connect timeout.
+    /// It fails as soon as a connection attempt made while it waits fails (a refused
+    /// connection, an unknown host, credentials or a database index the server refuses),
+    /// naming that cause; at once when no attempt is coming (`Reconnect::Never` after its
+    /// one attempt); else after the connect timeout. An older error (one a restarted
+    /// server left behind) or a lost connection does not fail it: the clients may be
+    /// about to reconnect. Either way they keep reconnecting in the background (unless
+    /// `Reconnect::Never`), so it can be called again.
     ///
     /// # Errors
     ///
@@ -79,6 +88,7 @@ impl<K, V, C> RedisLayer<K, V, C> {
                 shared.connect_timeout,
                 || shared.any_connected(),
                 || shared.is_closed(),
+                || shared.connections_ended(),
             )
             .await
             .map_err(|e| e.with_layer("redis"))?;
@@ -149,8 +159,8 @@ where
         self.write_fenced_batches(op, &mut batches).await
     }
 
-    /// [`write_fenced`](Self::write_fenced) for several independent scripts in one
-    /// pipeline (a cluster routes each to its slot): one fence for all of them.
+    /// [`write_fenced`](Self::write_fenced) for several independent scripts, sent one
+    /// after another (in a cluster each to its slot's node): one fence for all of them.
     async fn write_fenced_batches(
         &self,
         op: Operation,
@@ -190,13 +200,13 @@ where
             .run(op, |c| async move {
                 if calls.len() == 1 {
                     let (keys, args) = calls.remove(0);
-                    return Ok(vec![run_write_script(c, keys, args).await]);
+                    return Ok(vec![WRITE_SCRIPT.run::<i64>(&c, keys, args).await]);
                 }
                 // fred does not pipeline scripts: sent one after another on this client
                 // (in a cluster each to its slot's node).
                 let mut replies = Vec::with_capacity(calls.len());
                 for (keys, args) in calls {
-                    replies.push(run_write_script(c.clone(), keys, args).await);
+                    replies.push(WRITE_SCRIPT.run::<i64>(&c, keys, args).await);
                 }
                 Ok(replies)
             })
@@ -323,7 +333,7 @@ where
         let reply: Value = self
             .shared
             .run(op, |c| async move {
-                c.eval::<Value, _, _, _>(EXISTS_SCRIPT, k, vec![header]).await
+                EXISTS_SCRIPT.run::<Value>(&c, vec![k], vec![header]).await
             })
             .await?;
         let foreign = |what: &str| Error::new(ErrorKind::Decode, op, format!("the key holds {what}"));
@@ -384,9 +394,11 @@ where
         }
     }
 
-    /// One pipeline of `SET … PX` (one round trip; in a cluster fred routes each command
-    /// to its slot's node). Not atomic: use [`apply_atomic`](Layer::apply_atomic) for
-    /// all-or-nothing. Values are encoded and size-checked before anything is sent.
+    /// On a single server, one fenced write script setting every key (`SET … PX`, one
+    /// round trip); in a cluster, one script per key, sent one after another, each to its
+    /// slot's node. Not atomic (in a cluster some keys may be written when another
+    /// fails): use [`apply_atomic`](Layer::apply_atomic) for all-or-nothing. Values are
+    /// encoded and size-checked before anything is sent.
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
         let op = Operation::SetMany;
         let mut writes = Vec::with_capacity(entries.len());
@@ -408,7 +420,8 @@ where
         self.write_fenced_batches(op, &mut batches).await.map(drop)
     }
 
-    /// One `DEL k1 k2 …` (in a cluster, a pipeline of `DEL`s).
+    /// On a single server, one fenced write script deleting every key (one round trip);
+    /// in a cluster, one script per key, sent one after another, each to its slot's node.
     async fn delete_many(&self, keys: &[K]) -> Result<u64> {
         let op = Operation::DeleteMany;
         let _guard = self.shared.in_flight.read().await;
