@@ -471,10 +471,9 @@ impl<C> PostgresLayerBuilder<C> {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// // With the facade's `postgres-tls` feature.
+    /// use capacitor::postgres::native_tls::TlsConnector;
     /// use capacitor::postgres::PostgresLayer;
-    /// // The native-tls crate; the facade re-exports it as `capacitor::postgres::native_tls`
-    /// // with its `postgres-tls` feature.
-    /// use native_tls::TlsConnector;
     ///
     /// let connector = TlsConnector::builder().build()?;
     /// let layer = PostgresLayer::builder()
