@@ -13,9 +13,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capacitor_core::{async_trait, Capabilities, Entry, EntryStream, Layer, Result, WriteOp};
+use capacitor_core::testkit::{Around, GateOp};
+use capacitor_core::Result;
 use capacitor_redis::fred::prelude::{Client, ClientLike, Config, KeysInterface, Value};
-use capacitor_redis::RedisLayer;
+use futures::future::BoxFuture;
 
 /// Runs a test body on a fresh two-worker runtime, failing it if it takes longer than
 /// `limit`.
@@ -109,60 +110,29 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
     out
 }
 
-/// A layer that deletes its keys (by prefix, through a raw client) when first closed, so
+/// Deletes a layer's keys (by prefix, through a raw client) before the layer closes, so
 /// that the conformance suite, which closes every layer it made, leaves nothing behind.
-pub struct DeleteOnClose<L> {
-    pub inner: L,
+#[derive(Debug)]
+pub struct DeleteKeys {
     pub prefix: String,
     pub url: String,
 }
 
-#[async_trait]
-impl<V> Layer<String, V> for DeleteOnClose<RedisLayer<String, V>>
-where
-    V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
-{
-    fn name(&self) -> &str {
-        self.inner.name()
+impl Around for DeleteKeys {
+    fn around<'a, T: Send + 'a>(
+        &'a self,
+        _: GateOp,
+        call: BoxFuture<'a, Result<T>>,
+    ) -> BoxFuture<'a, Result<T>> {
+        call
     }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn get(&self, key: &String) -> Result<Option<Entry<V>>> {
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &String, value: &V, ttl: Option<Duration>) -> Result<()> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &String) -> Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn exists(&self, key: &String) -> Result<bool> {
-        self.inner.exists(key).await
-    }
-    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Entry<V>>>> {
-        self.inner.get_many(keys).await
-    }
-    async fn set_many(&self, entries: &[(String, V)], ttl: Option<Duration>) -> Result<()> {
-        self.inner.set_many(entries, ttl).await
-    }
-    async fn delete_many(&self, keys: &[String]) -> Result<u64> {
-        self.inner.delete_many(keys).await
-    }
-    fn scan(&self, prefix: &[u8]) -> Result<EntryStream<String, V>> {
-        self.inner.scan(prefix)
-    }
-    async fn apply_atomic(&self, ops: &[WriteOp<String, V>]) -> Result<()> {
-        self.inner.apply_atomic(ops).await
-    }
-    async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
-    }
-    async fn close(&self) -> Result<()> {
-        let client = raw_at(&self.url).await;
-        delete_prefix(&client, &self.prefix).await;
-        let _ = client.quit().await;
-        self.inner.close().await
+
+    fn before_close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let client = raw_at(&self.url).await;
+            delete_prefix(&client, &self.prefix).await;
+            let _ = client.quit().await;
+        })
     }
 }
 

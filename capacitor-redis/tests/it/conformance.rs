@@ -5,8 +5,8 @@
 
 use crate::common;
 
-use crate::common::DeleteOnClose;
-use capacitor_core::testkit::TestContext;
+use crate::common::DeleteKeys;
+use capacitor_core::testkit::{TestContext, Wrapped};
 use capacitor_redis::{RedisLayer, RedisLayerBuilder};
 
 /// A connected layer under the test's own prefix, configured by `tweak`, that deletes its
@@ -14,7 +14,7 @@ use capacitor_redis::{RedisLayer, RedisLayerBuilder};
 async fn open(
     ctx: TestContext,
     tweak: fn(RedisLayerBuilder) -> RedisLayerBuilder,
-) -> DeleteOnClose<RedisLayer<String, Vec<u8>>> {
+) -> Wrapped<String, Vec<u8>, DeleteKeys> {
     let url = common::url();
     let prefix = format!("{}:", ctx.id);
     let layer = tweak(RedisLayer::builder().url(&url).prefix(&prefix))
@@ -24,11 +24,7 @@ async fn open(
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to Redis at {url} (is it running?): {e}"));
-    DeleteOnClose {
-        inner: layer,
-        prefix,
-        url,
-    }
+    Wrapped::with(layer, DeleteKeys { prefix, url })
 }
 
 mod defaults {
