@@ -1,4 +1,4 @@
-//! What the `metrics` and `tracing` features cost on an L1 hit (DESIGN target: ≤ 10%).
+//! What the `metrics` and `tracing` features cost on an L1 hit (the target: ≤ 10%).
 //!
 //! Features are chosen at compile time, so `cargo xtask bench` builds this suite twice:
 //! without the benches crate's `observe` feature (its measurement is named `raw`) and
