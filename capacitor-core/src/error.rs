@@ -151,7 +151,7 @@ impl fmt::Display for Operation {
 pub struct Error(Box<Details>);
 
 #[derive(Debug, thiserror::Error)]
-#[error("{kind} in {op}{}: {message}{}", DisplayLayer(.layer), DisplayCause(.source, .message))]
+#[error("{kind} in {op}{}: {message}{}", DisplayLayer(.layer), DisplayCause(.source, .message, *.described))]
 struct Details {
     kind: ErrorKind,
     op: Operation,
@@ -159,6 +159,8 @@ struct Details {
     message: Cow<'static, str>,
     #[source]
     source: Option<BoxError>,
+    /// The message already says what the source is (see `with_described_source`).
+    described: bool,
     circuit_open: bool,
 }
 
@@ -174,18 +176,54 @@ impl fmt::Display for DisplayLayer<'_> {
 }
 
 /// The first line of the underlying error, after the message (unless the message already
-/// says it), so that a log line that prints only `Display` still names the cause.
-struct DisplayCause<'a>(&'a Option<BoxError>, &'a Cow<'static, str>);
+/// says it), so that a log line that prints only `Display` still names the cause. A source
+/// that is itself a capacitor [`Error`] (a batch's first failure, a shared loader error)
+/// contributes its own cause, not its whole text, which the message already carries.
+struct DisplayCause<'a>(&'a Option<BoxError>, &'a Cow<'static, str>, bool);
 
 impl fmt::Display for DisplayCause<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Some(source) = self.0 else { return Ok(()) };
-        let text = source.to_string();
-        let first = text.lines().next().unwrap_or("").trim();
-        if first.is_empty() || self.1.contains(first) {
+        if self.2 {
+            return Ok(());
+        }
+        let Some(first) = self.0.as_deref().and_then(cause_line) else {
+            return Ok(());
+        };
+        if self.1.contains(first.as_str()) {
             return Ok(());
         }
         write!(f, " ({first})")
+    }
+}
+
+/// The first non-empty line of `source`, looking through capacitor's own errors to theirs.
+fn cause_line(source: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<String> {
+    if let Some(inner) = source.downcast_ref::<Error>() {
+        return inner.0.source.as_deref().and_then(cause_line);
+    }
+    if let Some(nested) = source.downcast_ref::<Nested>() {
+        return nested.0 .0.source.as_deref().and_then(cause_line);
+    }
+    let text = source.to_string();
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    Some(first.to_owned())
+}
+
+/// An [`Error`] shared by several callers (one loader's failure handed to all its
+/// waiters), as the source of each caller's own error: displays and chains as the shared
+/// one does.
+#[derive(Debug, Clone)]
+pub(crate) struct Nested(pub(crate) std::sync::Arc<Error>);
+
+impl fmt::Display for Nested {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Nested {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
     }
 }
 
@@ -198,6 +236,7 @@ impl Error {
             layer: None,
             message: message.into(),
             source: None,
+            described: false,
             circuit_open: false,
         }))
     }
@@ -239,10 +278,32 @@ impl Error {
         )
     }
 
-    /// Attach the underlying error.
+    /// Attach the underlying error; the first line of its text is shown after the
+    /// message (unless the message already contains it).
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.0.source = Some(source.into());
+        self
+    }
+
+    /// Attach the underlying error that the message already describes in its own words:
+    /// kept as the [`source`](std::error::Error::source), not repeated in `Display`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::{Error, ErrorKind, Operation};
+    ///
+    /// let io = std::io::Error::other("connection reset by peer");
+    /// let err = Error::new(ErrorKind::Unavailable, Operation::Get, "the server hung up")
+    ///     .with_described_source(io);
+    /// assert_eq!(err.to_string(), "unavailable in get: the server hung up");
+    /// assert!(std::error::Error::source(&err).is_some());
+    /// ```
+    #[must_use]
+    pub fn with_described_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.0.source = Some(source.into());
+        self.0.described = true;
         self
     }
 
@@ -321,6 +382,24 @@ mod tests {
         let said = std::io::Error::other("refused");
         let err = Error::new(ErrorKind::Unavailable, Operation::Get, "refused").with_source(said);
         assert_eq!(err.to_string(), "unavailable in get: refused");
+        // A capacitor error as the source: its cause, once, not its whole text again.
+        let inner = Error::new(ErrorKind::Backend, Operation::Get, "the loader failed")
+            .with_source(std::io::Error::other("boom"));
+        let outer = Error::new(ErrorKind::Backend, Operation::Get, "the loader failed")
+            .with_source(Nested(std::sync::Arc::new(inner)));
+        assert_eq!(outer.to_string(), "backend in get: the loader failed (boom)");
+        let first = Error::new(ErrorKind::Decode, Operation::Get, "bad bytes")
+            .with_source(std::io::Error::other("\n  truncated"));
+        let batch = Error::new(
+            ErrorKind::Decode,
+            Operation::GetMany,
+            format!("2 values did not decode; first: {first}"),
+        )
+        .with_source(first);
+        assert_eq!(
+            batch.to_string(),
+            "decode in get_many: 2 values did not decode; first: decode in get: bad bytes (truncated)"
+        );
     }
 
     #[test]

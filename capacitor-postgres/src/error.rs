@@ -96,7 +96,9 @@ pub(crate) fn pg_error_in(op: Operation, context: &str, err: tokio_postgres::Err
             }
         }
     };
-    Error::new(kind, op, message).with_source(err)
+    // The message quotes the server's message or the driver's cause: the source stays in
+    // the chain without being said twice.
+    Error::new(kind, op, message).with_described_source(err)
 }
 
 /// An error getting a connection from the pool in `op`.

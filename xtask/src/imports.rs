@@ -5,6 +5,10 @@
 //! statement in A names a path inside B. Imports between a module and its ancestors are
 //! left out: a parent declares and re-exports its children, and a child uses what its
 //! parent defines, which is how Rust modules nest, not a tangle.
+//!
+//! Not seen: paths written inline without a `use` (`crate::a::f()`), and an item imported
+//! through an ancestor's re-export (`use crate::X` where the root has `pub use a::X`)
+//! counts as an import of the ancestor.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -153,7 +157,20 @@ fn use_statements(text: &str) -> Vec<String> {
         }
         if let Some(buf) = current.take() {
             if let Some(end) = buf.find(';') {
-                out.push(buf[..end].chars().filter(|c| !c.is_whitespace()).collect());
+                // `x as y` keeps `x`: the alias names nothing in the graph.
+                let body: String = buf[..end]
+                    .split(" as ")
+                    .enumerate()
+                    .map(|(i, part)| {
+                        if i == 0 {
+                            part
+                        } else {
+                            part.trim_start()
+                                .trim_start_matches(|c: char| c.is_alphanumeric() || c == '_')
+                        }
+                    })
+                    .collect();
+                out.push(body.chars().filter(|c| !c.is_whitespace()).collect());
             } else {
                 current = Some(buf);
             }
@@ -167,7 +184,7 @@ fn expand(tree: &str) -> Vec<Vec<String>> {
     let Some(open) = tree.find('{') else {
         let path: Vec<String> = tree
             .split("::")
-            .map(|s| s.split(" as ").next().unwrap_or(s).to_owned())
+            .map(str::to_owned)
             .filter(|s| !s.is_empty() && s != "*" && s != "self")
             .collect();
         return vec![path];
@@ -309,6 +326,12 @@ mod tests {
 
         sources.insert(m("layer"), "use crate::error::Error;\n".to_owned());
         assert!(find_cycles(&sources).is_empty());
+    }
+
+    #[test]
+    fn an_aliased_module_is_still_an_import() {
+        let paths = imported_paths(&m("a"), "use crate::b as bee;\nuse crate::{c::D as E, f};");
+        assert_eq!(paths, vec![m("b"), m("c::D"), m("f")]);
     }
 
     #[test]

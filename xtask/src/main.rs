@@ -240,8 +240,8 @@ fn check_imports(root: PathBuf) -> Result {
     let mut found = Vec::new();
     for krate in imports::CRATES {
         let dir = root.join(krate);
-        if !dir.is_dir() {
-            continue;
+        if !dir.join("src").is_dir() {
+            return Err(format!("{} has no {krate}/src: not a capacitor checkout", root.display()).into());
         }
         for cycle in imports::cycles(&dir)? {
             found.push(format!("{krate}: {}", cycle.join(" <-> ")));

@@ -1,7 +1,6 @@
 //! `get_or_load`: single-flight loaders, negative caching and TTL jitter.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +12,7 @@ use tokio::sync::watch;
 use super::write::Fill;
 use super::MultiLayer;
 use crate::entry::Timestamp;
-use crate::error::{BoxError, Error, ErrorKind, Operation, Result};
+use crate::error::{BoxError, Error, ErrorKind, Nested, Operation, Result};
 use crate::guard::Ticket;
 
 enum Role<V> {
@@ -123,24 +122,8 @@ impl<K: Hash + Eq + Clone> NegativeCache<K> {
     }
 }
 
-/// A loader error shared by every waiter of a flight (the source of their errors).
-#[derive(Debug)]
-struct LoaderFailed(Arc<Error>);
-
-impl fmt::Display for LoaderFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for LoaderFailed {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&*self.0)
-    }
-}
-
 fn shared_error(err: &Arc<Error>) -> Error {
-    Error::new(err.kind(), Operation::Get, "the loader failed").with_source(LoaderFailed(Arc::clone(err)))
+    Error::new(err.kind(), Operation::Get, "the loader failed").with_source(Nested(Arc::clone(err)))
 }
 
 impl<K, V> MultiLayer<K, V>
