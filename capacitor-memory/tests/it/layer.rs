@@ -108,6 +108,18 @@ async fn dashmap_sweeps_every_minute_by_default_and_stops_on_close() {
     assert_eq!(layer.len(), 1, "no sweep before the first minute");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(layer.len(), 0, "swept after a minute");
+    // The sweeper is this runtime's one task: it ends when the layer is closed, and a
+    // dropped layer's ends too.
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    assert_eq!(tasks(), 1, "the sweeper runs");
+    layer.close().await.expect("close");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(tasks(), 0, "close ends the sweeper");
+    let dropped = DashMapLayer::builder().build::<u32, u32>().expect("config");
+    assert_eq!(tasks(), 1);
+    drop(dropped);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(tasks(), 0, "dropping the layer ends the sweeper");
     let off = DashMapLayer::builder()
         .clock(clock.clone())
         .sweeper(false)
