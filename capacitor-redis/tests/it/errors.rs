@@ -67,6 +67,24 @@ fn names_the_cause(err: &Error, what: &[&str]) {
     }
 }
 
+/// Awaits `connect` (a layer's or a bus's), which must fail within `at_once` with an
+/// error that [`names_the_cause`]; the error and how long it took.
+async fn fails_within(
+    connect: impl std::future::Future<Output = Result<(), Error>>,
+    at_once: Duration,
+    what: &[&str],
+) -> (Error, Duration) {
+    let started = Instant::now();
+    let err = connect.await.expect_err("cannot connect");
+    let took = started.elapsed();
+    assert!(
+        took < at_once,
+        "at once, not after {CONNECT_TIMEOUT:?}: {took:?}: {err}"
+    );
+    names_the_cause(&err, what);
+    (err, took)
+}
+
 /// Runs `connect` of a layer and of a bus at `url`, checking that each fails at once and
 /// names `what`; returns how long the layer's took.
 async fn both_fail_at_once(url: &str, what: &[&str]) -> Duration {
@@ -76,12 +94,8 @@ async fn both_fail_at_once(url: &str, what: &[&str]) -> Duration {
 /// [`both_fail_at_once`], where "at once" is `at_once`.
 async fn both_fail_within(url: &str, what: &[&str], at_once: Duration) -> Duration {
     let layer = layer_at(url);
-    let started = Instant::now();
-    let err = layer.connect().await.expect_err("cannot connect");
-    let took = started.elapsed();
+    let (err, took) = fails_within(layer.connect(), at_once, what).await;
     println!("layer connect to {url}: {took:?}: {err}");
-    assert!(took < at_once, "at once, not after {CONNECT_TIMEOUT:?}: {took:?}");
-    names_the_cause(&err, what);
     assert_eq!(err.layer(), Some("redis"), "{err}");
     // An operation now fails at once too, naming the same cause.
     let started = Instant::now();
@@ -94,15 +108,8 @@ async fn both_fail_within(url: &str, what: &[&str], at_once: Duration) -> Durati
     layer.close().await.expect("close");
 
     let bus = bus_at(url);
-    let started = Instant::now();
-    let err = bus.connect().await.expect_err("cannot connect");
-    let bus_took = started.elapsed();
+    let (err, bus_took) = fails_within(bus.connect(), at_once, what).await;
     println!("bus connect to {url}: {bus_took:?}: {err}");
-    assert!(
-        bus_took < at_once,
-        "at once, not after {CONNECT_TIMEOUT:?}: {bus_took:?}"
-    );
-    names_the_cause(&err, what);
     bus.close().await.expect("close");
     took
 }
@@ -126,10 +133,7 @@ fn a_refused_connection_without_reconnection_is_reported_at_once() {
             .reconnect(Reconnect::Never)
             .build::<String, String>()
             .expect("build does not connect");
-        let started = Instant::now();
-        let err = layer.connect().await.expect_err("nothing listens");
-        assert!(started.elapsed() < AT_ONCE, "{:?}", started.elapsed());
-        names_the_cause(&err, &["connection refused"]);
+        fails_within(layer.connect(), AT_ONCE, &["connection refused"]).await;
         layer.close().await.expect("close");
     });
 }
@@ -255,14 +259,8 @@ fn connect_to_a_server_that_stays_down_fails_fast_naming_the_cause() {
         // trying every 50 ms, and each refused attempt fails the call that waits.
         tokio::time::sleep(Duration::from_millis(500)).await;
         for _ in 0..3 {
-            let started = Instant::now();
-            let err = layer.connect().await.expect_err("still down");
-            assert!(started.elapsed() < AT_ONCE, "{:?}", started.elapsed());
-            names_the_cause(&err, &["connection refused"]);
-            let started = Instant::now();
-            let err = bus.connect().await.expect_err("still down");
-            assert!(started.elapsed() < AT_ONCE, "{:?}", started.elapsed());
-            names_the_cause(&err, &["connection refused"]);
+            fails_within(layer.connect(), AT_ONCE, &["connection refused"]).await;
+            fails_within(bus.connect(), AT_ONCE, &["connection refused"]).await;
         }
         layer.close().await.expect("close");
         bus.close().await.expect("close");
@@ -289,16 +287,10 @@ fn connect_without_reconnection_after_the_attempt_failed_fails_at_once() {
         layer.connect().await.expect_err("nothing listens");
         bus.connect().await.expect_err("nothing listens");
         // No attempt is coming: a second call does not wait for one.
-        let started = Instant::now();
-        let err = layer.connect().await.expect_err("nothing listens");
-        assert!(started.elapsed() < AT_ONCE, "{:?}", started.elapsed());
-        names_the_cause(&err, &["connection refused"]);
+        fails_within(layer.connect(), AT_ONCE, &["connection refused"]).await;
         let err = layer.get(&"k".to_owned()).await.expect_err("not connected");
         assert!(err.to_string().contains("not reconnecting"), "{err}");
-        let started = Instant::now();
-        let err = bus.connect().await.expect_err("nothing listens");
-        assert!(started.elapsed() < AT_ONCE, "{:?}", started.elapsed());
-        names_the_cause(&err, &["connection refused"]);
+        fails_within(bus.connect(), AT_ONCE, &["connection refused"]).await;
         layer.close().await.expect("close");
         bus.close().await.expect("close");
     });
