@@ -53,11 +53,6 @@ impl Stop {
     pub fn stop(&self) {
         self.0.send_replace(true);
     }
-
-    /// Whether the switch was pulled.
-    pub fn is_stopped(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// Waits out an interval at a time, until its [`Stop`] is pulled or dropped.
