@@ -98,6 +98,12 @@ pub enum Operation {
     Close,
     /// Connecting / health checking.
     Connect,
+    /// `clear`: removing every entry.
+    Clear,
+    /// Sending an invalidation-bus message.
+    Publish,
+    /// Receiving invalidation-bus messages.
+    Subscribe,
 }
 
 impl Operation {
@@ -117,6 +123,9 @@ impl Operation {
             Operation::Flush => "flush",
             Operation::Close => "close",
             Operation::Connect => "connect",
+            Operation::Clear => "clear",
+            Operation::Publish => "publish",
+            Operation::Subscribe => "subscribe",
         }
     }
 }

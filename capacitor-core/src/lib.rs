@@ -24,7 +24,7 @@ mod writeback;
 pub mod testkit;
 
 pub use async_trait::async_trait;
-pub use bus::{Invalidation, InvalidationBus, InvalidationSink};
+pub use bus::{BusMessage, Change, Invalidation, InvalidationBus, InvalidationSink};
 pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
 pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capacitor_core::{
-    async_trait, Error, ErrorKind, Invalidation, InvalidationBus, InvalidationSink, Operation, Result,
-    StorageKey,
+    async_trait, BusMessage, Error, ErrorKind, Invalidation, InvalidationBus, InvalidationSink, Operation,
+    Result, StorageKey,
 };
 use fred::clients::{Client, SubscriberClient};
 use fred::prelude::{ClientLike, EventInterface, Options, PubsubInterface, Value};
@@ -265,18 +265,22 @@ impl<K> InvalidationBus<K> for RedisBus
 where
     K: StorageKey + Clone,
 {
-    async fn publish(&self, key: &K) -> Result<()> {
-        let op = Operation::Set;
+    async fn connect(&self) -> Result<()> {
+        RedisBus::connect(self).await
+    }
+
+    async fn publish(&self, message: &BusMessage<K>) -> Result<()> {
+        let op = Operation::Publish;
         if self.state.is_closed() {
             return Err(Error::closed(op));
         }
         if !self.publisher.is_connected() {
             return Err(self.health.not_connected(op));
         }
-        let key = key.encode_key();
-        let mut msg = Vec::with_capacity(ID_LEN + key.len());
+        let body = message.encode();
+        let mut msg = Vec::with_capacity(ID_LEN + body.len());
         msg.extend_from_slice(&self.instance_id.to_le_bytes());
-        msg.extend_from_slice(&key);
+        msg.extend_from_slice(&body);
         let publish = self
             .publisher
             .publish::<i64, _, _>(self.channel.as_str(), Value::from(msg.into_boxed_slice()));
@@ -318,8 +322,8 @@ where
                             if bytes.len() < ID_LEN || bytes[..ID_LEN] == own.to_le_bytes() {
                                 continue;
                             }
-                            if let Ok(key) = K::decode_key(&bytes[ID_LEN..]) {
-                                sink(Invalidation::Key(key));
+                            if let Ok(message) = BusMessage::decode(&bytes[ID_LEN..]) {
+                                sink(Invalidation::Message(message));
                             }
                         }
                         Err(RecvError::Lagged(_)) => sink(Invalidation::All),

@@ -408,11 +408,15 @@ struct LoopbackEndpoint<K> {
 
 #[async_trait]
 impl<K: Clone + Send + Sync + 'static> crate::InvalidationBus<K> for LoopbackEndpoint<K> {
-    async fn publish(&self, key: &K) -> Result<()> {
+    async fn connect(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn publish(&self, message: &crate::BusMessage<K>) -> Result<()> {
         let sinks: Vec<_> = self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (id, sink) in sinks {
             if id != self.id {
-                sink(crate::Invalidation::Key(key.clone()));
+                sink(crate::Invalidation::Message(message.clone()));
             }
         }
         Ok(())
