@@ -176,6 +176,13 @@ where
     /// The transport's, typically `Unavailable` naming why, `Closed` after close.
     async fn connect(&self) -> Result<()>;
 
+    /// The largest [`BusMessage::encode`]d message the transport carries (PostgreSQL's
+    /// `NOTIFY` takes under 8000 bytes); the composer packs keys into messages below it
+    /// and sends [`Change::Clear`] for a key too long to announce. Default: no limit.
+    fn max_message_bytes(&self) -> usize {
+        usize::MAX
+    }
+
     /// Sends `message` to the other instances. While the transport is (re)connecting it
     /// waits, up to its timeout, rather than failing at once.
     ///
