@@ -406,6 +406,25 @@ impl<K: Hash + Eq + Clone> DirtyKeys<K> {
             .unwrap_or(true)
     }
 
+    /// Reads skip the whole layer for its TTL (or for good without one): it may hold
+    /// anything (a clear failed there).
+    pub(crate) fn skip_all(&self, now: Timestamp) {
+        let until = match self.ttl {
+            Some(ttl) => now.saturating_add(ttl).as_millis(),
+            None => u64::MAX,
+        };
+        self.skip_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// The layer was cleared: it holds no outdated copy (pinned keys stay pinned: an
+    /// abandoned write may still land).
+    pub(crate) fn cleared(&self, now: Timestamp) {
+        self.skip_until.store(0, Ordering::Relaxed);
+        let Ok(mut map) = self.keys.lock() else { return };
+        map.retain(|_, &mut pin| pin > now.as_millis());
+        self.len.store(map.len(), Ordering::Relaxed);
+    }
+
     /// Reads skip `keys` here until a write of them succeeds here.
     pub(crate) fn mark<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp)
     where

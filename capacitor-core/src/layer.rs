@@ -9,6 +9,9 @@ use futures_core::Stream;
 use crate::entry::Entry;
 use crate::error::{Error, ErrorKind, Operation, Result};
 
+/// Keys [`Layer::clear`]'s default deletes per call.
+const CLEAR_BATCH: usize = 256;
+
 /// A stream of entries produced by [`Layer::scan`].
 pub type EntryStream<K, V> = Pin<Box<dyn Stream<Item = Result<(K, Entry<V>)>> + Send + 'static>>;
 
@@ -345,6 +348,51 @@ where
     fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
         let _ = prefix;
         Err(Error::unsupported(Operation::Scan, "this layer cannot scan"))
+    }
+
+    /// Removes every entry this layer holds (under its prefix or table, for shared
+    /// stores).
+    ///
+    /// The default uses [`clear_sync`](Layer::clear_sync) when the layer answers it, else
+    /// [`scan`](Layer::scan)s every key and deletes them in batches of 256: one pass, in
+    /// bounded memory; entries written during the pass may survive it.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] for a layer that can neither clear nor scan; as
+    /// [`delete_many`](Layer::delete_many) otherwise.
+    async fn clear(&self) -> Result<()> {
+        if let Some(result) = self.clear_sync() {
+            return result;
+        }
+        let mut entries = self.scan(b"").map_err(|e| {
+            Error::new(
+                ErrorKind::Unsupported,
+                Operation::Clear,
+                "this layer can neither clear nor scan",
+            )
+            .with_source(e)
+        })?;
+        let mut batch = Vec::with_capacity(CLEAR_BATCH);
+        loop {
+            let next = std::future::poll_fn(|cx| entries.as_mut().poll_next(cx)).await;
+            match next {
+                Some(Ok((key, _))) => batch.push(key),
+                // An entry that does not decode is still there: its key is not known,
+                // so the layer cannot remove it this way.
+                Some(Err(e)) if e.kind() == ErrorKind::Decode => {}
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+            if batch.len() == CLEAR_BATCH {
+                self.delete_many(&batch).await?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            self.delete_many(&batch).await?;
+        }
+        Ok(())
     }
 
     /// Applies every write in `ops` atomically: all or nothing.

@@ -168,6 +168,14 @@ pub struct LayerStats {
     /// More keys than the tracker holds (100,000) became suspect at some point: reads then
     /// skipped this layer altogether for its TTL (for good without one).
     pub suspects_overflowed: bool,
+    /// Keys of this cache layer whose invalidation failed, waiting to be removed once
+    /// the layer answers again (a whole-layer clear counts as one).
+    pub replay_pending: u64,
+    /// Keys (and clears) removed from this layer by recovery after it answered again.
+    pub replayed: u64,
+    /// Times more keys waited than recovery holds (100,000): they were replaced by a
+    /// clear of the whole layer.
+    pub replay_overflows: u64,
 }
 
 impl LayerStats {
@@ -226,13 +234,24 @@ pub struct Stats {
 #[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BusStats {
-    /// Keys announced to the other instances.
+    /// Messages sent to the other instances (each announces one or more changes).
     pub published: u64,
-    /// Announcements the bus failed to send (the write itself succeeded).
+    /// Attempts to send that failed (the writes had succeeded; the message is kept and
+    /// sent again).
     pub publish_errors: u64,
+    /// Announcements waiting to be sent (keys, or a clear).
+    pub pending: u64,
+    /// Times the waiting announcements passed the bound and were replaced by one clear.
+    pub overflows: u64,
+    /// Messages the transport refused as too large (split, or a clear for a single key).
+    pub too_large: u64,
     /// Messages received from the other instances.
     pub received: u64,
-    /// Times the in-process layers were cleared because messages may have been missed.
+    /// Received messages dropped as already applied (a repeat, or older than the last
+    /// one applied from their sender).
+    pub ignored: u64,
+    /// Times the in-process layers were cleared: the subscription (re)started, or another
+    /// instance sent a clear.
     pub clears: u64,
 }
 
@@ -314,8 +333,8 @@ impl fmt::Display for Stats {
         if let Some(b) = &self.bus {
             writeln!(
                 f,
-                "invalidation bus: {} published ({} failed), {} received, {} clears",
-                b.published, b.publish_errors, b.received, b.clears
+                "invalidation bus: {} published ({} failed, {} pending, {} overflows), {} received ({} ignored), {} clears",
+                b.published, b.publish_errors, b.pending, b.overflows, b.received, b.ignored, b.clears
             )?;
         }
         if let Some(s) = &self.fail_safe {

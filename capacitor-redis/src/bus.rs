@@ -36,13 +36,19 @@ pub(crate) fn instance_id() -> u64 {
 }
 
 /// An [`InvalidationBus`] on Redis pub/sub: [`publish`](InvalidationBus::publish) sends the
-/// instance's id and the key's bytes on the channel; a dedicated subscriber connection
-/// delivers the other instances' keys as [`Invalidation::Key`] (its own are ignored), and
-/// [`Invalidation::All`] after every re-subscription following a reconnect (messages may
-/// have been lost meanwhile: pub/sub does not queue).
+/// instance's id and the [`BusMessage`] on the channel; a dedicated subscriber connection
+/// delivers the other instances' messages as [`Invalidation::Message`] (its own are
+/// ignored), and [`Invalidation::All`] once the first subscription is up and after every
+/// re-subscription following a reconnect (messages may have been lost meanwhile: pub/sub
+/// does not queue), so that nothing an instance cached before can stay stale.
 ///
-/// Delivery is at most once and fast (one server hop); staleness after a lost message is
-/// bounded by the `All` on reconnect and by the L1 TTL.
+/// Delivery is at most once and fast (one server hop). One publisher connection sends
+/// in order, which is the order receivers rely on. A `publish` while the publisher is
+/// (re)connecting waits for it up to the command timeout; the composer keeps what could
+/// not be sent and sends it when Redis answers again.
+///
+/// Start-up: call [`connect`](RedisBus::connect) before building the composer, so that
+/// the service starts with a bus that is up (or learns at once why it is not).
 ///
 /// # Examples
 ///
@@ -60,6 +66,7 @@ pub(crate) fn instance_id() -> u64 {
 /// #   .url(&url)
 ///     .channel("doc:redisbus:invalidate")
 ///     .build()?;
+/// bus.connect().await?;
 /// let bus = Arc::new(bus);
 /// let redis = RedisLayer::builder()
 /// #   .url(&url)
@@ -274,8 +281,17 @@ where
         if self.state.is_closed() {
             return Err(Error::closed(op));
         }
-        if !self.publisher.is_connected() {
-            return Err(self.health.not_connected(op));
+        // While the connection comes up (at start-up, after an outage) the message waits
+        // for it, up to the command timeout, rather than failing at once.
+        let started = tokio::time::Instant::now();
+        while !self.publisher.is_connected() {
+            if self.state.is_closed() {
+                return Err(Error::closed(op));
+            }
+            if started.elapsed() >= self.command_timeout || ended(&self.state.publisher_connection) {
+                return Err(self.health.not_connected(op));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let body = message.encode();
         let mut msg = Vec::with_capacity(ID_LEN + body.len());
@@ -312,8 +328,10 @@ where
             if !retry(&state, || sub.subscribe(channel.as_str())).await {
                 return;
             }
-            // Connections made before the first subscription lost nothing.
+            // Connections made before the first subscription lost nothing more than it
+            // does: values cached before it was up are cleared now.
             while reconnects.try_recv().is_ok() {}
+            sink(Invalidation::All);
             loop {
                 tokio::select! {
                     msg = messages.recv() => match msg {

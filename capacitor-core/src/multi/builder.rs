@@ -6,8 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::invalidation::BusCounters;
+use super::invalidation::{Bus, BusConfig};
 use super::loader::{Flights, NegativeCache};
+use super::recovery::{Recovery, Replay};
 use super::refresh::Refresher;
 use super::slot::Slot;
 use super::write_back::drain;
@@ -30,6 +31,8 @@ use crate::layer::{Capabilities, Layer};
 
 /// Keys a cache layer tracks as possibly outdated before it is skipped altogether.
 const SUSPECT_KEYS: usize = 100_000;
+/// [`MultiLayerBuilder::bus_queue_bound`]'s default.
+const DEFAULT_BUS_QUEUE_BOUND: usize = 10_000;
 
 /// Builds a [`MultiLayer`]; [`build`](MultiLayerBuilder::build) validates everything.
 ///
@@ -65,6 +68,7 @@ pub struct MultiLayerBuilder<K, V> {
     cache_misses_for: Option<Duration>,
     ttl_jitter: f64,
     bus: Option<Arc<dyn InvalidationBus<K>>>,
+    bus_config: BusConfig,
     fail_safe: Option<FailSafe>,
     on_health: Option<HealthListener>,
     refresh_ahead: Option<Duration>,
@@ -147,12 +151,37 @@ where
         self
     }
 
-    /// Keep the in-process layers of several application instances coherent: publish
-    /// every written or deleted key on `bus` (under write-back, once the drain has written
-    /// it below), and drop keys other instances publish from this instance's in-process
-    /// layers (those declaring [`Capabilities::sync_ops`]). See [`InvalidationBus`].
+    /// Keep the in-process layers of several application instances coherent through
+    /// `bus`: every change this composer makes (set, delete, their batch forms, a commit,
+    /// a drained write-back batch, [`clear`](MultiLayer::clear)) is announced once it
+    /// succeeded, never a loader's fill or a promotion; each key other instances announce
+    /// is dropped from this instance's in-process layers (those declaring
+    /// [`Capabilities::sync_ops`]), and they are cleared whenever the subscription
+    /// (re)starts, the first time included.
+    ///
+    /// Announcements leave from a background queue, in order, without the write waiting
+    /// ([`publish_wait`](Self::publish_wait) to wait). What the bus cannot take is kept and
+    /// sent when it answers again; past [`bus_queue_bound`](Self::bus_queue_bound) waiting
+    /// keys, they are replaced by one clear of every instance's in-process layers. Needs a
+    /// tokio runtime at `build`. Call the bus's `connect` before `build` to start with a
+    /// bus that is up. See [`InvalidationBus`].
     pub fn invalidation_bus(mut self, bus: Arc<dyn InvalidationBus<K>>) -> Self {
         self.bus = Some(bus);
+        self
+    }
+
+    /// Each write waits up to `limit` for its announcement on the invalidation bus to be
+    /// sent (default: it does not wait). A write never fails because of the bus: past the
+    /// limit it returns and the announcement stays queued.
+    pub fn publish_wait(mut self, limit: Duration) -> Self {
+        self.bus_config.wait = Some(limit);
+        self
+    }
+
+    /// Announcements waiting for the invalidation bus at most (default 10 000); past it
+    /// they are replaced by one clear (counted in `BusStats::overflows`).
+    pub fn bus_queue_bound(mut self, keys: usize) -> Self {
+        self.bus_config.queue_bound = keys;
         self
     }
 
@@ -352,6 +381,23 @@ where
             })?),
             None => None,
         };
+        let bus_runtime = match &self.bus {
+            Some(_) => Some(tokio::runtime::Handle::try_current().map_err(|e| {
+                Error::config(
+                    "invalidation_bus",
+                    "the bus sends from a tokio task; build inside a runtime",
+                )
+                .with_source(e)
+            })?),
+            None => None,
+        };
+        if self.bus.is_some() && self.bus_config.queue_bound == 0 {
+            return Err(Error::config("bus_queue_bound", "must be greater than zero"));
+        }
+        if self.bus_config.wait == Some(Duration::ZERO) {
+            return Err(Error::config("publish_wait", "must be greater than zero"));
+        }
+        let bus = self.bus;
         let mut all_sync = true;
         let name = self.name.unwrap_or_else(|| {
             let names: Vec<&str> = self.layers.iter().map(|l| l.name.as_str()).collect();
@@ -384,6 +430,8 @@ where
                     sync_above: all_sync,
                     suspects: (!sync_ops && !l.read_only && i != authoritative)
                         .then(|| DirtyKeys::new(SUSPECT_KEYS, l.ttl)),
+                    replay: (!sync_ops && !l.read_only && i != authoritative)
+                        .then(|| Replay::new(SUSPECT_KEYS)),
                     breaker: breaker.map(|config| Breaker::new(config, Arc::clone(&self.clock))),
                     name: l.name,
                     layer: l.layer,
@@ -400,7 +448,9 @@ where
             })
             .collect();
         Ok(MultiLayer {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                me: me.clone(),
+                recovery: Recovery::default(),
                 name,
                 slots,
                 authoritative,
@@ -414,8 +464,7 @@ where
                 flights: Flights::default(),
                 negative: self.cache_misses_for.map(NegativeCache::new),
                 ttl_jitter: self.ttl_jitter,
-                bus: self.bus,
-                bus_counters: BusCounters::default(),
+                bus: bus.map(|bus| Bus::new(bus, &self.bus_config)),
                 fail_safe: self.fail_safe.map(FailSafeStore::new),
                 refresh: self.refresh_ahead.map(Refresher::new),
                 in_doubt: write::InDoubt::default(),
@@ -429,10 +478,11 @@ where
             }
         })
         .and_then(|cache| {
-            if let Some(bus) = &cache.inner.bus {
+            if let (Some(bus), Some(runtime)) = (&cache.inner.bus, &bus_runtime) {
+                bus.spawn_sender(runtime);
                 // Weak: the subscription must not keep a dropped composer alive.
                 let weak = Arc::downgrade(&cache.inner);
-                bus.subscribe(Arc::new(move |message| {
+                bus.transport.subscribe(Arc::new(move |message| {
                     if let Some(inner) = weak.upgrade() {
                         inner.invalidate_local(message);
                     }
@@ -460,6 +510,10 @@ where
             cache_misses_for: None,
             ttl_jitter: 0.0,
             bus: None,
+            bus_config: BusConfig {
+                queue_bound: DEFAULT_BUS_QUEUE_BOUND,
+                wait: None,
+            },
             fail_safe: None,
             on_health: None,
             refresh_ahead: None,

@@ -97,6 +97,10 @@ where
         MultiLayer::delete_many(self, keys).await
     }
 
+    async fn clear(&self) -> Result<()> {
+        MultiLayer::clear(self).await
+    }
+
     async fn flush(&self) -> Result<()> {
         MultiLayer::flush(self).await
     }

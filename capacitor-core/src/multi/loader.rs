@@ -120,6 +120,10 @@ impl<K: Hash + Eq + Clone> NegativeCache<K> {
     pub(super) fn forget(&self, key: &K) {
         self.lock().remove(key);
     }
+
+    pub(super) fn clear(&self) {
+        self.lock().clear();
+    }
 }
 
 fn shared_error(err: &Arc<Error>) -> Error {

@@ -90,14 +90,13 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::bus::InvalidationBus;
 use crate::config::WritePolicy;
 use crate::entry::SharedClock;
 use crate::error::{Error, Operation, Result};
 use crate::failsafe::Store as FailSafeStore;
 use crate::guard::Generations;
 use crate::health::DirtyKeys;
-use crate::stats::{BusStats, Stats};
+use crate::stats::Stats;
 use crate::writeback::Queue;
 
 // Named by the doc comments only.
@@ -115,6 +114,7 @@ mod loader;
 mod metrics;
 mod promote;
 mod read;
+mod recovery;
 mod refresh;
 mod scan;
 mod slot;
@@ -131,13 +131,15 @@ pub use future::{Get, GetEntry};
 pub use transaction::Transaction;
 pub use warmup::{WarmUp, WarmUpReport};
 
-use invalidation::BusCounters;
 use loader::{Flights, NegativeCache};
 pub use refresh::RefreshStats;
 use refresh::Refresher;
 use slot::Slot;
 
 struct Inner<K, V> {
+    /// This composer, for the background tasks it starts on demand.
+    me: std::sync::Weak<Inner<K, V>>,
+    recovery: recovery::Recovery,
     name: String,
     slots: Box<[Slot<K, V>]>,
     /// Index of the bottom-most writable layer: the source of truth for writes.
@@ -154,8 +156,7 @@ struct Inner<K, V> {
     negative: Option<NegativeCache<K>>,
     /// Writes shorten layer TTLs by a random fraction below this.
     ttl_jitter: f64,
-    bus: Option<Arc<dyn InvalidationBus<K>>>,
-    bus_counters: BusCounters,
+    bus: Option<invalidation::Bus<K>>,
     fail_safe: Option<FailSafeStore<K, V>>,
     refresh: Option<Refresher<K>>,
     /// Keys whose last write to the store had an unknown outcome.
@@ -264,21 +265,18 @@ where
                     stats.breaker_opens = s.breaker.as_ref().map_or(0, |b| b.opened.load(Ordering::Relaxed));
                     stats.suspect_keys = s.suspects.as_ref().map_or(0, |d| d.len() as u64);
                     stats.suspects_overflowed = s.suspects.as_ref().is_some_and(DirtyKeys::overflowed);
+                    if let Some(replay) = &s.replay {
+                        stats.replay_pending = replay.len() as u64;
+                        stats.replayed = replay.replayed.load(Ordering::Relaxed);
+                        stats.replay_overflows = replay.overflows.load(Ordering::Relaxed);
+                    }
                     stats
                 })
                 .collect(),
             fail_safe: self.inner.fail_safe.as_ref().map(FailSafeStore::stats),
             refresh: self.inner.refresh.as_ref().map(Refresher::stats),
             write_back: self.inner.queue.as_ref().map(Queue::stats),
-            bus: self.inner.bus.as_ref().map(|_| {
-                let c = &self.inner.bus_counters;
-                BusStats {
-                    published: c.published.load(Ordering::Relaxed),
-                    publish_errors: c.publish_errors.load(Ordering::Relaxed),
-                    received: c.received.load(Ordering::Relaxed),
-                    clears: c.clears.load(Ordering::Relaxed),
-                }
-            }),
+            bus: self.inner.bus.as_ref().map(invalidation::Bus::stats),
         }
     }
 
@@ -351,7 +349,7 @@ where
             let _writing = self.inner.guard.begin_write(self.inner.guard.stripe_of(key));
             self.inner.forget(key);
             if let Err(e) = l1.delete(key).await {
-                l1.invalidation_failed(&e, [key], self.inner.clock.now());
+                l1.invalidation_failed(&e, &[key], self.inner.clock.now());
                 first.get_or_insert(e.with_layer(l1.name.clone()));
             }
         }

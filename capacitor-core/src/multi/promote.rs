@@ -84,7 +84,8 @@ where
             let written = result.is_ok();
             if self.promotion_voided(slot, ticket, result) {
                 if let Err(e) = slot.delete(key).await {
-                    slot.invalidation_failed(&e, [key], self.inner.clock.now());
+                    slot.invalidation_failed(&e, &[key], self.inner.clock.now());
+                    self.inner.recover();
                 }
             } else if written {
                 slot.cleaned([key], self.inner.clock.now());

@@ -28,6 +28,8 @@ pub(super) struct Slot<K, V> {
     pub(super) breaker: Option<Breaker>,
     /// Cache layers reached over the network: keys they may hold outdated copies of.
     pub(super) suspects: Option<DirtyKeys<K>>,
+    /// The same layers: keys to remove there once the layer answers again.
+    pub(super) replay: Option<super::recovery::Replay<K>>,
     pub(super) on_health: Option<HealthListener>,
     pub(super) cache: Arc<str>,
 }
@@ -117,17 +119,16 @@ where
     }
 
     /// Counts the failure of an invalidation (a skip by the open breaker is counted
-    /// apart) and marks `keys` suspect here.
-    pub(super) fn invalidation_failed<'a>(
-        &self,
-        err: &Error,
-        keys: impl IntoIterator<Item = &'a K>,
-        now: Timestamp,
-    ) {
+    /// apart), keeps `keys` to remove once the layer answers (see `recovery`) and marks
+    /// them suspect here, in that order. The caller wakes the recovery task.
+    pub(super) fn invalidation_failed(&self, err: &Error, keys: &[&K], now: Timestamp) {
         if !err.is_circuit_open() {
             self.counters.incr(Counter::Error);
         }
-        self.suspected(keys, now);
+        if let Some(replay) = &self.replay {
+            replay.record(keys.iter().copied());
+        }
+        self.suspected(keys.iter().copied(), now);
     }
 
     /// This layer now holds the current state of `keys`.
@@ -211,6 +212,16 @@ where
             self.layer.apply_atomic(ops),
         )
         .await
+    }
+
+    pub(super) async fn clear(&self) -> Result<()> {
+        match self.sync_ops.then(|| self.layer.clear_sync()).flatten() {
+            Some(result) => result,
+            None => {
+                self.call(Operation::Clear, Access::Write, self.layer.clear())
+                    .await
+            }
+        }
     }
 
     pub(super) async fn flush(&self) -> Result<()> {

@@ -105,6 +105,13 @@ impl<K, V> Writes<'_, K, V> {
         }
     }
 
+    /// Whether this write is a change the other instances are told of: everything but
+    /// a loader's fill (a copy of what the store holds, like a promotion).
+    #[inline]
+    fn announced(&self) -> bool {
+        !matches!(self, Writes::Set { fill: Some(_), .. })
+    }
+
     fn keys(&self) -> Vec<&K> {
         let mut out: Vec<&K> = Vec::new();
         match self {
@@ -404,18 +411,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'sta
                     }
                 }
             } else {
+                // Its copies are removed by the recovery task (retried while the layer
+                // fails); reads pass the layer by for these keys meanwhile, and for the
+                // pin's length (the abandoned write may still land).
+                if let Some(replay) = &slot.replay {
+                    replay.record(keys.iter().copied());
+                }
                 if let Some(suspects) = &slot.suspects {
                     suspects.pin(keys.iter().copied(), now);
                 }
-                // Reads pass the layer by for these keys; its copies are removed in the
-                // background (the pin stays: the abandoned write may still land).
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let layer = std::sync::Arc::clone(&slot.layer);
-                    let owned: Vec<K> = keys.iter().map(|k| (*k).clone()).collect();
-                    runtime.spawn(async move {
-                        let _ = layer.delete_many(&owned).await;
-                    });
-                }
+                inner.recover();
             }
         }
     }
@@ -577,8 +582,12 @@ where
     if !scope.guards.settle_now() || scope.guards.overlapped() {
         return None;
     }
-    if authority.is_some() && inner.bus.is_some() {
-        return None;
+    if authority.is_some() && inner.bus.is_some() && writes.announced() {
+        if inner.bus.as_ref().is_some_and(|bus| bus.wait.is_some()) {
+            // The write waits for its announcement: the awaited path does that.
+            return None;
+        }
+        inner.announce(writes.keys());
     }
     scope.done = true;
     Some(Ok(progress.written()))
@@ -664,10 +673,9 @@ where
     scope.done = true;
     drop(scope);
     // (Keys are collected only for a bus: a write without one allocates nothing here.)
-    if authority.is_some() && inner.bus.is_some() {
-        for key in writes.keys() {
-            inner.publish(key).await;
-        }
+    if authority.is_some() && inner.bus.is_some() && writes.announced() {
+        let wait = inner.announce(writes.keys());
+        inner.wait_announced(wait).await;
     }
     Ok(progress.written())
 }
@@ -831,7 +839,8 @@ where
             Ok(())
         }
         Err(e) => {
-            slot.invalidation_failed(&e, writes.keys(), inner.clock.now());
+            slot.invalidation_failed(&e, &writes.keys(), inner.clock.now());
+            inner.recover();
             Err(e.with_layer(slot.name.clone()))
         }
     }

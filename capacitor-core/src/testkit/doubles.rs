@@ -426,7 +426,9 @@ impl<K: Clone + Send + Sync + 'static> crate::InvalidationBus<K> for LoopbackEnd
         self.sinks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((self.id, sink));
+            .push((self.id, Arc::clone(&sink)));
+        // Subscribed: what was cached before may have changed unseen.
+        sink(crate::Invalidation::All);
         Ok(())
     }
 }

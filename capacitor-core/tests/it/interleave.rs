@@ -382,6 +382,7 @@ async fn a_bus_eviction_during_a_promotion_leaves_no_old_copy() {
             store.clone() as Arc<dyn Layer<String, u32>>,
         ))
         .invalidation_bus(bus.endpoint())
+        .publish_wait(LIMIT)
         .build()
         .unwrap();
     let b_l1 = Arc::new(MapLayer::<String, u32>::new());

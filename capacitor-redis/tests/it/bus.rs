@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{unique_prefix, url, RedisServer};
-use capacitor_core::{Invalidation, InvalidationBus, LayerConfig, MultiLayer};
+use capacitor_core::{BusMessage, Change, Invalidation, InvalidationBus, LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_redis::{Reconnect, RedisBus, RedisLayer};
 
@@ -128,20 +128,30 @@ fn own_messages_are_ignored_and_others_delivered() {
         InvalidationBus::<u64>::subscribe(&a, Arc::new(move |m| ga.lock().unwrap().push(m))).unwrap();
         InvalidationBus::<u64>::subscribe(&b, Arc::new(move |m| gb.lock().unwrap().push(m))).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
+        let message = |n: u64| BusMessage::new(7, n, Change::Keys(vec![n]));
         let mut n = 0u64;
-        while !got_b.lock().unwrap().contains(&Invalidation::Key(n)) {
+        while !got_b.lock().unwrap().contains(&Invalidation::Message(message(n))) {
             n += 1;
-            InvalidationBus::<u64>::publish(&a, &n).await.unwrap();
+            InvalidationBus::<u64>::publish(&a, &message(n)).await.unwrap();
             assert!(Instant::now() < deadline, "B received nothing");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // B heard once, first, that its subscription was up.
+        let first_all = got_b.lock().unwrap().iter().position(|m| *m == Invalidation::All);
+        let alls = got_b
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| **m == Invalidation::All)
+            .count();
+        assert_eq!((first_all, alls), (Some(0), 1));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             !got_a
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|m| matches!(m, Invalidation::Key(_))),
+                .any(|m| matches!(m, Invalidation::Message(_))),
             "A ignores its own messages"
         );
         a.close().await.unwrap();
@@ -182,9 +192,14 @@ fn a_reconnect_delivers_invalidation_all() {
         }
         // And it is subscribed again.
         let deadline = Instant::now() + Duration::from_secs(15);
+        let message = BusMessage::new(7, 1, Change::Keys(vec!["k".to_string()]));
         loop {
-            let _ = InvalidationBus::<String>::publish(&sender, &"k".to_string()).await;
-            if got.lock().unwrap().contains(&Invalidation::Key("k".to_string())) {
+            let _ = InvalidationBus::<String>::publish(&sender, &message).await;
+            if got
+                .lock()
+                .unwrap()
+                .contains(&Invalidation::Message(message.clone()))
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "not re-subscribed after the reconnect");
