@@ -637,7 +637,7 @@ impl PostgresBus {
                 op,
                 format!("could not connect to PostgreSQL at {}", shared.target),
             )
-            .with_described_source(Cause(saved.error)));
+            .with_source(Cause(saved.error)));
         }
         let waited = tokio::time::timeout(
             shared.connect_timeout,
@@ -677,7 +677,7 @@ impl PostgresBus {
             format!("could not connect to PostgreSQL at {}", shared.target),
         );
         Err(match saved {
-            Some(saved) => err.with_described_source(Cause(saved.error)),
+            Some(saved) => err.with_source(Cause(saved.error)),
             None => err,
         })
     }
