@@ -775,6 +775,9 @@ where
         let deadline = Instant::now() + self.publish_timeout;
         let mut rx = shared.status.subscribe();
         let mut lost_generation = None;
+        // The error of a call made on a connection that was then lost, returned if no
+        // new connection comes in time.
+        let mut failed_call = None;
         loop {
             let waited = tokio::time::timeout_at(
                 deadline,
@@ -791,6 +794,9 @@ where
                 Ok(Some(publisher)) => publisher,
                 Ok(None) => return Err(Error::closed(op)),
                 Err(_) => {
+                    if let Some(err) = failed_call {
+                        return Err(err);
+                    }
                     let err = Error::new(
                         ErrorKind::Unavailable,
                         op,
@@ -813,8 +819,10 @@ where
                     if err.kind() != ErrorKind::Unavailable || Instant::now() >= deadline {
                         return Err(err);
                     }
-                    // The connection was lost: try again on the next one.
+                    // The connection is failing (lost, the server shutting down): try
+                    // again on the next one.
                     lost_generation = Some(publisher.generation);
+                    failed_call = Some(err);
                 }
                 Err(_) => {
                     return Err(Error::new(
