@@ -37,8 +37,11 @@ fn bus_as(channel: &str, app: &str) -> PostgresBus {
         .expect("bus")
 }
 
+/// What a [`recorder`] sink received.
+type Seen = Arc<Mutex<Vec<Invalidation<String>>>>;
+
 /// A sink recording what it receives.
-fn recorder() -> (InvalidationSink<String>, Arc<Mutex<Vec<Invalidation<String>>>>) {
+fn recorder() -> (InvalidationSink<String>, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let into = Arc::clone(&seen);
     let sink: InvalidationSink<String> = Arc::new(move |i| into.lock().unwrap().push(i));
