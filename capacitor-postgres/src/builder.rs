@@ -44,11 +44,50 @@ const DEFAULT_SCAN_PAGE_SIZE: usize = 256;
 const MAX_BYTEA: usize = (1 << 30) - 1;
 
 /// Where the connection settings come from.
-enum Source {
+pub(crate) enum Source {
     None,
     /// Kept as given until [`PostgresLayerBuilder::build`] parses it; never printed.
     Url(String),
     Config(Box<tokio_postgres::Config>),
+}
+
+impl Source {
+    /// The driver's configuration: the URL parsed (its problems named without quoting
+    /// it), or the given `Config`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config) for no source, a URL that
+    /// does not parse, or one that names no host.
+    pub(crate) fn resolve(self) -> Result<tokio_postgres::Config> {
+        let pg = match self {
+            Source::None => return Err(Error::config("url", "one of `url` or `config` is required")),
+            // No source: the driver's error may quote the string (see `parse_problem`).
+            Source::Url(url) => url.parse::<tokio_postgres::Config>().map_err(|e| {
+                Error::config(
+                    "url",
+                    format!(
+                        "is not a valid PostgreSQL connection URL or key-value string: {}",
+                        parse_problem(&e)
+                    ),
+                )
+            })?,
+            Source::Config(config) => *config,
+        };
+        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+            return Err(Error::config("url", "names no host"));
+        }
+        Ok(pg)
+    }
+
+    /// How `Debug` shows it: never the URL.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::Url(_) => "url (redacted)",
+            Source::Config(_) => "tokio_postgres::Config",
+        }
+    }
 }
 
 /// What is wrong with a connection string tokio-postgres did not parse, without quoting
@@ -174,11 +213,7 @@ pub struct PostgresLayerBuilder<C = BincodeCodec> {
 
 impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let source = match &self.source {
-            Source::None => "none",
-            Source::Url(_) => "url (redacted)",
-            Source::Config(_) => "tokio_postgres::Config",
-        };
+        let source = self.source.describe();
         f.debug_struct("PostgresLayerBuilder")
             .field("source", &source)
             .field("schema", &self.schema)
@@ -615,23 +650,7 @@ impl<C> PostgresLayerBuilder<C> {
             )
             .with_source(e)
         })?;
-        let mut pg = match self.source {
-            Source::None => return Err(Error::config("url", "one of `url` or `config` is required")),
-            // No source: the driver's error may quote the string (see `parse_problem`).
-            Source::Url(url) => url.parse::<tokio_postgres::Config>().map_err(|e| {
-                Error::config(
-                    "url",
-                    format!(
-                        "is not a valid PostgreSQL connection URL or key-value string: {}",
-                        parse_problem(&e)
-                    ),
-                )
-            })?,
-            Source::Config(config) => *config,
-        };
-        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
-            return Err(Error::config("url", "names no host"));
-        }
+        let mut pg = self.source.resolve()?;
         if !self.statement_timeout.is_zero() {
             let ms = self.statement_timeout.as_millis().max(1);
             let options = match pg.get_options() {

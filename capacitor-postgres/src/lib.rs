@@ -3,6 +3,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder;
+mod bus;
 mod core;
 mod error;
 mod key;
@@ -13,6 +14,7 @@ mod sql;
 mod sweep;
 
 pub use builder::{PostgresLayerBuilder, MAX_POOL_SIZE};
+pub use bus::{PostgresBus, PostgresBusBuilder};
 pub use key::KeyFormat;
 pub use layer::{PostgresLayer, MAX_KEY_BYTES};
 

@@ -88,7 +88,8 @@ pub mod postgres {
     #[doc(no_inline)]
     pub use capacitor_postgres::tokio_postgres;
     pub use capacitor_postgres::{
-        KeyFormat, PostgresLayer, PostgresLayerBuilder, MAX_KEY_BYTES, MAX_POOL_SIZE,
+        KeyFormat, PostgresBus, PostgresBusBuilder, PostgresLayer, PostgresLayerBuilder, MAX_KEY_BYTES,
+        MAX_POOL_SIZE,
     };
 }
 

@@ -8,6 +8,7 @@ mod common;
 mod composer;
 mod conformance;
 mod faults;
+mod pg_bus;
 mod proxy;
 mod redaction;
 mod refusals;
