@@ -172,7 +172,8 @@ where
 
     /// Each write waits up to `limit` for its announcement on the invalidation bus to be
     /// sent (default: it does not wait). A write never fails because of the bus: past the
-    /// limit it returns and the announcement stays queued.
+    /// limit it returns and the announcement stays queued; while the bus is failing
+    /// (the last attempt to send failed) writes do not wait at all.
     pub fn publish_wait(mut self, limit: Duration) -> Self {
         self.bus_config.wait = Some(limit);
         self

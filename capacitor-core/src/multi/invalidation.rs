@@ -66,6 +66,8 @@ pub(super) struct Outbox<K> {
     sent: watch::Sender<u64>,
     /// `close` began: the task ends once the outbox is empty or given up on.
     closing: AtomicBool,
+    /// The last attempt to send failed (writes do not wait for a bus that is down).
+    failing: AtomicBool,
     published: AtomicU64,
     publish_errors: AtomicU64,
     overflows: AtomicU64,
@@ -131,6 +133,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Bus<K> {
                 wake: Notify::new(),
                 sent: watch::channel(0).0,
                 closing: AtomicBool::new(false),
+                failing: AtomicBool::new(false),
                 published: AtomicU64::new(0),
                 publish_errors: AtomicU64::new(0),
                 overflows: AtomicU64::new(0),
@@ -288,6 +291,7 @@ impl<K: Hash + Eq + Clone> Outbox<K> {
     /// `batch` was sent.
     fn sent(&self, batch: &Batch<K>) {
         self.published.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(false, Ordering::Release);
         let last = batch.last_ticket();
         {
             let mut state = self.lock();
@@ -328,17 +332,42 @@ impl<K: Hash + Eq + Clone> Outbox<K> {
     }
 
     /// The last ticket given out.
-    fn last_ticket(&self) -> u64 {
+    pub(super) fn last_ticket(&self) -> u64 {
         self.lock().ticket
     }
 
     /// Waits until the announcement with `ticket` was sent, at most `limit`; whether it
-    /// was.
+    /// was. While the bus fails it does not wait at all: the announcement is sent when
+    /// the bus answers again.
     pub(super) async fn wait_sent(&self, ticket: u64, limit: Duration) -> bool {
+        if *self.sent.borrow() >= ticket {
+            return true;
+        }
+        self.wait_for(ticket, limit, true).await
+    }
+
+    /// Waits until `ticket` was sent, at most `limit`; with `unless_failing`, only until
+    /// an attempt to send fails.
+    async fn wait_for(&self, ticket: u64, limit: Duration, unless_failing: bool) -> bool {
         let mut sent = self.sent.subscribe();
-        tokio::time::timeout(limit, sent.wait_for(|s| *s >= ticket))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let done = async {
+            loop {
+                if *sent.borrow_and_update() >= ticket {
+                    return true;
+                }
+                if unless_failing && self.failing.load(Ordering::Acquire) {
+                    return false;
+                }
+                if sent.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(limit, done).await.unwrap_or(false)
+    }
+
+    async fn wait_until_sent(&self, ticket: u64, limit: Duration) -> bool {
+        self.wait_for(ticket, limit, false).await
     }
 
     /// Waits, at most `limit`, until everything announced so far was sent.
@@ -348,7 +377,7 @@ impl<K: Hash + Eq + Clone> Outbox<K> {
     /// `Unavailable` naming how many announcements still wait.
     pub(super) async fn flush(&self, limit: Duration, op: Operation) -> Result<()> {
         let ticket = self.last_ticket();
-        if ticket == 0 || self.wait_sent(ticket, limit).await {
+        if ticket == 0 || self.wait_until_sent(ticket, limit).await {
             return Ok(());
         }
         let pending = {
@@ -448,6 +477,9 @@ where
         }
         Err(_) => {
             out.publish_errors.fetch_add(1, Ordering::Relaxed);
+            out.failing.store(true, Ordering::Release);
+            // Writes waiting for their announcement stop waiting.
+            out.sent.send_modify(|_| {});
             out.put_back(batch);
             Err(())
         }
@@ -538,9 +570,10 @@ where
 
     /// Waits (up to the configured wait) until announcement `ticket` was sent; a write
     /// does not fail because the bus is slow or down.
-    pub(super) async fn wait_announced(&self, wait: Option<(u64, Duration)>) {
+    pub(super) async fn wait_announced(&self, wait: Option<(u64, Duration)>, keys: &[&K]) {
         if let (Some(bus), Some((ticket, limit))) = (&self.bus, wait) {
             let _ = bus.outbox.wait_sent(ticket, limit).await;
+            self.wait_replayed(keys, limit).await;
         }
     }
 }

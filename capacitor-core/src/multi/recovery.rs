@@ -34,6 +34,8 @@ pub(super) struct Replay<K> {
     bound: usize,
     state: Mutex<ReplayState<K>>,
     len: AtomicUsize,
+    /// The last attempt failed (the layer is still down).
+    failing: AtomicBool,
     pub(super) replayed: AtomicU64,
     pub(super) overflows: AtomicU64,
 }
@@ -43,6 +45,10 @@ struct ReplayState<K> {
     queued: HashSet<K, FxBuildHasher>,
     /// The whole layer is to be cleared (the bound was passed, or a clear failed).
     clear: bool,
+    /// Keys (or a clear) taken by the task and not yet replayed and announced.
+    in_flight: usize,
+    /// The keys among them.
+    in_flight_keys: Vec<K>,
 }
 
 /// What one attempt replays.
@@ -59,8 +65,11 @@ impl<K: Hash + Eq + Clone> Replay<K> {
                 keys: VecDeque::new(),
                 queued: HashSet::default(),
                 clear: false,
+                in_flight: 0,
+                in_flight_keys: Vec::new(),
             }),
             len: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
             replayed: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
         }
@@ -72,14 +81,16 @@ impl<K: Hash + Eq + Clone> Replay<K> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keys (or a clear) waiting.
+    /// Keys (or a clear) waiting or being replayed.
     pub(super) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
 
     fn update_len(&self, state: &ReplayState<K>) {
-        self.len
-            .store(state.keys.len() + usize::from(state.clear), Ordering::Relaxed);
+        self.len.store(
+            state.keys.len() + usize::from(state.clear) + state.in_flight,
+            Ordering::Relaxed,
+        );
     }
 
     /// `keys` could not be invalidated in the layer.
@@ -150,12 +161,44 @@ impl<K: Hash + Eq + Clone> Replay<K> {
             }
             Work::Keys(keys)
         };
+        state.in_flight = match &work {
+            Work::Clear => 1,
+            Work::Keys(keys) => {
+                state.in_flight_keys.clone_from(keys);
+                keys.len()
+            }
+        };
         self.update_len(&state);
         Some(work)
     }
 
+    /// What [`take`](Self::take) gave out was replayed and announced.
+    fn finish(&self) {
+        let mut state = self.lock();
+        state.in_flight = 0;
+        state.in_flight_keys.clear();
+        self.failing.store(false, Ordering::Release);
+        self.update_len(&state);
+    }
+
+    /// Whether a replay that may still succeed soon holds any of `keys`: something
+    /// waits, and the last attempt did not fail.
+    pub(super) fn holds_any<'a>(&self, mut keys: impl Iterator<Item = &'a K>) -> bool
+    where
+        K: 'a,
+    {
+        if self.len() == 0 || self.failing.load(Ordering::Acquire) {
+            return false;
+        }
+        let state = self.lock();
+        state.clear || keys.any(|k| state.queued.contains(k) || state.in_flight_keys.contains(k))
+    }
+
     fn put_back(&self, work: Work<K>) {
         let mut state = self.lock();
+        state.in_flight = 0;
+        state.in_flight_keys.clear();
+        self.failing.store(true, Ordering::Release);
         match work {
             Work::Clear => {
                 state.keys.clear();
@@ -211,8 +254,8 @@ where
             let Some(replay) = &slot.replay else { continue };
             while let Some(work) = replay.take() {
                 let result = match &work {
-                    Work::Clear => slot.clear().await,
-                    Work::Keys(keys) => slot.delete_many(keys).await.map(drop),
+                    Work::Clear => slot.replay_clear().await,
+                    Work::Keys(keys) => slot.replay_delete_many(keys).await.map(drop),
                 };
                 if result.is_err() {
                     replay.put_back(work);
@@ -238,6 +281,7 @@ where
                         self.announce(keys.iter());
                     }
                 }
+                replay.finish();
             }
         }
         let waiting = self
@@ -245,6 +289,36 @@ where
             .iter()
             .any(|s| s.replay.as_ref().is_some_and(|r| r.len() > 0));
         (failed, waiting)
+    }
+
+    /// Under [`publish_wait`](super::MultiLayerBuilder::publish_wait): waits, up to
+    /// `limit`, until no replay that may succeed soon holds one of `keys` (a cache layer
+    /// that skipped the write, its breaker still open though the layer answers again, is
+    /// cleaned by the replay a moment later), then until its announcements were sent.
+    pub(super) async fn wait_replayed(&self, keys: &[&K], limit: Duration) {
+        let started = tokio::time::Instant::now();
+        let holding = || {
+            self.slots.iter().any(|s| {
+                s.replay
+                    .as_ref()
+                    .is_some_and(|r| r.holds_any(keys.iter().copied()))
+            })
+        };
+        if !holding() {
+            return;
+        }
+        while holding() {
+            if started.elapsed() >= limit {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if let Some(bus) = &self.bus {
+            let _ = bus
+                .outbox
+                .wait_sent(bus.outbox.last_ticket(), limit.saturating_sub(started.elapsed()))
+                .await;
+        }
     }
 }
 

@@ -214,6 +214,33 @@ where
         .await
     }
 
+    /// Recovery's delete: under the layer's write timeout but not its breaker, which
+    /// would hold the replay back for its cool-down after the layer answers again (the
+    /// replay retries on its own, and a layer that is down fails it at once).
+    pub(super) async fn replay_delete_many(&self, keys: &[K]) -> Result<u64> {
+        self.timed(Operation::DeleteMany, self.layer.delete_many(keys))
+            .await
+    }
+
+    /// Recovery's clear (see [`replay_delete_many`](Self::replay_delete_many)).
+    pub(super) async fn replay_clear(&self) -> Result<()> {
+        self.timed(Operation::Clear, self.layer.clear()).await
+    }
+
+    async fn timed<T>(&self, op: Operation, operation: impl Future<Output = Result<T>>) -> Result<T> {
+        match self.write_timeout {
+            None => operation.await,
+            Some(limit) => tokio::time::timeout(limit, operation).await.unwrap_or_else(|_| {
+                self.counters.incr(Counter::Timeout);
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    op,
+                    format!("no answer within the layer's {limit:?} timeout"),
+                ))
+            }),
+        }
+    }
+
     pub(super) async fn clear(&self) -> Result<()> {
         match self.sync_ops.then(|| self.layer.clear_sync()).flatten() {
             Some(result) => result,

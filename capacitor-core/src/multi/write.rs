@@ -674,8 +674,9 @@ where
     drop(scope);
     // (Keys are collected only for a bus: a write without one allocates nothing here.)
     if authority.is_some() && inner.bus.is_some() && writes.announced() {
-        let wait = inner.announce(writes.keys());
-        inner.wait_announced(wait).await;
+        let keys = writes.keys();
+        let wait = inner.announce(keys.iter().copied());
+        inner.wait_announced(wait, &keys).await;
     }
     Ok(progress.written())
 }

@@ -346,8 +346,21 @@ impl Around for Faults {
 /// The endpoints of a [`LoopbackBus`], by id.
 type Sinks<K> = Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>;
 
+/// What a [`LoopbackBus`]'s endpoints share.
+struct Hub<K> {
+    sinks: Sinks<K>,
+    /// Subscriptions not yet up (see [`LoopbackBus::hold_subscriptions`]).
+    held: Mutex<Vec<(usize, crate::InvalidationSink<K>)>>,
+    holding: std::sync::atomic::AtomicBool,
+    down: std::sync::atomic::AtomicBool,
+    delivered: std::sync::atomic::AtomicU64,
+}
+
 /// An in-process [`InvalidationBus`](crate::InvalidationBus) hub for tests: each
-/// [`endpoint`](LoopbackBus::endpoint) delivers what it publishes to every other endpoint.
+/// [`endpoint`](LoopbackBus::endpoint) delivers what it publishes to every other endpoint,
+/// at once, inside `publish`. It can be taken down ([`set_down`](LoopbackBus::set_down))
+/// and its subscriptions held back ([`hold_subscriptions`](LoopbackBus::hold_subscriptions))
+/// to test start-up and outages.
 ///
 /// # Examples
 ///
@@ -359,7 +372,7 @@ type Sinks<K> = Arc<Mutex<Vec<(usize, crate::InvalidationSink<K>)>>>;
 /// # let _ = (a, b);
 /// ```
 pub struct LoopbackBus<K> {
-    sinks: Sinks<K>,
+    hub: Arc<Hub<K>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -372,10 +385,20 @@ impl<K> fmt::Debug for LoopbackBus<K> {
 impl<K: Clone + Send + Sync + 'static> Default for LoopbackBus<K> {
     fn default() -> Self {
         LoopbackBus {
-            sinks: Arc::default(),
+            hub: Arc::new(Hub {
+                sinks: Arc::default(),
+                held: Mutex::default(),
+                holding: std::sync::atomic::AtomicBool::new(false),
+                down: std::sync::atomic::AtomicBool::new(false),
+                delivered: std::sync::atomic::AtomicU64::new(0),
+            }),
             next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<K: Clone + Send + Sync + 'static> LoopbackBus<K> {
@@ -388,22 +411,48 @@ impl<K: Clone + Send + Sync + 'static> LoopbackBus<K> {
     pub fn endpoint(&self) -> Arc<dyn crate::InvalidationBus<K>> {
         Arc::new(LoopbackEndpoint {
             id: self.next.fetch_add(1, Ordering::Relaxed),
-            sinks: Arc::clone(&self.sinks),
+            hub: Arc::clone(&self.hub),
         })
     }
 
     /// Tells every endpoint that messages may have been missed.
     pub fn reconnect_all(&self) {
-        let sinks: Vec<_> = self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sinks: Vec<_> = locked(&self.hub.sinks).clone();
         for (_, sink) in sinks {
             sink(crate::Invalidation::All);
         }
+    }
+
+    /// Takes the publishing side down (`publish` fails with `Unavailable`) or brings it
+    /// back; subscriptions stay up ([`reconnect_all`](Self::reconnect_all) to tell them
+    /// they missed messages).
+    pub fn set_down(&self, down: bool) {
+        self.hub.down.store(down, Ordering::SeqCst);
+    }
+
+    /// While on, `subscribe` calls wait (their subscriptions are not up: nothing is
+    /// delivered to them); turning it off brings them up, each told
+    /// [`Invalidation::All`](crate::Invalidation::All).
+    pub fn hold_subscriptions(&self, hold: bool) {
+        self.hub.holding.store(hold, Ordering::SeqCst);
+        if !hold {
+            let held = std::mem::take(&mut *locked(&self.hub.held));
+            for (id, sink) in held {
+                locked(&self.hub.sinks).push((id, Arc::clone(&sink)));
+                sink(crate::Invalidation::All);
+            }
+        }
+    }
+
+    /// Messages delivered so far, counted once per message (not per receiver).
+    pub fn delivered(&self) -> u64 {
+        self.hub.delivered.load(Ordering::SeqCst)
     }
 }
 
 struct LoopbackEndpoint<K> {
     id: usize,
-    sinks: Sinks<K>,
+    hub: Arc<Hub<K>>,
 }
 
 #[async_trait]
@@ -413,7 +462,15 @@ impl<K: Clone + Send + Sync + 'static> crate::InvalidationBus<K> for LoopbackEnd
     }
 
     async fn publish(&self, message: &crate::BusMessage<K>) -> Result<()> {
-        let sinks: Vec<_> = self.sinks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if self.hub.down.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                crate::ErrorKind::Unavailable,
+                crate::Operation::Publish,
+                "the loopback bus is down",
+            ));
+        }
+        self.hub.delivered.fetch_add(1, Ordering::SeqCst);
+        let sinks: Vec<_> = locked(&self.hub.sinks).clone();
         for (id, sink) in sinks {
             if id != self.id {
                 sink(crate::Invalidation::Message(message.clone()));
@@ -423,10 +480,11 @@ impl<K: Clone + Send + Sync + 'static> crate::InvalidationBus<K> for LoopbackEnd
     }
 
     fn subscribe(&self, sink: crate::InvalidationSink<K>) -> Result<()> {
-        self.sinks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((self.id, Arc::clone(&sink)));
+        if self.hub.holding.load(Ordering::SeqCst) {
+            locked(&self.hub.held).push((self.id, sink));
+            return Ok(());
+        }
+        locked(&self.hub.sinks).push((self.id, Arc::clone(&sink)));
         // Subscribed: what was cached before may have changed unseen.
         sink(crate::Invalidation::All);
         Ok(())
