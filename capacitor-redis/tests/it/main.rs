@@ -7,6 +7,7 @@ mod common;
 
 mod bus;
 mod bus_processes;
+mod bus_recovery;
 mod cluster;
 mod conformance;
 mod errors;
