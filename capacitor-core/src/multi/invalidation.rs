@@ -27,7 +27,7 @@ use crate::stats::{BusStats, Counter};
 const KEYS_PER_MESSAGE: usize = 64;
 /// The sender's wait between attempts while the bus fails, doubling up to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(20);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_millis(250);
 /// How often an idle sender checks that its composer still exists.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// Senders whose last sequence number a receiver remembers; past it, it forgets them all
