@@ -159,9 +159,9 @@ enum Server {
 #[derive(Clone)]
 pub struct RedisConnection {
     server: Server,
-    command_timeout: Duration,
-    connect_timeout: Duration,
-    reconnect: Reconnect,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reconnect: Reconnect,
 }
 
 impl fmt::Debug for RedisConnection {
@@ -250,6 +250,15 @@ impl RedisConnection {
     /// A fred builder for these options, and where it connects (for messages). Checks
     /// that a tokio runtime is there to connect from.
     fn fred_builder(&self) -> Result<(Builder, String)> {
+        self.fred_builder_with(|_| Ok(()))
+    }
+
+    /// [`fred_builder`](Self::fred_builder), with `tweak` applied to fred's configuration
+    /// first (it may refuse the configuration).
+    pub(crate) fn fred_builder_with(
+        &self,
+        tweak: impl FnOnce(&mut Config) -> Result<()>,
+    ) -> Result<(Builder, String)> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::config(
                 "build",
@@ -266,6 +275,7 @@ impl RedisConnection {
             Server::Url(url) => parse_url(url)?,
             Server::Fred(config) => (**config).clone(),
         };
+        tweak(&mut config)?;
         let target = describe_server(&config);
         // Keep retrying the first connection too (an application starts with Redis down),
         // unless the policy is to make one attempt only.
@@ -406,6 +416,7 @@ macro_rules! connection_setters {
         }
     };
 }
+pub(crate) use connection_setters;
 
 /// Builds a [`RedisLayer`]. [`build`](Self::build) validates the options and starts
 /// connecting in the background.

@@ -8,10 +8,12 @@ mod core;
 mod error;
 mod layer;
 mod scan;
+mod tracking;
 
 pub use builder::{Reconnect, RedisBusBuilder, RedisConnection, RedisLayerBuilder, MAX_POOL_SIZE};
 pub use bus::RedisBus;
 pub use layer::RedisLayer;
+pub use tracking::{RedisTrackingBus, RedisTrackingBusBuilder};
 
 /// The Redis client, re-exported for configuration this crate does not wrap (and to use
 /// the same version).

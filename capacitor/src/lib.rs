@@ -69,7 +69,8 @@ pub mod redis {
     #[doc(no_inline)]
     pub use capacitor_redis::fred;
     pub use capacitor_redis::{
-        Reconnect, RedisBus, RedisBusBuilder, RedisConnection, RedisLayer, RedisLayerBuilder, MAX_POOL_SIZE,
+        Reconnect, RedisBus, RedisBusBuilder, RedisConnection, RedisLayer, RedisLayerBuilder,
+        RedisTrackingBus, RedisTrackingBusBuilder, MAX_POOL_SIZE,
     };
 }
 

@@ -17,3 +17,4 @@ mod layer;
 mod proxy;
 mod redaction;
 mod sentinel;
+mod tracking;
