@@ -17,10 +17,10 @@ use capacitor_redis::RedisLayer;
 use futures::StreamExt;
 
 /// Three cluster-enabled servers, killed by PID when dropped.
-struct Cluster {
-    ports: Vec<u16>,
+pub(crate) struct Cluster {
+    pub(crate) ports: Vec<u16>,
     children: Vec<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Cluster {
@@ -33,34 +33,18 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    pub(crate) fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
         let mut cluster = Cluster {
-            ports: Vec::new(),
+            ports: ports.clone(),
             children: Vec::new(),
-            _dir: tempfile::tempdir().unwrap(),
+            dir,
         };
         for &port in &ports {
-            let extra = vec![
-                "--cluster-enabled".to_owned(),
-                "yes".to_owned(),
-                "--cluster-config-file".to_owned(),
-                dir.path()
-                    .join(format!("nodes-{port}.conf"))
-                    .display()
-                    .to_string(),
-                "--cluster-node-timeout".to_owned(),
-                "5000".to_owned(),
-                "--daemonize".to_owned(),
-                "no".to_owned(),
-            ];
-            cluster
-                .children
-                .push(common::spawn_redis(port, dir.path(), &extra));
+            let child = cluster.spawn_node(port);
+            cluster.children.push(child);
         }
-        cluster.ports = ports.clone();
-        cluster._dir = dir;
         for &port in &ports {
             common::wait_for_port(port, Duration::from_secs(10));
         }
@@ -80,8 +64,49 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for &port in &ports {
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// A cluster-enabled server on `port`, its node configuration (id, slots, peers)
+    /// kept in the cluster's directory so that a restarted node rejoins as itself.
+    fn spawn_node(&self, port: u16) -> Child {
+        let extra = vec![
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-config-file".to_owned(),
+            self.dir
+                .path()
+                .join(format!("nodes-{port}.conf"))
+                .display()
+                .to_string(),
+            "--cluster-node-timeout".to_owned(),
+            "5000".to_owned(),
+            "--daemonize".to_owned(),
+            "no".to_owned(),
+        ];
+        common::spawn_redis(port, self.dir.path(), &extra)
+    }
+
+    /// SIGKILLs node `index` (by PID) and reaps it.
+    pub(crate) fn kill_node(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts node `index` again on its port, with its node configuration (its data is
+    /// lost: the nodes do not persist it), and waits until it accepts connections.
+    pub(crate) fn start_node(&mut self, index: usize) {
+        let port = self.ports[index];
+        self.children[index] = self.spawn_node(port);
+        common::wait_for_port(port, Duration::from_secs(10));
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub(crate) fn wait_ok(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for &port in &self.ports {
             loop {
                 let info = Command::new("redis-cli")
                     .args(["-p", &port.to_string(), "cluster", "info"])
@@ -97,10 +122,21 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        cluster
     }
 
-    fn url(&self) -> String {
+    /// `redis-cli -p <port of node index> args…`, its standard output.
+    pub(crate) fn cli(&self, index: usize, args: &[&str]) -> String {
+        let out = Command::new("timeout")
+            .arg("10")
+            .arg("redis-cli")
+            .args(["-p", &self.ports[index].to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub(crate) fn url(&self) -> String {
         let nodes: Vec<String> = self.ports[1..]
             .iter()
             .map(|p| format!("node=127.0.0.1:{p}"))

@@ -9,6 +9,7 @@ mod bus;
 mod bus_processes;
 mod bus_recovery;
 mod cluster;
+mod cluster_bus;
 mod conformance;
 mod errors;
 mod faults;
