@@ -315,10 +315,18 @@ pub struct SetOptions {
     /// The entry's life; each layer keeps it for `min(this, the layer's TTL)`. `None`:
     /// only the layers' TTLs apply.
     pub ttl: Option<Duration>,
+    /// The entry's tags, for [`MultiLayer::remove_by_tag`](crate::MultiLayer::remove_by_tag)
+    /// (none: a write without tags, which also drops the tags of the key's earlier writes).
+    pub tags: Vec<String>,
 }
 
+/// Tags one write may carry at most.
+pub const MAX_TAGS: usize = 64;
+/// The longest tag, in bytes.
+pub const MAX_TAG_BYTES: usize = 1024;
+
 impl SetOptions {
-    /// Default options: no TTL override.
+    /// Default options: no TTL override, no tags.
     pub fn new() -> Self {
         SetOptions::default()
     }
@@ -328,6 +336,44 @@ impl SetOptions {
         self.ttl = Some(ttl);
         self
     }
+
+    /// Sets the entry's tags (replacing any set before; repeats count once).
+    ///
+    /// ```
+    /// use capacitor::SetOptions;
+    ///
+    /// let opts = SetOptions::new().tags(["user:42", "team:7"]);
+    /// assert_eq!(opts.tags, vec!["user:42".to_string(), "team:7".to_string()]);
+    /// ```
+    pub fn tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tags.clear();
+        for tag in tags {
+            let tag = tag.into();
+            if !self.tags.contains(&tag) {
+                self.tags.push(tag);
+            }
+        }
+        self
+    }
+}
+
+/// Refuses a tag that is empty or longer than [`MAX_TAG_BYTES`].
+pub(crate) fn check_tag(tag: &str, op: crate::Operation) -> crate::Result<()> {
+    if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+        return Err(crate::Error::new(
+            crate::ErrorKind::InvalidInput,
+            op,
+            format!(
+                "a tag must be 1 to {MAX_TAG_BYTES} bytes long (got {})",
+                tag.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `min` of two optional TTLs, `None` meaning unbounded.

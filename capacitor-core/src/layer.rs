@@ -41,6 +41,9 @@ pub struct Capabilities {
     /// [`Layer::get_sync`], [`Layer::set_sync`] and [`Layer::delete_sync`] answer without
     /// awaiting (in-memory layers).
     pub sync_ops: bool,
+    /// [`Layer::set_tagged`] and [`Layer::remove_by_tag`] work: the layer keeps, for each
+    /// key, the tags of its last write.
+    pub tags: bool,
 }
 
 impl Capabilities {
@@ -52,7 +55,14 @@ impl Capabilities {
             native_ttl: false,
             persistent: false,
             sync_ops: false,
+            tags: false,
         }
+    }
+    /// Declares [`Capabilities::tags`].
+    #[must_use]
+    pub const fn with_tags(mut self) -> Self {
+        self.tags = true;
+        self
     }
     /// Declares [`Capabilities::scan`].
     #[must_use]
@@ -348,6 +358,42 @@ where
     fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
         let _ = prefix;
         Err(Error::unsupported(Operation::Scan, "this layer cannot scan"))
+    }
+
+    /// Stores `value` under `key` as [`set`](Layer::set) does, and records that the key
+    /// carries exactly `tags` (replacing the tags of its earlier writes), atomically where
+    /// the backend can.
+    ///
+    /// A layer declaring [`Capabilities::tags`] keeps each key's tags until its next write:
+    /// every other write form ([`set`](Layer::set), the batch forms, deletes,
+    /// [`apply_atomic`](Layer::apply_atomic), the synchronous forms, [`clear`](Layer::clear))
+    /// leaves the key without tags.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::tags`] is declared; as
+    /// [`set`](Layer::set) otherwise.
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        let _ = (key, value, ttl, tags);
+        Err(Error::unsupported(
+            Operation::Set,
+            "this layer does not keep tags",
+        ))
+    }
+
+    /// Removes every entry whose last write carried `tag`, and the tag; returns their
+    /// keys (entries that expired meanwhile included).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::tags`] is declared; as
+    /// [`delete_many`](Layer::delete_many) otherwise.
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        let _ = tag;
+        Err(Error::unsupported(
+            Operation::DeleteMany,
+            "this layer does not keep tags",
+        ))
     }
 
     /// Removes every entry this layer holds (under its prefix or table, for shared

@@ -32,6 +32,7 @@ where
         // `StorageKey`; see the inherent `MultiLayer::scan`): scan only without write-back.
         caps.scan = bottom.scan && self.inner.queue.is_none();
         caps.sync_ops = self.inner.slots[0].sync_ops;
+        caps.tags = bottom.tags && self.inner.queue.is_none();
         caps
     }
 
@@ -90,7 +91,11 @@ where
     }
 
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
-        MultiLayer::set_many(self, entries, SetOptions { ttl }).await
+        let options = match ttl {
+            Some(ttl) => SetOptions::new().ttl(ttl),
+            None => SetOptions::new(),
+        };
+        MultiLayer::set_many(self, entries, options).await
     }
 
     async fn delete_many(&self, keys: &[K]) -> Result<u64> {
@@ -99,6 +104,16 @@ where
 
     async fn clear(&self) -> Result<()> {
         MultiLayer::clear(self).await
+    }
+
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        let mut options = SetOptions::new().tags(tags.iter().cloned());
+        options.ttl = ttl;
+        MultiLayer::set_with(self, key.clone(), value.clone(), options).await
+    }
+
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        MultiLayer::remove_by_tag(self, tag).await
     }
 
     async fn flush(&self) -> Result<()> {

@@ -191,6 +191,30 @@ where
         }
     }
 
+    pub(super) async fn set_tagged(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        tags: &[String],
+    ) -> Result<()> {
+        self.call(
+            Operation::Set,
+            Access::Write,
+            self.layer.set_tagged(key, value, ttl, tags),
+        )
+        .await
+    }
+
+    pub(super) async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        self.call(
+            Operation::DeleteMany,
+            Access::Write,
+            self.layer.remove_by_tag(tag),
+        )
+        .await
+    }
+
     pub(super) async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
         self.call(
             Operation::SetMany,

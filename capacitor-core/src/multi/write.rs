@@ -69,6 +69,8 @@ pub(super) enum Writes<'a, K, V> {
         /// A loader's fill: written only if it is the first write of the key since the
         /// flight's ticket.
         fill: Option<&'a Fill>,
+        /// The write's tags, kept by the authoritative layer (empty: none).
+        tags: &'a [String],
     },
     Delete {
         key: &'a K,
@@ -730,6 +732,8 @@ where
     V: Clone + Send + Sync + 'static,
 {
     match writes {
+        // Tags are kept by the store, through its awaited `set_tagged`.
+        Writes::Set { tags, .. } if !tags.is_empty() && is_store(inner, slot) => None,
         Writes::Set { key, value, ttl, .. } => slot
             .layer
             .set_sync(key, value, inner.write_ttl(slot, *ttl))
@@ -739,6 +743,12 @@ where
     }
 }
 
+/// Whether `slot` is the authoritative layer.
+#[inline(always)]
+fn is_store<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>) -> bool {
+    std::ptr::eq(slot, &inner.slots[inner.authoritative])
+}
+
 /// Writes `writes` into one layer; the number of keys it held for deletes.
 async fn apply<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>, writes: &Writes<'_, K, V>) -> Result<u64>
 where
@@ -746,6 +756,16 @@ where
     V: Clone + Send + Sync + 'static,
 {
     match writes {
+        Writes::Set {
+            key,
+            value,
+            ttl,
+            tags,
+            ..
+        } if !tags.is_empty() && is_store(inner, slot) => slot
+            .set_tagged(key, value, inner.write_ttl(slot, *ttl), tags)
+            .await
+            .map(|()| 0),
         Writes::Set { key, value, ttl, .. } => slot
             .set(key, value, inner.write_ttl(slot, *ttl))
             .await
@@ -884,20 +904,84 @@ where
         )
     }
 
-    /// Stores `value` under `key` with per-write options (a TTL: each layer keeps the
-    /// entry for `min(options.ttl, layer TTL)`).
+    /// Stores `value` under `key` with per-write options: a TTL (each layer keeps the
+    /// entry for `min(options.ttl, layer TTL)`) and tags (the authoritative layer keeps
+    /// them, for [`remove_by_tag`](MultiLayer::remove_by_tag); a write without tags drops
+    /// the key's earlier ones).
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidInput`] for a zero TTL; [`ErrorKind::Closed`] after close; the
-    /// authoritative layer's error (nothing above it was changed); a cache layer's error
-    /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    /// [`ErrorKind::InvalidInput`] for a zero TTL, an empty tag, one longer than
+    /// [`MAX_TAG_BYTES`](crate::MAX_TAG_BYTES) or more than [`MAX_TAGS`](crate::MAX_TAGS)
+    /// tags; [`ErrorKind::Unsupported`] for tags when the authoritative layer keeps none
+    /// or under write-back (its buffer keeps no tags); [`ErrorKind::Closed`] after close;
+    /// the authoritative layer's error (nothing above it was changed); a cache layer's
+    /// error only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::{LayerConfig, MultiLayer, SetOptions};
+    ///
+    /// let cache = MultiLayer::<String, u32>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::builder().tags(true).build()?))
+    ///     .build()?;
+    /// cache.set_with("order:1".into(), 10, SetOptions::new().tags(["user:42"])).await?;
+    /// cache.set_with("order:2".into(), 20, SetOptions::new().tags(["user:42"])).await?;
+    /// cache.set("order:3".into(), 30).await?;
+    /// let removed = cache.remove_by_tag("user:42").await?;
+    /// assert_eq!(removed.len(), 2);
+    /// assert_eq!(cache.get(&"order:1".into()).await?, None);
+    /// assert_eq!(cache.get(&"order:3".into()).await?, Some(30));
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// ```
     pub async fn set_with(&self, key: K, value: V, options: SetOptions) -> Result<()> {
-        traced!(
-            "capacitor.set",
-            self.inner.name,
-            self.write_or_fill(&key, &value, options.ttl, None)
-        )
+        traced!("capacitor.set", self.inner.name, async {
+            if !options.tags.is_empty() {
+                self.check_tags(&options.tags)?;
+            }
+            self.write_tagged(&key, &value, options.ttl, None, &options.tags)
+                .await
+        })
+    }
+
+    /// Refuses tags the composer cannot keep.
+    fn check_tags(&self, tags: &[String]) -> Result<()> {
+        let op = Operation::Set;
+        if tags.len() > crate::MAX_TAGS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                op,
+                format!("at most {} tags per write (got {})", crate::MAX_TAGS, tags.len()),
+            ));
+        }
+        for tag in tags {
+            crate::config::check_tag(tag, op)?;
+        }
+        self.check_tag_support(op)
+    }
+
+    /// Whether tags can be kept: the authoritative layer keeps them, under write-through.
+    pub(super) fn check_tag_support(&self, op: Operation) -> Result<()> {
+        let inner = &*self.inner;
+        let store = &inner.slots[inner.authoritative];
+        if !store.layer.capabilities().tags {
+            return Err(
+                Error::unsupported(op, "the authoritative layer does not keep tags")
+                    .with_layer(store.name.clone()),
+            );
+        }
+        if inner.queue.is_some() && op == Operation::Set {
+            return Err(Error::unsupported(
+                op,
+                "tags need write-through: the write-back buffer does not keep them",
+            )
+            .with_layer(inner.name.clone()));
+        }
+        Ok(())
     }
 
     fn check_ttl(ttl: Option<Duration>, op: Operation) -> Result<()> {
@@ -924,6 +1008,18 @@ where
         ttl: Option<Duration>,
         fill: Option<&Fill>,
     ) -> Result<()> {
+        self.write_tagged(key, value, ttl, fill, &[]).await
+    }
+
+    /// [`write_or_fill`](Self::write_or_fill) with tags (checked by the caller).
+    async fn write_tagged(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        fill: Option<&Fill>,
+        tags: &[String],
+    ) -> Result<()> {
         self.check_open(Operation::Set)?;
         Self::check_ttl(ttl, Operation::Set)?;
         let inner = &*self.inner;
@@ -932,6 +1028,7 @@ where
             value,
             ttl,
             fill,
+            tags,
         };
         if let Some(queue) = &inner.queue {
             // What a layer would refuse when the drain writes it is refused now, before
@@ -1081,6 +1178,55 @@ where
         }
         let written = self.write_through(&Writes::DeleteMany { keys }).await?;
         self.cache_result(written)
+    }
+
+    /// Removes every key whose last write carried `tag` ([`SetOptions::tags`]) from every
+    /// layer and, through the invalidation bus, from every instance's in-process layers;
+    /// returns the keys (those that had expired included).
+    ///
+    /// The authoritative layer keeps the tags and removes the entries first (atomically
+    /// where it can: one transaction in PostgreSQL and the embedded store); then the keys
+    /// are removed from the cache layers above, as a delete does, and announced. A write
+    /// of one of the keys racing the call survives it if the store took it after the
+    /// removal. Under write-back the tags of keys written since are those of the
+    /// drained writes (none).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidInput`] for an empty tag or one longer than
+    /// [`MAX_TAG_BYTES`](crate::MAX_TAG_BYTES); [`ErrorKind::Unsupported`] when the
+    /// authoritative layer keeps no tags; [`ErrorKind::Closed`] after close; the
+    /// authoritative layer's error (nothing removed above it); a cache layer's error
+    /// only with [`fail_on_cache_error`](MultiLayerBuilder::fail_on_cache_error) (the
+    /// layer is cleaned when it answers again, see the semantics).
+    pub async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        traced!("capacitor.remove_by_tag", self.inner.name, async {
+            let op = Operation::DeleteMany;
+            self.check_open(op)?;
+            crate::config::check_tag(tag, op)?;
+            self.check_tag_support(op)?;
+            let inner = &*self.inner;
+            let store = &inner.slots[inner.authoritative];
+            let keys = store.remove_by_tag(tag).await.map_err(|e| store.error(e))?;
+            if keys.is_empty() {
+                return Ok(keys);
+            }
+            (0..keys.len()).for_each(|_| store.counters.incr(Counter::Delete));
+            keys.iter().for_each(|k| inner.forget(k));
+            let mut cache_error = None;
+            if inner.authoritative > 0 {
+                let writes = Writes::DeleteMany { keys: &keys };
+                let scope = WriteScope::enter(inner, &writes, 0..=inner.authoritative - 1);
+                cache_error = fan_out(scope, None).await?.cache_error;
+            }
+            let refs: Vec<&K> = keys.iter().collect();
+            let wait = inner.announce(refs.iter().copied());
+            inner.wait_announced(wait, &refs).await;
+            match cache_error {
+                Some(e) if inner.fail_on_cache_error => Err(e),
+                _ => Ok(keys),
+            }
+        })
     }
 
     /// Writes every writable layer, the authoritative one first (see `write`).

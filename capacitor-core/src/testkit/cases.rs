@@ -380,4 +380,105 @@ pub static CASES: &[Case] = &[
         layer.flush().await.expect("flush");
         assert_eq!(value(&layer, "f").await, Some(b"x".to_vec()));
     }),
+    case!(tag_capability, |layer, ctx| {
+        let tags = |t: &[&str]| t.iter().map(|t| (*t).to_owned()).collect::<Vec<String>>();
+        if !layer.capabilities().tags {
+            let err = layer
+                .set_tagged(&k("t:a"), &b"a".to_vec(), None, &tags(&["red"]))
+                .await
+                .expect_err("set_tagged without the capability must fail");
+            assert_eq!(err.kind(), ErrorKind::Unsupported);
+            assert_eq!(value(&layer, "t:a").await, None, "nothing stored");
+            let err = layer
+                .remove_by_tag("red")
+                .await
+                .expect_err("remove_by_tag without the capability");
+            assert_eq!(err.kind(), ErrorKind::Unsupported);
+            return;
+        }
+        layer
+            .set_tagged(&k("t:a"), &b"a".to_vec(), None, &tags(&["red", "big"]))
+            .await
+            .expect("set_tagged");
+        layer
+            .set_tagged(
+                &k("t:b"),
+                &b"b".to_vec(),
+                Some(Duration::from_secs(60)),
+                &tags(&["red"]),
+            )
+            .await
+            .expect("set_tagged");
+        layer
+            .set_tagged(&k("t:c"), &b"c".to_vec(), None, &tags(&["blue"]))
+            .await
+            .expect("set_tagged");
+        // A later write without the tag: t:d no longer carries it.
+        layer
+            .set_tagged(&k("t:d"), &b"d".to_vec(), None, &tags(&["red"]))
+            .await
+            .expect("set_tagged");
+        layer.set(&k("t:d"), &b"d2".to_vec(), None).await.expect("set");
+        // Retagged: t:e carries only its last write's tags.
+        layer
+            .set_tagged(&k("t:e"), &b"e".to_vec(), None, &tags(&["red"]))
+            .await
+            .expect("set_tagged");
+        layer
+            .set_tagged(&k("t:e"), &b"e2".to_vec(), None, &tags(&["blue"]))
+            .await
+            .expect("set_tagged");
+        // Deleted, then written again without tags.
+        layer
+            .set_tagged(&k("t:f"), &b"f".to_vec(), None, &tags(&["red"]))
+            .await
+            .expect("set_tagged");
+        layer.delete(&k("t:f")).await.expect("delete");
+        layer.set(&k("t:f"), &b"f2".to_vec(), None).await.expect("set");
+        let mut removed = layer.remove_by_tag("red").await.expect("remove_by_tag");
+        removed.sort();
+        assert_eq!(removed, vec![k("t:a"), k("t:b")]);
+        assert_eq!(value(&layer, "t:a").await, None);
+        assert_eq!(value(&layer, "t:b").await, None);
+        assert_eq!(value(&layer, "t:c").await, Some(b"c".to_vec()));
+        assert_eq!(
+            value(&layer, "t:d").await,
+            Some(b"d2".to_vec()),
+            "untagged by a plain set"
+        );
+        assert_eq!(value(&layer, "t:e").await, Some(b"e2".to_vec()), "retagged");
+        assert_eq!(
+            value(&layer, "t:f").await,
+            Some(b"f2".to_vec()),
+            "untagged by a delete"
+        );
+        // The tag is gone, and t:a's other tag no longer names it.
+        assert_eq!(
+            layer.remove_by_tag("red").await.expect("again"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            layer.remove_by_tag("big").await.expect("big"),
+            Vec::<String>::new()
+        );
+        assert_eq!(layer.remove_by_tag("blue").await.expect("blue").len(), 2);
+        assert_eq!(
+            layer.remove_by_tag("never").await.expect("unknown tag"),
+            Vec::<String>::new()
+        );
+    }),
+    case!(clear_removes_every_entry, |layer, ctx| {
+        for i in 0..300 {
+            layer.set(&format!("c:{i}"), &vec![1], None).await.expect("set");
+        }
+        match layer.clear().await {
+            Ok(()) => {
+                for i in [0, 150, 299] {
+                    assert_eq!(value(&layer, &format!("c:{i}")).await, None, "c:{i}");
+                }
+            }
+            // A layer that can neither clear nor scan says so.
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}"),
+        }
+    }),
 ];

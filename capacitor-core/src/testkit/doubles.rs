@@ -19,7 +19,8 @@ use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
 
 /// A simple `Mutex<HashMap>` layer with lazy expiry against a [`Clock`]. Async only (no
-/// synchronous fast path), supports [`Layer::apply_atomic`]. Meant for tests and examples.
+/// synchronous fast path), supports [`Layer::apply_atomic`] and tags. Meant for tests and
+/// examples.
 ///
 /// # Examples
 ///
@@ -37,6 +38,8 @@ use crate::layer::{Capabilities, EntryStream, Layer, WriteOp};
 /// ```
 pub struct MapLayer<K, V> {
     map: Mutex<HashMap<K, Entry<V>>>,
+    /// Key -> the tags of its last write (locked after `map`).
+    tags: Mutex<HashMap<K, Vec<String>>>,
     clock: SharedClock,
     closed: AtomicBool,
     /// Set by [`MapLayer::scannable`]: how to match keys against a scan prefix.
@@ -53,6 +56,7 @@ impl<K, V> Default for MapLayer<K, V> {
     fn default() -> Self {
         MapLayer {
             map: Mutex::new(HashMap::new()),
+            tags: Mutex::new(HashMap::new()),
             clock: system_clock(),
             closed: AtomicBool::new(false),
             key_bytes: None,
@@ -99,6 +103,19 @@ impl<K: crate::StorageKey, V> MapLayer<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> MapLayer<K, V> {
+    /// Forgets the tags of `keys` (a write without tags).
+    fn untag<'a>(&self, keys: impl IntoIterator<Item = &'a K>)
+    where
+        K: 'a,
+    {
+        let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        if !tags.is_empty() {
+            keys.into_iter().for_each(|k| {
+                tags.remove(k);
+            });
+        }
+    }
+
     /// The stored entry, expired or not, bypassing every check (for assertions).
     pub fn raw_entry(&self, key: &K) -> Option<Entry<V>> {
         self.map
@@ -120,7 +137,7 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        let caps = Capabilities::new().with_transactions();
+        let caps = Capabilities::new().with_transactions().with_tags();
         if self.key_bytes.is_some() {
             caps.with_scan()
         } else {
@@ -166,19 +183,52 @@ where
 
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
         let entry = Entry::new(value.clone(), expiry_for(self.clock.now(), ttl));
-        self.open(Operation::Set)?.insert(key.clone(), entry);
+        let mut map = self.open(Operation::Set)?;
+        map.insert(key.clone(), entry);
+        self.untag([key]);
         Ok(())
+    }
+
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        let entry = Entry::new(value.clone(), expiry_for(self.clock.now(), ttl));
+        let mut map = self.open(Operation::Set)?;
+        map.insert(key.clone(), entry);
+        let mut all = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        if tags.is_empty() {
+            all.remove(key);
+        } else {
+            all.insert(key.clone(), tags.to_vec());
+        }
+        Ok(())
+    }
+
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        let mut map = self.open(Operation::DeleteMany)?;
+        let mut all = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<K> = all
+            .iter()
+            .filter(|(_, tags)| tags.iter().any(|t| t == tag))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &keys {
+            map.remove(key);
+            all.remove(key);
+        }
+        Ok(keys)
     }
 
     async fn delete(&self, key: &K) -> Result<bool> {
         let now = self.clock.now();
-        let removed = self.open(Operation::Delete)?.remove(key);
+        let mut map = self.open(Operation::Delete)?;
+        let removed = map.remove(key);
+        self.untag([key]);
         Ok(removed.is_some_and(|e| !e.is_expired(now)))
     }
 
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
         let now = self.clock.now();
         let mut map = self.open(Operation::Transaction)?;
+        self.untag(ops.iter().map(WriteOp::key));
         for op in ops {
             match op {
                 WriteOp::Set { key, value, ttl } => {

@@ -17,7 +17,8 @@
 //!
 //! This generates one `#[test]` per behaviour (get/set/overwrite/delete/exists, TTL
 //! expiry and remaining TTL, batch forms, close, concurrency, large and empty values,
-//! unusual keys, and the capabilities the layer declares), each with a fresh layer from the
+//! unusual keys, clear, and the capabilities the layer declares: scan, transactions,
+//! tags), each with a fresh layer from the
 //! factory and bounded by a timeout. The layer must implement `Layer<String, Vec<u8>>`.
 
 mod cases;
@@ -217,7 +218,8 @@ macro_rules! conformance_tests {
             remaining_ttl_is_reported, no_ttl_means_no_expiry, get_many_keeps_order,
             set_many_and_delete_many, set_many_with_ttl_expires, empty_and_large_values,
             unusual_keys_round_trip, close_is_idempotent_and_final, concurrent_writers_and_readers,
-            scan_capability, transaction_capability, flush_succeeds);
+            scan_capability, transaction_capability, flush_succeeds, tag_capability,
+            clear_removes_every_entry);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

@@ -183,6 +183,22 @@ where
             .await
     }
 
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        self.around
+            .around(GateOp::Set, self.inner.set_tagged(key, value, ttl, tags))
+            .await
+    }
+
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        self.around
+            .around(GateOp::DeleteMany, self.inner.remove_by_tag(tag))
+            .await
+    }
+
+    async fn clear(&self) -> Result<()> {
+        self.around.around(GateOp::DeleteMany, self.inner.clear()).await
+    }
+
     fn scan(&self, prefix: &[u8]) -> Result<EntryStream<K, V>> {
         self.inner.scan(prefix)
     }
