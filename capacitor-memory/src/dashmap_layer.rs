@@ -1,9 +1,10 @@
 //! [`DashMapLayer`]: an unbounded concurrent map with lazy expiry.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use capacitor_core::background::{Stop, Ticker};
@@ -15,17 +16,74 @@ use dashmap::DashMap;
 
 struct Shared<K, V> {
     map: DashMap<K, Entry<V>>,
+    /// With [`DashMapLayerBuilder::tags`]: the tags of each key's last write. Every write
+    /// holds this lock while it changes `map`, so the two never disagree.
+    tags: Option<Mutex<Tags<K>>>,
     clock: SharedClock,
     closed: AtomicBool,
     /// Ends the sweeper when pulled (`close`) or dropped (the layer dropped).
     stop: Stop,
 }
 
-impl<K: Hash + Eq, V> Shared<K, V> {
+/// Tag -> keys, and key -> tags.
+struct Tags<K> {
+    by_tag: HashMap<String, HashSet<K>>,
+    by_key: HashMap<K, Vec<String>>,
+}
+
+impl<K: Hash + Eq + Clone> Tags<K> {
+    fn new() -> Self {
+        Tags {
+            by_tag: HashMap::new(),
+            by_key: HashMap::new(),
+        }
+    }
+
+    fn untag(&mut self, key: &K) {
+        if let Some(tags) = self.by_key.remove(key) {
+            for tag in tags {
+                if let Some(keys) = self.by_tag.get_mut(&tag) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_tag.remove(&tag);
+                    }
+                }
+            }
+        }
+    }
+
+    fn tag(&mut self, key: &K, tags: &[String]) {
+        self.untag(key);
+        if tags.is_empty() {
+            return;
+        }
+        for tag in tags {
+            self.by_tag.entry(tag.clone()).or_default().insert(key.clone());
+        }
+        self.by_key.insert(key.clone(), tags.to_vec());
+    }
+}
+
+impl<K: Hash + Eq + Clone, V> Shared<K, V> {
+    fn tags(&self) -> Option<MutexGuard<'_, Tags<K>>> {
+        self.tags
+            .as_ref()
+            .map(|t| t.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     fn sweep(&self) -> usize {
         let now = self.clock.now();
         let before = self.map.len();
-        self.map.retain(|_, e| !e.is_expired(now));
+        match self.tags() {
+            None => self.map.retain(|_, e| !e.is_expired(now)),
+            Some(mut tags) => self.map.retain(|k, e| {
+                let live = !e.is_expired(now);
+                if !live {
+                    tags.untag(k);
+                }
+                live
+            }),
+        }
         before.saturating_sub(self.map.len())
     }
 }
@@ -56,6 +114,7 @@ pub struct DashMapLayerBuilder {
     clock: SharedClock,
     sweeper: bool,
     sweep_interval: Duration,
+    tags: bool,
 }
 
 impl fmt::Debug for DashMapLayerBuilder {
@@ -89,6 +148,16 @@ impl DashMapLayerBuilder {
         self
     }
 
+    /// Keep the tags of each key's last write, for
+    /// [`Layer::set_tagged`] and [`Layer::remove_by_tag`] (the composer's
+    /// `set_with(.., SetOptions::tags(..))` and `remove_by_tag` when this layer is the
+    /// authoritative one). Costs every write one lock shared by the whole layer, and the
+    /// index's memory (each tag, and each key once per tag). Default: off.
+    pub fn tags(mut self, on: bool) -> Self {
+        self.tags = on;
+        self
+    }
+
     /// Validates and builds the layer.
     ///
     /// # Errors
@@ -106,6 +175,7 @@ impl DashMapLayerBuilder {
         }
         let shared = Arc::new(Shared {
             map: DashMap::new(),
+            tags: self.tags.then(|| Mutex::new(Tags::new())),
             clock: self.clock,
             closed: AtomicBool::new(false),
             stop: Stop::new(),
@@ -125,7 +195,7 @@ impl DashMapLayerBuilder {
     }
 }
 
-async fn sweeper<K: Hash + Eq, V>(shared: Weak<Shared<K, V>>, mut ticker: Ticker) {
+async fn sweeper<K: Hash + Eq + Clone, V>(shared: Weak<Shared<K, V>>, mut ticker: Ticker) {
     while ticker.tick().await {
         let Some(shared) = shared.upgrade() else { return };
         shared.sweep();
@@ -170,6 +240,7 @@ impl DashMapLayer<(), ()> {
             clock: system_clock(),
             sweeper: true,
             sweep_interval: SWEEP_INTERVAL,
+            tags: false,
         }
     }
 }
@@ -195,6 +266,7 @@ where
         DashMapLayer {
             shared: Arc::new(Shared {
                 map: DashMap::new(),
+                tags: None,
                 clock: system_clock(),
                 closed: AtomicBool::new(false),
                 stop: Stop::new(),
@@ -230,14 +302,27 @@ where
         self.check_open(Operation::Set)?;
         // Entries without TTL (the common L1 case) never read the clock.
         let expires_at = ttl.and_then(|ttl| expiry_for(self.shared.clock.now(), Some(ttl)));
-        self.shared
-            .map
-            .insert(key.clone(), Entry::new(value.clone(), expires_at));
+        let entry = Entry::new(value.clone(), expires_at);
+        match self.shared.tags() {
+            None => {
+                self.shared.map.insert(key.clone(), entry);
+            }
+            Some(mut tags) => {
+                self.shared.map.insert(key.clone(), entry);
+                tags.untag(key);
+            }
+        }
         Ok(())
     }
 
     fn remove(&self, key: &K) -> bool {
-        let removed = self.shared.map.remove(key);
+        let removed = match self.shared.tags() {
+            None => self.shared.map.remove(key),
+            Some(mut tags) => {
+                tags.untag(key);
+                self.shared.map.remove(key)
+            }
+        };
         removed.is_some_and(|(_, e)| e.expires_at.is_none_or(|at| at > self.shared.clock.now()))
     }
 
@@ -268,7 +353,12 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_sync_ops()
+        let caps = Capabilities::new().with_sync_ops();
+        if self.shared.tags.is_some() {
+            caps.with_tags()
+        } else {
+            caps
+        }
     }
 
     #[inline]
@@ -288,9 +378,51 @@ where
 
     fn clear_sync(&self) -> Option<Result<()>> {
         Some(
-            self.check_open(Operation::Delete)
-                .map(|()| self.shared.map.clear()),
+            self.check_open(Operation::Clear)
+                .map(|()| match self.shared.tags() {
+                    None => self.shared.map.clear(),
+                    Some(mut tags) => {
+                        self.shared.map.clear();
+                        *tags = Tags::new();
+                    }
+                }),
         )
+    }
+
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        self.check_open(Operation::Set)?;
+        let Some(mut index) = self.shared.tags() else {
+            return Err(Error::unsupported(
+                Operation::Set,
+                "this DashMapLayer keeps no tags (DashMapLayerBuilder::tags)",
+            ));
+        };
+        let expires_at = ttl.and_then(|ttl| expiry_for(self.shared.clock.now(), Some(ttl)));
+        self.shared
+            .map
+            .insert(key.clone(), Entry::new(value.clone(), expires_at));
+        index.tag(key, tags);
+        Ok(())
+    }
+
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        self.check_open(Operation::DeleteMany)?;
+        let Some(mut index) = self.shared.tags() else {
+            return Err(Error::unsupported(
+                Operation::DeleteMany,
+                "this DashMapLayer keeps no tags (DashMapLayerBuilder::tags)",
+            ));
+        };
+        let keys: Vec<K> = index
+            .by_tag
+            .get(tag)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default();
+        for key in &keys {
+            index.untag(key);
+            self.shared.map.remove(key);
+        }
+        Ok(keys)
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {

@@ -17,7 +17,7 @@ use capacitor::memory::DashMapLayer;
 use capacitor_core::testkit::{Faults, FaultyLayer, LoopbackBus, MapLayer};
 use capacitor_core::{
     BusMessage, InvalidationBus, InvalidationSink, Layer, LayerConfig, MultiLayer, MultiLayerBuilder, Result,
-    SystemClock,
+    SetOptions, SystemClock,
 };
 
 type Cache = MultiLayer<String, u32>;
@@ -369,7 +369,8 @@ struct Findings {
     stale_during_faults: u64,
 }
 
-/// Runs one randomised history: random instances set, delete and read random keys;
+/// Runs one randomised history: random instances set (some writes tagged), delete, remove
+/// by tag and read random keys;
 /// now and then the bus or one instance's link to the shared cache goes down and comes
 /// back. Every read is compared with the last acknowledged write of its key: while
 /// something is down an instance may serve an older value (counted); once everything
@@ -379,6 +380,8 @@ async fn history(seed: u64) -> Findings {
     let instances: Vec<Instance> = (0..3).map(|_| world.waiting_instance()).collect();
     let mut rng = Rng(seed | 1);
     let mut last: HashMap<String, Option<u32>> = HashMap::new();
+    // The tags of each key's last acknowledged write.
+    let mut last_tags: HashMap<String, Vec<&str>> = HashMap::new();
     let mut findings = Findings::default();
     let mut faulty = false;
     let mut value = 0u32;
@@ -438,15 +441,46 @@ async fn history(seed: u64) -> Findings {
                 let key = k(rng.below(6) as u32);
                 let who = &instances[rng.below(3) as usize];
                 value += 1;
-                if who.cache.set(key.clone(), value).await.is_ok() {
-                    last.insert(key, Some(value));
+                // Half the writes carry one or two of the tags "a" and "b".
+                let tags: Vec<&str> = match rng.below(6) {
+                    0 => vec!["a"],
+                    1 => vec!["b"],
+                    2 => vec!["a", "b"],
+                    _ => vec![],
+                };
+                let options = SetOptions::new().tags(tags.iter().copied());
+                if who.cache.set_with(key.clone(), value, options).await.is_ok() {
+                    last.insert(key.clone(), Some(value));
+                    last_tags.insert(key, tags);
                 }
             }
-            31..=38 => {
+            31..=36 => {
                 let key = k(rng.below(6) as u32);
                 let who = &instances[rng.below(3) as usize];
                 if who.cache.delete(&key).await.is_ok() {
-                    last.insert(key, None);
+                    last.insert(key.clone(), None);
+                    last_tags.remove(&key);
+                }
+            }
+            37..=38 => {
+                let tag = if rng.below(2) == 0 { "a" } else { "b" };
+                let who = &instances[rng.below(3) as usize];
+                if let Ok(mut removed) = who.cache.remove_by_tag(tag).await {
+                    let mut want: Vec<String> = last_tags
+                        .iter()
+                        .filter(|(_, tags)| tags.contains(&tag))
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    removed.sort();
+                    want.sort();
+                    assert_eq!(
+                        removed, want,
+                        "seed {seed} step {step}: keys removed by tag {tag}"
+                    );
+                    for key in removed {
+                        last.insert(key.clone(), None);
+                        last_tags.remove(&key);
+                    }
                 }
             }
             _ => {

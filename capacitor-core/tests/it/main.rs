@@ -15,6 +15,7 @@ mod refusals;
 mod resilience;
 mod scan;
 mod spans;
+mod tags;
 mod transaction;
 mod warmup;
 mod writeback;

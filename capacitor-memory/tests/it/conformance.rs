@@ -26,6 +26,16 @@ mod dashmap {
     capacitor_core::conformance_tests!(|_ctx| async { capacitor_memory::DashMapLayer::new() });
 }
 
+mod dashmap_with_tags {
+    capacitor_core::conformance_tests!(|_ctx| async {
+        capacitor_memory::DashMapLayer::builder()
+            .sweeper(false)
+            .tags(true)
+            .build()
+            .expect("config")
+    });
+}
+
 mod dashmap_with_sweeper {
     capacitor_core::conformance_tests!(|_ctx| async {
         capacitor_memory::DashMapLayer::builder()
