@@ -537,3 +537,39 @@ async fn randomised_histories_with_outages_serve_no_stale_value_once_recovered()
     );
     assert!(only.is_some() || reads > 10_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_in_flight_still_counts_as_pending() {
+    // The shared cache's delete fails once (A's link is down), then the replay's delete is
+    // held at the layer: until it finishes, recovery must not report the key as done (a
+    // caller waiting for `replay_pending == 0` would read the old copy from it).
+    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
+    let world = World::new();
+    let link = FaultyLayer::shared(world.shared_cache.clone() as Arc<dyn Layer<String, u32>>);
+    let faults = link.faults();
+    let gated = GateLayer::new(link);
+    let gates = gated.gates();
+    let a = MultiLayer::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .layer(LayerConfig::new("shared", gated))
+        .layer(LayerConfig::shared(
+            "store",
+            world.store.clone() as Arc<dyn Layer<String, u32>>,
+        ))
+        .build()
+        .unwrap();
+    a.set(k(1), 1).await.unwrap();
+    faults.fail_writes(true);
+    faults.fail_deletes(true);
+    let gate = gates.hold(GateOp::DeleteMany, Hold::Before);
+    a.set(k(1), 2).await.unwrap();
+    faults.fail_writes(false);
+    faults.fail_deletes(false);
+    gate.reached().await; // the replay's delete, held
+    let pending = |c: &Cache| c.stats().layer("shared").map(|l| l.replay_pending);
+    assert_eq!(pending(&a), Some(1), "in flight, still pending");
+    assert_eq!(world.shared_cache.raw_entry(&k(1)).map(|e| e.value), Some(1));
+    gate.release();
+    eventually("the replay finished", || async { pending(&a) == Some(0) }).await;
+    assert!(world.shared_cache.raw_entry(&k(1)).is_none());
+}
