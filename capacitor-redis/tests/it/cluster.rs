@@ -136,6 +136,47 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `PUBSUB NUMSUB channel` of every node (each counts its own subscribers only).
+    pub(crate) fn numsub(&self, channel: &str) -> Vec<u64> {
+        (0..self.ports.len())
+            .map(|i| {
+                let out = self.cli(i, &["pubsub", "numsub", channel]);
+                out.lines()
+                    .nth(1)
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// The node whose slots hold `key`, as node `ask` (a live one) sees the slot map.
+    pub(crate) fn node_of(&self, ask: usize, key: &str) -> usize {
+        let slot: u16 = self
+            .cli(ask, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        for line in self.cli(ask, &["cluster", "nodes"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some(port) = fields
+                .get(1)
+                .and_then(|a| a.split('@').next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            let owns = fields.iter().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if owns {
+                return self.ports.iter().position(|&p| p == port).unwrap();
+            }
+        }
+        panic!("no node owns slot {slot}");
+    }
+
     pub(crate) fn url(&self) -> String {
         let nodes: Vec<String> = self.ports[1..]
             .iter()

@@ -6,6 +6,7 @@
 mod common;
 
 mod bus;
+mod bus_cluster_processes;
 mod bus_processes;
 mod bus_recovery;
 mod cluster;
