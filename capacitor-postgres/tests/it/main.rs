@@ -13,3 +13,4 @@ mod proxy;
 mod redaction;
 mod refusals;
 mod restart;
+mod tags;
