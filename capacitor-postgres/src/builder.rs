@@ -632,6 +632,8 @@ impl<C> PostgresLayerBuilder<C> {
     /// `create_table(false)`; an existing table whose shape does not fit (a missing
     /// column, a wrong type, a `key` column without `COLLATE "C"` or without a unique
     /// constraint, a `NOT NULL` column the layer does not fill, the wrong `unlogged`);
+    /// with [`tags`](Self::tags), a missing tag table with `create_table(false)` or one
+    /// whose shape does not fit (see [`tags`](Self::tags));
     /// no tokio runtime; authentication failure or an unknown database.
     ///
     /// Connecting, with [`Operation::Build`](capacitor_core::Operation::Build):
