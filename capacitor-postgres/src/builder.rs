@@ -201,6 +201,7 @@ pub struct PostgresLayerBuilder<C = BincodeCodec> {
     max_value_bytes: usize,
     create_table: bool,
     unlogged: bool,
+    tags: bool,
     sweeper: bool,
     sweep_interval: Duration,
     sweep_batch: usize,
@@ -224,6 +225,7 @@ impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
             .field("max_value_bytes", &self.max_value_bytes)
             .field("create_table", &self.create_table)
             .field("unlogged", &self.unlogged)
+            .field("tags", &self.tags)
             .field("sweeper", &self.sweeper)
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_batch", &self.sweep_batch)
@@ -263,6 +265,7 @@ impl PostgresLayerBuilder<BincodeCodec> {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             create_table: true,
             unlogged: false,
+            tags: false,
             sweeper: true,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             sweep_batch: DEFAULT_SWEEP_BATCH,
@@ -428,6 +431,34 @@ impl<C> PostgresLayerBuilder<C> {
         self
     }
 
+    /// Keep tags: [`set_tagged`](capacitor_core::Layer::set_tagged) and
+    /// [`remove_by_tag`](capacitor_core::Layer::remove_by_tag) work (and
+    /// [`Capabilities::tags`](capacitor_core::Capabilities::tags) is declared), so that the
+    /// layer can be the authoritative layer of a `MultiLayer` whose writes carry tags.
+    ///
+    /// They live in a companion table, `<table>_tags (key, tag)` with an index on `tag`
+    /// and a foreign key to the table that cascades deletes, created with the table
+    /// (also next to an existing one) unless [`create_table(false)`](Self::create_table),
+    /// and checked at build either way (see [`ddl`](Self::ddl)). With tags on, every
+    /// plain write (`set`, `set_many`, `apply_atomic`) also deletes the tag rows of its
+    /// keys, in the same statement; off, the layer never touches the tag table and its
+    /// writes cost what they did. Default: `false`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::postgres::PostgresLayer;
+    ///
+    /// let ddl = PostgresLayer::builder().table("orders").tags(true).ddl()?;
+    /// assert!(ddl.contains(r#"CREATE TABLE IF NOT EXISTS "public"."orders_tags""#));
+    /// assert!(ddl.contains(r#"REFERENCES "public"."orders" (key) ON DELETE CASCADE"#));
+    /// # Ok::<(), capacitor::Error>(())
+    /// ```
+    pub fn tags(mut self, on: bool) -> Self {
+        self.tags = on;
+        self
+    }
+
     /// Whether to run the background sweeper, which deletes expired rows every
     /// [`sweep_interval`](Self::sweep_interval). Reads never return expired rows either
     /// way; the sweeper reclaims their space. Turn it off when another process (one of
@@ -537,6 +568,7 @@ impl<C> PostgresLayerBuilder<C> {
             max_value_bytes: self.max_value_bytes,
             create_table: self.create_table,
             unlogged: self.unlogged,
+            tags: self.tags,
             sweeper: self.sweeper,
             sweep_interval: self.sweep_interval,
             sweep_batch: self.sweep_batch,
@@ -559,8 +591,9 @@ impl<C> PostgresLayerBuilder<C> {
     }
 
     /// The SQL [`build`](Self::build) runs to create the table when it is missing, for the
-    /// configured schema, table and `unlogged` (one statement per line; the
-    /// `CREATE SCHEMA` runs only when the schema is missing).
+    /// configured schema, table, `unlogged` and `tags` (one statement per line; the
+    /// `CREATE SCHEMA` runs only when the schema is missing; with tags, the last two
+    /// create the tag table and its index, also when the table exists).
     ///
     /// # Errors
     ///
@@ -579,11 +612,11 @@ impl<C> PostgresLayerBuilder<C> {
     /// ```
     pub fn ddl(&self) -> Result<String> {
         let table = Table::new(&self.schema, &self.table)?;
-        Ok(table
-            .ddl(self.unlogged)
-            .iter()
-            .map(|s| format!("{s};\n"))
-            .collect())
+        let mut statements = table.ddl(self.unlogged);
+        if self.tags {
+            statements.extend(table.tags_ddl(self.unlogged));
+        }
+        Ok(statements.iter().map(|s| format!("{s};\n")).collect())
     }
 
     /// Validates the options, connects (one pooled connection), creates the table when
@@ -599,6 +632,8 @@ impl<C> PostgresLayerBuilder<C> {
     /// `create_table(false)`; an existing table whose shape does not fit (a missing
     /// column, a wrong type, a `key` column without `COLLATE "C"` or without a unique
     /// constraint, a `NOT NULL` column the layer does not fill, the wrong `unlogged`);
+    /// with [`tags`](Self::tags), a missing tag table with `create_table(false)` or one
+    /// whose shape does not fit (see [`tags`](Self::tags));
     /// no tokio runtime; authentication failure or an unknown database.
     ///
     /// Connecting, with [`Operation::Build`](capacitor_core::Operation::Build):
@@ -687,7 +722,15 @@ impl<C> PostgresLayerBuilder<C> {
             // DDL may wait on a busy catalog: it gets at least the default statement timeout.
             let ddl_timeout = (!self.statement_timeout.is_zero())
                 .then(|| self.statement_timeout.max(DEFAULT_STATEMENT_TIMEOUT));
-            schema::prepare(&mut client, &table, self.create_table, self.unlogged, ddl_timeout).await?;
+            schema::prepare(
+                &mut client,
+                &table,
+                self.create_table,
+                self.unlogged,
+                self.tags,
+                ddl_timeout,
+            )
+            .await?;
         }
 
         let key_format = self
@@ -707,7 +750,7 @@ impl<C> PostgresLayerBuilder<C> {
         });
         let shared = Arc::new(Shared {
             pool,
-            sql: Statements::new(&table),
+            sql: Statements::new(&table, self.tags),
             table,
             codec: self.codec,
             clock: self.clock,

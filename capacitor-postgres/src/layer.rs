@@ -120,6 +120,49 @@ impl<K, V, C> PostgresLayer<K, V, C> {
     pub fn key_format(&self) -> KeyFormat {
         self.shared.key_format
     }
+
+    /// The tag table, schema-qualified and quoted (`"public"."capacitor_kv_tags"`), when
+    /// the layer keeps [`tags`](crate::PostgresLayerBuilder::tags).
+    pub fn tags_table(&self) -> Option<String> {
+        self.shared
+            .sql
+            .tags
+            .is_some()
+            .then(|| self.shared.table.tags_qualified())
+    }
+}
+
+/// The longest stored key text plus tag (bytes) a tagged write accepts: each `(key, tag)`
+/// is one row of the tag table's primary-key index, which holds about 2.7 KB per row.
+pub const MAX_KEY_AND_TAG_BYTES: usize = 2_560;
+
+/// Refuses, before anything is sent, tags the tag table cannot hold: an empty tag, one
+/// longer than [`MAX_TAG_BYTES`](capacitor_core::MAX_TAG_BYTES), one with a NUL byte
+/// (PostgreSQL `text` cannot hold it), or one that with the key passes
+/// [`MAX_KEY_AND_TAG_BYTES`].
+fn check_tags(key_text: &str, tags: &[String], op: Operation) -> Result<()> {
+    for tag in tags {
+        let problem = if tag.is_empty() || tag.len() > capacitor_core::MAX_TAG_BYTES {
+            format!(
+                "a tag must be 1 to {} bytes long (got {})",
+                capacitor_core::MAX_TAG_BYTES,
+                tag.len()
+            )
+        } else if tag.contains('\0') {
+            "a tag contains a NUL byte, which a PostgreSQL text column cannot hold".to_owned()
+        } else if key_text.len() + tag.len() > MAX_KEY_AND_TAG_BYTES {
+            format!(
+                "the key ({} bytes as stored) and a tag ({} bytes) pass the {MAX_KEY_AND_TAG_BYTES} \
+                 bytes one row of the tag table's index holds",
+                key_text.len(),
+                tag.len()
+            )
+        } else {
+            continue;
+        };
+        return Err(Error::new(ErrorKind::InvalidInput, op, problem));
+    }
+    Ok(())
 }
 
 /// One `(key text, stored bytes)` pair ready for the database.
@@ -254,6 +297,84 @@ where
         let keys = vec![text.clone().into_owned()];
         run_fenced(&self.shared, &client, &stmt, &params, keys, deadline, op).await?;
         Ok(())
+    }
+
+    /// One statement (see `TagStatements::set_tagged`): the row and exactly `tags`, or
+    /// nothing. Fenced as [`set`](Layer::set).
+    async fn set_tagged_unbounded(
+        &self,
+        key: &K,
+        value: &V,
+        ttl: Option<Duration>,
+        tags: &[String],
+        abandon: Abandon,
+    ) -> Result<()> {
+        let op = Operation::Set;
+        let Some(sql) = &self.shared.sql.tags else {
+            self.shared.check_open(op)?;
+            return Err(no_tags(op));
+        };
+        let bytes = key.encode_key();
+        let text = self.write_key_text(&bytes, op)?;
+        check_tags(&text, tags, op)?;
+        let expires_at = expiry_for(self.shared.clock.now(), ttl);
+        let stored = self.encode(value, expires_at, op)?;
+        let deadline = deadline_after(self.shared.operation_timeout);
+        self.shared.fence.clear([text.as_ref()], deadline, op).await?;
+        let client = self.shared.client(op, abandon).await?;
+        let stmt = prepare(&client, &sql.set_tagged, op).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&text, &stored, &expires_at.map(sql_time), &deadline, &tags];
+        let keys = vec![text.clone().into_owned()];
+        run_fenced(&self.shared, &client, &stmt, &params, keys, deadline, op).await?;
+        Ok(())
+    }
+
+    /// One statement (see `TagStatements::remove_by_tag`). Its keys are not known before
+    /// it runs, so none is put in doubt when it does not answer: it deletes only the row
+    /// versions it read, so a write acknowledged meanwhile is never undone by it.
+    async fn remove_by_tag_unbounded(&self, tag: &str, abandon: Abandon) -> Result<Vec<K>> {
+        let op = Operation::DeleteMany;
+        let Some(sql) = &self.shared.sql.tags else {
+            self.shared.check_open(op)?;
+            return Err(no_tags(op));
+        };
+        if tag.contains('\0') {
+            // No write can have carried it.
+            self.shared.check_open(op)?;
+            return Ok(Vec::new());
+        }
+        let deadline = deadline_after(self.shared.operation_timeout);
+        let client = self.shared.client(op, abandon).await?;
+        let stmt = prepare(&client, &sql.remove_by_tag, op).await?;
+        let row = client
+            .query_one(&stmt, &[&tag, &deadline])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        fenced(&row, op)?;
+        let texts: Vec<String> = row.try_get(1).map_err(|e| pg_error(op, e))?;
+        // A stored key that is not one of `K` was not written by this layer: it is
+        // removed, and cannot be named.
+        Ok(texts
+            .iter()
+            .filter_map(|text| {
+                let bytes = self.shared.key_format.decode(text, op).ok()?;
+                K::decode_key(&bytes).ok()
+            })
+            .collect())
+    }
+
+    /// One `DELETE` of every row (and tag row), fenced by its deadline.
+    async fn clear_unbounded(&self, abandon: Abandon) -> Result<()> {
+        let op = Operation::Clear;
+        let deadline = deadline_after(self.shared.operation_timeout);
+        let client = self.shared.client(op, abandon).await?;
+        let stmt = prepare(&client, &self.shared.sql.clear, op).await?;
+        let row = client
+            .query_one(&stmt, &[&deadline])
+            .await
+            .map_err(|e| pg_error(op, e))?;
+        fenced(&row, op)
     }
 
     /// `true` when a live row was deleted (an expired one is deleted too, and reported
@@ -445,10 +566,15 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
+        let caps = Capabilities::new()
             .with_scan()
             .with_transactions()
-            .with_persistence()
+            .with_persistence();
+        if self.shared.sql.tags.is_some() {
+            caps.with_tags()
+        } else {
+            caps
+        }
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
@@ -528,6 +654,43 @@ where
             .await
     }
 
+    /// The row and its tags in one statement: `INSERT … ON CONFLICT (key) DO UPDATE` on
+    /// the table, the key's other tag rows deleted and the new ones inserted in the tag
+    /// table. [`ErrorKind::Unsupported`] unless built with
+    /// [`tags(true)`](crate::PostgresLayerBuilder::tags); [`ErrorKind::InvalidInput`]
+    /// before anything is sent for an empty tag, one longer than
+    /// [`MAX_TAG_BYTES`](capacitor_core::MAX_TAG_BYTES), one with a NUL byte, or a key and
+    /// tag longer together than [`MAX_KEY_AND_TAG_BYTES`].
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        self.shared
+            .bounded(Operation::Set, |abandon| {
+                self.set_tagged_unbounded(key, value, ttl, tags, abandon)
+            })
+            .await
+    }
+
+    /// One statement: the rows of the keys carrying `tag` deleted (their tag rows with
+    /// them, by the foreign key's cascade), those keys returned, expired ones included.
+    /// [`ErrorKind::Unsupported`] unless built with
+    /// [`tags(true)`](crate::PostgresLayerBuilder::tags).
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        self.shared
+            .bounded(Operation::DeleteMany, |abandon| {
+                self.remove_by_tag_unbounded(tag, abandon)
+            })
+            .await
+    }
+
+    /// One `DELETE FROM` the table (and the tag table): all rows or none, in one round
+    /// trip, instead of the default's scan and batched deletes; bounded by the operation
+    /// timeout like any statement, which a very large table may need raised. Row locks,
+    /// not `TRUNCATE`'s table lock: readers and writers of other instances go on.
+    async fn clear(&self) -> Result<()> {
+        self.shared
+            .bounded(Operation::Clear, |abandon| self.clear_unbounded(abandon))
+            .await
+    }
+
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
         self.shared
             .bounded(Operation::Transaction, |abandon| {
@@ -577,6 +740,14 @@ async fn run_fenced<C>(
             Err(pg_error(op, e))
         }
     }
+}
+
+/// The error of a tag operation on a layer built without tags.
+fn no_tags(op: Operation) -> Error {
+    Error::unsupported(
+        op,
+        "this PostgresLayer keeps no tags; build it with PostgresLayerBuilder::tags(true)",
+    )
 }
 
 /// Settles `sent` on an answer from the server (a database error rolled the statement

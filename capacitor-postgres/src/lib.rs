@@ -16,7 +16,7 @@ mod sweep;
 pub use builder::{PostgresLayerBuilder, MAX_POOL_SIZE};
 pub use bus::{PostgresBus, PostgresBusBuilder};
 pub use key::KeyFormat;
-pub use layer::{PostgresLayer, MAX_KEY_BYTES};
+pub use layer::{PostgresLayer, MAX_KEY_AND_TAG_BYTES, MAX_KEY_BYTES};
 
 /// The pool crate, re-exported so that [`PostgresLayer::pool`] and
 /// [`PostgresLayerBuilder::pool_config`] are used with the same version.

@@ -70,15 +70,61 @@ impl Table {
     /// shortened with a hash of the table name when that would pass 63 bytes (so that two
     /// long table names never share an index name).
     pub(crate) fn expiry_index(&self) -> String {
-        const SUFFIX: &str = "_expires_at_idx";
-        if self.name.len() + SUFFIX.len() <= MAX_IDENTIFIER_LEN {
-            return format!("{}{SUFFIX}", self.name);
+        self.derived("_expires_at_idx", "_exp")
+    }
+
+    /// The name of the tag table: `<table>_tags`, shortened as [`expiry_index`](Self::expiry_index).
+    pub(crate) fn tags_name(&self) -> String {
+        self.derived("_tags", "_tags")
+    }
+
+    /// The tag table, `"schema"."<table>_tags"`.
+    pub(crate) fn tags_qualified(&self) -> String {
+        format!("{}.{}", quote(&self.schema), quote(&self.tags_name()))
+    }
+
+    /// The name of the index on the tag table's `tag`: `<table>_tags_tag_idx`, shortened as
+    /// [`expiry_index`](Self::expiry_index).
+    pub(crate) fn tags_index(&self) -> String {
+        self.derived("_tags_tag_idx", "_tagidx")
+    }
+
+    /// `<table><suffix>`, or, when that would pass 63 bytes, the table name's first 40
+    /// bytes, a hash of the whole name and `short` (so that two long table names never
+    /// share a derived name).
+    fn derived(&self, suffix: &str, short: &str) -> String {
+        if self.name.len() + suffix.len() <= MAX_IDENTIFIER_LEN {
+            return format!("{}{suffix}", self.name);
         }
         // FNV-1a: stable across builds and platforms, unlike std's hasher.
         let hash = self.name.bytes().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
-        format!("{}_{hash:08x}_exp", &self.name[..40])
+        // Identifiers are ASCII (validated), so byte 40 is a character boundary.
+        format!("{}_{hash:08x}{short}", &self.name[..40])
+    }
+
+    /// The statements that create the tag table and its index. The foreign key makes
+    /// every delete of a row (`delete`, `delete_many`, `apply_atomic`'s deletes, the
+    /// sweeper, `clear`) drop the key's tags in the same statement.
+    pub(crate) fn tags_ddl(&self, unlogged: bool) -> Vec<String> {
+        vec![
+            format!(
+                "CREATE {}TABLE IF NOT EXISTS {} (\n    \
+                     key text COLLATE \"C\" NOT NULL REFERENCES {} (key) ON DELETE CASCADE,\n    \
+                     tag text NOT NULL,\n    \
+                     PRIMARY KEY (key, tag)\n\
+                 )",
+                if unlogged { "UNLOGGED " } else { "" },
+                self.tags_qualified(),
+                self.qualified
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (tag)",
+                quote(&self.tags_index()),
+                self.tags_qualified()
+            ),
+        ]
     }
 
     /// The statements that create the table (and its schema when missing), in order.
@@ -142,12 +188,23 @@ const COLUMNS: &[Expected] = &[
 
 /// Whether the table exists: `Some(unlogged)` when it does.
 async fn persistence(client: &impl GenericClient, table: &Table) -> Result<Option<bool>> {
+    relation_persistence(client, &table.schema, &table.name, &table.qualified).await
+}
+
+/// Whether the relation `schema.name` (shown as `qualified`) exists and is a table:
+/// `Some(unlogged)` when it does.
+async fn relation_persistence(
+    client: &impl GenericClient,
+    schema: &str,
+    name: &str,
+    qualified: &str,
+) -> Result<Option<bool>> {
     let row = client
         .query_opt(
             "SELECT c.relkind::text, c.relpersistence::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name],
+            &[&schema, &name],
         )
         .await
         .map_err(|e| pg_error(Operation::Build, e))?;
@@ -157,10 +214,7 @@ async fn persistence(client: &impl GenericClient, table: &Table) -> Result<Optio
     if kind != "r" && kind != "p" {
         return Err(Error::config(
             "table",
-            format_args!(
-                "{} exists but is not a table (pg_class.relkind = '{kind}')",
-                table.qualified
-            ),
+            format_args!("{qualified} exists but is not a table (pg_class.relkind = '{kind}')"),
         ));
     }
     Ok(Some(persistence == "u"))
@@ -179,6 +233,7 @@ pub(crate) async fn prepare(
     table: &Table,
     create: bool,
     unlogged: bool,
+    tags: bool,
     statement_timeout: Option<Duration>,
 ) -> Result<()> {
     let op = Operation::Build;
@@ -239,7 +294,170 @@ pub(crate) async fn prepare(
         ));
     }
     check_shape(&*tx, table).await?;
+    if tags {
+        prepare_tags(&tx, table, create, unlogged).await?;
+    }
     tx.commit().await.map_err(|e| pg_error(op, e))
+}
+
+/// Creates the tag table when asked to and it is missing (also next to an existing kv
+/// table: turning tags on for a table in use), then checks its shape.
+async fn prepare_tags(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &Table,
+    create: bool,
+    unlogged: bool,
+) -> Result<()> {
+    let op = Operation::Build;
+    let tags = table.tags_qualified();
+    let name = table.tags_name();
+    let existing = relation_persistence(&**tx, &table.schema, &name, &tags).await?;
+    if existing.is_none() {
+        if !create {
+            return Err(Error::config(
+                "tags",
+                format_args!(
+                    "the tag table {tags} does not exist and create_table(false) was given; \
+                     create it with the DDL in the capacitor-postgres docs (PostgresLayerBuilder::ddl)"
+                ),
+            ));
+        }
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("capacitor-postgres:{tags}")],
+        )
+        .await
+        .map_err(|e| pg_error(op, e))?;
+        for statement in table.tags_ddl(unlogged) {
+            tx.batch_execute(&statement)
+                .await
+                .map_err(|e| pg_error_in(op, &format!("cannot create {tags}: "), e))?;
+        }
+    }
+    let existing_unlogged = relation_persistence(&**tx, &table.schema, &name, &tags)
+        .await?
+        .unwrap_or(unlogged);
+    if existing_unlogged != unlogged {
+        return Err(Error::config(
+            "tags",
+            format_args!(
+                "the tag table {tags} is {}, but {} is {}: they must match (a crash would \
+                 otherwise empty one and not the other); change one (ALTER TABLE … SET {})",
+                if existing_unlogged { "UNLOGGED" } else { "LOGGED" },
+                table.qualified,
+                if unlogged { "UNLOGGED" } else { "LOGGED" },
+                if unlogged { "UNLOGGED" } else { "LOGGED" }
+            ),
+        ));
+    }
+    check_tags_shape(&**tx, table).await
+}
+
+/// Checks the tag table: `key` and `tag` text columns, a unique index on exactly
+/// `(key, tag)` (the inserts' `ON CONFLICT (key, tag)`), an index led by `tag`
+/// (`remove_by_tag`), and the foreign key to the kv table with `ON DELETE CASCADE` (what
+/// untags deleted and swept rows). Every mismatch is an [`ErrorKind::Config`] error
+/// naming the table.
+async fn check_tags_shape(client: &impl GenericClient, table: &Table) -> Result<()> {
+    let op = Operation::Build;
+    let tags = table.tags_qualified();
+    let name = table.tags_name();
+    let shape_error = |problem: String| {
+        Error::new(
+            ErrorKind::Config,
+            op,
+            format!("`tags`: the tag table {tags} has an incompatible shape: {problem}"),
+        )
+    };
+    let rows = client
+        .query(
+            "SELECT column_name::text, data_type::text, is_nullable::text, column_default IS NOT NULL \
+             FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+            &[&table.schema, &name],
+        )
+        .await
+        .map_err(|e| pg_error(op, e))?;
+    let mut columns = Vec::with_capacity(rows.len());
+    for row in rows {
+        let get = |i| row.try_get::<_, Option<String>>(i).map_err(|e| pg_error(op, e));
+        let has_default: bool = row.try_get(3).map_err(|e| pg_error(op, e))?;
+        columns.push((
+            get(0)?.unwrap_or_default(),
+            get(1)?.unwrap_or_default(),
+            get(2)?.as_deref() == Some("YES"),
+            has_default,
+        ));
+    }
+    for expected in ["key", "tag"] {
+        match columns.iter().find(|c| c.0 == expected) {
+            None => {
+                return Err(shape_error(format!(
+                    "column `{expected}` is missing (expected text)"
+                )))
+            }
+            Some(c) if c.1 != "text" => {
+                return Err(shape_error(format!(
+                    "column `{expected}` has type {}, expected text",
+                    c.1
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(c) = columns
+        .iter()
+        .find(|c| c.0 != "key" && c.0 != "tag" && !c.2 && !c.3)
+    {
+        return Err(shape_error(format!(
+            "column `{}` is NOT NULL without a default, so the layer's inserts would fail",
+            c.0
+        )));
+    }
+    let row = client
+        .query_one(
+            "WITH r AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                        WHERE n.nspname = $1 AND c.relname = $2), \
+                  kv AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                        WHERE n.nspname = $1 AND c.relname = $3) \
+             SELECT \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = (SELECT oid FROM r) \
+                 AND i.indisunique AND i.indnkeyatts = 2 AND i.indpred IS NULL \
+                 AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
+                      WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[])) \
+                     = ARRAY['key', 'tag']), \
+               EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+                   ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = (SELECT oid FROM r) AND i.indpred IS NULL AND a.attname = 'tag'), \
+               EXISTS (SELECT 1 FROM pg_constraint k \
+                 WHERE k.conrelid = (SELECT oid FROM r) AND k.confrelid = (SELECT oid FROM kv) \
+                   AND k.contype = 'f' AND k.confdeltype = 'c' AND k.convalidated \
+                   AND array_length(k.conkey, 1) = 1 \
+                   AND (SELECT attname FROM pg_attribute WHERE attrelid = k.conrelid AND attnum = k.conkey[1]) = 'key')",
+            &[&table.schema, &name, &table.name],
+        )
+        .await
+        .map_err(|e| pg_error(op, e))?;
+    let flag = |i| row.try_get::<_, bool>(i).map_err(|e| pg_error(op, e));
+    if !flag(0)? {
+        return Err(shape_error(
+            "it has no PRIMARY KEY or UNIQUE constraint on exactly (key, tag), which its \
+             inserts (ON CONFLICT (key, tag)) need"
+                .to_owned(),
+        ));
+    }
+    if !flag(1)? {
+        return Err(shape_error(format!(
+            "it has no index led by `tag`, which remove_by_tag reads (CREATE INDEX ON {tags} (tag))"
+        )));
+    }
+    if !flag(2)? {
+        return Err(shape_error(format!(
+            "it has no foreign key (key) REFERENCES {} (key) ON DELETE CASCADE, which \
+             removes a key's tags with its row (deletes, the sweeper)",
+            table.qualified
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the columns, their types, the `COLLATE "C"` ordering of `key` and the unique

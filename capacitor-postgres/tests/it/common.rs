@@ -58,6 +58,8 @@ pub async fn drop_table(table: &str) {
 pub struct DropTable {
     pool: Pool,
     table: String,
+    /// The tag table, dropped first (its foreign key references the table).
+    tags: Option<String>,
 }
 
 impl Around for DropTable {
@@ -75,6 +77,11 @@ impl Around for DropTable {
                 return;
             }
             if let Ok(client) = self.pool.get().await {
+                if let Some(tags) = &self.tags {
+                    let _ = client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {tags}"))
+                        .await;
+                }
                 let _ = client
                     .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table))
                     .await;
@@ -91,6 +98,7 @@ where
     let around = DropTable {
         pool: layer.pool().clone(),
         table: layer.table().to_owned(),
+        tags: layer.tags_table(),
     };
     Wrapped::with(layer, around)
 }
@@ -109,8 +117,8 @@ pub fn unique_table(what: &str) -> String {
     )
 }
 
-/// Drops the table named `.0` (in `public`) when dropped, also when the test panics: on a
-/// thread of its own, since `Drop` cannot await.
+/// Drops the table named `.0` (in `public`), and its tag table `.0_tags`, when dropped,
+/// also when the test panics: on a thread of its own, since `Drop` cannot await.
 pub struct TableGuard(pub String);
 
 impl Drop for TableGuard {
@@ -131,7 +139,10 @@ impl Drop for TableGuard {
                     });
                     let _ = tokio::time::timeout(
                         Duration::from_secs(10),
-                        client.batch_execute(&format!("DROP TABLE IF EXISTS \"public\".\"{table}\" CASCADE")),
+                        client.batch_execute(&format!(
+                            "DROP TABLE IF EXISTS \"public\".\"{table}_tags\"; \
+                             DROP TABLE IF EXISTS \"public\".\"{table}\" CASCADE"
+                        )),
                     )
                     .await;
                 }

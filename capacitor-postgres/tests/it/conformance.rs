@@ -1,8 +1,8 @@
 //! PostgresLayer passes the core conformance suite against a real server
 //! (`CAPACITOR_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`): with the
 //! defaults, and on an unlogged table with small scan pages (so that scans cross page
-//! boundaries) and a fast sweeper; and the shared composer suite with PostgreSQL at the
-//! bottom. Each test uses its own table, dropped at the end.
+//! boundaries) and a fast sweeper, each with tags off and on; and the shared composer
+//! suite with PostgreSQL at the bottom. Each test uses its own table, dropped at the end.
 
 use std::time::Duration;
 
@@ -31,6 +31,25 @@ mod logged {
 mod unlogged_small_pages_fast_sweeper {
     capacitor_core::conformance_tests!(|ctx| super::open(ctx, |b| {
         b.unlogged(true)
+            .scan_page_size(4)
+            .sweep_interval(super::Duration::from_millis(100))
+            .sweep_batch(3)
+            .pool_size(4)
+    }));
+}
+
+/// Tags kept: `tag_capability` checks the contract instead of `Unsupported`, and every
+/// other case runs with the untagging writes.
+mod tags {
+    capacitor_core::conformance_tests!(|ctx| super::open(ctx, |b| b.tags(true)));
+}
+
+/// Tags on an unlogged table, with a sweeper that removes expired rows (and, by the
+/// foreign key, their tags) while the cases run.
+mod tags_unlogged_fast_sweeper {
+    capacitor_core::conformance_tests!(|ctx| super::open(ctx, |b| {
+        b.tags(true)
+            .unlogged(true)
             .scan_page_size(4)
             .sweep_interval(super::Duration::from_millis(100))
             .sweep_batch(3)

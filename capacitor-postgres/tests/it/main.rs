@@ -14,3 +14,4 @@ mod proxy;
 mod redaction;
 mod refusals;
 mod restart;
+mod tags;
