@@ -12,10 +12,11 @@ const MIN_CACHE_CAPACITY: u64 = 256;
 use capacitor_core::background::Stop;
 use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
 
-use crate::core::{FlushPolicy, Handles, Shared};
+use crate::core::{FlushPolicy, Handles, Shared, TagTrees};
 use crate::error::{is_lock_error, open_error, sled_error};
 use crate::layer::SledLayer;
 use crate::sweep;
+use crate::tags;
 
 // The defaults, listed on `SledLayerBuilder` and on each setter.
 const DEFAULT_MAX_VALUE_BYTES: usize = 64 * 1024 * 1024;
@@ -39,6 +40,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 ///   [`sweep_batch`](Self::sweep_batch) 1,000 entries
 /// - [`max_value_bytes`](Self::max_value_bytes) 64 MiB
 /// - [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system clock
+/// - [`tags`](Self::tags) off
 ///
 /// The sweeper runs on a tokio task: build inside a tokio runtime, or turn it off with
 /// [`sweeper(false)`](Self::sweeper) (expired entries are then removed when read).
@@ -78,6 +80,7 @@ pub struct SledLayerBuilder<C = BincodeCodec> {
     sweep_batch: usize,
     lock_wait: Duration,
     clock: SharedClock,
+    tags: bool,
 }
 
 impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
@@ -95,6 +98,7 @@ impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_batch", &self.sweep_batch)
             .field("lock_wait", &self.lock_wait)
+            .field("tags", &self.tags)
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +126,7 @@ impl SledLayerBuilder<BincodeCodec> {
             sweep_batch: DEFAULT_SWEEP_BATCH,
             lock_wait: DEFAULT_LOCK_WAIT,
             clock: system_clock(),
+            tags: false,
         }
     }
 }
@@ -190,6 +195,7 @@ impl<C> SledLayerBuilder<C> {
             sweep_batch: self.sweep_batch,
             lock_wait: self.lock_wait,
             clock: self.clock,
+            tags: self.tags,
         }
     }
 
@@ -237,6 +243,22 @@ impl<C> SledLayerBuilder<C> {
     /// (`build` is synchronous, like sled's open).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
+        self
+    }
+
+    /// Whether the layer keeps tags ([`Layer::set_tagged`], [`Layer::remove_by_tag`]):
+    /// two more trees next to the data tree, `<tree>\0tags` and `<tree>\0key-tags`
+    /// (`<tree>` being the [`tree`](Self::tree) name, or sled's `__sled__default`), written
+    /// in the same sled transaction as the data. Off, the layer declares no
+    /// [`tags`](capacitor_core::Capabilities::tags) and its writes touch only the data
+    /// tree; on, every write also reads the key's tags, to drop them (see the crate guide,
+    /// "Tags", for the cost). Open a database with the same setting each time: writes made
+    /// with tags off do not drop the tags an earlier tagged write left. Default: `false`.
+    ///
+    /// [`Layer::set_tagged`]: capacitor_core::Layer::set_tagged
+    /// [`Layer::remove_by_tag`]: capacitor_core::Layer::remove_by_tag
+    pub fn tags(mut self, on: bool) -> Self {
+        self.tags = on;
         self
     }
 
@@ -396,14 +418,31 @@ impl<C> SledLayerBuilder<C> {
                 .map_err(|e| sled_error(capacitor_core::Operation::Build, e))?,
             None => (*db).clone(),
         };
+        let tag_trees = if self.tags {
+            let open = |suffix: &[u8]| {
+                db.open_tree(tags::tree_name(&tree.name(), suffix))
+                    .map_err(|e| sled_error(capacitor_core::Operation::Build, e))
+            };
+            Some(TagTrees {
+                tags: open(tags::TAGS_TREE_SUFFIX)?,
+                key_tags: open(tags::KEY_TAGS_TREE_SUFFIX)?,
+            })
+        } else {
+            None
+        };
 
         let shared = Arc::new(Shared {
-            handles: std::sync::RwLock::new(Some(Handles { _db: db, tree })),
+            handles: std::sync::RwLock::new(Some(Handles {
+                _db: db,
+                tree,
+                tag_trees,
+            })),
             codec: self.codec,
             clock: self.clock,
             flush_policy: self.flush_policy,
             max_value_bytes: self.max_value_bytes,
             persistent,
+            tags: self.tags,
             stop: Stop::new(),
         });
         if let Some(runtime) = runtime {

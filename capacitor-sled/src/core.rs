@@ -73,6 +73,24 @@ pub(crate) struct Handles {
     /// long as the layer, also when `tree` is a named tree.
     pub(crate) _db: sled::Db,
     pub(crate) tree: sled::Tree,
+    /// The tag index, when the layer was built with `tags(true)`.
+    pub(crate) tag_trees: Option<TagTrees>,
+}
+
+/// The two trees of the tag index (see `crate::tags` for their layout).
+#[derive(Clone)]
+pub(crate) struct TagTrees {
+    /// `tag_len (u16 BE) ++ tag ++ key` → empty: the keys carrying a tag, by prefix.
+    pub(crate) tags: sled::Tree,
+    /// `key` → the key's tags, each `len (u16 BE) ++ tag`: the source of truth.
+    pub(crate) key_tags: sled::Tree,
+}
+
+/// Handles on the data tree and, with tags on, the tag index.
+#[derive(Clone)]
+pub(crate) struct Trees {
+    pub(crate) data: sled::Tree,
+    pub(crate) tags: Option<TagTrees>,
 }
 
 /// What the layer, its scan streams and its background tasks share.
@@ -84,6 +102,8 @@ pub(crate) struct Shared<C> {
     pub(crate) flush_policy: FlushPolicy,
     pub(crate) max_value_bytes: usize,
     pub(crate) persistent: bool,
+    /// Built with `tags(true)`: the handles hold the tag index.
+    pub(crate) tags: bool,
     /// Pulled on close; dropped with the layer: either ends the background tasks.
     pub(crate) stop: Stop,
 }
@@ -95,6 +115,18 @@ impl<C> Shared<C> {
         let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);
         match &*handles {
             Some(h) => Ok(h.tree.clone()),
+            None => Err(Error::closed(op)),
+        }
+    }
+
+    /// Handles on the data tree and the tag index, or [`ErrorKind::Closed`].
+    pub(crate) fn trees(&self, op: Operation) -> Result<Trees> {
+        let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);
+        match &*handles {
+            Some(h) => Ok(Trees {
+                data: h.tree.clone(),
+                tags: h.tag_trees.clone(),
+            }),
             None => Err(Error::closed(op)),
         }
     }
@@ -127,6 +159,21 @@ pub(crate) async fn flush_tree(tree: &sled::Tree, op: Operation) -> Result<()> {
         Err(_) => tree.flush(),
     };
     result.map(drop).map_err(|e| sled_error(op, e))
+}
+
+/// Runs `work` on tokio's blocking pool (on the caller's thread when not on tokio), for
+/// the operations that walk a whole tree or tag.
+pub(crate) async fn blocking<R: Send + 'static>(
+    op: Operation,
+    work: impl FnOnce() -> Result<R> + Send + 'static,
+) -> Result<R> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime
+            .spawn_blocking(work)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Backend, op, "the blocking task failed").with_source(e))?,
+        Err(_) => work(),
+    }
 }
 
 /// What stored bytes turned out to be.

@@ -54,3 +54,14 @@ pub(crate) fn open_error(path: &Path, err: sled::Error) -> Error {
     };
     Error::new(kind, Operation::Build, message).with_source(err)
 }
+
+/// A failed sled transaction in `op` (the bodies never abort, so it is sled's error).
+pub(crate) fn transaction_error(
+    op: Operation,
+    err: sled::transaction::TransactionError<std::convert::Infallible>,
+) -> Error {
+    match err {
+        sled::transaction::TransactionError::Storage(e) => sled_error(op, e),
+        sled::transaction::TransactionError::Abort(never) => match never {},
+    }
+}

@@ -9,12 +9,13 @@ use capacitor_core::{
     async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::ConflictableTransactionError;
 use sled::IVec;
 
-use crate::core::{decode_value, flush_tree, FlushPolicy, Shared, Stored};
-use crate::error::sled_error;
+use crate::core::{blocking, decode_value, flush_tree, FlushPolicy, Shared, Stored, Trees};
+use crate::error::{sled_error, transaction_error};
 use crate::scan::ScanStream;
+use crate::tags::{self, TagSet};
 
 /// Whether stored bytes hold a live entry: bytes that are not an envelope count as present
 /// (something is there and it is not known to have expired).
@@ -25,13 +26,12 @@ fn is_live(bytes: &[u8], now: Timestamp) -> bool {
     }
 }
 
-/// Removes `key` if it still holds `bytes`: an entry found expired or undecodable is
-/// removed without clobbering a write that replaced it meanwhile. Best effort: the read
-/// that found it reports what it found (a miss, a decode error), not a failed cleanup;
-/// the next read or the sweeper tries again.
-fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec) {
-    // The inner result is a lost race (the key changed): nothing to remove then.
-    let _ = tree.compare_and_swap(key, Some(bytes), None::<&[u8]>);
+/// Removes `key` (and its tags) if it still holds `bytes`: an entry found expired or
+/// undecodable is removed without clobbering a write that replaced it meanwhile. Best
+/// effort: the read that found it reports what it found (a miss, a decode error), not a
+/// failed cleanup; the next read or the sweeper tries again.
+fn remove_if_unchanged(trees: &Trees, key: &[u8], bytes: &IVec, op: Operation) {
+    let _ = tags::remove_if_unchanged(trees, key, bytes, op);
 }
 
 /// A persistent, transactional layer on [sled](https://docs.rs/sled), an embedded
@@ -45,7 +45,9 @@ fn remove_if_unchanged(tree: &sled::Tree, key: &[u8], bytes: &IVec) {
 /// miss. Durability follows the [`FlushPolicy`].
 ///
 /// Capabilities: scan (lazy, over sled's ordered iterator), transactions (sled
-/// transactions), persistence (unless built [`temporary`](crate::SledLayerBuilder::temporary)).
+/// transactions), persistence (unless built [`temporary`](crate::SledLayerBuilder::temporary)),
+/// tags (when built with [`tags(true)`](crate::SledLayerBuilder::tags): see the crate
+/// guide, "Tags").
 /// Reads go through [`get`](Layer::get): [`get_sync`](Layer::get_sync) answers `None`,
 /// because a sled read may go to disk and the composer's synchronous path is meant for
 /// in-memory layers.
@@ -98,6 +100,7 @@ impl<K, V, C: fmt::Debug> fmt::Debug for SledLayer<K, V, C> {
             .field("flush_policy", &self.shared.flush_policy)
             .field("codec", &self.shared.codec)
             .field("max_value_bytes", &self.shared.max_value_bytes)
+            .field("tags", &self.shared.tags)
             .finish_non_exhaustive()
     }
 }
@@ -136,21 +139,21 @@ where
     }
 
     /// Reads `key`, removing it when expired or undecodable.
-    fn read(&self, tree: &sled::Tree, key: &K, op: Operation) -> Result<Option<Entry<V>>> {
+    fn read(&self, trees: &Trees, key: &K, op: Operation) -> Result<Option<Entry<V>>> {
         let key = key.encode_key();
-        let Some(bytes) = tree.get(&key).map_err(|e| sled_error(op, e))? else {
+        let Some(bytes) = trees.data.get(&key).map_err(|e| sled_error(op, e))? else {
             return Ok(None);
         };
         match decode_value(&self.shared.codec, &self.shared.clock, &bytes, op) {
             Ok(Stored::Live(entry)) => Ok(Some(entry)),
             Ok(Stored::Expired) => {
-                remove_if_unchanged(tree, &key, &bytes);
+                remove_if_unchanged(trees, &key, &bytes, op);
                 Ok(None)
             }
             Err(err) => {
                 // Bad bytes would fail every read until overwritten: drop them, so that the
                 // next read is a plain miss (and a composer can refill from below).
-                remove_if_unchanged(tree, &key, &bytes);
+                remove_if_unchanged(trees, &key, &bytes, op);
                 Err(err)
             }
         }
@@ -169,57 +172,180 @@ where
     }
 
     fn capabilities(&self) -> Capabilities {
-        let caps = Capabilities::new().with_scan().with_transactions();
+        let mut caps = Capabilities::new().with_scan().with_transactions();
         if self.shared.persistent {
-            caps.with_persistence()
-        } else {
-            caps
+            caps = caps.with_persistence();
         }
+        if self.shared.tags {
+            caps = caps.with_tags();
+        }
+        caps
     }
 
     /// Removes the entry and fails with [`ErrorKind::Decode`] when the stored bytes are not
     /// capacitor's envelope or do not decode.
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
-        let tree = self.shared.tree(Operation::Get)?;
-        self.read(&tree, key, Operation::Get)
+        let trees = self.shared.trees(Operation::Get)?;
+        self.read(&trees, key, Operation::Get)
     }
 
+    /// With tags on, one transaction that also drops the key's tags.
     async fn set(&self, key: &K, value: &V, ttl: Option<Duration>) -> Result<()> {
-        let tree = self.shared.tree(Operation::Set)?;
-        let bytes = self.encode(value, expiry_for(self.shared.clock.now(), ttl), Operation::Set)?;
-        tree.insert(key.encode_key(), bytes)
-            .map_err(|e| sled_error(Operation::Set, e))?;
-        self.after_write(&tree, Operation::Set).await
+        let op = Operation::Set;
+        let trees = self.shared.trees(op)?;
+        let bytes = self.encode(value, expiry_for(self.shared.clock.now(), ttl), op)?;
+        match &trees.tags {
+            None => {
+                trees
+                    .data
+                    .insert(key.encode_key(), bytes)
+                    .map_err(|e| sled_error(op, e))?;
+            }
+            Some(tag_trees) => {
+                let key = key.encode_key();
+                tags::transaction(&trees.data, tag_trees, op, |d, tx| {
+                    tx.untag(&key)?;
+                    d.insert(&*key, bytes.clone())?;
+                    Ok(())
+                })?;
+            }
+        }
+        self.after_write(&trees.data, op).await
+    }
+
+    /// One transaction: the value, and the key's tags replaced by `tags`. The tags are
+    /// checked as the composer checks them (at most [`MAX_TAGS`](capacitor_core::MAX_TAGS),
+    /// each 1 to [`MAX_TAG_BYTES`](capacitor_core::MAX_TAG_BYTES) bytes; repeats count
+    /// once), and the value encoded, before anything is written.
+    async fn set_tagged(&self, key: &K, value: &V, ttl: Option<Duration>, tags: &[String]) -> Result<()> {
+        let op = Operation::Set;
+        let trees = self.shared.trees(op)?;
+        let Some(tag_trees) = &trees.tags else {
+            return Err(Error::unsupported(
+                op,
+                "this sled layer keeps no tags: build it with `.tags(true)`",
+            ));
+        };
+        let set = TagSet::new(tags, op)?;
+        let bytes = self.encode(value, expiry_for(self.shared.clock.now(), ttl), op)?;
+        let key = key.encode_key();
+        tags::transaction(&trees.data, tag_trees, op, |d, tx| {
+            tx.retag(&key, &set)?;
+            d.insert(&*key, bytes.clone())?;
+            Ok(())
+        })?;
+        self.after_write(&trees.data, op).await
+    }
+
+    /// Removes the entries carrying `tag` with all their tags, in transactions of up to
+    /// 1,000 keys on tokio's blocking pool: a tag on more keys is removed in several
+    /// transactions, and a failure part-way leaves the later ones in place (with their
+    /// tags, so a retry finds them). Includes expired entries not yet swept.
+    async fn remove_by_tag(&self, tag: &str) -> Result<Vec<K>> {
+        let op = Operation::DeleteMany;
+        let trees = self.shared.trees(op)?;
+        if trees.tags.is_none() {
+            return Err(Error::unsupported(
+                op,
+                "this sled layer keeps no tags: build it with `.tags(true)`",
+            ));
+        }
+        if tag.is_empty() || tag.len() > capacitor_core::MAX_TAG_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                op,
+                format!(
+                    "a tag must be 1 to {} bytes long (got {})",
+                    capacitor_core::MAX_TAG_BYTES,
+                    tag.len()
+                ),
+            ));
+        }
+        let tag = tag.as_bytes().to_vec();
+        let removed = {
+            let trees = trees.clone();
+            blocking(op, move || {
+                let mut removed = Vec::new();
+                if let Some(tag_trees) = &trees.tags {
+                    while let Some(batch) = tags::remove_tag_batch(&trees.data, tag_trees, &tag, op)? {
+                        removed.extend(batch);
+                    }
+                }
+                Ok(removed)
+            })
+            .await?
+        };
+        if !removed.is_empty() {
+            self.after_write(&trees.data, op).await?;
+        }
+        // Keys are capacitor's own encodings; one that does not decode cannot be named,
+        // but it is removed all the same.
+        Ok(removed.iter().filter_map(|k| K::decode_key(k).ok()).collect())
+    }
+
+    /// Removes every entry, including bytes that are not capacitor's (which the default,
+    /// a decoding scan, cannot name), on tokio's blocking pool. Tags off: sled's
+    /// `Tree::clear`, one removal per key, no value decoded (the default decodes every
+    /// value). Tags on: transactions of 256 keys removing each key's value and tags
+    /// together, over the data tree, then over what is left in the tag trees. Entries
+    /// written during the clear may survive it, whole (value and tags).
+    async fn clear(&self) -> Result<()> {
+        let op = Operation::Clear;
+        let trees = self.shared.trees(op)?;
+        {
+            let trees = trees.clone();
+            blocking(op, move || match &trees.tags {
+                None => trees.data.clear().map_err(|e| sled_error(op, e)),
+                Some(tag_trees) => tags::clear(&trees, tag_trees, op),
+            })
+            .await?;
+        }
+        self.after_write(&trees.data, op).await
     }
 
     /// `true` when a live entry was removed; bytes that are not capacitor's count as
     /// present (something was there, not known to have expired).
     async fn delete(&self, key: &K) -> Result<bool> {
-        let tree = self.shared.tree(Operation::Delete)?;
-        let old = tree
-            .remove(key.encode_key())
-            .map_err(|e| sled_error(Operation::Delete, e))?;
+        let op = Operation::Delete;
+        let trees = self.shared.trees(op)?;
+        let old = match &trees.tags {
+            None => trees
+                .data
+                .remove(key.encode_key())
+                .map_err(|e| sled_error(op, e))?,
+            Some(tag_trees) => {
+                let key = key.encode_key();
+                tags::transaction(&trees.data, tag_trees, op, |d, tx| {
+                    tx.untag(&key)?;
+                    Ok(d.remove(&*key)?)
+                })?
+            }
+        };
         let live = old.is_some_and(|bytes| is_live(&bytes, self.shared.clock.now()));
-        self.after_write(&tree, Operation::Delete).await?;
+        self.after_write(&trees.data, op).await?;
         Ok(live)
     }
 
     /// Checks the envelope and the expiry, not whether the payload decodes (bytes without
     /// an envelope are removed and reported as [`ErrorKind::Decode`], as by `get`).
     async fn exists(&self, key: &K) -> Result<bool> {
-        let tree = self.shared.tree(Operation::Exists)?;
+        let trees = self.shared.trees(Operation::Exists)?;
         let key = key.encode_key();
-        let Some(bytes) = tree.get(&key).map_err(|e| sled_error(Operation::Exists, e))? else {
+        let Some(bytes) = trees
+            .data
+            .get(&key)
+            .map_err(|e| sled_error(Operation::Exists, e))?
+        else {
             return Ok(false);
         };
         match envelope::unwrap(&bytes) {
             Ok((Some(at), _)) if at <= self.shared.clock.now() => {
-                remove_if_unchanged(&tree, &key, &bytes);
+                remove_if_unchanged(&trees, &key, &bytes, Operation::Exists);
                 Ok(false)
             }
             Ok(_) => Ok(true),
             Err(err) => {
-                remove_if_unchanged(&tree, &key, &bytes);
+                remove_if_unchanged(&trees, &key, &bytes, Operation::Exists);
                 Err(err.with_operation(Operation::Exists))
             }
         }
@@ -228,12 +354,12 @@ where
     /// Reads every key; when some hold bytes that do not decode, all of those are removed
     /// and the call fails with [`ErrorKind::Decode`] (a retry then reads the others).
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
-        let tree = self.shared.tree(Operation::GetMany)?;
+        let trees = self.shared.trees(Operation::GetMany)?;
         let mut out = Vec::with_capacity(keys.len());
         let mut first_error = None;
         let mut bad = 0usize;
         for key in keys {
-            match self.read(&tree, key, Operation::GetMany) {
+            match self.read(&trees, key, Operation::GetMany) {
                 Ok(entry) => out.push(entry),
                 Err(err) if err.kind() == ErrorKind::Decode => {
                     bad += 1;
@@ -256,45 +382,78 @@ where
         }
     }
 
-    /// One sled batch: every entry is written, or (on an encode or size error, checked
-    /// before anything is written) none.
+    /// One sled batch (with tags on, one transaction that also drops the keys' tags):
+    /// every entry is written, or (on an encode or size error, checked before anything is
+    /// written) none.
     async fn set_many(&self, entries: &[(K, V)], ttl: Option<Duration>) -> Result<()> {
-        let tree = self.shared.tree(Operation::SetMany)?;
+        let op = Operation::SetMany;
+        let trees = self.shared.trees(op)?;
         if entries.is_empty() {
             return Ok(());
         }
         let expires_at = expiry_for(self.shared.clock.now(), ttl);
-        let mut batch = sled::Batch::default();
-        for (key, value) in entries {
-            let bytes = self.encode(value, expires_at, Operation::SetMany)?;
-            batch.insert(key.encode_key().as_ref(), bytes);
+        match &trees.tags {
+            None => {
+                let mut batch = sled::Batch::default();
+                for (key, value) in entries {
+                    let bytes = self.encode(value, expires_at, op)?;
+                    batch.insert(key.encode_key().as_ref(), bytes);
+                }
+                trees.data.apply_batch(batch).map_err(|e| sled_error(op, e))?;
+            }
+            Some(tag_trees) => {
+                let mut writes: Vec<(IVec, IVec)> = Vec::with_capacity(entries.len());
+                for (key, value) in entries {
+                    let bytes = self.encode(value, expires_at, op)?;
+                    writes.push((IVec::from(key.encode_key().as_ref()), bytes));
+                }
+                tags::transaction(&trees.data, tag_trees, op, |d, tx| {
+                    for (key, bytes) in &writes {
+                        tx.untag(key)?;
+                        d.insert(key, bytes.clone())?;
+                    }
+                    Ok(())
+                })?;
+            }
         }
-        tree.apply_batch(batch)
-            .map_err(|e| sled_error(Operation::SetMany, e))?;
-        self.after_write(&tree, Operation::SetMany).await
+        self.after_write(&trees.data, op).await
     }
 
-    /// One sled transaction, so the count of live entries removed is exact under
-    /// concurrent writers.
+    /// One sled transaction (with the keys' tags, when tags are on), so the count of
+    /// live entries removed is exact under concurrent writers.
     async fn delete_many(&self, keys: &[K]) -> Result<u64> {
-        let tree = self.shared.tree(Operation::DeleteMany)?;
+        let op = Operation::DeleteMany;
+        let trees = self.shared.trees(op)?;
         if keys.is_empty() {
             return Ok(0);
         }
         let encoded: Vec<IVec> = keys.iter().map(|k| IVec::from(k.encode_key().as_ref())).collect();
         let now = self.shared.clock.now();
-        let removed = tree
-            .transaction(|tx| {
+        let removed = match &trees.tags {
+            None => trees
+                .data
+                .transaction(|tx| {
+                    let mut live = 0u64;
+                    for key in &encoded {
+                        if let Some(old) = tx.remove(key)? {
+                            live += u64::from(is_live(&old, now));
+                        }
+                    }
+                    Ok::<u64, ConflictableTransactionError<std::convert::Infallible>>(live)
+                })
+                .map_err(|e| transaction_error(op, e))?,
+            Some(tag_trees) => tags::transaction(&trees.data, tag_trees, op, |d, tx| {
                 let mut live = 0u64;
                 for key in &encoded {
-                    if let Some(old) = tx.remove(key)? {
+                    tx.untag(key)?;
+                    if let Some(old) = d.remove(key)? {
                         live += u64::from(is_live(&old, now));
                     }
                 }
-                Ok::<u64, ConflictableTransactionError<std::convert::Infallible>>(live)
-            })
-            .map_err(|e| transaction_error(Operation::DeleteMany, e))?;
-        self.after_write(&tree, Operation::DeleteMany).await?;
+                Ok(live)
+            })?,
+        };
+        self.after_write(&trees.data, op).await?;
         Ok(removed)
     }
 
@@ -314,8 +473,9 @@ where
     /// A sled transaction: all of `ops` or none. Values are encoded and checked against
     /// `max_value_bytes` before the transaction starts. The TTLs are taken from one reading
     /// of the clock.
+    /// With tags on, the same transaction drops the tags of every key it writes.
     async fn apply_atomic(&self, ops: &[WriteOp<K, V>]) -> Result<()> {
-        let tree = self.shared.tree(Operation::Transaction)?;
+        let trees = self.shared.trees(Operation::Transaction)?;
         if ops.is_empty() {
             return Ok(());
         }
@@ -331,7 +491,7 @@ where
             };
             writes.push((key, value));
         }
-        tree.transaction(|tx| {
+        let apply = |tx: &sled::transaction::TransactionalTree| -> tags::TxResult<()> {
             for (key, value) in &writes {
                 match value {
                     Some(value) => {
@@ -342,10 +502,21 @@ where
                     }
                 }
             }
-            Ok::<(), ConflictableTransactionError<std::convert::Infallible>>(())
-        })
-        .map_err(|e| transaction_error(Operation::Transaction, e))?;
-        self.after_write(&tree, Operation::Transaction).await
+            Ok(())
+        };
+        match &trees.tags {
+            None => trees
+                .data
+                .transaction(apply)
+                .map_err(|e| transaction_error(Operation::Transaction, e))?,
+            Some(tag_trees) => tags::transaction(&trees.data, tag_trees, Operation::Transaction, |d, tx| {
+                for (key, _) in &writes {
+                    tx.untag(key)?;
+                }
+                apply(d)
+            })?,
+        }
+        self.after_write(&trees.data, Operation::Transaction).await
     }
 
     /// Flushes sled's buffers and fsyncs: every write acknowledged before the call survives
@@ -377,12 +548,5 @@ where
             drop(handles);
         }
         flushed
-    }
-}
-
-fn transaction_error(op: Operation, err: TransactionError<std::convert::Infallible>) -> Error {
-    match err {
-        TransactionError::Storage(e) => sled_error(op, e),
-        TransactionError::Abort(never) => match never {},
     }
 }

@@ -7,6 +7,7 @@ mod error;
 mod layer;
 mod scan;
 mod sweep;
+mod tags;
 
 pub use builder::SledLayerBuilder;
 pub use core::FlushPolicy;

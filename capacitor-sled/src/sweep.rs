@@ -13,8 +13,9 @@ use capacitor_core::background::Ticker;
 use capacitor_core::{envelope, Operation, Result, Timestamp};
 use sled::IVec;
 
-use crate::core::{flush_tree, Shared};
+use crate::core::{flush_tree, Shared, Trees};
 use crate::error::sled_error;
+use crate::tags::remove_if_unchanged;
 
 /// Entries one sweep batch examines at most, so that a batch over a tree of mostly live
 /// entries still ends and yields.
@@ -31,16 +32,16 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
         let mut cursor: Option<IVec> = None;
         loop {
             // Upgrade per batch, and never across an await: a dropped layer stops the pass.
-            let (tree, clock) = {
+            let (trees, clock) = {
                 let Some(shared) = shared.upgrade() else { return };
-                let Ok(tree) = shared.tree(Operation::Delete) else {
+                let Ok(trees) = shared.trees(Operation::Delete) else {
                     return;
                 };
-                (tree, shared.clock.clone())
+                (trees, shared.clock.clone())
             };
             let now = clock.now();
             let start = cursor.take();
-            let pass = tokio::task::spawn_blocking(move || sweep_batch(&tree, start, now, batch)).await;
+            let pass = tokio::task::spawn_blocking(move || sweep_batch(&trees, start, now, batch)).await;
             match pass {
                 // More of the tree to walk: go on from where the batch stopped.
                 Ok(Ok(Some(next))) => cursor = Some(next),
@@ -55,10 +56,11 @@ pub(crate) async fn sweeper<C: Send + Sync + 'static>(
     }
 }
 
-/// Deletes up to `max_deletes` expired entries after `start`; the last key examined when
-/// the walk should go on, `None` at the end of the tree.
+/// Deletes up to `max_deletes` expired entries after `start` (with their tags, in one
+/// transaction per entry, when tags are on); the last key examined when the walk should
+/// go on, `None` at the end of the tree.
 pub(crate) fn sweep_batch(
-    tree: &sled::Tree,
+    trees: &Trees,
     start: Option<IVec>,
     now: Timestamp,
     max_deletes: usize,
@@ -68,16 +70,14 @@ pub(crate) fn sweep_batch(
         None => Bound::Unbounded,
     };
     let mut deleted = 0;
-    for (examined, item) in tree.range::<IVec, _>((lower, Bound::Unbounded)).enumerate() {
+    for (examined, item) in trees.data.range::<IVec, _>((lower, Bound::Unbounded)).enumerate() {
         let (key, bytes) = item.map_err(|e| sled_error(Operation::Delete, e))?;
         // Only capacitor's envelopes with a past expiry: foreign bytes are left to `get`,
         // which reports them.
         if let Ok((Some(at), _)) = envelope::unwrap(&bytes) {
             if at <= now {
                 // Compare-and-swap: a write that replaced the entry since we read it stays.
-                let _ = tree
-                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)
-                    .map_err(|e| sled_error(Operation::Delete, e))?;
+                remove_if_unchanged(trees, &key, &bytes, Operation::Delete)?;
                 deleted += 1;
             }
         }

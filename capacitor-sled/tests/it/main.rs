@@ -7,3 +7,4 @@ mod composer;
 mod conformance;
 mod crash;
 mod layer;
+mod tags;
