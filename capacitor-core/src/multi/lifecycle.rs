@@ -45,7 +45,7 @@ where
     /// the clear may or may not survive it; reads racing it copy nothing older upward.
     ///
     /// A shared layer clears what it holds under its own prefix or table; a layer that
-    /// can only scan removes its keys one batch at a time ([`Layer::clear`]). A cache
+    /// can only scan removes its keys one batch at a time ([`Layer::clear`](crate::Layer::clear)). A cache
     /// layer that fails is cleared by the recovery task once it answers (reads in this
     /// instance pass it by meanwhile).
     ///
