@@ -10,7 +10,6 @@
 
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -50,18 +49,6 @@ const MAX_PAYLOAD: usize = 7999;
 /// The largest [`BusMessage::encode`] length whose payload fits in [`MAX_PAYLOAD`]: base64
 /// turns each 3 bytes (the last group padded) into 4 characters.
 const MAX_MESSAGE: usize = MAX_PAYLOAD / 4 * 3 - ID_LEN;
-
-/// A random id for this bus instance (not cryptographic: it only tells instances apart).
-fn instance_id() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
 
 /// Base64 (RFC 4648, standard alphabet, padded): `NOTIFY` payloads are text.
 mod base64 {
@@ -1043,7 +1030,7 @@ impl PostgresBusBuilder {
             connect: self.tls.unwrap_or_else(|| connector(NoTls)),
             listen: format!("LISTEN \"{}\"", self.channel),
             channel: self.channel,
-            instance_id: instance_id(),
+            instance_id: capacitor_core::bus_instance_id(),
             connect_timeout: self.connect_timeout,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,
