@@ -15,6 +15,24 @@ use async_trait::async_trait;
 use crate::codec::StorageKey;
 use crate::error::{Error, ErrorKind, Operation, Result};
 
+/// A random id telling instances apart (not cryptographic): composers and bus
+/// transports stamp their messages with one, to recognise and skip their own. Never zero.
+///
+/// ```
+/// assert_ne!(capacitor_core::bus_instance_id(), 0);
+/// ```
+pub fn bus_instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish().max(1)
+}
+
 /// What a [`BusMessage`] says changed.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ mod writeback;
 pub mod testkit;
 
 pub use async_trait::async_trait;
-pub use bus::{BusMessage, Change, Invalidation, InvalidationBus, InvalidationSink};
+pub use bus::{bus_instance_id, BusMessage, Change, Invalidation, InvalidationBus, InvalidationSink};
 pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
 pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy, MAX_TAGS, MAX_TAG_BYTES};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};

@@ -10,7 +10,6 @@
 
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -50,18 +49,6 @@ const MAX_PAYLOAD: usize = 7999;
 /// The largest [`BusMessage::encode`] length whose payload fits in [`MAX_PAYLOAD`]: base64
 /// turns each 3 bytes (the last group padded) into 4 characters.
 const MAX_MESSAGE: usize = MAX_PAYLOAD / 4 * 3 - ID_LEN;
-
-/// A random id for this bus instance (not cryptographic: it only tells instances apart).
-fn instance_id() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
 
 /// Base64 (RFC 4648, standard alphabet, padded): `NOTIFY` payloads are text.
 mod base64 {
@@ -267,6 +254,31 @@ impl Shared {
         let _ = rx.wait_for(|s| s.closed).await;
     }
 
+    /// Awaits `request`, the first on a fresh connection, while driving the connection
+    /// and watching for the bus closing: bounded by the connect timeout, its failure
+    /// described as `what` failing; `None` when the bus closed first.
+    async fn first_request<T>(
+        &self,
+        op: Operation,
+        what: &str,
+        driver: &mut Driver,
+        request: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Option<Result<T>> {
+        tokio::select! {
+            r = tokio::time::timeout(self.connect_timeout, request) => Some(match r {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(e)) => Err(pg_error_in(op, &format!("{what} failed: "), e)),
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    op,
+                    format!("{what} got no answer within the {:?} connect timeout", self.connect_timeout),
+                )),
+            }),
+            end = &mut *driver => Some(Err(lost(op, end))),
+            () = self.closed() => None,
+        }
+    }
+
     /// Sleeps `delay`, or less if the bus closes meanwhile; `false` once closed.
     async fn pause(&self, delay: Duration) -> bool {
         tokio::select! {
@@ -346,21 +358,10 @@ async fn subscriber(shared: Arc<Shared>, mut new_sinks: mpsc::UnboundedReceiver<
             }
         };
         let mut driver = driver;
-        let listened = tokio::select! {
-            r = tokio::time::timeout(shared.connect_timeout, client.batch_execute(&shared.listen)) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(pg_error_in(op, "LISTEN failed: ", e)),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    op,
-                    format!("LISTEN got no answer within the {:?} connect timeout", shared.connect_timeout),
-                )),
-            },
-            end = &mut driver => Err(lost(op, end)),
-            () = shared.closed() => {
-                hang_up(client, driver).await;
-                return;
-            }
+        let listen = client.batch_execute(&shared.listen);
+        let Some(listened) = shared.first_request(op, "LISTEN", &mut driver, listen).await else {
+            hang_up(client, driver).await;
+            return;
         };
         if let Err(e) = listened {
             shared.failed(e, true);
@@ -447,21 +448,13 @@ async fn publisher(shared: Arc<Shared>) {
                 continue;
             }
         };
-        let prepared = tokio::select! {
-            r = tokio::time::timeout(shared.connect_timeout, client.prepare("SELECT pg_notify($1, $2)")) => match r {
-                Ok(Ok(statement)) => Ok(statement),
-                Ok(Err(e)) => Err(pg_error_in(op, "preparing pg_notify failed: ", e)),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    op,
-                    format!("preparing pg_notify got no answer within the {:?} connect timeout", shared.connect_timeout),
-                )),
-            },
-            end = &mut driver => Err(lost(op, end)),
-            () = shared.closed() => {
-                hang_up(client, driver).await;
-                return;
-            }
+        let prepare = client.prepare("SELECT pg_notify($1, $2)");
+        let Some(prepared) = shared
+            .first_request(op, "preparing pg_notify", &mut driver, prepare)
+            .await
+        else {
+            hang_up(client, driver).await;
+            return;
         };
         let statement = match prepared {
             Ok(statement) => statement,
@@ -1043,7 +1036,7 @@ impl PostgresBusBuilder {
             connect: self.tls.unwrap_or_else(|| connector(NoTls)),
             listen: format!("LISTEN \"{}\"", self.channel),
             channel: self.channel,
-            instance_id: instance_id(),
+            instance_id: capacitor_core::bus_instance_id(),
             connect_timeout: self.connect_timeout,
             reconnect_min: self.reconnect_min,
             reconnect_max: self.reconnect_max,

@@ -12,7 +12,7 @@ use capacitor_core::{
 };
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 
-use crate::bus::{instance_id, BusState, RedisBus};
+use crate::bus::{BusState, RedisBus};
 use crate::core::{Health, Shared, Watched};
 use crate::error::{redact_url, redis_error};
 use crate::layer::RedisLayer;
@@ -718,7 +718,7 @@ impl RedisBusBuilder {
             publisher,
             subscriber,
             channel: self.channel,
-            instance_id: instance_id(),
+            instance_id: capacitor_core::bus_instance_id(),
             command_timeout: self.connection.command_timeout,
             connect_timeout: self.connection.connect_timeout,
             health,

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,18 +21,6 @@ use crate::error::{redis_error, timeout_error};
 
 /// Length of the instance id at the start of every message.
 const ID_LEN: usize = 8;
-
-/// A random id for this bus instance (not cryptographic: it only tells instances apart).
-pub(crate) fn instance_id() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
 
 /// An [`InvalidationBus`] on Redis pub/sub: [`publish`](InvalidationBus::publish) sends the
 /// instance's id and the [`BusMessage`] on the channel; a dedicated subscriber connection

@@ -254,7 +254,7 @@ impl RedisTrackingBusBuilder {
         Ok(RedisTrackingBus {
             client,
             prefix,
-            id: crate::bus::instance_id(),
+            id: capacitor_core::bus_instance_id(),
             seq: Arc::new(AtomicU64::new(0)),
             connect_timeout: self.connection.connect_timeout,
             command_timeout: self.connection.command_timeout,

@@ -101,26 +101,12 @@ impl<K> Batch<K> {
     }
 }
 
-/// A random id (not cryptographic: it only tells composers apart).
-fn random_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    // Zero is never an id.
-    h.finish().max(1)
-}
-
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Bus<K> {
     pub(super) fn new(transport: Arc<dyn InvalidationBus<K>>, config: &BusConfig) -> Self {
         Bus {
             transport,
             outbox: Arc::new(Outbox {
-                id: random_id(),
+                id: crate::bus_instance_id(),
                 bound: config.queue_bound,
                 state: Mutex::new(OutboxState {
                     queue: VecDeque::new(),

@@ -27,6 +27,7 @@ mod doubles;
 mod gate;
 mod history;
 mod proxy;
+pub mod staleness;
 mod wrap;
 
 pub use cases::CASES;

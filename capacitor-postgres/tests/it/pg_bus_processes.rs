@@ -28,13 +28,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use capacitor_core::testkit::staleness::{
+    self, check, now_us, print_table, Checked, Children, Column, Line, Out, Phases,
+};
 use capacitor_core::{LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
 use capacitor_postgres::{PostgresBus, PostgresLayer};
@@ -47,18 +48,12 @@ const CHILD_LIFETIME: Duration = Duration::from_secs(60);
 const TEST_BUDGET: Duration = Duration::from_secs(58);
 /// Every child line the parent reads starts with this (the test harness prints too).
 const TAG: &str = "pgproc ";
+const OUT: Out = Out { tag: TAG };
 const TABLE: &str = "pgproc_kv";
 const CHANNEL: &str = "pgproc_invalidate";
 
 const ENV_INSTANCE: &str = "CAPACITOR_PGPROC_INSTANCE";
 const ENV_URL: &str = "CAPACITOR_PGPROC_URL";
-
-/// Microseconds since the epoch: comparable across the processes of one machine.
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
 
 fn key_name(i: usize) -> String {
     format!("k{i}")
@@ -114,14 +109,7 @@ fn pg_bus_processes_child() {
     };
     let index: usize = index.parse().unwrap();
     let url = std::env::var(ENV_URL).unwrap();
-    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let commands = staleness::commands();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -129,7 +117,7 @@ fn pg_bus_processes_child() {
         .unwrap();
     rt.block_on(async move {
         let Instance { cache, bus } = instance(&url).await;
-        println!("{TAG}ready {}", now_us());
+        OUT.ready();
         let own: Vec<usize> = (0..KEYS).filter(|k| k % INSTANCES == index).collect();
         let keys: Vec<String> = (0..KEYS).map(key_name).collect();
         let mut counter = 0u64;
@@ -146,14 +134,14 @@ fn pg_bus_processes_child() {
                         tokio::spawn(async move {
                             let flushed = cache.flush().await;
                             let stats = cache.stats().bus.unwrap_or_default();
-                            println!(
-                                "{TAG}status {round} {} {} {} {} {}",
+                            OUT.line(format_args!(
+                                "status {round} {} {} {} {} {}",
                                 if flushed.is_ok() { "ok" } else { "err" },
                                 stats.pending,
                                 u8::from(bus.is_connected()),
                                 stats.clears,
                                 now_us()
-                            );
+                            ));
                         });
                     }
                     "stop" => stop = true,
@@ -168,57 +156,23 @@ fn pg_bus_processes_child() {
             let key = key_name(own[(counter as usize) % own.len()]);
             let value = format!("{index}:{counter}");
             let begun = now_us();
-            match cache.set(key.clone(), value.clone()).await {
-                Ok(()) => println!("{TAG}W {key} {value} {begun} {}", now_us()),
-                Err(e) => println!("{TAG}WE {key} {value} {begun} {} {e}", now_us()),
-            }
-            for key in &keys {
-                let begun = now_us();
-                match cache.get(key).await {
-                    Ok(v) => println!(
-                        "{TAG}R {key} {} {begun} {}",
-                        v.as_deref().unwrap_or("-"),
-                        now_us()
-                    ),
-                    Err(e) => println!("{TAG}RE {key} {begun} {} {e}", now_us()),
-                }
-            }
+            let result = cache.set(key.clone(), value.clone()).await;
+            OUT.write(&key, &value, begun, &result, "");
+            OUT.read_all(&cache, &keys).await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let stats = cache.stats();
         let store = stats.layers.iter().find(|l| l.name == "store").unwrap();
         let b = stats.bus.clone().unwrap_or_default();
-        println!(
-            "{TAG}stats store_errors={} bus_published={} bus_publish_errors={} bus_pending={} \
+        OUT.line(format_args!(
+            "stats store_errors={} bus_published={} bus_publish_errors={} bus_pending={} \
              bus_received={} bus_ignored={} bus_clears={}",
             store.errors, b.published, b.publish_errors, b.pending, b.received, b.ignored, b.clears
-        );
+        ));
         let _ = cache.close().await;
         let _ = bus.close().await;
-        println!("{TAG}done");
+        OUT.done();
     });
-}
-
-/// A child, killed by PID when dropped.
-struct ChildGuard {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl ChildGuard {
-    fn send(&mut self, command: &str) {
-        if let Some(stdin) = &mut self.stdin {
-            let _ = writeln!(stdin, "{command}");
-            let _ = stdin.flush();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn is_root() -> bool {
@@ -449,131 +403,16 @@ fn children_of(parent: u32) -> Vec<String> {
         .collect()
 }
 
-/// A line of a child, as the parent parsed it.
-enum Event {
-    Ready,
-    Write {
-        key: String,
-        value: String,
-        ack: u64,
-    },
-    WriteError {
-        key: String,
-        value: String,
-        begun: u64,
-        ended: u64,
-        message: String,
-    },
-    Read {
-        key: String,
-        value: Option<String>,
-        begun: u64,
-        ended: u64,
-    },
-    ReadError {
-        begun: u64,
-        ended: u64,
-        message: String,
-    },
-    Status {
-        round: u64,
-        ok: bool,
-        pending: u64,
-        connected: bool,
-        clears: u64,
-    },
-    Stats(String),
-    Done,
-    Other,
-}
-
-fn parse(line: &str) -> Event {
+/// A child's `status` line: round, flushed, pending, bus connected, clears.
+fn status(line: &Line) -> Option<(u64, bool, u64, bool, u64)> {
+    let Line::Other(line) = line else {
+        return None;
+    };
     let f: Vec<&str> = line.split(' ').collect();
-    let n = |i: usize| f[i].parse::<u64>().unwrap();
-    match f[0] {
-        "ready" => Event::Ready,
-        "W" => Event::Write {
-            key: f[1].into(),
-            value: f[2].into(),
-            ack: n(4),
-        },
-        "WE" => Event::WriteError {
-            key: f[1].into(),
-            value: f[2].into(),
-            begun: n(3),
-            ended: n(4),
-            message: f[5..].join(" "),
-        },
-        "R" => Event::Read {
-            key: f[1].into(),
-            value: (f[2] != "-").then(|| f[2].to_owned()),
-            begun: n(3),
-            ended: n(4),
-        },
-        "RE" => Event::ReadError {
-            begun: n(2),
-            ended: n(3),
-            message: f[4..].join(" "),
-        },
-        "status" => Event::Status {
-            round: n(1),
-            ok: f[2] == "ok",
-            pending: n(3),
-            connected: f[4] == "1",
-            clears: n(5),
-        },
-        "stats" => Event::Stats(f[1..].join(" ")),
-        "done" => Event::Done,
-        _ => Event::Other,
-    }
-}
-
-/// The parent's view: every line of every child, in arrival order.
-struct Collector {
-    rx: mpsc::Receiver<(usize, String)>,
-    events: Vec<(usize, Event)>,
-    /// The end of the test's budget: every wait ends by then.
-    deadline: Instant,
-}
-
-impl Collector {
-    /// Takes the lines that arrived, waiting at most `wait` for the first one; the index
-    /// of the first new event.
-    fn drain(&mut self, wait: Duration) -> usize {
-        let first = self.events.len();
-        if let Ok((i, line)) = self.rx.recv_timeout(wait) {
-            self.events.push((i, parse(&line)));
-            while let Ok((i, line)) = self.rx.try_recv() {
-                self.events.push((i, parse(&line)));
-            }
-        }
-        first
-    }
-
-    /// Collects for `d`.
-    fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            self.drain(end.saturating_duration_since(Instant::now()));
-        }
-    }
-
-    /// Collects until `done` holds for the new events (each call sees only the events
-    /// that arrived since the previous one), at most `timeout` and never past the budget.
-    fn until(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&[(usize, Event)]) -> bool) {
-        let end = (Instant::now() + timeout).min(self.deadline);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "timed out waiting for {what} (at most {timeout:?}, within the test's {TEST_BUDGET:?})"
-            );
-            let first = self.drain(left.min(Duration::from_millis(100)));
-            if done(&self.events[first..]) {
-                return;
-            }
-        }
-    }
+    (f[0] == "status").then(|| {
+        let n = |i: usize| f[i].parse::<u64>().unwrap();
+        (n(1), f[2] == "ok", n(3), f[4] == "1", n(5))
+    })
 }
 
 /// Sends `status` to every child until all of them answer that their outbox flushed,
@@ -581,373 +420,151 @@ impl Collector {
 /// publisher and the subscriber reconnect independently: an empty outbox says the
 /// publisher is back, not that the subscription is (until it restarts, and clears L1,
 /// the instance misses every message and may keep serving copies from before the crash).
-fn wait_recovered(children: &mut [ChildGuard], collector: &mut Collector, timeout: Duration) -> u64 {
-    let end = Instant::now() + timeout;
-    let n = children.len();
-    for round in 1u64.. {
-        assert!(
-            Instant::now() < end,
-            "recovery did not complete within {timeout:?}"
-        );
-        for c in children.iter_mut() {
-            c.send(&format!("status {round}"));
-        }
-        let mut answers: HashMap<usize, bool> = HashMap::new();
-        collector.until(Duration::from_secs(10), "status answers", |events| {
-            for (i, e) in events {
-                if let Event::Status {
-                    round: r,
-                    ok,
-                    pending,
-                    connected,
-                    ..
-                } = e
-                {
-                    if *r == round {
-                        answers.insert(*i, *ok && *pending == 0 && *connected);
-                    }
-                }
-            }
-            answers.len() == n
-        });
-        if answers.values().all(|ok| *ok) {
-            return now_us();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    unreachable!()
+fn wait_recovered(children: &mut Children, timeout: Duration) -> u64 {
+    children.wait_recovered(timeout, Duration::from_secs(10), |line, round| {
+        let (r, ok, pending, connected, _) = status(line)?;
+        (r == round).then_some(ok && pending == 0 && connected)
+    })
 }
 
 /// The longest staleness the bus's own delay explains, on a loaded 2-core machine.
 const BUS_DELAY_BOUND: u64 = 250_000;
-
-struct Phase {
-    name: &'static str,
-    start: u64,
-}
-
-#[derive(Default)]
-struct Row {
-    reads: u64,
-    stale: u64,
-    /// Stale beyond [`BUS_DELAY_BOUND`].
-    beyond: u64,
-    read_errors: u64,
-    writes: u64,
-    write_errors: u64,
-    windows: Vec<u64>,
-}
-
-fn pct(sorted: &[u64], p: f64) -> String {
-    if sorted.is_empty() {
-        return "-".into();
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    format!("{:.1}", sorted[i] as f64 / 1000.0)
-}
-
-/// One attempted write of a key, in its writer's order.
-struct Attempt {
-    value: String,
-    /// When it was acknowledged; `None` when it failed (it may or may not be applied).
-    ack: Option<u64>,
-}
 
 #[test]
 fn pg_bus_processes_three_processes_through_a_crash() {
     let budget = Instant::now() + TEST_BUDGET;
     let mut server = PgServer::start();
     let url = server.url();
-    let exe = std::env::current_exe().unwrap();
-    let (tx, rx) = mpsc::channel::<(usize, String)>();
-    let mut phases: Vec<Phase> = vec![Phase {
-        name: "1 start-up",
-        start: now_us(),
-    }];
-    let mut children: Vec<ChildGuard> = (0..INSTANCES)
-        .map(|i| {
-            let mut child = Command::new(&exe)
-                .args([
-                    "--exact",
-                    "pg_bus_processes::pg_bus_processes_child",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
-                .env(ENV_INSTANCE, i.to_string())
-                .env(ENV_URL, &url)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("re-run the test binary as a child");
-            let stdout = child.stdout.take().unwrap();
-            let stdin = child.stdin.take();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Some(at) = line.find(TAG) {
-                        if tx.send((i, line[at + TAG.len()..].to_owned())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            });
-            ChildGuard { child, stdin }
-        })
-        .collect();
-    drop(tx);
-    let mut collector = Collector {
-        rx,
-        events: Vec::new(),
-        deadline: budget,
-    };
-    let mut ready = 0;
-    collector.until(Duration::from_secs(20), "the children to start", |events| {
-        ready += events.iter().filter(|(_, e)| matches!(e, Event::Ready)).count();
-        ready == INSTANCES
+    // Checked phases (the server up): no read may be stale beyond the bound.
+    let mut phases = Phases::default();
+    phases.begin("1 start-up", true);
+    let mut children = Children::spawn(INSTANCES, "pg_bus_processes::pg_bus_processes_child", TAG, |i| {
+        vec![
+            (ENV_INSTANCE.into(), i.to_string()),
+            (ENV_URL.into(), url.clone()),
+        ]
+    })
+    .deadline(budget, TEST_BUDGET);
+    children.until_each(Duration::from_secs(20), "the children to start", |e| {
+        matches!(e, Line::Ready)
     });
-    collector.run_for(Duration::from_secs(2));
+    children.run_for(Duration::from_secs(2));
 
-    phases.push(Phase {
-        name: "2 steady",
-        start: now_us(),
-    });
-    collector.run_for(Duration::from_secs(3));
+    phases.begin("2 steady", true);
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase {
-        name: "3 pg down",
-        start: now_us(),
-    });
+    phases.begin("3 pg down", false);
     server.kill();
-    collector.run_for(Duration::from_secs(3));
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase {
-        name: "4 recovery",
-        start: now_us(),
-    });
+    phases.begin("4 recovery", false);
     server.restart();
     let restarted_ms = (now_us() - phases.last().unwrap().start) / 1000;
-    let recovered = wait_recovered(&mut children, &mut collector, Duration::from_secs(20));
-    collector.run_for(Duration::from_millis(500));
+    let recovered = wait_recovered(&mut children, Duration::from_secs(20));
+    children.run_for(Duration::from_millis(500));
     let recovery_ms = (recovered - phases.last().unwrap().start) / 1000;
 
-    phases.push(Phase {
-        name: "5 recovered",
-        start: now_us(),
-    });
-    collector.run_for(Duration::from_secs(4));
+    phases.begin("5 recovered", true);
+    children.run_for(Duration::from_secs(4));
     let end = now_us();
 
-    for c in &mut children {
-        c.send("stop");
-    }
-    let mut done = 0;
-    collector.until(Duration::from_secs(10), "the children to stop", |events| {
-        done += events.iter().filter(|(_, e)| matches!(e, Event::Done)).count();
-        done == INSTANCES
+    children.send_all("stop");
+    children.until_each(Duration::from_secs(10), "the children to stop", |e| {
+        matches!(e, Line::Done)
     });
-    drop(children);
+    let events = children.finish();
     drop(server);
 
-    // The checker. Per key, its writer's attempts in order (one writer per key, writes
-    // one at a time, and a write that failed never lands after a later acknowledged one:
-    // the layer fences it), so the position of a value is its place in the store's order.
-    let phase_of = |t: u64| phases.iter().rposition(|p| p.start <= t).unwrap_or(0);
-    let mut rows: Vec<Row> = phases.iter().map(|_| Row::default()).collect();
-    let mut attempts: HashMap<String, Vec<Attempt>> = HashMap::new();
+    // Per key, its writer's attempts in order (one writer per key, writes one at a time,
+    // and a write that failed never lands after a later acknowledged one: the layer
+    // fences it), so the position of a value is its place in the store's order.
+    let Checked { rows, stale, unknown } = check(&events, &phases, end, BUS_DELAY_BOUND);
     let mut write_error_samples: Vec<String> = Vec::new();
+    let mut read_error_samples: Vec<String> = Vec::new();
     // Errors of operations that began and ended inside a phase with the server up.
     let mut errors_while_up: Vec<String> = Vec::new();
-    let up = |p: usize| ["1", "2", "5"].iter().any(|n| phases[p].name.starts_with(n));
     let ended_in = |p: usize, t: u64| phases.get(p + 1).is_none_or(|next| t < next.start);
-    for (instance, e) in &collector.events {
-        match e {
-            Event::Write { key, value, ack } => {
-                rows[phase_of(*ack)].writes += 1;
-                attempts.entry(key.clone()).or_default().push(Attempt {
-                    value: value.clone(),
-                    ack: Some(*ack),
-                });
-            }
-            Event::WriteError {
+    for (instance, e) in &events {
+        let (p, ended, line, samples) = match e {
+            Line::WriteError {
                 key,
                 value,
                 begun,
                 ended,
                 message,
             } => {
-                let p = phase_of(*begun);
-                rows[p].writes += 1;
-                rows[p].write_errors += 1;
-                attempts.entry(key.clone()).or_default().push(Attempt {
-                    value: value.clone(),
-                    ack: None,
-                });
+                let p = phases.of(*begun);
                 let line = format!(
                     "instance {instance} phase {} write {key}={value} ({begun}..{ended} µs): {message}",
                     phases[p].name
                 );
-                if up(p) && ended_in(p, *ended) {
-                    errors_while_up.push(line.clone());
-                }
-                if write_error_samples.len() < 3 {
-                    write_error_samples.push(line);
-                }
+                (p, *ended, line, &mut write_error_samples)
             }
-            _ => {}
-        }
-    }
-    // Per key: (value -> position), and the acknowledged positions with their times.
-    let position: HashMap<(&str, &str), usize> = attempts
-        .iter()
-        .flat_map(|(k, ws)| {
-            ws.iter()
-                .enumerate()
-                .map(move |(i, w)| ((k.as_str(), w.value.as_str()), i))
-        })
-        .collect();
-    let acked: HashMap<&str, Vec<(usize, u64)>> = attempts
-        .iter()
-        .map(|(k, ws)| {
-            let acks = ws
-                .iter()
-                .enumerate()
-                .filter_map(|(i, w)| w.ack.map(|ack| (i, ack)))
-                .collect();
-            (k.as_str(), acks)
-        })
-        .collect();
-    let mut unknown: Vec<String> = Vec::new();
-    let mut stale_reads: Vec<String> = Vec::new();
-    let mut details = vec![0u64; phases.len()];
-    let mut read_error_samples: Vec<String> = Vec::new();
-    for (instance, e) in &collector.events {
-        match e {
-            Event::Read {
-                key,
-                value,
-                begun,
-                ended,
-            } if *begun <= end => {
-                let p = phase_of(*begun);
-                rows[p].reads += 1;
-                let acks = acked.get(key.as_str()).map_or(&[][..], Vec::as_slice);
-                // Acknowledgements are in attempt order and in time order.
-                let before = acks.partition_point(|(_, ack)| *ack < *begun);
-                let served = match value {
-                    None => None,
-                    Some(v) => match position.get(&(key.as_str(), v.as_str())) {
-                        Some(i) => Some(*i),
-                        None => {
-                            unknown.push(format!(
-                                "instance {instance} phase {} key {key} served {v} ({begun}..{ended} µs)",
-                                phases[p].name
-                            ));
-                            continue;
-                        }
-                    },
-                };
-                if before == 0 {
-                    continue;
-                }
-                // Stale: an acknowledged write after the served value's (after every
-                // write, for no value) was acknowledged before the read began; the window
-                // runs from the first such acknowledgement.
-                let first_newer = match served {
-                    None => 0,
-                    Some(i) => acks.partition_point(|(pos, _)| *pos <= i),
-                };
-                if first_newer < before {
-                    let (sup_pos, sup_ack) = acks[first_newer];
-                    rows[p].stale += 1;
-                    let window = ended.saturating_sub(sup_ack);
-                    rows[p].windows.push(window);
-                    rows[p].beyond += u64::from(window > BUS_DELAY_BOUND);
-                    // A few of each phase beyond the bound, and many with the server up.
-                    let shown = &mut details[p];
-                    let detail = window > BUS_DELAY_BOUND && (*shown < 4 || (up(p) && *shown < 40));
-                    *shown += u64::from(detail);
-                    if detail {
-                        let ws = &attempts[key];
-                        stale_reads.push(format!(
-                            "phase {} instance {instance} key {key} served {} (read {begun}..{ended} µs) \
-                             superseded by {} acked at {sup_ack} ({} µs before the read began); \
-                             latest acked before the read: {}",
-                            phases[p].name,
-                            value.as_deref().unwrap_or("nothing"),
-                            ws[sup_pos].value,
-                            begun - sup_ack,
-                            ws[acks[before - 1].0].value,
-                        ));
-                    }
-                }
-            }
-            Event::ReadError {
+            Line::ReadError {
                 begun,
                 ended,
                 message,
+                ..
             } if *begun <= end => {
-                let p = phase_of(*begun);
-                rows[p].reads += 1;
-                rows[p].read_errors += 1;
+                let p = phases.of(*begun);
                 let line = format!(
                     "instance {instance} phase {} ({begun}..{ended} µs): {message}",
                     phases[p].name
                 );
-                if up(p) && ended_in(p, *ended) {
-                    errors_while_up.push(line.clone());
-                }
-                if read_error_samples.len() < 3 {
-                    read_error_samples.push(line);
-                }
+                (p, *ended, line, &mut read_error_samples)
             }
-            _ => {}
+            _ => continue,
+        };
+        if phases[p].checked && ended_in(p, ended) {
+            errors_while_up.push(line.clone());
+        }
+        if samples.len() < 3 {
+            samples.push(line);
         }
     }
+    // A few of each phase beyond the bound, and many with the server up.
+    let mut shown = vec![0; phases.len()];
+    let stale_reads: Vec<String> = stale
+        .iter()
+        .filter(|s| {
+            let n = &mut shown[s.phase];
+            let keep = s.window > BUS_DELAY_BOUND && (*n < 4 || (phases[s.phase].checked && *n < 40));
+            *n += usize::from(keep);
+            keep
+        })
+        .map(ToString::to_string)
+        .collect();
 
     println!(
         "\npg_bus_processes: {INSTANCES} processes, {KEYS} keys (one writer each), server back {restarted_ms} ms \
          after the restart began, recovery complete after {recovery_ms} ms"
     );
-    println!(
-        "{:<12} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10}",
-        "phase", "reads", "stale", ">250ms", "r-errs", "writes", "w-errs", "p50 ms", "p99 ms", "max ms"
+    print_table(
+        &phases,
+        &rows,
+        BUS_DELAY_BOUND,
+        &[
+            Column::Reads,
+            Column::Stale,
+            Column::Beyond,
+            Column::ReadErrors,
+            Column::Writes,
+            Column::WriteErrors,
+            Column::P50,
+            Column::P99,
+            Column::Max,
+        ],
+        None,
     );
-    for (phase, row) in phases.iter().zip(&mut rows) {
-        row.windows.sort_unstable();
-        println!(
-            "{:<12} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10}",
-            phase.name,
-            row.reads,
-            row.stale,
-            row.beyond,
-            row.read_errors,
-            row.writes,
-            row.write_errors,
-            pct(&row.windows, 0.5),
-            pct(&row.windows, 0.99),
-            row.windows
-                .last()
-                .map_or("-".into(), |w| format!("{:.1}", *w as f64 / 1000.0)),
-        );
-    }
     println!("reads of a value never written: {}", unknown.len());
-    for (i, e) in &collector.events {
-        match e {
-            Event::Stats(s) => println!("instance {i}: {s}"),
-            Event::Status {
-                round,
-                ok,
-                pending,
-                connected,
-                clears,
-            } => println!(
+    for (i, e) in &events {
+        if let Line::Stats(s) = e {
+            println!("instance {i}: {s}");
+        } else if let Some((round, ok, pending, connected, clears)) = status(e) {
+            println!(
                 "instance {i}: status round {round}: flush {} pending {pending} bus connected {connected} clears {clears}",
-                if *ok { "ok" } else { "err" }
-            ),
-            _ => {}
+                if ok { "ok" } else { "err" }
+            );
         }
     }
     for s in &write_error_samples {
@@ -973,8 +590,8 @@ fn pg_bus_processes_three_processes_through_a_crash() {
         errors_while_up.is_empty(),
         "operations failed with the server up: {errors_while_up:?}"
     );
-    for (p, (phase, row)) in phases.iter().zip(&rows).enumerate() {
-        if up(p) {
+    for (phase, row) in phases.iter().zip(&rows) {
+        if phase.checked {
             assert_eq!(
                 row.beyond, 0,
                 "phase {}: reads stale beyond the bus delay with the server up (see the `stale:` lines above)",

@@ -9,10 +9,10 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use capacitor_core::testkit::staleness::{Children, Line};
 
 use capacitor_core::{LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
@@ -88,58 +88,25 @@ fn bus_child_reader() {
     });
 }
 
-/// Kills the child by PID when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Collects the child's lines until it served `what` (or printed `ready`), at most
+/// `timeout`.
+fn wait_for(child: &mut Children, what: &str, timeout: Duration) {
+    child.until(timeout, &format!("the child to serve `{what}`"), |events| {
+        events.iter().any(|(_, e)| match e {
+            Line::Ready => what == "ready",
+            Line::Other(seen) => seen == what,
+            _ => false,
+        })
+    });
 }
 
 #[test]
 fn two_processes_stay_coherent_through_the_bus() {
     let prefix = common::unique_prefix("bus2p");
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            "bus_processes::bus_child_reader",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(PREFIX_ENV, &prefix)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("re-run the test binary as the child");
-    let stdout = child.stdout.take().unwrap();
-    let guard = ChildGuard(child);
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(at) = line.find(SEEN) {
-                if tx.send(line[at + SEEN.len()..].to_owned()).is_err() {
-                    break;
-                }
-            }
-        }
+    let mut child = Children::spawn(1, "bus_processes::bus_child_reader", SEEN, |_| {
+        vec![(PREFIX_ENV.into(), prefix.clone())]
     });
-    let wait_for = |what: &str, timeout: Duration| {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(seen) if seen == what => return,
-                Ok(_) => {}
-                Err(_) => panic!("the child never served `{what}` within {timeout:?}"),
-            }
-        }
-    };
-    wait_for("ready", Duration::from_secs(30));
+    wait_for(&mut child, "ready", Duration::from_secs(30));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,13 +117,13 @@ fn two_processes_stay_coherent_through_the_bus() {
         let (cache, bus) = composer(&prefix).await;
         // Let the child's subscription settle: the first value may come from Redis.
         cache.set("shared".into(), "warm-up".into()).await.unwrap();
-        wait_for("warm-up", Duration::from_secs(10));
+        wait_for(&mut child, "warm-up", Duration::from_secs(10));
         let mut delays = Vec::new();
         for i in 0..WRITES {
             let v = format!("v{i}");
             let written = Instant::now();
             cache.set("shared".into(), v.clone()).await.unwrap();
-            wait_for(&v, Duration::from_secs(5));
+            wait_for(&mut child, &v, Duration::from_secs(5));
             delays.push(written.elapsed());
         }
         delays.sort();
@@ -167,7 +134,7 @@ fn two_processes_stay_coherent_through_the_bus() {
         );
         cache.close().await.unwrap();
         bus.close().await.unwrap();
-        drop(guard);
+        drop(child);
         common::delete_prefix(&common::raw().await, &prefix).await;
     });
 }

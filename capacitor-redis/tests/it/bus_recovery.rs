@@ -33,12 +33,12 @@
 
 use crate::common;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use capacitor_core::testkit::staleness::{
+    self, check, now_us, print_table, Checked, Children, Column, Line, Out, Phases,
+};
 use capacitor_core::testkit::FaultProxy;
 use capacitor_core::{LayerConfig, MultiLayer};
 use capacitor_memory::MokaLayer;
@@ -52,18 +52,12 @@ const PROXIED: usize = 2;
 const CHILD_LIFETIME: Duration = Duration::from_secs(90);
 /// Every child line the parent reads starts with this (the test harness prints too).
 const TAG: &str = "busrec ";
+const OUT: Out = Out { tag: TAG };
 
 const ENV_INSTANCE: &str = "CAPACITOR_BUSREC_INSTANCE";
 const ENV_CACHE_URL: &str = "CAPACITOR_BUSREC_CACHE_URL";
 const ENV_BUS_URL: &str = "CAPACITOR_BUSREC_BUS_URL";
 const ENV_PREFIX: &str = "CAPACITOR_BUSREC_PREFIX";
-
-/// Microseconds since the epoch: comparable across the processes of one machine.
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
 
 fn key_name(i: usize) -> String {
     format!("k{i}")
@@ -147,14 +141,7 @@ fn bus_recovery_child() {
     let cache_url = std::env::var(ENV_CACHE_URL).unwrap();
     let bus_url = std::env::var(ENV_BUS_URL).unwrap();
     let prefix = std::env::var(ENV_PREFIX).unwrap();
-    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let commands = staleness::commands();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -162,7 +149,7 @@ fn bus_recovery_child() {
         .unwrap();
     rt.block_on(async move {
         let Instance { cache, bus, proxies } = instance(index, &cache_url, &bus_url, &prefix).await;
-        println!("{TAG}ready {}", now_us());
+        OUT.ready();
         let own: Vec<usize> = (0..KEYS).filter(|k| k % INSTANCES == index).collect();
         let keys: Vec<String> = (0..KEYS).map(key_name).collect();
         let mut counter = 0u64;
@@ -178,14 +165,14 @@ fn bus_recovery_child() {
                             proxy.refuse(true);
                             proxy.reset_connections();
                         }
-                        println!("{TAG}cut {}", now_us());
+                        OUT.line(format_args!("cut {}", now_us()));
                     }
                     "restore" => {
                         assert!(!proxies.is_empty(), "only the proxied instance is cut");
                         for proxy in &proxies {
                             proxy.refuse(false);
                         }
-                        println!("{TAG}restored {}", now_us());
+                        OUT.line(format_args!("restored {}", now_us()));
                     }
                     "status" => {
                         let round = arg.to_owned();
@@ -196,14 +183,14 @@ fn bus_recovery_child() {
                             let stats = cache.stats();
                             let layer = stats.layers.iter().find(|l| l.name == "cache").unwrap();
                             let bus = stats.bus.unwrap_or_default();
-                            println!(
-                                "{TAG}status {round} {} {} {} {} {}",
+                            OUT.line(format_args!(
+                                "status {round} {} {} {} {} {}",
                                 if flushed.is_ok() { "ok" } else { "err" },
                                 layer.replay_pending,
                                 bus.pending,
                                 if transport.is_connected() { "up" } else { "down" },
                                 now_us()
-                            );
+                            ));
                         });
                     }
                     "stop" => stop = true,
@@ -218,28 +205,16 @@ fn bus_recovery_child() {
             let key = key_name(own[(counter as usize) % own.len()]);
             let value = format!("{index}:{counter}");
             let begun = now_us();
-            match cache.set(key.clone(), value.clone()).await {
-                Ok(()) => println!("{TAG}W {key} {value} {begun} {}", now_us()),
-                Err(e) => println!("{TAG}WE {key} {value} {begun} {} {e}", now_us()),
-            }
-            for key in &keys {
-                let begun = now_us();
-                match cache.get(key).await {
-                    Ok(v) => println!(
-                        "{TAG}R {key} {} {begun} {}",
-                        v.as_deref().unwrap_or("-"),
-                        now_us()
-                    ),
-                    Err(e) => println!("{TAG}RE {key} {begun} {} {e}", now_us()),
-                }
-            }
+            let result = cache.set(key.clone(), value.clone()).await;
+            OUT.write(&key, &value, begun, &result, "");
+            OUT.read_all(&cache, &keys).await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let stats = cache.stats();
         let layer = stats.layers.iter().find(|l| l.name == "cache").unwrap();
         let b = stats.bus.clone().unwrap_or_default();
-        println!(
-            "{TAG}stats cache_errors={} replayed={} replay_pending={} bus_published={} \
+        OUT.line(format_args!(
+            "stats cache_errors={} replayed={} replay_pending={} bus_published={} \
              bus_publish_errors={} bus_pending={} bus_received={} bus_clears={}",
             layer.errors,
             layer.replayed,
@@ -249,464 +224,166 @@ fn bus_recovery_child() {
             b.pending,
             b.received,
             b.clears
-        );
+        ));
         let _ = cache.close().await;
         let _ = bus.close().await;
-        println!("{TAG}done");
+        OUT.done();
     });
 }
 
-/// A child, killed by PID when dropped.
-struct ChildGuard {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl ChildGuard {
-    fn send(&mut self, command: &str) {
-        if let Some(stdin) = &mut self.stdin {
-            let _ = writeln!(stdin, "{command}");
-            let _ = stdin.flush();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A line of a child, as the parent parsed it.
-enum Event {
-    Ready,
-    Write {
-        key: String,
-        value: String,
-        ack: u64,
-    },
-    WriteError {
-        key: String,
-        value: String,
-    },
-    Read {
-        key: String,
-        value: Option<String>,
-        begun: u64,
-        ended: u64,
-    },
-    ReadError {
-        begun: u64,
-        message: String,
-    },
-    Status {
-        round: u64,
-        ok: bool,
-        replay_pending: u64,
-        bus_pending: u64,
-        bus_connected: bool,
-    },
-    Stats(String),
-    Done,
-    Other,
-}
-
-fn parse(line: &str) -> Event {
+/// A child's answer to `status round`: whether its outbox flushed (and holds nothing
+/// more), its cache layer has nothing left to replay and both connections of its bus
+/// are up.
+fn recovered(line: &Line, round: u64) -> Option<bool> {
+    let Line::Other(line) = line else {
+        return None;
+    };
     let f: Vec<&str> = line.split(' ').collect();
-    let n = |i: usize| f[i].parse::<u64>().unwrap();
-    match f[0] {
-        "ready" => Event::Ready,
-        "W" => Event::Write {
-            key: f[1].into(),
-            value: f[2].into(),
-            ack: n(4),
-        },
-        "WE" => Event::WriteError {
-            key: f[1].into(),
-            value: f[2].into(),
-        },
-        "R" => Event::Read {
-            key: f[1].into(),
-            value: (f[2] != "-").then(|| f[2].to_owned()),
-            begun: n(3),
-            ended: n(4),
-        },
-        "RE" => Event::ReadError {
-            begun: n(2),
-            message: f[4..].join(" "),
-        },
-        "status" => Event::Status {
-            round: n(1),
-            ok: f[2] == "ok",
-            replay_pending: n(3),
-            bus_pending: n(4),
-            bus_connected: f[5] == "up",
-        },
-        "stats" => Event::Stats(f[1..].join(" ")),
-        "done" => Event::Done,
-        _ => Event::Other,
-    }
+    (f[0] == "status" && f[1].parse() == Ok(round))
+        .then(|| f[2] == "ok" && f[3] == "0" && f[4] == "0" && f[5] == "up")
 }
 
-/// The parent's view: every line of every child, in arrival order.
-struct Collector {
-    rx: mpsc::Receiver<(usize, String)>,
-    events: Vec<(usize, Event)>,
-}
-
-impl Collector {
-    /// Takes the lines that arrived, waiting at most `wait` for the first one; the index
-    /// of the first new event.
-    fn drain(&mut self, wait: Duration) -> usize {
-        let first = self.events.len();
-        if let Ok((i, line)) = self.rx.recv_timeout(wait) {
-            self.events.push((i, parse(&line)));
-            while let Ok((i, line)) = self.rx.try_recv() {
-                self.events.push((i, parse(&line)));
-            }
-        }
-        first
-    }
-
-    /// Collects for `d`.
-    fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            self.drain(end.saturating_duration_since(Instant::now()));
-        }
-    }
-
-    /// Collects until `done` holds for the new events (each call sees only the events
-    /// that arrived since the previous one), at most `timeout`.
-    fn until(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&[(usize, Event)]) -> bool) {
-        let end = Instant::now() + timeout;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out after {timeout:?} waiting for {what}");
-            let first = self.drain(left.min(Duration::from_millis(100)));
-            if done(&self.events[first..]) {
-                return;
-            }
-        }
-    }
-}
-
-/// Sends `status` to every child until all of them answer that their outbox flushed (and
-/// holds nothing more), their cache layer has nothing left to replay and both
-/// connections of their bus are up; the moment they all did (µs).
-fn wait_recovered(children: &mut [ChildGuard], collector: &mut Collector, timeout: Duration) -> u64 {
-    let end = Instant::now() + timeout;
-    let n = children.len();
-    for round in 1u64.. {
-        assert!(
-            Instant::now() < end,
-            "recovery did not complete within {timeout:?}"
-        );
-        for c in children.iter_mut() {
-            c.send(&format!("status {round}"));
-        }
-        let mut answers: HashMap<usize, bool> = HashMap::new();
-        collector.until(Duration::from_secs(15), "status answers", |events| {
-            for (i, e) in events {
-                if let Event::Status {
-                    round: r,
-                    ok,
-                    replay_pending,
-                    bus_pending,
-                    bus_connected,
-                } = e
-                {
-                    if *r == round {
-                        answers.insert(
-                            *i,
-                            *ok && *replay_pending == 0 && *bus_pending == 0 && *bus_connected,
-                        );
-                    }
-                }
-            }
-            answers.len() == n
-        });
-        if answers.values().all(|ok| *ok) {
-            return now_us();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    unreachable!()
+/// Sends `status` to every child until all of them answer they recovered (see
+/// [`recovered`]); the moment they all did (µs).
+fn wait_recovered(children: &mut Children, timeout: Duration) -> u64 {
+    children.wait_recovered(timeout, Duration::from_secs(15), recovered)
 }
 
 /// The longest staleness the bus's own delay explains, on a loaded 2-core machine (the
 /// steady phases measure p99 ≈ 3 ms, max ≈ 7 ms).
 const BUS_DELAY_BOUND: u64 = 250_000;
 
-struct Phase {
-    name: &'static str,
-    start: u64,
-    /// Every server is up and every instance recovered: no read may be stale beyond
-    /// [`BUS_DELAY_BOUND`].
-    steady: bool,
-}
-
-impl Phase {
-    /// A phase that starts now.
-    fn now(name: &'static str, steady: bool) -> Self {
-        Phase {
-            name,
-            start: now_us(),
-            steady,
-        }
-    }
-}
-
-#[derive(Default)]
-struct Row {
-    reads: u64,
-    stale: u64,
-    /// Stale beyond [`BUS_DELAY_BOUND`].
-    beyond: u64,
-    read_errors: u64,
-    windows: Vec<u64>,
-}
-
-fn pct(sorted: &[u64], p: f64) -> String {
-    if sorted.is_empty() {
-        return "-".into();
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    format!("{:.1}", sorted[i] as f64 / 1000.0)
-}
-
 #[test]
 fn bus_recovery_three_processes_through_an_outage() {
     let prefix = common::unique_prefix("busrec");
     let mut server = common::RedisServer::start();
     let mut bus_server = common::RedisServer::start();
-    let exe = std::env::current_exe().unwrap();
-    let (tx, rx) = mpsc::channel::<(usize, String)>();
-    let mut phases: Vec<Phase> = vec![Phase::now("1 start-up", true)];
-    let mut children: Vec<ChildGuard> = (0..INSTANCES)
-        .map(|i| {
-            let mut child = Command::new(&exe)
-                .args([
-                    "--exact",
-                    "bus_recovery::bus_recovery_child",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
-                .env(ENV_INSTANCE, i.to_string())
-                .env(ENV_CACHE_URL, server.url())
-                .env(ENV_BUS_URL, bus_server.url())
-                .env(ENV_PREFIX, &prefix)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("re-run the test binary as a child");
-            let stdout = child.stdout.take().unwrap();
-            let stdin = child.stdin.take();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Some(at) = line.find(TAG) {
-                        if tx.send((i, line[at + TAG.len()..].to_owned())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            });
-            ChildGuard { child, stdin }
-        })
-        .collect();
-    drop(tx);
-    let mut collector = Collector {
-        rx,
-        events: Vec::new(),
-    };
-    let mut ready = 0;
-    collector.until(Duration::from_secs(40), "the children to start", |events| {
-        ready += events.iter().filter(|(_, e)| matches!(e, Event::Ready)).count();
-        ready == INSTANCES
+    // Steady phases: every server is up and every instance recovered, so no read may be
+    // stale beyond [`BUS_DELAY_BOUND`].
+    let mut phases = Phases::default();
+    phases.begin("1 start-up", true);
+    let mut children = Children::spawn(INSTANCES, "bus_recovery::bus_recovery_child", TAG, |i| {
+        vec![
+            (ENV_INSTANCE.into(), i.to_string()),
+            (ENV_CACHE_URL.into(), server.url()),
+            (ENV_BUS_URL.into(), bus_server.url()),
+            (ENV_PREFIX.into(), prefix.clone()),
+        ]
     });
-    collector.run_for(Duration::from_secs(2));
+    children.until_each(Duration::from_secs(40), "the children to start", |e| {
+        matches!(e, Line::Ready)
+    });
+    children.run_for(Duration::from_secs(2));
 
-    phases.push(Phase::now("2 steady", true));
-    collector.run_for(Duration::from_secs(3));
+    phases.begin("2 steady", true);
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase::now("3 redis down", false));
+    phases.begin("3 redis down", false);
     server.kill();
     bus_server.kill();
-    collector.run_for(Duration::from_secs(3));
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase::now("4 recovery", false));
+    phases.begin("4 recovery", false);
     server.restart();
     bus_server.restart();
-    let recovered = wait_recovered(&mut children, &mut collector, Duration::from_secs(30));
-    collector.run_for(Duration::from_millis(500));
+    let recovered = wait_recovered(&mut children, Duration::from_secs(30));
+    children.run_for(Duration::from_millis(500));
     let recovery_ms = (recovered - phases.last().unwrap().start) / 1000;
 
-    phases.push(Phase::now("5 recovered", true));
-    collector.run_for(Duration::from_secs(4));
+    phases.begin("5 recovered", true);
+    children.run_for(Duration::from_secs(4));
 
-    phases.push(Phase::now("6 link cut", false));
-    children[PROXIED].send("cut");
-    collector.run_for(Duration::from_secs(3));
+    phases.begin("6 link cut", false);
+    children.send(PROXIED, "cut");
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase::now("7 link back", false));
-    children[PROXIED].send("restore");
-    let relinked = wait_recovered(&mut children, &mut collector, Duration::from_secs(30));
-    collector.run_for(Duration::from_millis(500));
+    phases.begin("7 link back", false);
+    children.send(PROXIED, "restore");
+    let relinked = wait_recovered(&mut children, Duration::from_secs(30));
+    children.run_for(Duration::from_millis(500));
     let relink_ms = (relinked - phases.last().unwrap().start) / 1000;
 
-    phases.push(Phase::now("8 re-linked", true));
-    collector.run_for(Duration::from_secs(3));
+    phases.begin("8 re-linked", true);
+    children.run_for(Duration::from_secs(3));
 
     // The bus alone: the cache layer stays up, so writes succeed and every instance keeps
     // filling its L1, which nothing invalidates until the bus is back.
-    phases.push(Phase::now("9 bus down", false));
+    phases.begin("9 bus down", false);
     bus_server.kill();
-    collector.run_for(Duration::from_secs(3));
+    children.run_for(Duration::from_secs(3));
 
-    phases.push(Phase::now("10 bus back", false));
+    phases.begin("10 bus back", false);
     bus_server.restart();
-    let rebused = wait_recovered(&mut children, &mut collector, Duration::from_secs(30));
-    collector.run_for(Duration::from_millis(500));
+    let rebused = wait_recovered(&mut children, Duration::from_secs(30));
+    children.run_for(Duration::from_millis(500));
     let rebus_ms = (rebused - phases.last().unwrap().start) / 1000;
 
-    phases.push(Phase::now("11 re-bused", true));
-    collector.run_for(Duration::from_secs(3));
+    phases.begin("11 re-bused", true);
+    children.run_for(Duration::from_secs(3));
     let end = now_us();
 
-    for c in &mut children {
-        c.send("stop");
-    }
-    let mut done = 0;
-    collector.until(Duration::from_secs(20), "the children to stop", |events| {
-        done += events.iter().filter(|(_, e)| matches!(e, Event::Done)).count();
-        done == INSTANCES
+    children.send_all("stop");
+    children.until_each(Duration::from_secs(20), "the children to stop", |e| {
+        matches!(e, Line::Done)
     });
-    drop(children);
+    let events = children.finish();
 
-    // The checker. Per key, its writer's acknowledged writes in order (one writer per
-    // key, so acknowledgement order is the store's order).
-    let mut writes: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-    let mut write_errors = 0;
-    let mut failed_values: Vec<(String, String)> = Vec::new();
-    for (_, e) in &collector.events {
-        match e {
-            Event::Write { key, value, ack } => {
-                writes.entry(key.clone()).or_default().push((value.clone(), *ack))
-            }
-            Event::WriteError { key, value } => {
-                write_errors += 1;
-                failed_values.push((key.clone(), value.clone()));
-            }
-            _ => {}
-        }
-    }
-    let position: HashMap<(&str, &str), usize> = writes
+    let Checked { rows, stale, unknown } = check(&events, &phases, end, BUS_DELAY_BOUND);
+    let failed_values: Vec<(&str, &str)> = events
         .iter()
-        .flat_map(|(k, ws)| {
-            ws.iter()
-                .enumerate()
-                .map(move |(i, (v, _))| ((k.as_str(), v.as_str()), i))
+        .filter_map(|(_, e)| match e {
+            Line::WriteError { key, value, .. } => Some((key.as_str(), value.as_str())),
+            _ => None,
         })
         .collect();
-    let phase_of = |t: u64| phases.iter().rposition(|p| p.start <= t).unwrap_or(0);
-    let mut rows: Vec<Row> = phases.iter().map(|_| Row::default()).collect();
-    let mut unknown = 0;
-    let mut stale_reads: Vec<String> = Vec::new();
-    let mut samples: Vec<usize> = vec![0; phases.len()];
-    let mut error_samples: Vec<String> = Vec::new();
-    for (instance, e) in &collector.events {
-        match e {
-            Event::Read {
-                key,
-                value,
-                begun,
-                ended,
-            } if *begun <= end => {
-                let p = phase_of(*begun);
-                rows[p].reads += 1;
-                let ws = writes.get(key).map_or(&[][..], Vec::as_slice);
-                // Writes acknowledged before the read began.
-                let before = ws.partition_point(|(_, ack)| *ack < *begun);
-                if before == 0 {
-                    continue;
-                }
-                let served = match value {
-                    None => None,
-                    Some(v) => match position.get(&(key.as_str(), v.as_str())) {
-                        Some(i) => Some(*i),
-                        None => {
-                            unknown += 1;
-                            continue;
-                        }
-                    },
-                };
-                // Stale: the served value's write is older than the last write acknowledged
-                // before the read began (no value at all: older than every write).
-                let superseded_by = served.map_or(0, |i| i + 1);
-                if superseded_by < before {
-                    let (sup_value, sup_ack) = &ws[superseded_by];
-                    rows[p].stale += 1;
-                    let window = ended.saturating_sub(*sup_ack);
-                    rows[p].windows.push(window);
-                    rows[p].beyond += u64::from(window > BUS_DELAY_BOUND);
-                    // A few samples per phase, and in the steady phases every read stale
-                    // beyond the bound (up to 40): the ones that fail the test.
-                    let beyond = phases[p].steady && window > BUS_DELAY_BOUND;
-                    if samples[p] < 3 || (beyond && samples[p] < 43) {
-                        samples[p] += 1;
-                        stale_reads.push(format!(
-                            "phase {} instance {instance} key {key} served {} (read {begun}..{ended} µs) \
-                             superseded by {sup_value} acked at {sup_ack} ({} µs before the read began); \
-                             latest acked before the read: {}",
-                            phases[p].name,
-                            value.as_deref().unwrap_or("nothing"),
-                            begun - sup_ack,
-                            ws[before - 1].0,
-                        ));
-                    }
-                }
-            }
-            Event::ReadError { begun, message } if *begun <= end => {
-                let p = phase_of(*begun);
-                rows[p].reads += 1;
-                rows[p].read_errors += 1;
-                if error_samples.len() < 5 {
-                    error_samples.push(format!("instance {instance} phase {}: {message}", phases[p].name));
-                }
-            }
-            _ => {}
-        }
-    }
+    // A few samples per phase, and in the steady phases every read stale beyond the bound
+    // (up to 40): the ones that fail the test.
+    let mut samples = vec![0; phases.len()];
+    let stale_reads: Vec<String> = stale
+        .iter()
+        .filter(|s| {
+            let beyond = phases[s.phase].checked && s.window > BUS_DELAY_BOUND;
+            let shown = samples[s.phase] < 3 || (beyond && samples[s.phase] < 43);
+            samples[s.phase] += usize::from(shown);
+            shown
+        })
+        .map(ToString::to_string)
+        .collect();
+    let error_samples: Vec<String> = events
+        .iter()
+        .filter_map(|(instance, e)| match e {
+            Line::ReadError { begun, message, .. } if *begun <= end => Some(format!(
+                "instance {instance} phase {}: {message}",
+                phases[phases.of(*begun)].name
+            )),
+            _ => None,
+        })
+        .take(5)
+        .collect();
 
     println!("\nbus_recovery: {INSTANCES} processes, {KEYS} keys (one writer each), recovery after restart {recovery_ms} ms, after re-link {relink_ms} ms, after the bus restart {rebus_ms} ms");
-    println!(
-        "{:<14} {:>8} {:>7} {:>8} {:>7} {:>12} {:>12} {:>12}",
-        "phase", "reads", "stale", ">250ms", "errors", "win p50 ms", "win p99 ms", "win max ms"
+    print_table(
+        &phases,
+        &rows,
+        BUS_DELAY_BOUND,
+        &[
+            Column::Reads,
+            Column::Stale,
+            Column::Beyond,
+            Column::ReadErrors,
+            Column::P50,
+            Column::P99,
+            Column::Max,
+        ],
+        None,
     );
-    for (phase, row) in phases.iter().zip(&mut rows) {
-        row.windows.sort_unstable();
-        println!(
-            "{:<14} {:>8} {:>7} {:>8} {:>7} {:>12} {:>12} {:>12}",
-            phase.name,
-            row.reads,
-            row.stale,
-            row.beyond,
-            row.read_errors,
-            pct(&row.windows, 0.5),
-            pct(&row.windows, 0.99),
-            row.windows
-                .last()
-                .map_or("-".into(), |w| format!("{:.1}", *w as f64 / 1000.0)),
-        );
-    }
-    println!("write errors: {write_errors}; reads of a value never acknowledged: {unknown}");
-    for (i, e) in &collector.events {
-        if let Event::Stats(s) = e {
+    println!(
+        "write errors: {}; reads of a value never acknowledged: {}",
+        failed_values.len(),
+        unknown.len()
+    );
+    for (i, e) in &events {
+        if let Line::Stats(s) = e {
             println!("instance {i}: {s}");
         }
     }
@@ -733,9 +410,9 @@ fn bus_recovery_three_processes_through_an_outage() {
         rows[8].read_errors, 0,
         "reads failed while the bus alone was down"
     );
-    assert_eq!(write_errors, 0, "writes failed: {failed_values:?}");
+    assert!(failed_values.is_empty(), "writes failed: {failed_values:?}");
     for (phase, row) in phases.iter().zip(&rows) {
-        if phase.steady {
+        if phase.checked {
             assert_eq!(
                 row.beyond, 0,
                 "phase {}: reads stale beyond the bus delay with every server up (see the `stale:` lines above)",

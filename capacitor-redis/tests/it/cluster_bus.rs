@@ -58,24 +58,11 @@ fn composer(redis: Arc<RedisLayer<String, String>>, bus: Arc<RedisBus>) -> Cache
         .unwrap()
 }
 
-/// `PUBSUB NUMSUB channel` of every node (it counts that node's own subscribers only).
-fn numsub(cluster: &Cluster, channel: &str) -> Vec<u64> {
-    (0..cluster.ports.len())
-        .map(|i| {
-            let out = cluster.cli(i, &["pubsub", "numsub", channel]);
-            out.lines()
-                .nth(1)
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
-}
-
 /// The node holding the one subscription on `channel` there is so far.
 async fn subscriber_node(cluster: &Cluster, channel: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let counts = numsub(cluster, channel);
+        let counts = cluster.numsub(channel);
         if counts.iter().sum::<u64>() == 1 {
             return counts.iter().position(|&n| n == 1).unwrap();
         }
@@ -85,34 +72,6 @@ async fn subscriber_node(cluster: &Cluster, channel: &str) -> usize {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The node whose slots hold `key`, as node `ask` (a live one) sees the slot map.
-fn node_of(cluster: &Cluster, ask: usize, key: &str) -> usize {
-    let slot: u16 = cluster
-        .cli(ask, &["cluster", "keyslot", key])
-        .trim()
-        .parse()
-        .unwrap();
-    for line in cluster.cli(ask, &["cluster", "nodes"]).lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let Some(port) = fields
-            .get(1)
-            .and_then(|a| a.split('@').next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok())
-        else {
-            continue;
-        };
-        let owns = fields.iter().skip(8).any(|range| {
-            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
-        });
-        if owns {
-            return cluster.ports.iter().position(|&p| p == port).unwrap();
-        }
-    }
-    panic!("no node owns slot {slot}");
 }
 
 /// Keys on each node (`DBSIZE`), to show that the keys spread over every master.
@@ -247,14 +206,14 @@ async fn setup(cluster: Cluster, what: &str) -> Setup {
     let bus_a = bus(&url, &channel).await;
     let a = composer(redis.clone(), bus_a.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while numsub(&cluster, &channel).iter().sum::<u64>() < 2 {
+    while cluster.numsub(&channel).iter().sum::<u64>() < 2 {
         assert!(Instant::now() < deadline, "A never subscribed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
         "cluster bus: subscriptions per node (ports {:?}): {:?}; B's on node {b_node}",
         cluster.ports,
-        numsub(&cluster, &channel)
+        cluster.numsub(&channel)
     );
     Setup {
         cluster,
@@ -357,7 +316,7 @@ fn bus_on_a_cluster_survives_a_master_restart() {
         let live = (node + 1) % s.cluster.ports.len();
         let mut outcomes = Vec::new();
         for (i, key) in keys[..15].iter().enumerate() {
-            let owner = node_of(&s.cluster, live, &format!("{}{key}", s.prefix));
+            let owner = s.cluster.node_of(live, &format!("{}{key}", s.prefix));
             let started = Instant::now();
             let result = s.a.set(key.clone(), format!("during {i}")).await;
             outcomes.push((owner, result.is_ok(), started.elapsed()));
