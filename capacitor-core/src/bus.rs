@@ -139,11 +139,14 @@ impl<K: StorageKey> BusMessage<K> {
                         .map(u32::from_le_bytes)
                         .ok_or_else(|| malformed("truncated bus message"))?
                         as usize;
+                    let end = (at + 4)
+                        .checked_add(len)
+                        .ok_or_else(|| malformed("truncated bus message"))?;
                     let key = bytes
-                        .get(at + 4..at + 4 + len)
+                        .get(at + 4..end)
                         .ok_or_else(|| malformed("truncated bus message"))?;
                     keys.push(K::decode_key(key)?);
-                    at += 4 + len;
+                    at = end;
                 }
                 Change::Keys(keys)
             }
@@ -195,8 +198,9 @@ where
     async fn connect(&self) -> Result<()>;
 
     /// The largest [`BusMessage::encode`]d message the transport carries (PostgreSQL's
-    /// `NOTIFY` takes under 8000 bytes); the composer packs keys into messages below it
-    /// and sends [`Change::Clear`] for a key too long to announce. Default: no limit.
+    /// `NOTIFY` takes under 8000 bytes). [`publish`](Self::publish) refuses a larger one
+    /// with `InvalidInput`; the composer then splits it, and sends [`Change::Clear`] for
+    /// a key too long to announce. Default: no limit.
     fn max_message_bytes(&self) -> usize {
         usize::MAX
     }

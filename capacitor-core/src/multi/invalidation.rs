@@ -28,11 +28,45 @@ const KEYS_PER_MESSAGE: usize = 64;
 /// The sender's wait between attempts while the bus fails, doubling up to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_millis(250);
+/// The longest the sender waits for one `publish` (the transports have their own, shorter
+/// timeouts; this bounds one that has none).
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
 /// How often an idle sender checks that its composer still exists.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 /// Senders whose last sequence number a receiver remembers; past it, it forgets them all
 /// (a repeated message is then applied twice, which is harmless).
 const SENDERS_BOUND: usize = 4_096;
+
+/// Sequence numbers below a sender's highest that a receiver still tells apart.
+const WINDOW: u64 = 128;
+
+/// The sequence numbers applied from one sender: the highest, and which of the
+/// [`WINDOW`] below it (bit `i`: `high - i`).
+struct Seen {
+    high: u64,
+    window: u128,
+}
+
+impl Seen {
+    /// Whether `seq` is to be applied; remembers it.
+    fn admit(&mut self, seq: u64) -> bool {
+        if seq > self.high {
+            let shift = seq - self.high;
+            self.window = if shift >= WINDOW { 0 } else { self.window << shift };
+            self.window |= 1;
+            self.high = seq;
+            return true;
+        }
+        let offset = self.high - seq;
+        if offset >= WINDOW {
+            return false;
+        }
+        let bit = 1u128 << offset;
+        let new = self.window & bit == 0;
+        self.window |= bit;
+        new
+    }
+}
 
 /// How a composer uses its bus (see
 /// [`MultiLayerBuilder::invalidation_bus`](super::MultiLayerBuilder::invalidation_bus)).
@@ -48,8 +82,8 @@ pub(super) struct Bus<K> {
     pub(super) transport: Arc<dyn InvalidationBus<K>>,
     pub(super) outbox: Arc<Outbox<K>>,
     pub(super) wait: Option<Duration>,
-    /// Sender -> the last sequence number applied from it.
-    seen: Mutex<HashMap<u64, u64, FxBuildHasher>>,
+    /// Sender -> the sequence numbers applied from it lately.
+    seen: Mutex<HashMap<u64, Seen, FxBuildHasher>>,
     received: AtomicU64,
     ignored: AtomicU64,
     clears: AtomicU64,
@@ -139,23 +173,22 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Bus<K> {
         runtime.spawn(send(Arc::downgrade(&self.outbox), Arc::clone(&self.transport)));
     }
 
-    /// Whether a message from `sender` numbered `seq` is new here (and remembers it).
+    /// Whether a message from `sender` numbered `seq` is new here (and remembers it): not
+    /// one already applied, nor older than the last [`WINDOW`] numbers seen from that
+    /// sender. Within the window a message that arrives late is still applied (an
+    /// eviction applied late costs a miss; one dropped could leave a stale copy).
     fn fresh(&self, sender: u64, seq: u64) -> bool {
         if sender == self.outbox.id {
             return false;
         }
         let mut seen = lock(&self.seen);
         match seen.get_mut(&sender) {
-            Some(last) if *last >= seq => false,
-            Some(last) => {
-                *last = seq;
-                true
-            }
+            Some(s) => s.admit(seq),
             None => {
                 if seen.len() >= SENDERS_BOUND {
                     seen.clear();
                 }
-                seen.insert(sender, seq);
+                seen.insert(sender, Seen { high: seq, window: 1 });
                 true
             }
         }
@@ -433,7 +466,17 @@ where
         None => Change::Keys(batch.keys.iter().map(|(_, k)| k.clone()).collect()),
     };
     let message = BusMessage::new(out.id, out.next_seq(), change);
-    match transport.publish(&message).await {
+    // A transport that neither answers nor fails must not hold the outbox forever.
+    let sent = tokio::time::timeout(PUBLISH_DEADLINE, transport.publish(&message))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                Operation::Publish,
+                format!("the bus did not answer within {PUBLISH_DEADLINE:?}"),
+            ))
+        });
+    match sent {
         Ok(()) => {
             out.sent(&batch);
             Ok(())
@@ -558,11 +601,31 @@ where
     /// does not fail because the bus is slow or down.
     pub(super) async fn wait_announced(&self, wait: Option<(u64, Duration)>, keys: &[&K]) {
         if let (Some(bus), Some((ticket, limit))) = (&self.bus, wait) {
+            // One budget for both waits.
+            let started = tokio::time::Instant::now();
             let _ = bus.outbox.wait_sent(ticket, limit).await;
-            self.wait_replayed(keys, limit).await;
+            self.wait_replayed(keys, limit.saturating_sub(started.elapsed()))
+                .await;
         }
     }
 }
 
 /// How long `flush` and `close` wait for the outbox at most.
 pub(super) const BUS_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::{Seen, WINDOW};
+
+    #[test]
+    fn a_sender_window_applies_late_messages_once_and_drops_repeats() {
+        let mut seen = Seen { high: 5, window: 1 };
+        assert!(!seen.admit(5), "a repeat");
+        assert!(seen.admit(7));
+        assert!(seen.admit(6), "late, never applied: applied");
+        assert!(!seen.admit(6), "then a repeat");
+        assert!(seen.admit(4), "older than the highest, never applied");
+        assert!(seen.admit(7 + WINDOW + 1));
+        assert!(!seen.admit(7), "older than the window: dropped");
+    }
+}

@@ -156,6 +156,16 @@ where
                 );
             }
         }
+        // Keys whose invalidation of a shared cache layer failed get one last attempt
+        // (other instances would read their old copies there), bounded like the outbox.
+        if self
+            .inner
+            .slots
+            .iter()
+            .any(|s| s.replay.as_ref().is_some_and(|r| r.len() > 0))
+        {
+            let _ = tokio::time::timeout(BUS_FLUSH_LIMIT, self.inner.replay_once()).await;
+        }
         if let Some(bus) = &self.inner.bus {
             // Announcements made before the close are sent, waiting a bounded while.
             if let Err(e) = bus.outbox.flush(BUS_FLUSH_LIMIT, Operation::Close).await {

@@ -350,6 +350,7 @@ where
             self.inner.forget(key);
             if let Err(e) = l1.delete(key).await {
                 l1.invalidation_failed(&e, &[key], self.inner.clock.now());
+                self.inner.recover();
                 first.get_or_insert(e.with_layer(l1.name.clone()));
             }
         }

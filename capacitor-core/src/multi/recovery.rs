@@ -248,7 +248,7 @@ where
 
     /// One attempt per layer with something to replay; whether any attempt failed and
     /// whether anything waits.
-    async fn replay_once(&self) -> (bool, bool) {
+    pub(super) async fn replay_once(&self) -> (bool, bool) {
         let mut failed = false;
         for slot in self.slots.iter() {
             let Some(replay) = &slot.replay else { continue };
@@ -296,6 +296,9 @@ where
     /// that skipped the write, its breaker still open though the layer answers again, is
     /// cleaned by the replay a moment later), then until its announcements were sent.
     pub(super) async fn wait_replayed(&self, keys: &[&K], limit: Duration) {
+        if limit.is_zero() {
+            return;
+        }
         let started = tokio::time::Instant::now();
         let holding = || {
             self.slots.iter().any(|s| {
@@ -332,6 +335,10 @@ where
     let mut retry = RETRY_MIN;
     loop {
         let Some(strong) = inner.upgrade() else { return };
+        // `close` makes one last pass itself.
+        if strong.closed.load(Ordering::Acquire) {
+            return;
+        }
         let (failed, waiting) = strong.replay_once().await;
         if failed {
             drop(strong);

@@ -12,6 +12,9 @@ use crate::health::{is_failure, Admit, Breaker, BreakerState, DirtyKeys, HealthE
 use crate::layer::Layer;
 use crate::stats::{Counter, LayerCounters};
 
+/// How long one replay attempt may take on a layer without a write timeout.
+const REPLAY_DEADLINE: Duration = Duration::from_secs(5);
+
 pub(super) struct Slot<K, V> {
     pub(super) name: String,
     pub(super) layer: Arc<dyn Layer<K, V>>,
@@ -238,7 +241,8 @@ where
         .await
     }
 
-    /// Recovery's delete: under the layer's write timeout but not its breaker, which
+    /// Recovery's delete: under the layer's write timeout (5 s without one) but not its
+    /// breaker, which
     /// would hold the replay back for its cool-down after the layer answers again (the
     /// replay retries on its own, and a layer that is down fails it at once).
     pub(super) async fn replay_delete_many(&self, keys: &[K]) -> Result<u64> {
@@ -252,17 +256,17 @@ where
     }
 
     async fn timed<T>(&self, op: Operation, operation: impl Future<Output = Result<T>>) -> Result<T> {
-        match self.write_timeout {
-            None => operation.await,
-            Some(limit) => tokio::time::timeout(limit, operation).await.unwrap_or_else(|_| {
-                self.counters.incr(Counter::Timeout);
-                Err(Error::new(
-                    ErrorKind::Timeout,
-                    op,
-                    format!("no answer within the layer's {limit:?} timeout"),
-                ))
-            }),
-        }
+        // Without a write timeout, a bound of its own: a hung layer must not hold the
+        // recovery of every layer.
+        let limit = self.write_timeout.unwrap_or(REPLAY_DEADLINE);
+        tokio::time::timeout(limit, operation).await.unwrap_or_else(|_| {
+            self.counters.incr(Counter::Timeout);
+            Err(Error::new(
+                ErrorKind::Timeout,
+                op,
+                format!("no answer within {limit:?} (replay)"),
+            ))
+        })
     }
 
     pub(super) async fn clear(&self) -> Result<()> {

@@ -400,6 +400,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'sta
         }
         if self.layers.contains(&inner.authoritative) {
             inner.in_doubt.pin(keys.iter().copied(), now);
+            // The store may have taken the write: the other instances hear of it.
+            if self.writes.announced() {
+                inner.announce(keys.iter().copied());
+            }
         }
         for i in self.layers.clone() {
             let slot = &inner.slots[i];
@@ -621,9 +625,13 @@ where
                     let err = slot.error(e);
                     if outcome_unknown(&err) {
                         // The store may apply the write now or later (after later writes
-                        // too): until that is settled no cache keeps a copy of the keys.
+                        // too): until that is settled no cache keeps a copy of the keys,
+                        // and the other instances hear of them as of a change.
                         inner.in_doubt.pin(writes.keys(), inner.clock.now());
                         invalidate_caches(inner, writes, 0..=i).await;
+                        if writes.announced() {
+                            inner.announce(writes.keys());
+                        }
                     }
                     scope.done = true;
                     return Err(err);

@@ -573,3 +573,43 @@ async fn a_replay_in_flight_still_counts_as_pending() {
     eventually("the replay finished", || async { pending(&a) == Some(0) }).await;
     assert!(world.shared_cache.raw_entry(&k(1)).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_outcome_is_unknown_is_announced() {
+    // A's store takes the write, then does not answer within the write timeout: `set`
+    // fails with Timeout, yet the store holds the new value, so B must hear of the key.
+    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
+    let hub = LoopbackBus::new();
+    let store = Arc::new(MapLayer::<String, u32>::new());
+    let gated = GateLayer::shared(store.clone() as Arc<dyn Layer<String, u32>>);
+    let gates = gated.gates();
+    let a = MultiLayer::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .layer(LayerConfig::new("store", gated).write_timeout(Duration::from_millis(50)))
+        .invalidation_bus(hub.endpoint())
+        .build()
+        .unwrap();
+    let b = MultiLayer::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .layer(LayerConfig::shared(
+            "store",
+            store.clone() as Arc<dyn Layer<String, u32>>,
+        ))
+        .invalidation_bus(hub.endpoint())
+        .build()
+        .unwrap();
+    a.set(k(1), 1).await.unwrap();
+    a.flush().await.unwrap();
+    assert_eq!(b.get(&k(1)).await.unwrap(), Some(1)); // in B's L1
+    let gate = gates.hold(GateOp::Set, Hold::After);
+    let err = a.set(k(1), 2).await.unwrap_err();
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Timeout);
+    gate.release();
+    assert_eq!(
+        store.raw_entry(&k(1)).map(|e| e.value),
+        Some(2),
+        "the store took it"
+    );
+    a.flush().await.unwrap();
+    assert_eq!(b.get(&k(1)).await.unwrap(), Some(2), "B heard of the key");
+}
