@@ -108,7 +108,11 @@ where
         if let Some(negative) = &inner.negative {
             negative.clear();
         }
-        super::write::wait_for_copies(&writing);
+        // Copies upward that passed their check before the clear undo themselves at their
+        // second; wait for them without holding the thread.
+        while writing.iter().any(crate::guard::WriteGuard::copies_running) {
+            tokio::task::yield_now().await;
+        }
         drop(writing);
         if let Some(bus) = &inner.bus {
             let ticket = bus.outbox.announce_clear();

@@ -267,7 +267,11 @@ where
                     Work::Clear => {
                         replay.replayed.fetch_add(1, Ordering::Relaxed);
                         if let Some(suspects) = &slot.suspects {
+                            // Under the lock `record` takes: keys whose invalidation
+                            // failed while the clear ran stay marked.
+                            let state = replay.lock();
                             suspects.cleared(now);
+                            suspects.mark(state.queued.iter(), now);
                         }
                         if let Some(bus) = &self.bus {
                             bus.outbox.announce_clear();

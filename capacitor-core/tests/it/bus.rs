@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use capacitor::memory::DashMapLayer;
-use capacitor_core::testkit::{Faults, FaultyLayer, LoopbackBus, MapLayer};
+use capacitor_core::testkit::{within, Faults, FaultyLayer, LoopbackBus, MapLayer};
 use capacitor_core::{
     BusMessage, InvalidationBus, InvalidationSink, Layer, LayerConfig, MultiLayer, MultiLayerBuilder, Result,
     SetOptions, SystemClock,
@@ -612,4 +612,47 @@ async fn a_write_whose_outcome_is_unknown_is_announced() {
     );
     a.flush().await.unwrap();
     assert_eq!(b.get(&k(1)).await.unwrap(), Some(2), "B heard of the key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failing_during_a_replayed_clear_stays_suspect() {
+    // A clear of the shared cache failed and is replayed; while the replay's clear runs,
+    // a write of k1 fails to reach that layer. When the clear finishes, k1 must still be
+    // marked (reads pass the layer by for it) until its own replay.
+    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
+    let world = World::new();
+    let link = FaultyLayer::shared(world.shared_cache.clone() as Arc<dyn Layer<String, u32>>);
+    let faults = link.faults();
+    let gated = GateLayer::new(link);
+    let gates = gated.gates();
+    let a = MultiLayer::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .layer(LayerConfig::new("shared", gated))
+        .layer(LayerConfig::shared(
+            "store",
+            world.store.clone() as Arc<dyn Layer<String, u32>>,
+        ))
+        .build()
+        .unwrap();
+    a.set(k(1), 1).await.unwrap();
+    faults.fail_writes(true);
+    faults.fail_deletes(true);
+    // The clear's own call passes (and fails); the replay's clear, then k1's replay, hold.
+    let replayed_clear = gates.hold_nth(GateOp::DeleteMany, 1, Hold::Before);
+    let k1_replay = gates.hold(GateOp::DeleteMany, Hold::Before);
+    within(LIMIT, a.clear()).await.unwrap(); // the shared cache's clear fails: replayed later
+    replayed_clear.reached().await; // (the replay holds at the gate, before the faults)
+    a.set(k(1), 2).await.unwrap(); // fails to reach the shared cache: k1 recorded
+    faults.fail_writes(false);
+    faults.fail_deletes(false);
+    replayed_clear.release();
+    k1_replay.reached().await; // the clear finished; k1's own replay is held
+    let shared = a.stats().layer("shared").cloned().unwrap();
+    assert_eq!(shared.suspect_keys, 1, "k1 still suspect: {shared:?}");
+    assert_eq!(a.get(&k(1)).await.unwrap(), Some(2));
+    k1_replay.release();
+    eventually("k1 replayed", || async {
+        a.stats().layer("shared").is_some_and(|l| l.replay_pending == 0)
+    })
+    .await;
 }
