@@ -9,9 +9,9 @@
 //! |---|---|---|
 //! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
 //! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
-//! | `redis` | `redis`: `RedisLayer`, `RedisBus` on fred | no |
+//! | `redis` | `redis`: `RedisLayer`, `RedisBus`, `RedisTrackingBus` on fred | no |
 //! | `redis-tls` | TLS for `rediss://` (rustls) | no |
-//! | `postgres` | `postgres`: `PostgresLayer` on deadpool-postgres | no |
+//! | `postgres` | `postgres`: `PostgresLayer`, `PostgresBus` on deadpool-postgres | no |
 //! | `postgres-tls` | `PostgresLayerBuilder::native_tls` | no |
 //! | `metrics` | `MultiLayer::report_metrics`, `spawn_metrics_reporter` (`metrics` facade) | no |
 //! | `tracing` | a DEBUG span per composer operation, breaker events (`tracing`) | no |
@@ -62,7 +62,7 @@ pub mod sled {
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis {
-    //! The Redis layer and the Redis invalidation bus, on fred.
+    //! The Redis layer and the Redis invalidation buses (pub/sub, client tracking), on fred.
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
     //! documentation: [`capacitor_redis`].
@@ -77,7 +77,7 @@ pub mod redis {
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
-    //! The PostgreSQL layer, on deadpool-postgres and tokio-postgres.
+    //! The PostgreSQL layer and the `LISTEN`/`NOTIFY` invalidation bus, on deadpool-postgres and tokio-postgres.
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
     //! documentation: [`capacitor_postgres`].

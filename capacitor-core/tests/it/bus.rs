@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use capacitor::memory::DashMapLayer;
-use capacitor_core::testkit::{within, Faults, FaultyLayer, LoopbackBus, MapLayer};
+use capacitor_core::testkit::{
+    within, Faults, FaultyLayer, GateLayer, GateOp, Gates, Hold, LoopbackBus, MapLayer,
+};
 use capacitor_core::{
     BusMessage, InvalidationBus, InvalidationSink, Layer, LayerConfig, MultiLayer, MultiLayerBuilder, Result,
     SetOptions, SystemClock,
@@ -70,6 +72,25 @@ impl World {
             l1,
             link: faults,
         }
+    }
+
+    /// An instance without a bus whose link to the shared cache both fails on demand
+    /// and holds chosen calls (the gate sits in front of the faults).
+    fn gated_instance(&self) -> (Cache, Arc<Faults>, Arc<Gates>) {
+        let link = FaultyLayer::shared(self.shared_cache.clone() as Arc<dyn Layer<String, u32>>);
+        let faults = link.faults();
+        let gated = GateLayer::new(link);
+        let gates = gated.gates();
+        let cache = MultiLayer::builder()
+            .layer(LayerConfig::new("l1", DashMapLayer::new()))
+            .layer(LayerConfig::new("shared", gated))
+            .layer(LayerConfig::shared(
+                "store",
+                self.store.clone() as Arc<dyn Layer<String, u32>>,
+            ))
+            .build()
+            .expect("valid composer");
+        (cache, faults, gates)
     }
 
     /// An instance whose writes wait for their announcement (delivered inside `publish`
@@ -543,21 +564,8 @@ async fn a_replay_in_flight_still_counts_as_pending() {
     // The shared cache's delete fails once (A's link is down), then the replay's delete is
     // held at the layer: until it finishes, recovery must not report the key as done (a
     // caller waiting for `replay_pending == 0` would read the old copy from it).
-    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
     let world = World::new();
-    let link = FaultyLayer::shared(world.shared_cache.clone() as Arc<dyn Layer<String, u32>>);
-    let faults = link.faults();
-    let gated = GateLayer::new(link);
-    let gates = gated.gates();
-    let a = MultiLayer::builder()
-        .layer(LayerConfig::new("l1", DashMapLayer::new()))
-        .layer(LayerConfig::new("shared", gated))
-        .layer(LayerConfig::shared(
-            "store",
-            world.store.clone() as Arc<dyn Layer<String, u32>>,
-        ))
-        .build()
-        .unwrap();
+    let (a, faults, gates) = world.gated_instance();
     a.set(k(1), 1).await.unwrap();
     faults.fail_writes(true);
     faults.fail_deletes(true);
@@ -578,7 +586,6 @@ async fn a_replay_in_flight_still_counts_as_pending() {
 async fn a_write_whose_outcome_is_unknown_is_announced() {
     // A's store takes the write, then does not answer within the write timeout: `set`
     // fails with Timeout, yet the store holds the new value, so B must hear of the key.
-    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
     let hub = LoopbackBus::new();
     let store = Arc::new(MapLayer::<String, u32>::new());
     let gated = GateLayer::shared(store.clone() as Arc<dyn Layer<String, u32>>);
@@ -619,21 +626,8 @@ async fn a_write_failing_during_a_replayed_clear_stays_suspect() {
     // A clear of the shared cache failed and is replayed; while the replay's clear runs,
     // a write of k1 fails to reach that layer. When the clear finishes, k1 must still be
     // marked (reads pass the layer by for it) until its own replay.
-    use capacitor_core::testkit::{GateLayer, GateOp, Hold};
     let world = World::new();
-    let link = FaultyLayer::shared(world.shared_cache.clone() as Arc<dyn Layer<String, u32>>);
-    let faults = link.faults();
-    let gated = GateLayer::new(link);
-    let gates = gated.gates();
-    let a = MultiLayer::builder()
-        .layer(LayerConfig::new("l1", DashMapLayer::new()))
-        .layer(LayerConfig::new("shared", gated))
-        .layer(LayerConfig::shared(
-            "store",
-            world.store.clone() as Arc<dyn Layer<String, u32>>,
-        ))
-        .build()
-        .unwrap();
+    let (a, faults, gates) = world.gated_instance();
     a.set(k(1), 1).await.unwrap();
     faults.fail_writes(true);
     faults.fail_deletes(true);
