@@ -78,11 +78,27 @@ async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
     cache.get(&"c".into()).await.unwrap(); // skipped
     let _reporter = cache.spawn_metrics_reporter(Duration::from_millis(50)).unwrap();
     let l1 = ["cache=\"scraped\"", "layer=\"l1\""];
-    // Scraped until the reporter's first pass is there (a loaded machine may delay it).
+    let remote = ["cache=\"scraped\"", "layer=\"remote\""];
+    let store = ["cache=\"scraped\"", "layer=\"store\""];
+    // Scraped until the reporter's first pass is complete: a scrape may land while the pass
+    // is still recording, and a loaded machine may delay it.
+    let complete = |body: &str| {
+        [&l1, &remote, &store].iter().all(|labels| {
+            [
+                "capacitor_layer_hits_total",
+                "capacitor_layer_errors_total",
+                "capacitor_layer_breaker_opens_total",
+                "capacitor_layer_decode_errors_total",
+                "capacitor_layer_breaker_state",
+            ]
+            .iter()
+            .all(|name| sample(body, name, &labels[..]).is_some())
+        })
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
         let body = tokio::task::spawn_blocking(move || scrape(addr)).await.unwrap();
-        if sample(&body, "capacitor_layer_hits_total", &l1).is_some() {
+        if complete(&body) {
             break body;
         }
         assert!(
@@ -91,7 +107,6 @@ async fn counters_gauges_and_latencies_are_scraped_with_layer_labels() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let remote = ["cache=\"scraped\"", "layer=\"remote\""];
     assert_eq!(
         sample(&body, "capacitor_layer_hits_total", &l1),
         Some(1.0),
