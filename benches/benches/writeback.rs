@@ -172,9 +172,12 @@ fn get_or_load(c: &mut Criterion) {
                     let tasks: Vec<_> = (0..CALLERS)
                         .map(|_| {
                             let (cache, db) = (cache.clone(), db.clone());
-                            tokio::spawn(
-                                async move { cache.get_or_load(&key, || db.query(key)).await.unwrap() },
-                            )
+                            tokio::spawn(async move {
+                                cache
+                                    .get_or_load(&key, move || async move { db.query(key).await })
+                                    .await
+                                    .unwrap()
+                            })
                         })
                         .collect();
                     for t in tasks {

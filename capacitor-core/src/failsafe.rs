@@ -24,8 +24,14 @@ use crate::error::Error;
 /// L1 hits do not refresh copies (they stay as cheap as without fail-safe), so choose a
 /// grace longer than the L1 TTL.
 ///
+/// A loader that fails while a copy is usable ([`get_or_load`]) is answered with the copy,
+/// and for [`throttle`](FailSafe::throttle) the loads of that key are answered with it
+/// without calling the loader again, so that a failing origin is not hammered.
+///
 /// Defaults: at most 100,000 copies (when full, a write replaces an arbitrary copy of the
-/// same shard).
+/// same shard); a throttle of 30 s.
+///
+/// [`get_or_load`]: crate::MultiLayer::get_or_load
 ///
 /// [`MultiLayerBuilder::fail_safe`]: crate::MultiLayerBuilder::fail_safe
 ///
@@ -35,7 +41,9 @@ use crate::error::Error;
 /// use capacitor::FailSafe;
 /// use std::time::Duration;
 ///
-/// let fail_safe = FailSafe::new(Duration::from_secs(600)).max_entries(10_000);
+/// let fail_safe = FailSafe::new(Duration::from_secs(600))
+///     .max_entries(10_000)
+///     .throttle(Duration::from_secs(5));
 /// assert_eq!(fail_safe.grace, Duration::from_secs(600));
 /// ```
 #[non_exhaustive]
@@ -46,6 +54,9 @@ pub struct FailSafe {
     pub grace: Duration,
     /// Most copies kept.
     pub max_entries: usize,
+    /// After a loader failed and its copy answered, how long loads of the key are
+    /// answered with the copy without calling the loader (zero: call it every time).
+    pub throttle: Duration,
 }
 
 impl FailSafe {
@@ -54,7 +65,14 @@ impl FailSafe {
         FailSafe {
             grace,
             max_entries: 100_000,
+            throttle: Duration::from_secs(30),
         }
+    }
+
+    /// Sets [`FailSafe::throttle`].
+    pub fn throttle(mut self, throttle: Duration) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     /// Sets [`FailSafe::max_entries`].
@@ -98,6 +116,8 @@ struct Copy<V> {
     expires_at: Option<Timestamp>,
     /// Served until then.
     usable_until: Timestamp,
+    /// Loads are answered with it until then (a loader failed).
+    throttled_until: Option<Timestamp>,
 }
 
 pub(crate) struct Store<K, V> {
@@ -146,6 +166,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Store<K, V> {
                 value: value.clone(),
                 expires_at,
                 usable_until,
+                throttled_until: None,
             },
         );
     }
@@ -177,6 +198,28 @@ impl<K: Hash + Eq + Clone, V: Clone> Store<K, V> {
             shard
                 .get(key)
                 .filter(|c| c.usable_until > now)
+                .map(|c| Entry::new(c.value.clone(), c.expires_at))
+        })
+    }
+
+    /// A loader of `key` failed at `now`: its copy answers loads for the throttle.
+    pub(crate) fn throttle(&self, key: &K, now: Timestamp) {
+        if self.config.throttle.is_zero() {
+            return;
+        }
+        if let Ok(mut shard) = self.shard(key).lock() {
+            if let Some(copy) = shard.get_mut(key) {
+                copy.throttled_until = Some(now.saturating_add(self.config.throttle));
+            }
+        }
+    }
+
+    /// The usable copy of `key` while its loader is throttled, not counted.
+    pub(crate) fn throttled(&self, key: &K, now: Timestamp) -> Option<Entry<V>> {
+        self.shard(key).lock().ok().and_then(|shard| {
+            shard
+                .get(key)
+                .filter(|c| c.usable_until > now && c.throttled_until.is_some_and(|t| t > now))
                 .map(|c| Entry::new(c.value.clone(), c.expires_at))
         })
     }

@@ -13,6 +13,7 @@ pub mod fence;
 mod guard;
 mod health;
 mod layer;
+mod load;
 mod multi;
 mod observe;
 mod scan;
@@ -32,6 +33,7 @@ pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use failsafe::{FailSafe, FailSafeStats};
 pub use health::{BreakerState, CircuitBreaker, HealthEvent};
 pub use layer::{Capabilities, EntryStream, Layer, WriteOp};
+pub use load::{LoadEvent, LoadOptions, LoadStats, Loaded, StaleReason};
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use multi::MetricsReporter;

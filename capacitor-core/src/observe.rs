@@ -40,6 +40,34 @@ pub(crate) fn stale_hit(cache: &str) {
     tracing::debug!(target: "capacitor", cache, "layers failing: served a fail-safe copy");
 }
 
+/// A loading read did something (see [`LoadEvent`](crate::LoadEvent)); never the key.
+#[allow(unused_variables)]
+pub(crate) fn load_event<K>(cache: &str, event: &crate::LoadEvent<'_, K>) {
+    #[cfg(feature = "tracing")]
+    match event {
+        crate::LoadEvent::StaleHit { reason, .. } => {
+            tracing::debug!(target: "capacitor", cache, reason = ?reason, "load answered with a fail-safe copy")
+        }
+        crate::LoadEvent::LoadStarted { refresh, .. } => {
+            tracing::debug!(target: "capacitor", cache, refresh, "loader called")
+        }
+        crate::LoadEvent::LoadSucceeded { elapsed, .. } => {
+            tracing::debug!(target: "capacitor", cache, elapsed_ms = elapsed.as_secs_f64() * 1e3, "loader answered")
+        }
+        crate::LoadEvent::LoadFailed { error, .. } => tracing::warn!(
+            target: "capacitor",
+            cache,
+            kind = error.kind().as_str(),
+            error = %error,
+            "loader failed"
+        ),
+        crate::LoadEvent::TimedOut { hard, .. } => {
+            tracing::info!(target: "capacitor", cache, hard, "load timed out for a caller")
+        }
+        _ => {}
+    }
+}
+
 /// A write-back batch failed and will be retried.
 #[allow(unused_variables)]
 pub(crate) fn drain_retry(cache: &str, err: &crate::Error) {

@@ -228,6 +228,8 @@ pub struct Stats {
     pub fail_safe: Option<crate::FailSafeStats>,
     /// Refresh-ahead, when it is on.
     pub refresh: Option<crate::RefreshStats>,
+    /// The loading reads (`get_or_load` and its forms).
+    pub loads: crate::LoadStats,
 }
 
 /// Counters of a composer's [`InvalidationBus`](crate::InvalidationBus).
@@ -351,6 +353,14 @@ impl fmt::Display for Stats {
                 r.started, r.renewed, r.in_flight, r.dropped
             )?;
         }
+        let l = &self.loads;
+        if l.hits + l.misses > 0 {
+            writeln!(
+                f,
+                "loads: {} hits, {} misses, {} loader calls ({} failed), {} stale hits, {} soft and {} hard timeouts, {} joined, {} eager refreshes, {} not cached",
+                l.hits, l.misses, l.loads, l.failures, l.stale_hits, l.soft_timeouts, l.hard_timeouts, l.joined, l.refreshes, l.not_cached
+            )?;
+        }
         write!(
             f,
             "overall: {} hits, {} misses, hit ratio {:.1}%",
@@ -393,6 +403,7 @@ mod tests {
             bus: None,
             fail_safe: None,
             refresh: None,
+            loads: crate::LoadStats::default(),
             layers: vec![
                 LayerStats {
                     name: "l1".into(),

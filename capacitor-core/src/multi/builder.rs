@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::invalidation::{Bus, BusConfig};
-use super::loader::{Flights, NegativeCache};
+use super::loader::{Flights, LoadListener, NegativeCache};
 use super::recovery::{Recovery, Replay};
 use super::refresh::Refresher;
 use super::slot::Slot;
@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::failsafe::{FailSafe, Store as FailSafeStore};
 use crate::guard::Generations;
 use crate::health::{Breaker, CircuitBreaker, DirtyKeys, HealthEvent, HealthListener};
+use crate::load::{LoadEvent, LoadOptions};
 use crate::stats::LayerCounters;
 use crate::writeback::Queue;
 
@@ -74,6 +75,8 @@ pub struct MultiLayerBuilder<K, V> {
     refresh_ahead: Option<Duration>,
     on_refused: Option<super::RefusedListener<K>>,
     cooperative: bool,
+    load_options: LoadOptions,
+    on_load: Option<LoadListener<K>>,
 }
 
 /// [`MultiLayerBuilder::cooperative`]'s default.
@@ -257,6 +260,65 @@ where
         self
     }
 
+    /// The options of every load (`get_or_load` and its forms) that names none: timeouts,
+    /// eager refresh, TTLs, skipped layers (see [`LoadOptions`]). A call changes them with
+    /// [`get_or_load_with`](MultiLayer::get_or_load_with).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::{FailSafe, LayerConfig, LoadOptions, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
+    /// use std::time::Duration;
+    ///
+    /// let cache = MultiLayer::<String, String>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()).ttl(Duration::from_secs(60)))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .fail_safe(FailSafe::new(Duration::from_secs(3600)))
+    ///     .load_options(
+    ///         LoadOptions::new()
+    ///             .soft_timeout(Duration::from_millis(100))
+    ///             .hard_timeout(Duration::from_secs(2))
+    ///             .eager_refresh(0.9),
+    ///     )
+    ///     .build()?;
+    /// assert_eq!(cache.load_options().hard_timeout, Some(Duration::from_secs(2)));
+    /// # Ok::<(), capacitor::Error>(())
+    /// ```
+    pub fn load_options(mut self, options: LoadOptions) -> Self {
+        self.load_options = options;
+        self
+    }
+
+    /// Call `listener` on what loading reads do: hits, misses, stale hits, loads started,
+    /// succeeded or failed, timeouts (see [`LoadEvent`]). It runs on the task of the read
+    /// or of the load: keep it short.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::{LayerConfig, LoadEvent, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let failures = Arc::new(AtomicU64::new(0));
+    /// let seen = Arc::clone(&failures);
+    /// let cache = MultiLayer::<String, String>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .on_load_event(move |event| {
+    ///         if let LoadEvent::LoadFailed { .. } = event {
+    ///             seen.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), capacitor::Error>(())
+    /// ```
+    pub fn on_load_event(mut self, listener: impl Fn(&LoadEvent<'_, K>) + Send + Sync + 'static) -> Self {
+        self.on_load = Some(Arc::new(listener));
+        self
+    }
+
     /// Whether reads take part in tokio's cooperative scheduling budget (default: off).
     ///
     /// An L1 hit is answered on its first poll, so a task looping over hits never gives
@@ -289,8 +351,8 @@ where
     /// # Errors
     ///
     /// [`ErrorKind::Config`] naming the field: no layers, an empty or duplicate layer
-    /// name, a zero TTL or timeout, invalid breaker or fail-safe options, every layer
-    /// read-only.
+    /// name, a zero TTL or timeout, invalid breaker, fail-safe or load options, every
+    /// layer read-only.
     pub fn build(self) -> Result<MultiLayer<K, V>> {
         if self.layers.is_empty() {
             return Err(Error::config("layers", "at least one layer is required"));
@@ -405,7 +467,7 @@ where
             names.join("+")
         });
         let cache: Arc<str> = Arc::from(name.as_str());
-        let slots = self
+        let slots: Box<[Slot<K, V>]> = self
             .layers
             .into_iter()
             .enumerate()
@@ -448,6 +510,13 @@ where
                 slot
             })
             .collect();
+        let names: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
+        let load_plan = Arc::new(self.load_options.resolve(
+            &names,
+            authoritative,
+            crate::ErrorKind::Config,
+        )?);
+        drop(names);
         Ok(MultiLayer {
             inner: Arc::new_cyclic(|me| Inner {
                 me: me.clone(),
@@ -471,6 +540,9 @@ where
                 in_doubt: write::InDoubt::default(),
                 on_refused: self.on_refused,
                 cooperative: self.cooperative,
+                load_options: self.load_options,
+                load_plan,
+                on_load: self.on_load,
             }),
         })
         .inspect(|cache| {
@@ -520,6 +592,8 @@ where
             refresh_ahead: None,
             on_refused: None,
             cooperative: COOPERATIVE_DEFAULT,
+            load_options: LoadOptions::default(),
+            on_load: None,
         }
     }
 }

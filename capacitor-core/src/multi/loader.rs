@@ -1,44 +1,72 @@
-//! `get_or_load`: single-flight loaders, negative caching and TTL jitter.
+//! Loads from the origin: single-flight loaders that outlive their callers, soft and hard
+//! timeouts, fail-safe answers and their throttle, eager refresh through the loader,
+//! per-call options and adaptive TTLs, negative caching.
+//!
+//! A load runs on a tokio task of its own (the flight), so that a caller that times out
+//! or is cancelled does not take the load with it: the others and the cache get its
+//! result. Callers wait on the flight's outcome with their own timeouts. The flight's
+//! ticket is taken before its first read: a write of the key that begins since keeps the
+//! loaded value from being written (the waiters still get it), and a caller arriving after
+//! such a write starts a flight of its own instead of joining (the flight's own fill does
+//! not count).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
+use super::slot::LayerSet;
 use super::write::Fill;
 use super::MultiLayer;
-use crate::entry::Timestamp;
+use crate::entry::{Entry, Timestamp};
 use crate::error::{BoxError, Error, ErrorKind, Nested, Operation, Result};
 use crate::guard::Ticket;
+use crate::load::{LoadEvent, LoadOptions, LoadStats, Loaded, Plan, StaleReason};
 
-enum Role<V> {
-    Lead(watch::Sender<Outcome<V>>, u64, Arc<Fill>),
-    Follow(watch::Receiver<Outcome<V>>),
+/// What a flight hands its callers: `None` until it ends.
+pub(super) type Outcome<V> = Option<std::result::Result<Option<V>, Arc<Error>>>;
+
+/// What [`MultiLayerBuilder::on_load_event`](crate::MultiLayerBuilder::on_load_event) calls.
+pub(super) type LoadListener<K> = Arc<dyn Fn(&LoadEvent<'_, K>) + Send + Sync>;
+
+/// At most this many keys are remembered as having asked for an eager refresh (of one
+/// copy each); past it, due copies are not refreshed early.
+const MAX_REFRESHED: usize = 10_000;
+
+/// The callers waiting on a flight, and how to stop it when none is left.
+pub(super) struct Waiters {
+    count: AtomicUsize,
+    abort: Mutex<Option<AbortHandle>>,
+    cancel_with_callers: bool,
 }
-
-/// What a flight's leader hands its followers.
-type Outcome<V> = Option<std::result::Result<Option<V>, Arc<Error>>>;
 
 /// One load in progress.
-struct Flight<V> {
+pub(super) struct Flight<V> {
     id: u64,
-    /// Taken when the flight began, before its leader's first read: a write of the key
-    /// that began since (or was in flight then) voids the flight for callers arriving
-    /// after it, and keeps the leader from caching what it loaded.
+    /// Taken when the flight began, before its first read: a write of the key that
+    /// began since (or was in flight then) voids the flight for callers arriving after
+    /// it, and keeps the flight from caching what it loaded.
     ticket: Ticket,
-    /// The leader's fill write, once it began: the only write since the ticket.
+    /// The flight's fill write, once it began: the only write since the ticket.
     fill: Arc<Fill>,
     outcome: watch::Receiver<Outcome<V>>,
+    waiters: Arc<Waiters>,
 }
 
-/// The loads in progress, one per key.
+/// The loads in progress (one per key) and the loading reads' counters.
 pub(super) struct Flights<K, V> {
     map: Mutex<HashMap<K, Flight<V>>>,
     next_id: AtomicU64,
+    /// Keys whose copy (by its expiry) started an eager refresh: one per copy.
+    refreshed: Mutex<HashMap<K, Timestamp>>,
+    pub(super) counters: LoadCounters,
 }
 
 impl<K, V> Default for Flights<K, V> {
@@ -46,33 +74,136 @@ impl<K, V> Default for Flights<K, V> {
         Flights {
             map: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            refreshed: Mutex::new(HashMap::new()),
+            counters: LoadCounters::default(),
         }
     }
 }
 
 impl<K, V> Flights<K, V> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, Flight<V>>> {
+    /// The map's entries are each written whole: a panic cannot leave it torn.
+    pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<K, Flight<V>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Removes a leader's flight when it ends, also by panic or cancellation, so that the key
-/// is never wedged: followers see the sender dropped and one of them leads a new flight.
-/// A flight that a later one replaced is not touched.
-struct Landing<'a, K: Hash + Eq, V> {
-    flights: &'a Flights<K, V>,
-    key: &'a K,
-    id: u64,
+/// The counters behind [`LoadStats`].
+#[derive(Default)]
+pub(super) struct LoadCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    loads: AtomicU64,
+    failures: AtomicU64,
+    stale_hits: AtomicU64,
+    soft_timeouts: AtomicU64,
+    hard_timeouts: AtomicU64,
+    joined: AtomicU64,
+    refreshes: AtomicU64,
+    not_cached: AtomicU64,
 }
 
-impl<K: Hash + Eq, V> Drop for Landing<'_, K, V> {
-    fn drop(&mut self) {
-        let mut flights = self.flights.lock();
-        if flights.get(self.key).is_some_and(|f| f.id == self.id) {
-            flights.remove(self.key);
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl LoadCounters {
+    pub(super) fn snapshot(&self) -> LoadStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        LoadStats {
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            loads: get(&self.loads),
+            failures: get(&self.failures),
+            stale_hits: get(&self.stale_hits),
+            soft_timeouts: get(&self.soft_timeouts),
+            hard_timeouts: get(&self.hard_timeouts),
+            joined: get(&self.joined),
+            refreshes: get(&self.refreshes),
+            not_cached: get(&self.not_cached),
         }
     }
 }
+
+/// Removes a flight when it ends, also by panic, abort or cancellation, so that the key
+/// is never wedged: waiters see the sender dropped and one of them leads a new flight.
+/// A flight that a later one replaced is not touched.
+pub(super) struct Landing<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> {
+    cache: MultiLayer<K, V>,
+    key: K,
+    id: u64,
+}
+
+impl<K, V> Drop for Landing<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        let mut flights = self.cache.inner.flights.lock();
+        if flights.get(&self.key).is_some_and(|f| f.id == self.id) {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+/// A caller waiting on a flight; the last one to leave stops the flight when its
+/// options say so.
+struct Waiting<'a, K: Hash + Eq, V> {
+    flights: &'a Flights<K, V>,
+    key: &'a K,
+    id: u64,
+    waiters: Arc<Waiters>,
+}
+
+impl<K: Hash + Eq, V> Drop for Waiting<'_, K, V> {
+    fn drop(&mut self) {
+        if self.waiters.count.fetch_sub(1, Ordering::AcqRel) != 1 || !self.waiters.cancel_with_callers {
+            return;
+        }
+        // Joining happens under the map's lock: checked again under it, no caller can
+        // join between the check and the abort.
+        let flights = self.flights.lock();
+        if self.waiters.count.load(Ordering::Acquire) == 0
+            && flights.get(self.key).is_some_and(|f| f.id == self.id)
+        {
+            let abort = self
+                .waiters
+                .abort
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(abort) = abort {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// What waiting on a flight came to.
+enum Waited<V> {
+    Done(Result<Option<V>>),
+    /// The flight ended without an outcome (its task panicked or was aborted).
+    Gone,
+}
+
+/// What a caller does about a key it missed.
+enum Role<V> {
+    Lead {
+        tx: watch::Sender<Outcome<V>>,
+        rx: watch::Receiver<Outcome<V>>,
+        id: u64,
+        fill: Arc<Fill>,
+        waiters: Arc<Waiters>,
+    },
+    Follow {
+        rx: watch::Receiver<Outcome<V>>,
+        id: u64,
+        waiters: Arc<Waiters>,
+    },
+}
+
+/// The loader of a flight, its output converted.
+pub(super) type BoxLoad<V> = Pin<Box<dyn Future<Output = Result<Loaded<V>>> + Send>>;
 
 /// Keys a loader said do not exist, until their expiry (`cache_misses_for`).
 pub(super) struct NegativeCache<K> {
@@ -95,7 +226,7 @@ impl<K: Hash + Eq + Clone> NegativeCache<K> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn contains(&self, key: &K, now: Timestamp) -> bool {
+    pub(super) fn contains(&self, key: &K, now: Timestamp) -> bool {
         let mut map = self.lock();
         match map.get(key) {
             Some(at) if *at > now => true,
@@ -107,7 +238,7 @@ impl<K: Hash + Eq + Clone> NegativeCache<K> {
         }
     }
 
-    fn remember(&self, key: &K, now: Timestamp) {
+    pub(super) fn remember(&self, key: &K, now: Timestamp) {
         let mut map = self.lock();
         if map.len() >= NEGATIVE_BOUND {
             map.retain(|_, at| *at > now);
@@ -126,8 +257,49 @@ impl<K: Hash + Eq + Clone> NegativeCache<K> {
     }
 }
 
-fn shared_error(err: &Arc<Error>) -> Error {
+pub(super) fn shared_error(err: &Arc<Error>) -> Error {
     Error::new(err.kind(), Operation::Get, "the loader failed").with_source(Nested(Arc::clone(err)))
+}
+
+/// A loader's error as a capacitor error: its kind is kept when it is one, else
+/// [`ErrorKind::Backend`].
+pub(super) fn loader_error(e: impl Into<BoxError>) -> Error {
+    let source: BoxError = e.into();
+    let kind = source
+        .downcast_ref::<Error>()
+        .map_or(ErrorKind::Backend, Error::kind);
+    Error::new(kind, Operation::Get, "the loader failed").with_source(source)
+}
+
+fn timeout_error(limit: Duration, hard: bool) -> Error {
+    let which = if hard { "hard" } else { "soft" };
+    Error::new(
+        ErrorKind::Timeout,
+        Operation::Get,
+        format!("the loader did not answer within its {which} timeout ({limit:?})"),
+    )
+}
+
+/// Whether a failed load's error may be answered with a fail-safe copy.
+fn servable(err: &Error) -> bool {
+    !matches!(
+        err.kind(),
+        ErrorKind::Closed | ErrorKind::InvalidInput | ErrorKind::Unsupported | ErrorKind::Config
+    )
+}
+
+/// Converts a user's loader into a flight's.
+pub(super) fn boxed<V, F, Fut, E>(loader: F) -> impl FnOnce() -> BoxLoad<V> + Send + 'static
+where
+    V: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<Loaded<V>, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    move || {
+        let fut = loader();
+        Box::pin(async move { fut.await.map_err(loader_error) }) as BoxLoad<V>
+    }
 }
 
 impl<K, V> MultiLayer<K, V>
@@ -136,16 +308,21 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// The value under `key`, or on a full miss the value `loader` produces, which is then
-    /// written like a [`set`](MultiLayer::set).
+    /// written like a [`set`](MultiLayer::set), with the builder's
+    /// [`load_options`](crate::MultiLayerBuilder::load_options).
     ///
     /// Concurrent calls for one key run one loader (single flight) and all get its value.
-    /// A `set` or `delete` of the key that completes while the loader runs wins: the
-    /// loaded value is returned to the waiters but not written. A loader that panics or
-    /// whose caller is cancelled does not wedge the key: a waiting caller runs its own.
+    /// The loader runs on a tokio task of its own: a caller that is cancelled or times
+    /// out does not stop it (unless the options say so), the others and the cache get
+    /// its value. A `set` or `delete` of the key that completes while the loader runs
+    /// wins: the loaded value is returned to the waiters but not written. A loader that
+    /// panics does not wedge the key: the panic reaches the caller that started it, and
+    /// a waiting caller runs its own loader.
     ///
     /// # Errors
     ///
-    /// As [`get`](MultiLayer::get), and the error of writing the loaded value.
+    /// As [`get`](MultiLayer::get); the error of writing the loaded value;
+    /// [`ErrorKind::Timeout`] after the hard timeout (when no fail-safe copy answers).
     ///
     /// # Examples
     ///
@@ -161,14 +338,13 @@ where
     /// ```
     pub async fn get_or_load<F, Fut>(&self, key: &K, loader: F) -> Result<V>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = V>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = V> + Send + 'static,
     {
-        let loaded = self
-            .load(key, false, || async {
-                Ok::<_, std::convert::Infallible>(Some(loader().await))
-            })
-            .await?;
+        let plan = Arc::clone(&self.inner.load_plan);
+        let load =
+            boxed(move || async move { Ok::<_, std::convert::Infallible>(Loaded::value(loader().await)) });
+        let loaded = self.load(key, plan, load).await?;
         loaded.ok_or_else(|| Error::new(ErrorKind::Backend, Operation::Get, "the loader produced no value"))
     }
 
@@ -181,136 +357,585 @@ where
     ///
     /// A loader error reaches every waiter of the flight (kind
     /// [`ErrorKind::Backend`] unless the loader returned a capacitor [`Error`], whose kind
-    /// is kept), and nothing is cached.
+    /// is kept), and nothing is cached; with fail-safe, a copy within its grace answers
+    /// instead (see [`get_or_load_with`](MultiLayer::get_or_load_with)).
     pub async fn try_get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<Option<V>, E>>,
-        E: Into<BoxError>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
-        self.load(key, true, loader).await
+        let plan = Arc::clone(&self.inner.load_plan);
+        let load = boxed(move || async move {
+            loader()
+                .await
+                .map(|v| v.map_or_else(Loaded::missing, Loaded::value))
+        });
+        self.load(key, plan, load).await
     }
 
-    async fn load<F, Fut, E>(&self, key: &K, negative: bool, loader: F) -> Result<Option<V>>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<Option<V>, E>>,
-        E: Into<BoxError>,
-    {
-        let inner = &*self.inner;
-        if let Some(v) = self.get(key).await? {
-            return Ok(Some(v));
-        }
-        let negatives = inner.negative.as_ref().filter(|_| negative);
-        if negatives.is_some_and(|n| n.contains(key, inner.clock.now())) {
-            return Ok(None);
-        }
-        let mut loader = Some(loader);
-        loop {
-            // The lock is released at the end of this block, before any await.
-            let role = {
-                let mut flights = inner.flights.lock();
-                match flights.get(key) {
-                    // A flight that began before a write of the key (or during one) may
-                    // hand out the value from before it: a caller arriving after the
-                    // write must not get that, so it starts a flight of its own. (The
-                    // leader's own fill is a write too, but it writes the flight's value.)
-                    Some(flight)
-                        if inner.guard.still_valid(flight.ticket)
-                            || flight.fill.only_write_since(&inner.guard) =>
-                    {
-                        Role::Follow(flight.outcome.clone())
-                    }
-                    _ => {
-                        let (tx, rx) = watch::channel(None);
-                        let id = inner.flights.next_id.fetch_add(1, Ordering::Relaxed);
-                        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
-                        let fill = Arc::new(Fill::new(ticket));
-                        flights.insert(
-                            key.clone(),
-                            Flight {
-                                id,
-                                ticket,
-                                fill: Arc::clone(&fill),
-                                outcome: rx,
-                            },
-                        );
-                        Role::Lead(tx, id, fill)
-                    }
-                }
-            };
-            match role {
-                Role::Lead(tx, id, fill) => {
-                    let Some(loader) = loader.take() else { continue };
-                    let landing = Landing {
-                        flights: &inner.flights,
-                        key,
-                        id,
-                    };
-                    return self
-                        .lead(key, tx, &fill, landing, negatives.is_some(), loader)
-                        .await;
-                }
-                Role::Follow(mut rx) => match rx.wait_for(Option::is_some).await {
-                    Ok(outcome) => match &*outcome {
-                        Some(Ok(v)) => return Ok(v.clone()),
-                        Some(Err(e)) => return Err(shared_error(e)),
-                        None => continue,
-                    },
-                    // The leader panicked or was cancelled: try again, maybe as leader.
-                    Err(_) => continue,
-                },
-            }
-        }
-    }
-
-    async fn lead<F, Fut, E>(
+    /// [`try_get_or_load`](MultiLayer::try_get_or_load) with options for this call
+    /// (timeouts, eager refresh, TTL per layer, skipped layers) and a loader that says
+    /// how to cache its value ([`Loaded`]: adaptive TTL, "do not cache").
+    ///
+    /// - After the soft timeout a caller is answered with the fail-safe copy when there
+    ///   is one; after the hard timeout with the copy or an [`ErrorKind::Timeout`]. The
+    ///   load goes on and writes its value unless
+    ///   [`complete_in_background`](LoadOptions::complete_in_background) is off. Timeouts
+    ///   count from the miss, and need a tokio runtime.
+    /// - A loader that fails (or is stopped at its hard timeout) while a fail-safe copy is
+    ///   within its grace: the copy answers (a counted stale hit), and the next loads of
+    ///   the key are answered with it for the fail-safe
+    ///   [`throttle`](crate::FailSafe::throttle) without calling the loader. A write of
+    ///   the key ends the throttle.
+    /// - With [`eager_refresh`](LoadOptions::eager_refresh), a hit on a copy past that
+    ///   fraction of its TTL (the TTL the load gives the layer that answered) starts one
+    ///   background load of the key (one per copy; a write that races it wins) and is
+    ///   answered at once.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidInput`] for invalid options (zero timeouts or TTLs, a soft
+    /// timeout not shorter than the hard one, a fraction outside `(0, 1)`, an unknown
+    /// layer, skipping the authoritative layer); otherwise as
+    /// [`try_get_or_load`](MultiLayer::try_get_or_load).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use capacitor::{LayerConfig, LoadOptions, Loaded, MultiLayer};
+    /// use capacitor::memory::DashMapLayer;
+    /// use std::time::Duration;
+    ///
+    /// let cache = MultiLayer::<u64, String>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()).ttl(Duration::from_secs(60)))
+    ///     .layer(LayerConfig::new("store", DashMapLayer::new()))
+    ///     .build()?;
+    /// let options = cache.load_options().hard_timeout(Duration::from_secs(1)).layer_ttl("l1", Duration::from_secs(5));
+    /// let price = cache
+    ///     .get_or_load_with(&7, &options, || async {
+    ///         // The origin says how long its answer holds.
+    ///         Ok::<_, std::io::Error>(Loaded::value("12.50".to_string()).ttl(Duration::from_secs(30)))
+    ///     })
+    ///     .await?;
+    /// assert_eq!(price.as_deref(), Some("12.50"));
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// ```
+    pub async fn get_or_load_with<F, Fut, E>(
         &self,
         key: &K,
-        tx: watch::Sender<Outcome<V>>,
-        fill: &Fill,
-        _landing: Landing<'_, K, V>,
-        negative: bool,
+        options: &LoadOptions,
         loader: F,
     ) -> Result<Option<V>>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = std::result::Result<Option<V>, E>>,
-        E: Into<BoxError>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<V>, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
     {
-        let inner = &*self.inner;
-        // The flight before ours may have just written the value. (The flight's ticket
-        // was taken before this read: a write that completes from here on voids the fill.)
-        if let Some(v) = self.get(key).await? {
-            let _ = tx.send(Some(Ok(Some(v.clone()))));
-            return Ok(Some(v));
+        let plan = Arc::new(self.resolve(options, ErrorKind::InvalidInput)?);
+        self.load(key, plan, boxed(loader)).await
+    }
+
+    /// The builder's [`load_options`](crate::MultiLayerBuilder::load_options): the
+    /// defaults of every load, to change for one call.
+    pub fn load_options(&self) -> LoadOptions {
+        self.inner.load_options.clone()
+    }
+
+    pub(super) fn resolve(&self, options: &LoadOptions, kind: ErrorKind) -> Result<Plan> {
+        let names: Vec<&str> = self.inner.slots.iter().map(|s| s.name.as_str()).collect();
+        options.resolve(&names, self.inner.authoritative, kind)
+    }
+
+    pub(super) fn event(&self, event: LoadEvent<'_, K>) {
+        crate::observe::load_event(&self.inner.name, &event);
+        if let Some(listener) = &self.inner.on_load {
+            listener(&event);
         }
-        let loaded = loader().await.map_err(|e| {
-            let source: BoxError = e.into();
-            let kind = source
-                .downcast_ref::<Error>()
-                .map_or(ErrorKind::Backend, Error::kind);
-            Error::new(kind, Operation::Get, "the loader failed").with_source(source)
-        });
-        let outcome = match loaded {
-            Ok(value) => {
-                if inner.guard.still_valid(fill.ticket) {
-                    match &value {
-                        // Written only if no write of the key begins before the fill does.
-                        Some(v) => self.write_or_fill(key, v, None, Some(fill)).await?,
-                        None if negative => {
-                            if let Some(n) = &inner.negative {
-                                n.remember(key, inner.clock.now());
-                            }
+    }
+
+    /// The first layer's answer for a load: the entry and the index of the layer that
+    /// had it.
+    async fn read_for_load(&self, key: &K, plan: &Plan) -> Result<Option<(Entry<V>, usize)>> {
+        if plan.eager.is_none() && plan.skip_read.is_empty() && plan.skip_write.is_empty() {
+            return Ok(self.get_entry(key).await?.map(|e| (e, 0)));
+        }
+        self.check_open(Operation::Get)?;
+        let inner = &*self.inner;
+        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+        let (mut skip_read, mut skip_write) = (LayerSet::NONE, LayerSet::NONE);
+        plan.skip_read.iter().for_each(|&i| skip_read.add(i));
+        plan.skip_write.iter().for_each(|&i| skip_write.add(i));
+        self.read_from(key, 0, ticket, skip_read, skip_write).await
+    }
+
+    /// The loading read of `key`: the layers, else a flight.
+    pub(super) async fn load(
+        &self,
+        key: &K,
+        plan: Arc<Plan>,
+        loader: impl FnOnce() -> BoxLoad<V> + Send + 'static,
+    ) -> Result<Option<V>> {
+        let inner = &*self.inner;
+        let counters = &inner.flights.counters;
+        if let Some((entry, layer)) = self.read_for_load(key, &plan).await? {
+            bump(&counters.hits);
+            self.event(LoadEvent::Hit { key });
+            if self.refresh_due(&entry, layer, &plan) {
+                self.refresh_eagerly(key, &entry, &plan, loader);
+            }
+            return Ok(Some(entry.value));
+        }
+        bump(&counters.misses);
+        self.event(LoadEvent::Miss { key });
+        let now = inner.clock.now();
+        if inner.negative.as_ref().is_some_and(|n| n.contains(key, now)) {
+            return Ok(None);
+        }
+        if plan.fail_safe {
+            if let Some(copy) = inner.fail_safe.as_ref().and_then(|f| f.throttled(key, now)) {
+                return Ok(Some(self.stale_hit(key, copy, StaleReason::Throttled)));
+            }
+        }
+        let mut loader = Some(loader);
+        loop {
+            match self.role(key, &plan) {
+                Role::Lead {
+                    tx,
+                    mut rx,
+                    id,
+                    fill,
+                    waiters,
+                } => {
+                    let Some(loader) = loader.take() else {
+                        // Only a follower leads after a flight ended without an outcome,
+                        // and it still holds its loader.
+                        return Err(Error::new(
+                            ErrorKind::Backend,
+                            Operation::Get,
+                            "the load was lost",
+                        ));
+                    };
+                    let waiting = Waiting {
+                        flights: &inner.flights,
+                        key,
+                        id,
+                        waiters,
+                    };
+                    let landing = Landing {
+                        cache: self.clone(),
+                        key: key.clone(),
+                        id,
+                    };
+                    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                        // No runtime to run the flight on: it runs in this caller.
+                        let outcome = self.fly(key, &fill, &plan, false, loader).await;
+                        let _ = tx.send(Some(outcome.clone()));
+                        drop(landing);
+                        drop(waiting);
+                        return match outcome {
+                            Ok(v) => Ok(v),
+                            Err(e) => self.load_failed(key, &plan, &e),
+                        };
+                    };
+                    let flight = {
+                        let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(&plan));
+                        runtime.spawn(async move {
+                            let outcome = cache.fly(&key, &fill, &plan, false, loader).await;
+                            let _ = tx.send(Some(outcome));
+                            drop(landing);
+                        })
+                    };
+                    *waiting.waiters.abort.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(flight.abort_handle());
+                    match self.wait(key, &mut rx, &plan).await {
+                        Waited::Done(result) => return result,
+                        Waited::Gone => {
+                            drop(waiting);
+                            return match flight.await {
+                                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                                _ => Err(Error::new(
+                                    ErrorKind::Backend,
+                                    Operation::Get,
+                                    "the load was stopped",
+                                )),
+                            };
                         }
-                        None => {}
                     }
                 }
-                Ok(value)
+                Role::Follow { mut rx, id, waiters } => {
+                    bump(&counters.joined);
+                    let _waiting = Waiting {
+                        flights: &inner.flights,
+                        key,
+                        id,
+                        waiters,
+                    };
+                    match self.wait(key, &mut rx, &plan).await {
+                        Waited::Done(result) => return result,
+                        // The flight panicked or was stopped: try again, maybe as leader.
+                        Waited::Gone => continue,
+                    }
+                }
             }
-            Err(e) => Err(Arc::new(e)),
+        }
+    }
+
+    /// Joins the flight of `key` when its value is still current, else starts one.
+    fn role(&self, key: &K, plan: &Plan) -> Role<V> {
+        let inner = &*self.inner;
+        let mut flights = inner.flights.lock();
+        if let Some(flight) = flights.get(key) {
+            // A flight that began before a write of the key (or during one) may hand out
+            // the value from before it: a caller arriving after the write must not get
+            // that, so it starts a flight of its own. (The flight's own fill is a write
+            // too, but it writes the flight's value.)
+            if inner.guard.still_valid(flight.ticket) || flight.fill.only_write_since(&inner.guard) {
+                flight.waiters.count.fetch_add(1, Ordering::AcqRel);
+                return Role::Follow {
+                    rx: flight.outcome.clone(),
+                    id: flight.id,
+                    waiters: Arc::clone(&flight.waiters),
+                };
+            }
+        }
+        let (tx, rx, id, fill, waiters) = self.new_flight(&mut flights, key, plan, 1);
+        Role::Lead {
+            tx,
+            rx,
+            id,
+            fill,
+            waiters,
+        }
+    }
+
+    /// Registers a new flight of `key` (replacing one a write voided).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn new_flight(
+        &self,
+        flights: &mut HashMap<K, Flight<V>>,
+        key: &K,
+        plan: &Plan,
+        waiting: usize,
+    ) -> (
+        watch::Sender<Outcome<V>>,
+        watch::Receiver<Outcome<V>>,
+        u64,
+        Arc<Fill>,
+        Arc<Waiters>,
+    ) {
+        let inner = &*self.inner;
+        let (tx, rx) = watch::channel(None);
+        let id = inner.flights.next_id.fetch_add(1, Ordering::Relaxed);
+        let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
+        let fill = Arc::new(Fill::for_load(ticket, plan));
+        let waiters = Arc::new(Waiters {
+            count: AtomicUsize::new(waiting),
+            abort: Mutex::new(None),
+            cancel_with_callers: plan.cancel_with_callers,
+        });
+        flights.insert(
+            key.clone(),
+            Flight {
+                id,
+                ticket,
+                fill: Arc::clone(&fill),
+                outcome: rx.clone(),
+                waiters: Arc::clone(&waiters),
+            },
+        );
+        (tx, rx, id, fill, waiters)
+    }
+
+    /// Waits for the flight's outcome, by this caller's timeouts.
+    async fn wait(&self, key: &K, rx: &mut watch::Receiver<Outcome<V>>, plan: &Plan) -> Waited<V> {
+        let timers = tokio::runtime::Handle::try_current().is_ok();
+        let stale_possible = plan.fail_safe && self.inner.fail_safe.is_some();
+        let mut soft = plan
+            .soft
+            .filter(|_| timers && stale_possible)
+            .map(|d| Box::pin(tokio::time::sleep(d)));
+        let mut hard = plan
+            .hard
+            .filter(|_| timers)
+            .map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        let mut outcome = Box::pin(async {
+            match rx.wait_for(Option::is_some).await {
+                Ok(outcome) => (*outcome).clone(),
+                Err(_) => None,
+            }
+        });
+        enum Woke<V> {
+            Outcome(Outcome<V>),
+            Soft,
+            Hard(Duration),
+        }
+        loop {
+            let woke = std::future::poll_fn(|cx| {
+                if let Poll::Ready(o) = outcome.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Outcome(o));
+                }
+                if let Some(sleep) = &mut soft {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Soft);
+                    }
+                }
+                if let Some((d, sleep)) = &mut hard {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Hard(*d));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let counters = &self.inner.flights.counters;
+            match woke {
+                Woke::Outcome(Some(Ok(v))) => return Waited::Done(Ok(v)),
+                Woke::Outcome(Some(Err(e))) => return Waited::Done(self.load_failed(key, plan, &e)),
+                Woke::Outcome(None) => return Waited::Gone,
+                Woke::Soft => {
+                    soft = None;
+                    bump(&counters.soft_timeouts);
+                    self.event(LoadEvent::TimedOut { key, hard: false });
+                    if let Some(copy) = self.stale_copy(key) {
+                        return Waited::Done(Ok(Some(self.stale_hit(key, copy, StaleReason::SoftTimeout))));
+                    }
+                }
+                Woke::Hard(limit) => {
+                    bump(&counters.hard_timeouts);
+                    self.event(LoadEvent::TimedOut { key, hard: true });
+                    if plan.fail_safe {
+                        if let Some(copy) = self.stale_copy(key) {
+                            return Waited::Done(Ok(Some(self.stale_hit(
+                                key,
+                                copy,
+                                StaleReason::HardTimeout,
+                            ))));
+                        }
+                    }
+                    return Waited::Done(Err(timeout_error(limit, true)));
+                }
+            }
+        }
+    }
+
+    /// The fail-safe copy of `key` within its grace, not counted.
+    fn stale_copy(&self, key: &K) -> Option<Entry<V>> {
+        let inner = &*self.inner;
+        inner.fail_safe.as_ref()?.peek(key, inner.clock.now())
+    }
+
+    /// Counts and tells a load answered with a fail-safe copy.
+    fn stale_hit(&self, key: &K, copy: Entry<V>, reason: StaleReason) -> V {
+        let inner = &*self.inner;
+        bump(&inner.flights.counters.stale_hits);
+        if let Some(fail_safe) = &inner.fail_safe {
+            fail_safe.counted(true, 1);
+        }
+        crate::observe::stale_hit(&inner.name);
+        self.event(LoadEvent::StaleHit { key, reason });
+        copy.value
+    }
+
+    /// A load of `key` failed with `err`: the fail-safe copy (throttled from now on), or
+    /// the error.
+    fn load_failed(&self, key: &K, plan: &Plan, err: &Arc<Error>) -> Result<Option<V>> {
+        let inner = &*self.inner;
+        if plan.fail_safe && servable(err) {
+            if let Some(fail_safe) = &inner.fail_safe {
+                let now = inner.clock.now();
+                if let Some(copy) = fail_safe.peek(key, now) {
+                    fail_safe.throttle(key, now);
+                    return Ok(Some(self.stale_hit(key, copy, StaleReason::LoaderFailed)));
+                }
+                fail_safe.counted(false, 1);
+            }
+        }
+        Err(shared_error(err))
+    }
+
+    /// A flight's work: the read again (a flight just before may have written the key),
+    /// the loader, the fill.
+    pub(super) async fn fly(
+        &self,
+        key: &K,
+        fill: &Fill,
+        plan: &Plan,
+        refresh: bool,
+        loader: impl FnOnce() -> BoxLoad<V>,
+    ) -> std::result::Result<Option<V>, Arc<Error>> {
+        let inner = &*self.inner;
+        if !refresh {
+            if let Some((entry, _)) = self.read_for_load(key, plan).await.map_err(Arc::new)? {
+                return Ok(Some(entry.value));
+            }
+        }
+        bump(&inner.flights.counters.loads);
+        self.event(LoadEvent::LoadStarted { key, refresh });
+        let started = Instant::now();
+        let loaded = if plan.background {
+            loader().await
+        } else {
+            self.bounded(key, plan, loader()).await
         };
-        let _ = tx.send(Some(outcome.clone()));
-        outcome.map_err(|e| shared_error(&e))
+        match loaded {
+            Ok(loaded) => {
+                self.event(LoadEvent::LoadSucceeded {
+                    key,
+                    elapsed: started.elapsed(),
+                });
+                self.keep(key, fill, plan, loaded).await
+            }
+            Err(e) => {
+                bump(&inner.flights.counters.failures);
+                self.event(LoadEvent::LoadFailed { key, error: &e });
+                Err(Arc::new(e))
+            }
+        }
+    }
+
+    /// Caches what a loader returned, unless a write of the key overtook the load.
+    pub(super) async fn keep(
+        &self,
+        key: &K,
+        fill: &Fill,
+        plan: &Plan,
+        loaded: Loaded<V>,
+    ) -> std::result::Result<Option<V>, Arc<Error>> {
+        let inner = &*self.inner;
+        let (value, ttl, cache) = loaded.into_parts();
+        if !cache || !inner.guard.still_valid(fill.ticket) {
+            bump(&inner.flights.counters.not_cached);
+            return Ok(value);
+        }
+        match &value {
+            // Written only if no write of the key begins before the fill does.
+            Some(v) => {
+                self.write_or_fill(key, v, ttl.or(plan.ttl), Some(fill))
+                    .await
+                    .map_err(Arc::new)?;
+                if !fill.began() {
+                    bump(&inner.flights.counters.not_cached);
+                }
+            }
+            None => {
+                if let Some(n) = &inner.negative {
+                    n.remember(key, inner.clock.now());
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    /// The loader, stopped at the hard timeout (or at the soft one when a fail-safe copy
+    /// can answer then).
+    async fn bounded(&self, key: &K, plan: &Plan, load: BoxLoad<V>) -> Result<Loaded<V>> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return load.await;
+        }
+        let stale_possible = plan.fail_safe && self.inner.fail_safe.is_some();
+        let mut soft = plan
+            .soft
+            .filter(|_| stale_possible)
+            .map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        let mut hard = plan.hard.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        let mut load = load;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = load.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if let Some((d, sleep)) = &mut soft {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    let limit = *d;
+                    soft = None;
+                    if self.stale_copy(key).is_some() {
+                        return Poll::Ready(Err(timeout_error(limit, false)));
+                    }
+                }
+            }
+            if let Some((d, sleep)) = &mut hard {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(timeout_error(*d, true)));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether `entry`, answered by layer `layer`, has lived the eager-refresh fraction of
+    /// the TTL this load gives that layer.
+    fn refresh_due(&self, entry: &Entry<V>, layer: usize, plan: &Plan) -> bool {
+        let Some(fraction) = plan.eager else {
+            return false;
+        };
+        let Some(ttl) = self.inner.load_ttl(layer, plan, plan.ttl) else {
+            return false;
+        };
+        let Some(left) = entry.remaining(self.inner.clock.now()) else {
+            return false;
+        };
+        !left.is_zero() && left <= ttl.mul_f64(1.0 - fraction)
+    }
+
+    /// Starts one background load of `key` whose result replaces `entry` (unless a write
+    /// of the key overtakes it), when none runs and this copy did not start one already.
+    fn refresh_eagerly(
+        &self,
+        key: &K,
+        entry: &Entry<V>,
+        plan: &Arc<Plan>,
+        loader: impl FnOnce() -> BoxLoad<V> + Send + 'static,
+    ) {
+        let inner = &*self.inner;
+        let (Some(copy_expires), Ok(runtime)) = (entry.expires_at, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let mut flights = inner.flights.lock();
+        if flights.contains_key(key) {
+            return;
+        }
+        {
+            let mut refreshed = inner.flights.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+            if refreshed.get(key) == Some(&copy_expires) {
+                return;
+            }
+            if refreshed.len() >= MAX_REFRESHED && !refreshed.contains_key(key) {
+                let now = inner.clock.now();
+                refreshed.retain(|_, expires| *expires > now);
+                if refreshed.len() >= MAX_REFRESHED {
+                    return;
+                }
+            }
+            refreshed.insert(key.clone(), copy_expires);
+        }
+        let (tx, _rx, id, fill, _waiters) = self.new_flight(&mut flights, key, plan, 0);
+        drop(flights);
+        bump(&inner.flights.counters.refreshes);
+        let landing = Landing {
+            cache: self.clone(),
+            key: key.clone(),
+            id,
+        };
+        let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(plan));
+        runtime.spawn(async move {
+            let outcome = cache.fly(&key, &fill, &plan, true, loader).await;
+            let _ = tx.send(Some(outcome));
+            drop(landing);
+        });
+    }
+}
+
+impl<K, V> super::Inner<K, V> {
+    /// The TTL a load gives layer `layer` for an entry TTL of `ttl` (before jitter).
+    pub(super) fn load_ttl(&self, layer: usize, plan: &Plan, ttl: Option<Duration>) -> Option<Duration> {
+        let base = plan
+            .layer_ttl
+            .as_ref()
+            .and_then(|t| t.get(layer).copied().flatten())
+            .or(self.slots.get(layer).and_then(|s| s.ttl));
+        crate::config::min_ttl(base, ttl)
     }
 }

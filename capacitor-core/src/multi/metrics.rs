@@ -34,6 +34,8 @@ where
     /// - `capacitor_write_back_queue_depth`, `capacitor_write_back_oldest_pending_seconds`,
     ///   `capacitor_write_back_{written,retries,coalesced}_total` under write-back
     /// - `capacitor_fail_safe_{stale_hits,stale_misses}_total`, `capacitor_fail_safe_entries`
+    /// - `capacitor_load_{hits,misses,loads,failures,stale_hits,soft_timeouts,hard_timeouts,joined,refreshes,not_cached}_total`
+    ///   once a loading read ran
     /// - `capacitor_refresh_{started,renewed,dropped}_total`, `capacitor_refresh_in_flight`
     ///   with refresh-ahead
     ///
@@ -74,6 +76,23 @@ where
             metrics::counter!("capacitor_write_back_written_total", &labels).absolute(w.written);
             metrics::counter!("capacitor_write_back_retries_total", &labels).absolute(w.retries);
             metrics::counter!("capacitor_write_back_coalesced_total", &labels).absolute(w.coalesced);
+        }
+        let l = &stats.loads;
+        if l.hits + l.misses > 0 {
+            for (name, value) in [
+                ("capacitor_load_hits_total", l.hits),
+                ("capacitor_load_misses_total", l.misses),
+                ("capacitor_load_loads_total", l.loads),
+                ("capacitor_load_failures_total", l.failures),
+                ("capacitor_load_stale_hits_total", l.stale_hits),
+                ("capacitor_load_soft_timeouts_total", l.soft_timeouts),
+                ("capacitor_load_hard_timeouts_total", l.hard_timeouts),
+                ("capacitor_load_joined_total", l.joined),
+                ("capacitor_load_refreshes_total", l.refreshes),
+                ("capacitor_load_not_cached_total", l.not_cached),
+            ] {
+                metrics::counter!(name, &labels).absolute(value);
+            }
         }
         if let Some(f) = &stats.fail_safe {
             metrics::counter!("capacitor_fail_safe_stale_hits_total", &labels).absolute(f.stale_hits);

@@ -165,6 +165,10 @@ struct Inner<K, V> {
     on_refused: Option<RefusedListener<K>>,
     /// Reads take part in tokio's cooperative budget.
     cooperative: bool,
+    /// The builder's load options, and the same checked against the layers.
+    load_options: crate::load::LoadOptions,
+    load_plan: Arc<crate::load::Plan>,
+    on_load: Option<loader::LoadListener<K>>,
 }
 
 /// A write-back write the store refused, set aside (see
@@ -277,6 +281,7 @@ where
             refresh: self.inner.refresh.as_ref().map(Refresher::stats),
             write_back: self.inner.queue.as_ref().map(Queue::stats),
             bus: self.inner.bus.as_ref().map(invalidation::Bus::stats),
+            loads: self.inner.flights.counters.snapshot(),
         }
     }
 

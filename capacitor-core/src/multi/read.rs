@@ -167,15 +167,35 @@ where
 
     /// Reads layers `start..` (the first of them asynchronous), promoting a hit.
     pub(super) async fn read_async(&self, key: &K, start: usize, ticket: Ticket) -> Result<Option<Entry<V>>> {
+        let found = self
+            .read_from(key, start, ticket, LayerSet::NONE, LayerSet::NONE)
+            .await?;
+        Ok(found.map(|(entry, _)| entry))
+    }
+
+    /// Reads layers `start..` but those in `skip_read`, promoting a hit into the layers
+    /// above it but those in `skip_write`; the entry and the index of the layer that had
+    /// it.
+    pub(super) async fn read_from(
+        &self,
+        key: &K,
+        start: usize,
+        ticket: Ticket,
+        skip_read: LayerSet,
+        skip_write: LayerSet,
+    ) -> Result<Option<(Entry<V>, usize)>> {
         let inner = &*self.inner;
         // Layers whose read failed here are not promoted into: a layer that just timed
         // out would make the read wait for its write timeout too.
-        let mut failed = LayerSet::NONE;
+        let mut failed = skip_write;
         for i in start..inner.slots.len() {
             if i == 1 {
                 if let Some(found) = self.buffered(key) {
-                    return Ok(found);
+                    return Ok(found.map(|entry| (entry, 1)));
                 }
+            }
+            if skip_read.contains(i) {
+                continue;
             }
             let slot = &inner.slots[i];
             if slot.suspect(key, &inner.clock) {
@@ -196,7 +216,7 @@ where
                         }
                     }
                     crate::observe::read_outcome(Some(&slot.name), i > 0 && inner.promotion, "hit");
-                    return Ok(Some(entry));
+                    return Ok(Some((entry, i)));
                 }
                 Ok(None) => slot.counters.incr(Counter::Miss),
                 Err(e) => {
@@ -205,7 +225,7 @@ where
                         failed.add(i);
                     }
                     if let Err(e) = self.read_failed(i, e) {
-                        return inner.stale_or(key, e);
+                        return Ok(inner.stale_or(key, e)?.map(|entry| (entry, i)));
                     }
                 }
             }

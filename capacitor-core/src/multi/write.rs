@@ -158,19 +158,37 @@ impl<K, V> Writes<'_, K, V> {
     }
 }
 
-/// A loader flight's claim on its fill write (see [`Writes::Set`]'s `fill`).
+/// A loader flight's claim on its fill write (see [`Writes::Set`]'s `fill`), with the
+/// load's per-layer options.
 pub(super) struct Fill {
     pub(super) ticket: Ticket,
     /// The stripe version the fill write set; 0 until it began.
     pub(super) version: AtomicU64,
+    /// Per layer index, a TTL replacing the layer's own; `None` when no layer has one.
+    layer_ttl: Option<Box<[Option<Duration>]>>,
+    /// Cache layers that get no copy: theirs is removed instead.
+    skip: super::slot::LayerSet,
+    /// Whether `layer_ttl` or `skip` say anything.
+    layered: bool,
 }
 
 impl Fill {
-    pub(super) fn new(ticket: Ticket) -> Self {
+    /// The fill of a load run with `plan`.
+    pub(super) fn for_load(ticket: Ticket, plan: &crate::load::Plan) -> Self {
+        let mut skip = super::slot::LayerSet::NONE;
+        plan.skip_write.iter().for_each(|&i| skip.add(i));
         Fill {
             ticket,
             version: AtomicU64::new(0),
+            layered: plan.layer_ttl.is_some() || !plan.skip_write.is_empty(),
+            layer_ttl: plan.layer_ttl.clone(),
+            skip,
         }
+    }
+
+    /// Whether the fill write began (no write of the key overtook it).
+    pub(super) fn began(&self) -> bool {
+        self.version.load(Ordering::SeqCst) != 0
     }
 
     /// Whether the only write of the stripe since the ticket is this fill (so that the
@@ -178,6 +196,24 @@ impl Fill {
     pub(super) fn only_write_since(&self, guard: &crate::guard::Generations) -> bool {
         let v = self.version.load(Ordering::SeqCst);
         v != 0 && guard.latest_is(self.ticket, v)
+    }
+}
+
+/// The index of `slot` among the composer's layers.
+fn index_of<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>) -> usize {
+    inner
+        .slots
+        .iter()
+        .position(|s| std::ptr::eq(s, slot))
+        .unwrap_or(inner.authoritative)
+}
+
+/// Whether `fill` leaves `slot` out (its copy is removed instead).
+#[inline(always)]
+fn skipped<K, V>(inner: &Inner<K, V>, slot: &Slot<K, V>, fill: Option<&Fill>) -> bool {
+    match fill {
+        Some(f) if f.layered => f.skip.contains(index_of(inner, slot)),
+        _ => false,
     }
 }
 
@@ -742,9 +778,18 @@ where
     match writes {
         // Tags are kept by the store, through its awaited `set_tagged`.
         Writes::Set { tags, .. } if !tags.is_empty() && is_store(inner, slot) => None,
-        Writes::Set { key, value, ttl, .. } => slot
+        Writes::Set { key, fill, .. } if skipped(inner, slot, *fill) => {
+            slot.layer.delete_sync(key).map(|r| r.map(|_| 0))
+        }
+        Writes::Set {
+            key,
+            value,
+            ttl,
+            fill,
+            ..
+        } => slot
             .layer
-            .set_sync(key, value, inner.write_ttl(slot, *ttl))
+            .set_sync(key, value, inner.fill_ttl(slot, *ttl, *fill))
             .map(|r| r.map(|()| 0)),
         Writes::Delete { key } => slot.layer.delete_sync(key).map(|r| r.map(u64::from)),
         _ => None,
@@ -774,8 +819,15 @@ where
             .set_tagged(key, value, inner.write_ttl(slot, *ttl), tags)
             .await
             .map(|()| 0),
-        Writes::Set { key, value, ttl, .. } => slot
-            .set(key, value, inner.write_ttl(slot, *ttl))
+        Writes::Set { key, fill, .. } if skipped(inner, slot, *fill) => slot.delete(key).await.map(|_| 0),
+        Writes::Set {
+            key,
+            value,
+            ttl,
+            fill,
+            ..
+        } => slot
+            .set(key, value, inner.fill_ttl(slot, *ttl, *fill))
             .await
             .map(|()| 0),
         Writes::Delete { key } => slot.delete(key).await.map(u64::from),
@@ -1250,6 +1302,30 @@ where
 }
 
 impl<K, V> Inner<K, V> {
+    /// [`write_ttl`](Self::write_ttl), or for a load's fill the TTL its options give
+    /// `slot`.
+    #[inline(always)]
+    fn fill_ttl(&self, slot: &Slot<K, V>, ttl: Option<Duration>, fill: Option<&Fill>) -> Option<Duration> {
+        let own = match fill {
+            Some(f) if f.layered => f
+                .layer_ttl
+                .as_ref()
+                .and_then(|t| t.get(index_of(self, slot)).copied().flatten()),
+            _ => None,
+        };
+        match own {
+            None => self.write_ttl(slot, ttl),
+            Some(own) => {
+                let ttl = min_ttl(Some(own), ttl);
+                if self.ttl_jitter > 0.0 {
+                    jitter(ttl, self.ttl_jitter)
+                } else {
+                    ttl
+                }
+            }
+        }
+    }
+
     /// The TTL a write gives `slot`: the shorter of the layer's and the write's, jittered.
     #[inline(always)]
     fn write_ttl(&self, slot: &Slot<K, V>, ttl: Option<Duration>) -> Option<Duration> {

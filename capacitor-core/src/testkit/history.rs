@@ -381,7 +381,7 @@ async fn one_op(
         7 => {
             let (key, value) = (pick(rng), fresh());
             let start = history.tick();
-            let got = cache.get_or_load(&key, || async move { value }).await;
+            let got = cache.get_or_load(&key, move || async move { value }).await;
             let end = history.tick();
             // The loaded value is a write that may be cached; the answer a read.
             let mut events = vec![ev(

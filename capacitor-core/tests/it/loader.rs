@@ -135,23 +135,75 @@ async fn a_panicking_or_cancelled_loader_does_not_wedge_the_key() {
         "the panic reaches its own caller"
     );
 
-    // Cancellation: the leader's future is dropped mid-load.
+    // Cancellation: the leader's future is dropped mid-load. The flight runs on: the
+    // next caller joins it instead of starting the loader again, and the value is cached.
     let started = Arc::new(Notify::new());
     let gate = Arc::new(Notify::new());
+    let calls = Arc::new(AtomicUsize::new(0));
     let leader = {
-        let (cache, started, gate) = (cache.clone(), started.clone(), gate.clone());
+        let (cache, started, gate, calls) = (cache.clone(), started.clone(), gate.clone(), calls.clone());
         tokio::spawn(async move {
             cache
                 .get_or_load(&"c".to_string(), || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
                     started.notify_one();
                     gate.notified().await;
-                    "never".to_string()
+                    "first".to_string()
                 })
                 .await
         })
     };
     within(WAIT, started.notified()).await;
     leader.abort();
+    let key = "c".to_string();
+    let after = cache.get_or_load(&key, || async { "second".to_string() });
+    tokio::pin!(after);
+    assert!(
+        futures::poll!(after.as_mut()).is_pending(),
+        "joined the running flight"
+    );
+    gate.notify_one();
+    assert_eq!(within(WAIT, after).await.unwrap(), "first");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the loader ran once");
+    assert_eq!(cache.get(&key).await.unwrap(), Some("first".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cancel_with_callers_the_last_caller_leaving_stops_the_load() {
+    let cache = cache();
+    let options = cache.load_options().cancel_with_callers(true);
+    let started = Arc::new(Notify::new());
+    let dropped = Arc::new(AtomicUsize::new(0));
+    struct Flag(Arc<AtomicUsize>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let leader = {
+        let (cache, started, dropped, options) =
+            (cache.clone(), started.clone(), dropped.clone(), options.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load_with(&"c".to_string(), &options, move || async move {
+                    let _flag = Flag(dropped);
+                    started.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok::<_, std::io::Error>(capacitor_core::Loaded::value("never".to_string()))
+                })
+                .await
+        })
+    };
+    within(WAIT, started.notified()).await;
+    leader.abort();
+    let _ = leader.await;
+    // The loader's future is dropped with the flight, and the key is free again.
+    within(WAIT, async {
+        while dropped.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
     let key = "c".to_string();
     let after = cache.get_or_load(&key, || async { "fresh".to_string() });
     assert_eq!(within(WAIT, after).await.unwrap(), "fresh");
@@ -223,34 +275,37 @@ async fn misses_are_remembered_when_asked_and_forgotten_on_set() {
         .layer(LayerConfig::new("l1", MapLayer::with_clock(clock.clone())))
         .build()
         .unwrap();
-    let calls = AtomicUsize::new(0);
-    let missing = || async {
-        calls.fetch_add(1, Ordering::SeqCst);
-        Ok::<Option<String>, std::io::Error>(None)
+    let calls = Arc::new(AtomicUsize::new(0));
+    let missing = || {
+        let calls = Arc::clone(&calls);
+        move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<Option<String>, std::io::Error>(None)
+        }
     };
     assert_eq!(
-        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        cache.try_get_or_load(&"ghost".into(), missing()).await.unwrap(),
         None
     );
     assert_eq!(
-        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        cache.try_get_or_load(&"ghost".into(), missing()).await.unwrap(),
         None
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the miss was cached");
     clock.advance(Duration::from_secs(11));
     assert_eq!(
-        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        cache.try_get_or_load(&"ghost".into(), missing()).await.unwrap(),
         None
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2, "the negative entry expired");
     cache.set("ghost".into(), "real".into()).await.unwrap();
     assert_eq!(
-        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        cache.try_get_or_load(&"ghost".into(), missing()).await.unwrap(),
         Some("real".into())
     );
     cache.delete(&"ghost".into()).await.unwrap();
     assert_eq!(
-        cache.try_get_or_load(&"ghost".into(), missing).await.unwrap(),
+        cache.try_get_or_load(&"ghost".into(), missing()).await.unwrap(),
         None
     );
     assert_eq!(

@@ -207,7 +207,7 @@ async fn run(on: On, op: Op, v: u32, loader: Option<(Arc<Notify>, Arc<Notify>)>)
         Op::Promote | Op::Refresh => drop(cache.get(&key).await.unwrap()),
         Op::Load => {
             cache
-                .get_or_load(&key, || async move {
+                .get_or_load(&key, move || async move {
                     if let Some((started, finish)) = loader {
                         started.notify_one();
                         finish.notified().await;

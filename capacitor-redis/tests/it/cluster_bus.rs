@@ -272,7 +272,7 @@ fn bus_keeps_l1s_coherent_on_a_three_master_cluster() {
         for i in 0..100 {
             let key = format!("cold{i}");
             let v = b
-                .get_or_load(&key, || async move { format!("loaded {i}") })
+                .get_or_load(&key, move || async move { format!("loaded {i}") })
                 .await
                 .unwrap();
             assert_eq!(v, format!("loaded {i}"));
