@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::slot::LayerSet;
@@ -33,6 +33,66 @@ use crate::load::{LoadEvent, LoadOptions, LoadStats, Loaded, Plan, StaleReason};
 /// What a flight hands its callers: `None` until it ends.
 pub(super) type Outcome<V> = Option<std::result::Result<Option<V>, Arc<Error>>>;
 
+/// A flight's outcome, set once, and its waiters. (Not tokio's watch channel: it wakes its
+/// waiters in a random order, and a seeded history must be a function of its seed.)
+pub(super) struct OutcomeCell<V> {
+    /// The outcome, and whether the flight ended without one.
+    state: Mutex<(Outcome<V>, bool)>,
+    notify: Notify,
+}
+
+/// The receiving end: the cell.
+pub(super) type Receiver<V> = Arc<OutcomeCell<V>>;
+
+/// The sending end; dropped without sending, it tells the waiters the flight is gone.
+pub(super) struct Sender<V>(Arc<OutcomeCell<V>>);
+
+fn outcome_channel<V>() -> (Sender<V>, Receiver<V>) {
+    let cell = Arc::new(OutcomeCell {
+        state: Mutex::new((None, false)),
+        notify: Notify::new(),
+    });
+    (Sender(Arc::clone(&cell)), cell)
+}
+
+impl<V> OutcomeCell<V> {
+    fn lock(&self) -> MutexGuard<'_, (Outcome<V>, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<V: Clone> OutcomeCell<V> {
+    /// The outcome once there is one; `None` when the flight ended without one.
+    async fn wait(&self) -> Outcome<V> {
+        loop {
+            let mut notified = std::pin::pin!(self.notify.notified());
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.0.is_some() || state.1 {
+                    return state.0.clone();
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl<V> Sender<V> {
+    /// Hands every waiter (and every later one) `outcome`.
+    pub(super) fn send(&self, outcome: Outcome<V>) {
+        self.0.lock().0 = outcome;
+        self.0.notify.notify_waiters();
+    }
+}
+
+impl<V> Drop for Sender<V> {
+    fn drop(&mut self) {
+        self.0.lock().1 = true;
+        self.0.notify.notify_waiters();
+    }
+}
+
 /// What [`MultiLayerBuilder::on_load_event`](crate::MultiLayerBuilder::on_load_event) calls.
 pub(super) type LoadListener<K> = Arc<dyn Fn(&LoadEvent<'_, K>) + Send + Sync>;
 
@@ -42,8 +102,8 @@ const MAX_REFRESHED: usize = 10_000;
 
 /// The callers waiting on a flight, and how to stop it when none is left.
 pub(super) struct Waiters {
-    count: AtomicUsize,
-    abort: Mutex<Option<AbortHandle>>,
+    pub(super) count: AtomicUsize,
+    pub(super) abort: Mutex<Option<AbortHandle>>,
     cancel_with_callers: bool,
 }
 
@@ -56,7 +116,7 @@ pub(super) struct Flight<V> {
     ticket: Ticket,
     /// The flight's fill write, once it began: the only write since the ticket.
     fill: Arc<Fill>,
-    outcome: watch::Receiver<Outcome<V>>,
+    outcome: Receiver<V>,
     waiters: Arc<Waiters>,
 }
 
@@ -90,19 +150,19 @@ impl<K, V> Flights<K, V> {
 /// The counters behind [`LoadStats`].
 #[derive(Default)]
 pub(super) struct LoadCounters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    loads: AtomicU64,
-    failures: AtomicU64,
+    pub(super) hits: AtomicU64,
+    pub(super) misses: AtomicU64,
+    pub(super) loads: AtomicU64,
+    pub(super) failures: AtomicU64,
     stale_hits: AtomicU64,
     soft_timeouts: AtomicU64,
     hard_timeouts: AtomicU64,
-    joined: AtomicU64,
+    pub(super) joined: AtomicU64,
     refreshes: AtomicU64,
     not_cached: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+pub(super) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -128,9 +188,9 @@ impl LoadCounters {
 /// is never wedged: waiters see the sender dropped and one of them leads a new flight.
 /// A flight that a later one replaced is not touched.
 pub(super) struct Landing<K: Hash + Eq + Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> {
-    cache: MultiLayer<K, V>,
-    key: K,
-    id: u64,
+    pub(super) cache: MultiLayer<K, V>,
+    pub(super) key: K,
+    pub(super) id: u64,
 }
 
 impl<K, V> Drop for Landing<K, V>
@@ -148,11 +208,11 @@ where
 
 /// A caller waiting on a flight; the last one to leave stops the flight when its
 /// options say so.
-struct Waiting<'a, K: Hash + Eq, V> {
-    flights: &'a Flights<K, V>,
-    key: &'a K,
-    id: u64,
-    waiters: Arc<Waiters>,
+pub(super) struct Waiting<'a, K: Hash + Eq, V> {
+    pub(super) flights: &'a Flights<K, V>,
+    pub(super) key: &'a K,
+    pub(super) id: u64,
+    pub(super) waiters: Arc<Waiters>,
 }
 
 impl<K: Hash + Eq, V> Drop for Waiting<'_, K, V> {
@@ -180,23 +240,23 @@ impl<K: Hash + Eq, V> Drop for Waiting<'_, K, V> {
 }
 
 /// What waiting on a flight came to.
-enum Waited<V> {
+pub(super) enum Waited<V> {
     Done(Result<Option<V>>),
     /// The flight ended without an outcome (its task panicked or was aborted).
     Gone,
 }
 
 /// What a caller does about a key it missed.
-enum Role<V> {
+pub(super) enum Role<V> {
     Lead {
-        tx: watch::Sender<Outcome<V>>,
-        rx: watch::Receiver<Outcome<V>>,
+        tx: Sender<V>,
+        rx: Receiver<V>,
         id: u64,
         fill: Arc<Fill>,
         waiters: Arc<Waiters>,
     },
     Follow {
-        rx: watch::Receiver<Outcome<V>>,
+        rx: Receiver<V>,
         id: u64,
         waiters: Arc<Waiters>,
     },
@@ -457,7 +517,7 @@ where
 
     /// The first layer's answer for a load: the entry and the index of the layer that
     /// had it.
-    async fn read_for_load(&self, key: &K, plan: &Plan) -> Result<Option<(Entry<V>, usize)>> {
+    pub(super) async fn read_for_load(&self, key: &K, plan: &Plan) -> Result<Option<(Entry<V>, usize)>> {
         if plan.eager.is_none() && plan.skip_read.is_empty() && plan.skip_write.is_empty() {
             return Ok(self.get_entry(key).await?.map(|e| (e, 0)));
         }
@@ -503,7 +563,7 @@ where
             match self.role(key, &plan) {
                 Role::Lead {
                     tx,
-                    mut rx,
+                    rx,
                     id,
                     fill,
                     waiters,
@@ -531,7 +591,7 @@ where
                     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                         // No runtime to run the flight on: it runs in this caller.
                         let outcome = self.fly(key, &fill, &plan, false, loader).await;
-                        let _ = tx.send(Some(outcome.clone()));
+                        tx.send(Some(outcome.clone()));
                         drop(landing);
                         drop(waiting);
                         return match outcome {
@@ -543,13 +603,13 @@ where
                         let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(&plan));
                         runtime.spawn(async move {
                             let outcome = cache.fly(&key, &fill, &plan, false, loader).await;
-                            let _ = tx.send(Some(outcome));
+                            tx.send(Some(outcome));
                             drop(landing);
                         })
                     };
                     *waiting.waiters.abort.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(flight.abort_handle());
-                    match self.wait(key, &mut rx, &plan).await {
+                    match self.wait(key, &rx, &plan, tokio::time::Instant::now()).await {
                         Waited::Done(result) => return result,
                         Waited::Gone => {
                             drop(waiting);
@@ -564,7 +624,7 @@ where
                         }
                     }
                 }
-                Role::Follow { mut rx, id, waiters } => {
+                Role::Follow { rx, id, waiters } => {
                     bump(&counters.joined);
                     let _waiting = Waiting {
                         flights: &inner.flights,
@@ -572,7 +632,7 @@ where
                         id,
                         waiters,
                     };
-                    match self.wait(key, &mut rx, &plan).await {
+                    match self.wait(key, &rx, &plan, tokio::time::Instant::now()).await {
                         Waited::Done(result) => return result,
                         // The flight panicked or was stopped: try again, maybe as leader.
                         Waited::Gone => continue,
@@ -583,7 +643,7 @@ where
     }
 
     /// Joins the flight of `key` when its value is still current, else starts one.
-    fn role(&self, key: &K, plan: &Plan) -> Role<V> {
+    pub(super) fn role(&self, key: &K, plan: &Plan) -> Role<V> {
         let inner = &*self.inner;
         let mut flights = inner.flights.lock();
         if let Some(flight) = flights.get(key) {
@@ -618,15 +678,9 @@ where
         key: &K,
         plan: &Plan,
         waiting: usize,
-    ) -> (
-        watch::Sender<Outcome<V>>,
-        watch::Receiver<Outcome<V>>,
-        u64,
-        Arc<Fill>,
-        Arc<Waiters>,
-    ) {
+    ) -> (Sender<V>, Receiver<V>, u64, Arc<Fill>, Arc<Waiters>) {
         let inner = &*self.inner;
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = outcome_channel();
         let id = inner.flights.next_id.fetch_add(1, Ordering::Relaxed);
         let ticket = inner.guard.ticket(inner.guard.stripe_of(key));
         let fill = Arc::new(Fill::for_load(ticket, plan));
@@ -649,23 +703,24 @@ where
     }
 
     /// Waits for the flight's outcome, by this caller's timeouts.
-    async fn wait(&self, key: &K, rx: &mut watch::Receiver<Outcome<V>>, plan: &Plan) -> Waited<V> {
+    pub(super) async fn wait(
+        &self,
+        key: &K,
+        rx: &Receiver<V>,
+        plan: &Plan,
+        since: tokio::time::Instant,
+    ) -> Waited<V> {
         let timers = tokio::runtime::Handle::try_current().is_ok();
         let stale_possible = plan.fail_safe && self.inner.fail_safe.is_some();
         let mut soft = plan
             .soft
             .filter(|_| timers && stale_possible)
-            .map(|d| Box::pin(tokio::time::sleep(d)));
+            .map(|d| Box::pin(tokio::time::sleep_until(since + d)));
         let mut hard = plan
             .hard
             .filter(|_| timers)
-            .map(|d| (d, Box::pin(tokio::time::sleep(d))));
-        let mut outcome = Box::pin(async {
-            match rx.wait_for(Option::is_some).await {
-                Ok(outcome) => (*outcome).clone(),
-                Err(_) => None,
-            }
-        });
+            .map(|d| (d, Box::pin(tokio::time::sleep_until(since + d))));
+        let mut outcome = Box::pin(rx.wait());
         enum Woke<V> {
             Outcome(Outcome<V>),
             Soft,
@@ -727,7 +782,7 @@ where
     }
 
     /// Counts and tells a load answered with a fail-safe copy.
-    fn stale_hit(&self, key: &K, copy: Entry<V>, reason: StaleReason) -> V {
+    pub(super) fn stale_hit(&self, key: &K, copy: Entry<V>, reason: StaleReason) -> V {
         let inner = &*self.inner;
         bump(&inner.flights.counters.stale_hits);
         if let Some(fail_safe) = &inner.fail_safe {
@@ -740,7 +795,7 @@ where
 
     /// A load of `key` failed with `err`: the fail-safe copy (throttled from now on), or
     /// the error.
-    fn load_failed(&self, key: &K, plan: &Plan, err: &Arc<Error>) -> Result<Option<V>> {
+    pub(super) fn load_failed(&self, key: &K, plan: &Plan, err: &Arc<Error>) -> Result<Option<V>> {
         let inner = &*self.inner;
         if plan.fail_safe && servable(err) {
             if let Some(fail_safe) = &inner.fail_safe {
@@ -922,7 +977,7 @@ where
         let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(plan));
         runtime.spawn(async move {
             let outcome = cache.fly(&key, &fill, &plan, true, loader).await;
-            let _ = tx.send(Some(outcome));
+            tx.send(Some(outcome));
             drop(landing);
         });
     }

@@ -109,6 +109,7 @@ mod future;
 mod invalidation;
 mod layer_impl;
 mod lifecycle;
+mod load_many;
 mod loader;
 #[cfg(feature = "metrics")]
 mod metrics;

@@ -281,6 +281,17 @@ where
     }
 
     pub(super) async fn get_many_entries(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        self.get_many_skipping(keys, LayerSet::NONE, LayerSet::NONE).await
+    }
+
+    /// [`get_many_entries`](Self::get_many_entries) passing the layers in `skip_read` by
+    /// and promoting into none of `skip_write`.
+    pub(super) async fn get_many_skipping(
+        &self,
+        keys: &[K],
+        skip_read: LayerSet,
+        skip_write: LayerSet,
+    ) -> Result<Vec<Option<Entry<V>>>> {
         self.check_open(Operation::GetMany)?;
         let inner = &*self.inner;
         let tickets: Vec<Ticket> = keys
@@ -289,7 +300,7 @@ where
             .collect();
         let mut out: Vec<Option<Entry<V>>> = keys.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..keys.len()).collect();
-        let mut failed = LayerSet::NONE;
+        let mut failed = skip_write;
         for (i, slot) in inner.slots.iter().enumerate() {
             if i == 1 && inner.queue.is_some() {
                 // Read-your-writes: the buffer answers for keys L1 did not have.
@@ -303,6 +314,9 @@ where
             }
             if pending.is_empty() {
                 break;
+            }
+            if skip_read.contains(i) {
+                continue;
             }
             // Keys this layer may hold outdated copies of are not asked here.
             let (asked, passed): (Vec<usize>, Vec<usize>) = pending

@@ -293,6 +293,9 @@ pub async fn run_history(cache: &MultiLayer<String, u64>, options: &HistoryOptio
             std::panic::resume_unwind(e.into_panic());
         }
     }
+    // Loads that outlived their callers (0-3 ms loaders) finish before the caller
+    // compares the layers.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     history
 }
 
@@ -314,8 +317,12 @@ async fn one_op(
         end,
         acknowledged,
     };
-    let kinds = if transactions { 9 } else { 8 };
+    let kinds = if transactions { 10 } else { 9 };
     match rng.below(kinds) {
+        8 => {
+            let (key, value) = (pick(rng), fresh());
+            load_with_options(cache, history, rng, key, value).await;
+        }
         0 | 1 => {
             let key = pick(rng);
             let start = history.tick();
@@ -422,4 +429,58 @@ async fn one_op(
             history.record(events);
         }
     }
+}
+
+/// `get_or_load_with` with a 2 ms hard timeout over a loader of 0-3 ms (its value is then
+/// written in the background, after the caller returned), eager refresh of copies past
+/// half of a 20 ms TTL in the top layer, and at times the second layer skipped for
+/// writes. The loaded value is recorded as a write that may have been applied, ending
+/// when the caller returned: one that lands later must not overtake a write that began
+/// since the load did (the composer refuses it), and the checker holds it to that.
+async fn load_with_options(
+    cache: &MultiLayer<String, u64>,
+    history: &History,
+    rng: &mut Rng,
+    key: String,
+    value: u64,
+) {
+    let names: Vec<String> = cache.layer_names().map(str::to_owned).collect();
+    let mut options = cache.load_options().hard_timeout(Duration::from_millis(2));
+    if names.len() > 1 {
+        options = options
+            .eager_refresh(0.5)
+            .layer_ttl(names[0].clone(), Duration::from_millis(20));
+    }
+    if names.len() > 2 && rng.below(2) == 0 {
+        options = options.skip_write(names[1].clone());
+    }
+    let delay = Duration::from_millis(rng.below(4));
+    let start = history.tick();
+    let got = cache
+        .get_or_load_with(&key, &options, move || async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, crate::Error>(crate::Loaded::value(value))
+        })
+        .await;
+    let end = history.tick();
+    let fill = Event {
+        op: "get_or_load_with fill",
+        key: key.clone(),
+        effect: Effect::Write(Some(value)),
+        start,
+        end,
+        acknowledged: false,
+    };
+    let mut events = vec![fill];
+    if let Ok(seen) = got {
+        events.push(Event {
+            op: "get_or_load_with",
+            key,
+            effect: Effect::Read(seen),
+            start,
+            end,
+            acknowledged: true,
+        });
+    }
+    history.record(events);
 }

@@ -121,21 +121,38 @@ struct TokioClock(tokio::time::Instant);
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
-        let elapsed = u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Rounded to the millisecond: the paused clock jumps to timer ticks, which sit a
+        // few microseconds (different in every run) off the instant this clock started.
+        let elapsed = self.0.elapsed() + Duration::from_micros(500);
+        let elapsed = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         Timestamp::from_millis(1_000_000_u64.saturating_add(elapsed))
     }
 }
 
 /// One run: (reads and writes recorded, the history's fingerprint, violations).
 async fn run(variant: Variant, seed: u64) -> (usize, u64, Vec<String>) {
-    let maps: Vec<Arc<MapLayer<String, u64>>> = (0..3).map(|_| Arc::new(MapLayer::new())).collect();
+    if variant.virtual_time {
+        // Aligns the paused clock on the timer wheel's millisecond ticks (it starts a few
+        // microseconds off them, differently in every run): from here a sleep's deadline,
+        // and so the order timers fire in, is a function of the seed.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // On the paused runtime the layers read tokio's clock too, so that their expiries
+    // (the loads give the top layer a 20 ms TTL) are a function of the seed.
+    let base = tokio::time::Instant::now();
+    let maps: Vec<Arc<MapLayer<String, u64>>> = (0..3)
+        .map(|_| match variant.virtual_time {
+            true => Arc::new(MapLayer::with_clock(TokioClock(base))),
+            false => Arc::new(MapLayer::new()),
+        })
+        .collect();
     let mut faults: Vec<Arc<Faults>> = Vec::new();
     // On one thread, tasks switch only at these yields: a wider spread lets one write
     // overtake another inside the composer as often as two threads do.
     let spread = if variant.virtual_time { 8 } else { 3 };
     let mut builder = MultiLayer::builder();
     if variant.virtual_time {
-        builder = builder.clock(TokioClock(tokio::time::Instant::now()));
+        builder = builder.clock(TokioClock(base));
     }
     for (i, name) in ["l1", "l2", "store"].into_iter().enumerate() {
         let faulty = FaultyLayer::shared(maps[i].clone() as Arc<dyn Layer<String, u64>>);

@@ -7,6 +7,7 @@ mod conformance;
 mod history;
 mod interleave;
 mod loader;
+mod loading;
 mod model;
 mod pairs;
 mod proxy;
