@@ -69,19 +69,23 @@
 //!
 //! # Loads
 //!
-//! [`get_or_load`](MultiLayer::get_or_load) runs one loader per key at a time (single
-//! flight); a write of the key that began since the flight did keeps the loaded value
-//! from being written (the waiters still get it), and a caller that arrives after such a
-//! write starts a flight of its own instead of joining (the leader's own fill does not
-//! count). The flight's ticket is taken before its leader's first read. Negative caching
-//! and TTL jitter are options of the builder.
+//! [`get_or_load`](MultiLayer::get_or_load) and its forms run one loader per key at a
+//! time (single flight), on a tokio task of its own, so that callers that time out or are
+//! cancelled do not stop it; each caller waits with its own soft and hard timeouts
+//! ([`LoadOptions`](crate::LoadOptions)), answered with the fail-safe copy where one
+//! exists. A write of the key that began since the flight did keeps the loaded value from
+//! being written (the waiters still get it), a completion in the background and an eager
+//! refresh included, and a caller that arrives after such a write starts a flight of its
+//! own instead of joining (the flight's own fill does not count). The flight's ticket is
+//! taken before its first read. Negative caching and TTL jitter are options of the
+//! builder.
 //!
 //! # Files
 //!
 //! `builder` validates and constructs; `slot` is one configured layer (breaker, timeouts,
 //! counters, suspect keys); `future` and `read` are the read cascade, `promote` its
 //! copies upward; `write` is the write path and its public methods, `write_back` the
-//! drain task, `transaction` atomic commits; `fail_safe`, `invalidation`, `loader`,
+//! drain task, `transaction` atomic commits; `fail_safe`, `invalidation`, `loader` (and `load_many`, its batches),
 //! `refresh`, `warmup`, `scan` and `metrics` one concern each; `layer_impl` makes a
 //! composer a [`Layer`]; `lifecycle` is `flush` and `close`.
 
