@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use capacitor::memory::{DashMapLayer, MokaLayer};
 use capacitor::sled::{FlushPolicy, SledLayer};
-use capacitor::{LayerConfig, MultiLayer, WriteBack, WritePolicy};
+use capacitor::{FailSafe, LayerConfig, LoadOptions, Loaded, MultiLayer, SetOptions, WriteBack, WritePolicy};
 use capacitor_benches::size;
 use capacitor_core::testkit::poll_once;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
@@ -224,5 +224,115 @@ fn get_or_load(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, write_back_set, write_back_drain, get_or_load);
+/// `get_or_load` on its own: a hit (L1 dashmap), a miss whose loader answers at once (the
+/// flight's task, the fill), and a stale answer at a 1 ms soft timeout over a 20 ms
+/// origin; `raw` is the hand-written code: `get`, else load and insert, and for the
+/// timeout `tokio::time::timeout` around the origin with a map of last known values.
+fn get_or_load_paths(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let cache = MultiLayer::<u64, u64>::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .fail_safe(FailSafe::new(Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+    let raw: Arc<DashMap<u64, u64>> = Arc::new(DashMap::new());
+    for k in 0..1_000 {
+        poll_once(cache.set(k, k)).unwrap();
+        raw.insert(k, k);
+    }
+    let next = AtomicU64::new(0);
+    let hot = || next.fetch_add(1, Ordering::Relaxed) % 1_000;
+    let mut g = c.benchmark_group("get_or_load_hit/dashmap");
+    g.bench_function("capacitor", |b| {
+        b.iter(|| poll_once(cache.get_or_load(&black_box(hot()), || async { 0 })).unwrap())
+    });
+    g.bench_function("raw", |b| {
+        b.iter(|| {
+            let k = black_box(hot());
+            match raw.get(&k).map(|v| *v) {
+                Some(v) => v,
+                None => *raw.entry(k).or_insert(0),
+            }
+        })
+    });
+    g.finish();
+
+    let cold = AtomicU64::new(1_000_000);
+    let mut g = c.benchmark_group("get_or_load_miss/dashmap");
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter(|| async {
+            let k = cold.fetch_add(1, Ordering::Relaxed);
+            cache.get_or_load(&k, move || async move { k }).await.unwrap()
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter(|| async {
+            let k = cold.fetch_add(1, Ordering::Relaxed);
+            if let Some(v) = raw.get(&k).map(|v| *v) {
+                return v;
+            }
+            let v = async { k }.await;
+            raw.insert(k, v);
+            v
+        })
+    });
+    g.finish();
+
+    // A copy past its expiry: the fail-safe keeps it; the loader's answer is not cached,
+    // so that every iteration times out.
+    let stale = MultiLayer::<u64, u64>::builder()
+        .layer(LayerConfig::new("l1", DashMapLayer::new()))
+        .fail_safe(FailSafe::new(Duration::from_secs(3600)))
+        .load_options(
+            LoadOptions::new()
+                .soft_timeout(Duration::from_millis(1))
+                .hard_timeout(Duration::from_secs(1)),
+        )
+        .build()
+        .unwrap();
+    rt.block_on(stale.set_with(7, 7, SetOptions::new().ttl(Duration::from_millis(1))))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let options = stale.load_options();
+    let last_known: Arc<DashMap<u64, u64>> = Arc::new(DashMap::new());
+    last_known.insert(7, 7);
+    let mut g = c.benchmark_group("get_or_load_stale_on_timeout/dashmap");
+    g.bench_function("capacitor", |b| {
+        b.to_async(&rt).iter(|| async {
+            stale
+                .get_or_load_with(&7, &options, || async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, std::io::Error>(Loaded::value(8).uncached())
+                })
+                .await
+                .unwrap()
+        })
+    });
+    g.bench_function("raw", |b| {
+        b.to_async(&rt).iter(|| async {
+            let origin = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                8u64
+            };
+            match tokio::time::timeout(Duration::from_millis(1), origin).await {
+                Ok(v) => v,
+                Err(_) => last_known.get(&7).map(|v| *v).unwrap_or_default(),
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    write_back_set,
+    write_back_drain,
+    get_or_load,
+    get_or_load_paths
+);
 criterion_main!(benches);

@@ -580,7 +580,10 @@ unpublished `benches` crate only (it needs Rust 1.91).
   hand-written moka + fred + tokio-postgres code as a peer.
 - `writeback`: a write-back `set` over dashmap and moka, the drain of 10,000 keys into sled,
   and 64 concurrent `get_or_load` callers of one cold key (raw: the hand-written check,
-  load, backfill, which runs 64 loads).
+  load, backfill, which runs 64 loads); `get_or_load` alone on a hit, on a miss whose
+  loader answers at once, and answered with the fail-safe copy at a 1 ms soft timeout
+  over a 20 ms origin (raw: `get`, else load and insert; `tokio::time::timeout` around
+  the origin with a map of last known values).
 - `resilience`: a read with Redis stalled behind the test kit's fault proxy, over
   PostgreSQL, with a 20 ms read timeout (raw: a 20 ms sleep plus the PostgreSQL read) and
   with the breaker open (raw: the PostgreSQL read).

@@ -532,6 +532,7 @@ where
                 closed: AtomicBool::new(false),
                 queue,
                 flights: Flights::default(),
+                filling: Default::default(),
                 negative: self.cache_misses_for.map(NegativeCache::new),
                 ttl_jitter: self.ttl_jitter,
                 bus: bus.map(|bus| Bus::new(bus, &self.bus_config)),

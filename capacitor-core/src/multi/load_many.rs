@@ -7,7 +7,7 @@ use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use super::loader::{bump, loader_error, Landing, Role, Sender, Waited, Waiting};
+use super::loader::{bump, loader_error, Handoff, Landing, Role, Sender, Waited, Waiting};
 use super::slot::LayerSet;
 use super::write::Fill;
 use super::MultiLayer;
@@ -214,33 +214,26 @@ where
                 waiters: Arc::clone(waiters),
             })
             .collect();
-        let mut flight = None;
+        let mut handoff = None;
         if !led.is_empty() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let (cache, plan) = (self.clone(), Arc::clone(&plan));
-                    let task = runtime.spawn(async move { cache.fly_many(led, &plan, loader).await });
-                    for w in &waiting {
-                        *w.waiters.abort.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(task.abort_handle());
-                    }
-                    flight = Some(task);
-                }
-                // No runtime to run the flight on: it runs in this caller.
-                Err(_) => self.fly_many(led, &plan, loader).await,
-            }
+            let (cache, plan) = (self.clone(), Arc::clone(&plan));
+            let all = waits.iter().map(|(_, _, w)| Arc::clone(w)).collect();
+            handoff = Some(Handoff::new(
+                Box::pin(async move { cache.fly_many(led, &plan, loader).await }),
+                all,
+            ));
         }
+        // Each `Waiting` ends with its key's wait (or with the loop on an early return),
+        // before the hand-off is dropped: it sees whether any caller still waits.
         for (((key, positions), (rx, _, _)), _waiting) in missing.iter().zip(waits).zip(waiting) {
-            let value = match self.wait(key, &rx, &plan, since).await {
+            let wait = self.wait(key, &rx, &plan, since);
+            let waited = match &mut handoff {
+                Some(handoff) => handoff.drive(wait).await,
+                None => wait.await,
+            };
+            let value = match waited {
                 Waited::Done(result) => result?,
                 Waited::Gone => {
-                    if let Some(task) = flight.take() {
-                        if let Err(e) = task.await {
-                            if e.is_panic() {
-                                std::panic::resume_unwind(e.into_panic());
-                            }
-                        }
-                    }
                     return Err(Error::new(
                         ErrorKind::Backend,
                         Operation::GetMany,

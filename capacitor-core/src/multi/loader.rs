@@ -239,6 +239,135 @@ impl<K: Hash + Eq, V> Drop for Waiting<'_, K, V> {
     }
 }
 
+/// A flight's future, run in the caller that started it (no task to spawn, no thread
+/// to cross: a miss whose loader answers at once completes in the caller's poll). When
+/// that caller stops waiting (its timeout, its cancellation) before the flight ended,
+/// the rest of the flight moves to a tokio task of its own, so that it completes for the
+/// other callers and for the cache; unless every caller is gone and the options say to
+/// stop with them (or no runtime is there to run it), in which case it is dropped.
+pub(super) struct Handoff {
+    flight: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    waiters: Vec<Arc<Waiters>>,
+}
+
+impl Handoff {
+    pub(super) fn new(flight: Pin<Box<dyn Future<Output = ()> + Send>>, waiters: Vec<Arc<Waiters>>) -> Self {
+        Handoff {
+            flight: Some(flight),
+            waiters,
+        }
+    }
+
+    /// `wait`, polling the flight meanwhile.
+    pub(super) async fn drive<T>(&mut self, wait: impl Future<Output = T>) -> T {
+        let mut wait = std::pin::pin!(wait);
+        std::future::poll_fn(|cx| {
+            if let Some(flight) = &mut self.flight {
+                if flight.as_mut().poll(cx).is_ready() {
+                    self.flight = None;
+                }
+            }
+            wait.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let Some(flight) = self.flight.take() else {
+            return;
+        };
+        let abandoned = self
+            .waiters
+            .iter()
+            .all(|w| w.cancel_with_callers && w.count.load(Ordering::Acquire) == 0);
+        if abandoned {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let task = runtime.spawn(flight);
+            for w in &self.waiters {
+                *w.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+            }
+        }
+    }
+}
+
+/// Keys whose loaded value is being written (a fill): a write of such a key that begins
+/// meanwhile waits for the fill to end before it writes anything, so that a fill that
+/// began first (and so was not refused) can never land in a layer after the write, which
+/// would lose the write. A fill that has not begun yet sees the write and is refused.
+pub(super) struct Filling<K> {
+    running: AtomicUsize,
+    keys: Mutex<HashMap<K, usize>>,
+    ended: Notify,
+}
+
+impl<K> Default for Filling<K> {
+    fn default() -> Self {
+        Filling {
+            running: AtomicUsize::new(0),
+            keys: Mutex::new(HashMap::new()),
+            ended: Notify::new(),
+        }
+    }
+}
+
+/// One fill in progress; ends it when dropped.
+pub(super) struct FillGuard<'a, K: Hash + Eq> {
+    filling: &'a Filling<K>,
+    key: &'a K,
+}
+
+impl<K: Hash + Eq + Clone> Filling<K> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, usize>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a fill of `key` as running, before it enters the key's stripe.
+    pub(super) fn begin<'a>(&'a self, key: &'a K) -> FillGuard<'a, K> {
+        *self.lock().entry(key.clone()).or_insert(0) += 1;
+        self.running.fetch_add(1, Ordering::SeqCst);
+        FillGuard { filling: self, key }
+    }
+
+    /// Whether any fill runs (one atomic load: the write path's only cost).
+    #[inline(always)]
+    pub(super) fn any(&self) -> bool {
+        self.running.load(Ordering::SeqCst) != 0
+    }
+
+    /// Waits until no fill of any of `keys` runs (called after the write entered its
+    /// stripes).
+    pub(super) async fn wait_for(&self, keys: &[&K]) {
+        loop {
+            let mut ended = std::pin::pin!(self.ended.notified());
+            ended.as_mut().enable();
+            if !keys.iter().any(|k| self.lock().contains_key(*k)) {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl<K: Hash + Eq> Drop for FillGuard<'_, K> {
+    fn drop(&mut self) {
+        {
+            let mut keys = self.filling.keys.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = keys.get_mut(self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    keys.remove(self.key);
+                }
+            }
+        }
+        self.filling.running.fetch_sub(1, Ordering::SeqCst);
+        self.filling.ended.notify_waiters();
+    }
+}
+
 /// What waiting on a flight came to.
 pub(super) enum Waited<V> {
     Done(Result<Option<V>>),
@@ -577,52 +706,41 @@ where
                             "the load was lost",
                         ));
                     };
-                    let waiting = Waiting {
-                        flights: &inner.flights,
-                        key,
-                        id,
-                        waiters,
-                    };
                     let landing = Landing {
                         cache: self.clone(),
                         key: key.clone(),
                         id,
                     };
-                    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                        // No runtime to run the flight on: it runs in this caller.
-                        let outcome = self.fly(key, &fill, &plan, false, loader).await;
-                        tx.send(Some(outcome.clone()));
-                        drop(landing);
-                        drop(waiting);
-                        return match outcome {
-                            Ok(v) => Ok(v),
-                            Err(e) => self.load_failed(key, &plan, &e),
-                        };
-                    };
                     let flight = {
                         let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(&plan));
-                        runtime.spawn(async move {
+                        Box::pin(async move {
                             let outcome = cache.fly(&key, &fill, &plan, false, loader).await;
                             tx.send(Some(outcome));
                             drop(landing);
                         })
                     };
-                    *waiting.waiters.abort.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(flight.abort_handle());
-                    match self.wait(key, &rx, &plan, tokio::time::Instant::now()).await {
-                        Waited::Done(result) => return result,
-                        Waited::Gone => {
-                            drop(waiting);
-                            return match flight.await {
-                                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                                _ => Err(Error::new(
-                                    ErrorKind::Backend,
-                                    Operation::Get,
-                                    "the load was stopped",
-                                )),
-                            };
-                        }
-                    }
+                    // Declared before `waiting`, so dropped after it: the hand-off sees
+                    // whether any caller still waits.
+                    let mut handoff = Handoff::new(flight, vec![Arc::clone(&waiters)]);
+                    let _waiting = Waiting {
+                        flights: &inner.flights,
+                        key,
+                        id,
+                        waiters,
+                    };
+                    let waited = handoff
+                        .drive(self.wait(key, &rx, &plan, tokio::time::Instant::now()))
+                        .await;
+                    return match waited {
+                        Waited::Done(result) => result,
+                        // A flight this caller drives ends with an outcome or a panic
+                        // (which has reached this caller already).
+                        Waited::Gone => Err(Error::new(
+                            ErrorKind::Backend,
+                            Operation::Get,
+                            "the load was stopped",
+                        )),
+                    };
                 }
                 Role::Follow { rx, id, waiters } => {
                     bump(&counters.joined);
@@ -867,6 +985,7 @@ where
         match &value {
             // Written only if no write of the key begins before the fill does.
             Some(v) => {
+                let _filling = inner.filling.begin(key);
                 self.write_or_fill(key, v, ttl.or(plan.ttl), Some(fill))
                     .await
                     .map_err(Arc::new)?;

@@ -158,6 +158,8 @@ struct Inner<K, V> {
     /// The pending-writes buffer under [`WritePolicy::Back`].
     queue: Option<Queue<K, V>>,
     flights: Flights<K, V>,
+    /// Loaded values being written: writes of their keys wait for them.
+    filling: loader::Filling<K>,
     negative: Option<NegativeCache<K>>,
     /// Writes shorten layer TTLs by a random fraction below this.
     ttl_jitter: f64,

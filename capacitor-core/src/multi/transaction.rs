@@ -216,6 +216,9 @@ where
         }
         let writes = Writes::Atomic { ops: &ops };
         let scope = WriteScope::enter(inner, &writes, 0..=inner.authoritative);
+        if inner.filling.any() {
+            inner.filling.wait_for(&writes.keys()).await;
+        }
         let written = fan_out(scope, Some(inner.authoritative)).await?;
         cache.cache_result(written).map(drop)
     }

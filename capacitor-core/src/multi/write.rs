@@ -114,7 +114,7 @@ impl<K, V> Writes<'_, K, V> {
         !matches!(self, Writes::Set { fill: Some(_), .. })
     }
 
-    fn keys(&self) -> Vec<&K> {
+    pub(super) fn keys(&self) -> Vec<&K> {
         let mut out: Vec<&K> = Vec::new();
         match self {
             Writes::Set { key, .. } | Writes::Delete { key } => out.push(key),
@@ -1146,6 +1146,9 @@ where
         if scope.refused {
             return fan_out(scope, None).await;
         }
+        if inner.filling.any() && writes.announced() {
+            inner.filling.wait_for(&writes.keys()).await;
+        }
         match &pending {
             Pending::Set { value, expires_at } => {
                 queue.push(key, pending.clone(), op).await?;
@@ -1293,6 +1296,10 @@ where
     async fn write_through(&self, writes: &Writes<'_, K, V>) -> Result<Written> {
         let inner = &*self.inner;
         let mut scope = WriteScope::enter(inner, writes, 0..=inner.authoritative);
+        if inner.filling.any() && writes.announced() {
+            // A fill that began before this write: it ends before this write begins.
+            inner.filling.wait_for(&writes.keys()).await;
+        }
         let authority = Some(inner.authoritative);
         match start(&mut scope, authority) {
             Ok(done) => done,

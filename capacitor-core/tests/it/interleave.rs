@@ -417,3 +417,35 @@ async fn a_bus_eviction_during_a_promotion_leaves_no_old_copy() {
     );
     assert_eq!(b.get(&k()).await.unwrap(), Some(2));
 }
+
+/// A load whose caller gave up (hard timeout) completes in the background; its fill has
+/// reached the store (held there) when the caller writes the key. The write waits for the
+/// fill to end, then writes: the store and L1 end with the caller's value, not the loaded
+/// one. (Without the wait, the held fill lands after the write and the write is lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_timed_out_load_is_not_overwritten_by_its_fill() {
+    let r = rig(|b| b);
+    let fill_at_store = r.gates.hold(GateOp::Set, Hold::Before);
+    let options = r.cache.load_options().hard_timeout(Duration::from_millis(50));
+    let err = r
+        .cache
+        .get_or_load_with(&k(), &options, || async {
+            Ok::<_, std::io::Error>(capacitor_core::Loaded::value(100))
+        })
+        .await
+        .unwrap_err();
+    // The loader answered at once; its fill waits at the store past the caller's timeout.
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Timeout);
+    fill_at_store.reached().await;
+    let write = {
+        let cache = r.cache.clone();
+        tokio::spawn(async move { cache.set(k(), 200).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!write.is_finished(), "the write waits for the fill");
+    fill_at_store.release();
+    within(Duration::from_secs(10), write).await.unwrap().unwrap();
+    assert_eq!(r.store.raw_entry(&k()).map(|e| e.value), Some(200));
+    assert_eq!(r.cache.get(&k()).await.unwrap(), Some(200));
+    r.assert_coherent("k");
+}
