@@ -237,7 +237,6 @@ fn get_or_load_paths(c: &mut Criterion) {
     let _guard = rt.enter();
     let cache = MultiLayer::<u64, u64>::builder()
         .layer(LayerConfig::new("l1", DashMapLayer::new()))
-        .fail_safe(FailSafe::new(Duration::from_secs(3600)))
         .build()
         .unwrap();
     let raw: Arc<DashMap<u64, u64>> = Arc::new(DashMap::new());

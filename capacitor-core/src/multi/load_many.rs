@@ -145,7 +145,7 @@ where
         for (p, (key, entry)) in keys.iter().zip(found).enumerate() {
             match entry {
                 Some(entry) => {
-                    bump(&counters.hits);
+                    counters.reads.incr(crate::stats::Counter::Hit);
                     self.event(LoadEvent::Hit { key });
                     out.push(Some(entry.value));
                 }
@@ -155,7 +155,7 @@ where
                         missing[m].1.push(p);
                         continue;
                     }
-                    bump(&counters.misses);
+                    counters.reads.incr(crate::stats::Counter::Miss);
                     self.event(LoadEvent::Miss { key });
                     if inner.negative.as_ref().is_some_and(|n| n.contains(key, now)) {
                         continue;

@@ -150,8 +150,8 @@ impl<K, V> Flights<K, V> {
 /// The counters behind [`LoadStats`].
 #[derive(Default)]
 pub(super) struct LoadCounters {
-    pub(super) hits: AtomicU64,
-    pub(super) misses: AtomicU64,
+    /// Hits and misses, per thread: the hit path writes no shared memory.
+    pub(super) reads: crate::stats::LayerCounters,
     pub(super) loads: AtomicU64,
     pub(super) failures: AtomicU64,
     stale_hits: AtomicU64,
@@ -169,9 +169,10 @@ pub(super) fn bump(counter: &AtomicU64) {
 impl LoadCounters {
     pub(super) fn snapshot(&self) -> LoadStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let reads = self.reads.snapshot("loads");
         LoadStats {
-            hits: get(&self.hits),
-            misses: get(&self.misses),
+            hits: reads.hits,
+            misses: reads.misses,
             loads: get(&self.loads),
             failures: get(&self.failures),
             stale_hits: get(&self.stale_hits),
@@ -530,10 +531,9 @@ where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = V> + Send + 'static,
     {
-        let plan = Arc::clone(&self.inner.load_plan);
         let load =
             boxed(move || async move { Ok::<_, std::convert::Infallible>(Loaded::value(loader().await)) });
-        let loaded = self.load(key, plan, load).await?;
+        let loaded = self.load(key, &self.inner.load_plan, load).await?;
         loaded.ok_or_else(|| Error::new(ErrorKind::Backend, Operation::Get, "the loader produced no value"))
     }
 
@@ -554,13 +554,12 @@ where
         Fut: Future<Output = std::result::Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let plan = Arc::clone(&self.inner.load_plan);
         let load = boxed(move || async move {
             loader()
                 .await
                 .map(|v| v.map_or_else(Loaded::missing, Loaded::value))
         });
-        self.load(key, plan, load).await
+        self.load(key, &self.inner.load_plan, load).await
     }
 
     /// [`try_get_or_load`](MultiLayer::try_get_or_load) with options for this call
@@ -623,7 +622,7 @@ where
         E: Into<BoxError> + 'static,
     {
         let plan = Arc::new(self.resolve(options, ErrorKind::InvalidInput)?);
-        self.load(key, plan, boxed(loader)).await
+        self.load(key, &plan, boxed(loader)).await
     }
 
     /// The builder's [`load_options`](crate::MultiLayerBuilder::load_options): the
@@ -663,20 +662,33 @@ where
     pub(super) async fn load(
         &self,
         key: &K,
-        plan: Arc<Plan>,
+        plan: &Arc<Plan>,
         loader: impl FnOnce() -> BoxLoad<V> + Send + 'static,
     ) -> Result<Option<V>> {
         let inner = &*self.inner;
         let counters = &inner.flights.counters;
-        if let Some((entry, layer)) = self.read_for_load(key, &plan).await? {
-            bump(&counters.hits);
+        if let Some((entry, layer)) = self.read_for_load(key, plan).await? {
+            counters.reads.incr(crate::stats::Counter::Hit);
             self.event(LoadEvent::Hit { key });
-            if self.refresh_due(&entry, layer, &plan) {
-                self.refresh_eagerly(key, &entry, &plan, loader);
+            if self.refresh_due(&entry, layer, plan) {
+                self.refresh_eagerly(key, &entry, plan, loader);
             }
             return Ok(Some(entry.value));
         }
-        bump(&counters.misses);
+        // Boxed: the hit path's future stays small (and cheap to poll).
+        Box::pin(self.load_missed(key, plan, loader)).await
+    }
+
+    /// [`load`](Self::load) after no layer had the key.
+    async fn load_missed(
+        &self,
+        key: &K,
+        plan: &Arc<Plan>,
+        loader: impl FnOnce() -> BoxLoad<V> + Send + 'static,
+    ) -> Result<Option<V>> {
+        let inner = &*self.inner;
+        let counters = &inner.flights.counters;
+        counters.reads.incr(crate::stats::Counter::Miss);
         self.event(LoadEvent::Miss { key });
         let now = inner.clock.now();
         if inner.negative.as_ref().is_some_and(|n| n.contains(key, now)) {
@@ -689,7 +701,7 @@ where
         }
         let mut loader = Some(loader);
         loop {
-            match self.role(key, &plan) {
+            match self.role(key, plan) {
                 Role::Lead {
                     tx,
                     rx,
@@ -712,7 +724,7 @@ where
                         id,
                     };
                     let flight = {
-                        let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(&plan));
+                        let (cache, key, plan) = (self.clone(), key.clone(), Arc::clone(plan));
                         Box::pin(async move {
                             let outcome = cache.fly(&key, &fill, &plan, false, loader).await;
                             tx.send(Some(outcome));
@@ -729,7 +741,7 @@ where
                         waiters,
                     };
                     let waited = handoff
-                        .drive(self.wait(key, &rx, &plan, tokio::time::Instant::now()))
+                        .drive(self.wait(key, &rx, plan, tokio::time::Instant::now()))
                         .await;
                     return match waited {
                         Waited::Done(result) => result,
@@ -750,7 +762,7 @@ where
                         id,
                         waiters,
                     };
-                    match self.wait(key, &rx, &plan, tokio::time::Instant::now()).await {
+                    match self.wait(key, &rx, plan, tokio::time::Instant::now()).await {
                         Waited::Done(result) => return result,
                         // The flight panicked or was stopped: try again, maybe as leader.
                         Waited::Gone => continue,
