@@ -370,7 +370,10 @@ where
     /// kind, and a value that does not decode costs only its key (the batch is asked again
     /// key by key). A read joins only a batch that has not been sent yet, so it never sees
     /// a value older than what was acknowledged before it began. Outside a tokio runtime,
-    /// reads go to the layer one by one; inside one, batching needs its time driver.
+    /// reads go to the layer one by one; inside one, batching needs its time driver. A
+    /// window under 5 ms is timed on a thread of tokio's blocking pool (tokio's timer
+    /// ticks in milliseconds, and would end a 200 µs window 1 to 2 ms late); a longer one
+    /// by tokio's timer, which may end it up to a millisecond late.
     ///
     /// `build()` refuses it on an in-process layer (one declaring
     /// [`sync_ops`](crate::Capabilities::sync_ops)): it answers without a round trip to

@@ -577,3 +577,27 @@ async fn sixty_four_concurrent_cold_reads_on_two_threads_share_few_round_trips()
     let asked: usize = r.store.batches().iter().map(Vec::len).sum::<usize>() + r.store.gets().len();
     assert_eq!(asked, 64);
 }
+
+/// tokio's timer ticks in milliseconds: a 200 µs window timed by it would make a lone read
+/// wait 1 to 2 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_window_is_not_rounded_up_to_the_timers_millisecond() {
+    let r = rig(
+        |s| s.batch_reads(ReadBatching::new(Duration::from_micros(200))),
+        |b| b.promotion(false),
+    );
+    r.fill(1).await;
+    let mut took: Vec<Duration> = Vec::new();
+    for _ in 0..51 {
+        let started = std::time::Instant::now();
+        assert_eq!(r.cache.get(&key(0)).await.unwrap(), Some(0));
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(median >= Duration::from_micros(200), "{median:?}");
+    assert!(
+        median < Duration::from_micros(900),
+        "a lone read took {median:?} (median)"
+    );
+}

@@ -1,8 +1,9 @@
 //! Read batching ([`ReadBatching`]): the single-key reads of one layer that arrive within
 //! a window go to it as one round trip.
 //!
-//! The first key opens a batch and starts a timer task. The batch is closed when the
-//! window ends (the timer task sends it) or when it holds `max_keys` distinct keys (the
+//! The first key opens a batch and starts a timer task (a short window is slept on a
+//! blocking-pool thread, see [`PRECISE_BELOW`]). The batch is closed when the window ends
+//! (the timer task sends it) or when it holds `max_keys` distinct keys (the
 //! read that filled it spawns a task to send it); a read arriving after that opens the
 //! next batch. Each read waits on a channel for its key's answer, so a caller that gives
 //! up drops only its own wait: the round trip is on a task of its own.
@@ -17,6 +18,7 @@
 
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
@@ -114,11 +116,15 @@ where
         match self.enqueue(key, tx) {
             Dispatch::Nothing => {}
             Dispatch::Timer(id) => {
+                let window = self.config.window;
                 // From now, not from when the task first runs.
-                let due = tokio::time::Instant::now() + self.config.window;
+                let due = (
+                    std::time::Instant::now() + window,
+                    tokio::time::Instant::now() + window,
+                );
                 let (owner, index) = (self.owner.clone(), self.index);
                 runtime.spawn(async move {
-                    tokio::time::sleep_until(due).await;
+                    wait_until(due, window).await;
                     let Some(inner) = owner.upgrade() else { return };
                     let slot = &inner.slots[index];
                     let Some(batcher) = slot.batcher.as_deref() else {
@@ -192,6 +198,28 @@ where
         }
         dispatch
     }
+}
+
+/// Windows shorter than this are timed on a blocking-pool thread: tokio's timer ticks in
+/// milliseconds, and would end a 200 µs window 1 to 2 ms after it began.
+const PRECISE_BELOW: Duration = Duration::from_millis(5);
+
+/// Waits until `due` (by the system clock, and by tokio's, which a test may pause).
+async fn wait_until(due: (std::time::Instant, tokio::time::Instant), window: Duration) {
+    if window < PRECISE_BELOW {
+        let (due, _) = due;
+        let slept = tokio::task::spawn_blocking(move || {
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        })
+        .await;
+        if slept.is_ok() {
+            return;
+        }
+    }
+    tokio::time::sleep_until(due.1).await;
 }
 
 /// Sends `batch` to `slot`'s layer and gives each read its answer.
