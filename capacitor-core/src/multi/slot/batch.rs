@@ -124,6 +124,18 @@ where
                 );
                 let (owner, index) = (self.owner.clone(), self.index);
                 runtime.spawn(async move {
+                    // A batch filled (and sent) before this task ran needs no timer.
+                    let open = |owner: &Weak<Inner<K, V>>| {
+                        owner.upgrade().is_some_and(|inner| {
+                            inner.slots[index]
+                                .batcher
+                                .as_deref()
+                                .is_some_and(|b| b.lock().open.as_ref().is_some_and(|o| o.id == id))
+                        })
+                    };
+                    if !open(&owner) {
+                        return;
+                    }
                     wait_until(due, window).await;
                     let Some(inner) = owner.upgrade() else { return };
                     let slot = &inner.slots[index];
