@@ -601,3 +601,27 @@ async fn a_short_window_is_not_rounded_up_to_the_timers_millisecond() {
         "a lone read took {median:?} (median)"
     );
 }
+
+#[test]
+fn on_a_runtime_without_its_time_driver_a_long_window_falls_back_to_reading_alone() {
+    // A 10 ms window is timed by tokio's timer, which this runtime does not have: the
+    // timer task fails, and the read must not wait for a batch nothing would send.
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let r = rig(|s| s, |b| b);
+    rt.block_on(async {
+        r.fill(1).await;
+        assert_eq!(r.cache.get(&key(0)).await.unwrap(), Some(0));
+    });
+    assert_eq!(r.store.gets(), vec![key(0)]);
+    assert_eq!(r.store_stats().read_batches, 0);
+    // A short window needs no timer: batched.
+    let r = rig(
+        |s| s.batch_reads(ReadBatching::new(Duration::from_micros(200))),
+        |b| b,
+    );
+    rt.block_on(async {
+        r.fill(1).await;
+        assert_eq!(r.cache.get(&key(0)).await.unwrap(), Some(0));
+    });
+    assert_eq!(r.store_stats().read_batches, 1);
+}

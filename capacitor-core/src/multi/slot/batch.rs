@@ -124,6 +124,11 @@ where
                 );
                 let (owner, index) = (self.owner.clone(), self.index);
                 runtime.spawn(async move {
+                    let _unsent = Unsent {
+                        owner: owner.clone(),
+                        index,
+                        id,
+                    };
                     // A batch filled (and sent) before this task ran needs no timer.
                     let open = |owner: &Weak<Inner<K, V>>| {
                         owner.upgrade().is_some_and(|inner| {
@@ -209,6 +214,33 @@ where
             }
         }
         dispatch
+    }
+}
+
+/// Drops batch `id` if it is still open when the timer task ends without sending it (the
+/// task panicked, say on a runtime without its time driver, or was dropped at shutdown):
+/// its reads then read alone instead of waiting for a batch nothing would send.
+struct Unsent<K, V> {
+    owner: Weak<Inner<K, V>>,
+    index: usize,
+    id: u64,
+}
+
+impl<K, V> Drop for Unsent<K, V> {
+    fn drop(&mut self) {
+        let Some(inner) = self.owner.upgrade() else { return };
+        let Some(batcher) = inner.slots.get(self.index).and_then(|s| s.batcher.as_deref()) else {
+            return;
+        };
+        let stale = {
+            let mut state = batcher.lock();
+            match &state.open {
+                Some(open) if open.id == self.id => state.open.take(),
+                _ => None,
+            }
+        };
+        // Outside the lock: its waiters wake and read alone.
+        drop(stale);
     }
 }
 
