@@ -28,6 +28,8 @@ struct Shaken<L> {
     state: AtomicU64,
     /// Yields per point: up to this many, minus one.
     spread: u64,
+    /// Points before and after a `get_many` (1 unless told).
+    get_many_points: u32,
 }
 
 impl<L> Shaken<L> {
@@ -36,7 +38,15 @@ impl<L> Shaken<L> {
             inner,
             state: AtomicU64::new(seed | 1),
             spread,
+            get_many_points: 1,
         }
+    }
+
+    /// A `get_many` that takes `points` times as long as other calls: a batch of reads in
+    /// flight while other tasks write.
+    fn slow_get_many(mut self, points: u32) -> Self {
+        self.get_many_points = points;
+        self
     }
 
     async fn shake(&self) {
@@ -78,9 +88,13 @@ impl<L: Layer<String, u64>> Layer<String, u64> for Shaken<L> {
         done
     }
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Entry<u64>>>> {
-        self.shake().await;
+        for _ in 0..self.get_many_points {
+            self.shake().await;
+        }
         let got = self.inner.get_many(keys).await;
-        self.shake().await;
+        for _ in 0..self.get_many_points {
+            self.shake().await;
+        }
         got
     }
     async fn set_many(&self, entries: &[(String, u64)], ttl: Option<Duration>) -> Result<()> {
@@ -142,11 +156,22 @@ async fn run(variant: Variant, seed: u64) -> (usize, u64, Vec<String>) {
     for (i, name) in ["l1", "l2", "store"].into_iter().enumerate() {
         let faulty = FaultyLayer::shared(maps[i].clone() as Arc<dyn Layer<String, u64>>);
         faults.push(faulty.faults());
-        let mut layer = LayerConfig::new(name, Shaken::new(faulty, seed * 7 + i as u64, spread));
+        let mut shaken = Shaken::new(faulty, seed * 7 + i as u64, spread);
+        if variant.batching {
+            // Batches in flight long enough for writes and other reads to overtake them.
+            shaken = shaken.slow_get_many(4);
+        }
+        let mut layer = LayerConfig::new(name, shaken);
         if variant.batching && i > 0 {
-            // Three keys fill a batch (of the four the history uses): batches are sent
-            // both full and at the end of their window.
-            layer = layer.batch_reads(ReadBatching::new(Duration::from_micros(200)).max_keys(3));
+            // Two keys fill a batch (of the four the history uses): batches are sent both
+            // full and at the end of their window. Under the paused clock a window tokio's
+            // timer measures (5 ms and more), so that it passes in virtual time.
+            let window = if variant.virtual_time {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_micros(200)
+            };
+            layer = layer.batch_reads(ReadBatching::new(window).max_keys(2));
         }
         builder = builder.layer(layer);
     }
