@@ -1,4 +1,5 @@
-//! Configuration of the composer: [`LayerConfig`], [`WritePolicy`], [`SetOptions`].
+//! Configuration of the composer: [`LayerConfig`], [`ReadBatching`], [`WritePolicy`],
+//! [`SetOptions`].
 
 use std::cell::Cell;
 use std::fmt;
@@ -163,6 +164,62 @@ impl WriteBack {
     }
 }
 
+/// Automatic batching of single-key reads on one awaited layer (see
+/// [`LayerConfig::batch_reads`]): reads of the layer that arrive within `window` of each
+/// other are sent to it as one [`Layer::get_many`] round trip.
+///
+/// Default: up to 64 distinct keys per batch.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::ReadBatching;
+/// use std::time::Duration;
+///
+/// let batching = ReadBatching::new(Duration::from_micros(200)).max_keys(128);
+/// assert_eq!((batching.window, batching.max_keys), (Duration::from_micros(200), 128));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct ReadBatching {
+    /// How long the first read of a batch waits for others to join it: the latency a lone
+    /// read pays for batching. Zero is rejected by `build()`.
+    pub window: Duration,
+    /// Most distinct keys in one batch: a batch that has them is sent at once, before its
+    /// window ends. Zero is rejected by `build()`.
+    pub max_keys: usize,
+}
+
+impl ReadBatching {
+    /// Batches of reads that arrive within `window` of the first, 64 keys at most.
+    pub fn new(window: Duration) -> Self {
+        ReadBatching { window, max_keys: 64 }
+    }
+
+    /// Sets [`ReadBatching::max_keys`].
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys;
+        self
+    }
+
+    pub(crate) fn validate(&self, field: &str) -> crate::Result<()> {
+        if self.window.is_zero() {
+            return Err(crate::Error::config(
+                &format!("{field}.window"),
+                "must be greater than zero",
+            ));
+        }
+        if self.max_keys == 0 {
+            return Err(crate::Error::config(
+                &format!("{field}.max_keys"),
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One layer of a [`MultiLayer`](crate::MultiLayer): the layer itself, its name and its
 /// options.
 ///
@@ -200,6 +257,7 @@ pub struct LayerConfig<K, V> {
     pub(crate) read_timeout: Option<Duration>,
     pub(crate) write_timeout: Option<Duration>,
     pub(crate) breaker: BreakerSetting,
+    pub(crate) batch_reads: Option<ReadBatching>,
 }
 
 /// A layer's breaker: the default one where it applies, a configured one, or none.
@@ -220,6 +278,7 @@ impl<K, V> fmt::Debug for LayerConfig<K, V> {
             .field("read_timeout", &self.read_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("breaker", &self.breaker)
+            .field("batch_reads", &self.batch_reads)
             .finish_non_exhaustive()
     }
 }
@@ -244,6 +303,7 @@ where
             read_timeout: None,
             write_timeout: None,
             breaker: BreakerSetting::Auto,
+            batch_reads: None,
         }
     }
 
@@ -293,6 +353,68 @@ where
     /// A read-only layer is read (and never written, promoted into or deleted from).
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
+        self
+    }
+
+    /// Send this layer's single-key reads (those of `get` and `get_entry`, and through
+    /// them `get_or_load`; not `exists`) that arrive within `batching.window` of each
+    /// other as one [`Layer::get_many`] round trip (a batch of one key as one
+    /// [`Layer::get`]). Off by default.
+    ///
+    /// A read waits up to the window for others to join its batch: batching trades that
+    /// much latency of a lone read for fewer round trips under concurrency. Reads answered
+    /// above this layer never wait. The round trip runs under the layer's breaker and read
+    /// timeout, on a tokio task of its own, so a caller that gives up does not cancel the
+    /// others. A key asked twice in a batch is asked once; each caller gets its own key's
+    /// answer; an error of the batch is the error of each of its callers, of the same
+    /// kind, and a value that does not decode costs only its key (the batch is asked again
+    /// key by key). A read joins only a batch that has not been sent yet, so it never sees
+    /// a value older than what was acknowledged before it began. Outside a tokio runtime,
+    /// reads go to the layer one by one; inside one, batching needs its time driver. A
+    /// window under 5 ms is timed on a thread of tokio's blocking pool (tokio's timer
+    /// ticks in milliseconds, and would end a 200 µs window 1 to 2 ms late); a longer one
+    /// by tokio's timer, which may end it up to a millisecond late.
+    ///
+    /// `build()` refuses it on an in-process layer (one declaring
+    /// [`sync_ops`](crate::Capabilities::sync_ops)): it answers without a round trip to
+    /// save.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use capacitor::memory::DashMapLayer;
+    /// use capacitor::sled::SledLayer;
+    /// use capacitor::{ErrorKind, Layer, LayerConfig, MultiLayer, ReadBatching};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Arc::new(SledLayer::builder().path(dir.path()).build()?);
+    /// store.set(&"a".to_string(), &1, None).await?;
+    /// store.set(&"b".to_string(), &2, None).await?;
+    /// let batching = ReadBatching::new(Duration::from_micros(200)).max_keys(64);
+    /// let cache = MultiLayer::<String, u64>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
+    ///     .layer(LayerConfig::shared("store", store).batch_reads(batching))
+    ///     .build()?;
+    /// // Two reads that miss L1 at the same time: one round trip to the store.
+    /// let (a, b) = ("a".to_string(), "b".to_string());
+    /// let (a, b) = tokio::join!(cache.get(&a), cache.get(&b));
+    /// assert_eq!((a?, b?), (Some(1), Some(2)));
+    /// let stats = cache.stats();
+    /// let store_stats = stats.layer("store").unwrap();
+    /// assert_eq!((store_stats.batched_reads, store_stats.read_batches), (2, 1));
+    ///
+    /// // An in-process layer has no round trip to save.
+    /// let refused = MultiLayer::<String, u64>::builder()
+    ///     .layer(LayerConfig::new("l1", DashMapLayer::new()).batch_reads(batching))
+    ///     .build();
+    /// assert_eq!(refused.map(|_| ()).map_err(|e| e.kind()), Err(ErrorKind::Config));
+    /// # Ok::<(), capacitor::Error>(()) }).unwrap();
+    /// ```
+    pub fn batch_reads(mut self, batching: ReadBatching) -> Self {
+        self.batch_reads = Some(batching);
         self
     }
 }

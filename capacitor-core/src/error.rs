@@ -263,6 +263,22 @@ impl Error {
         err
     }
 
+    /// One caller's copy of `shared`, an error several callers share (a read batch's):
+    /// its kind, layer, message and circuit-open flag, in `op`, with `shared` as the
+    /// source.
+    pub(crate) fn copy_for(shared: &std::sync::Arc<Error>, op: Operation) -> Self {
+        let d = &shared.0;
+        Error(Box::new(Details {
+            kind: d.kind,
+            op,
+            layer: d.layer.clone(),
+            message: d.message.clone(),
+            source: Some(Box::new(Nested(std::sync::Arc::clone(shared)))),
+            described: false,
+            circuit_open: d.circuit_open,
+        }))
+    }
+
     /// Whether the layer was not asked at all because its circuit breaker is open.
     pub fn is_circuit_open(&self) -> bool {
         self.0.circuit_open

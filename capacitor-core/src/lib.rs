@@ -27,7 +27,7 @@ pub mod testkit;
 pub use async_trait::async_trait;
 pub use bus::{bus_instance_id, BusMessage, Change, Invalidation, InvalidationBus, InvalidationSink};
 pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
-pub use config::{LayerConfig, SetOptions, WriteBack, WritePolicy, MAX_TAGS, MAX_TAG_BYTES};
+pub use config::{LayerConfig, ReadBatching, SetOptions, WriteBack, WritePolicy, MAX_TAGS, MAX_TAG_BYTES};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};
 pub use failsafe::{FailSafe, FailSafeStats};

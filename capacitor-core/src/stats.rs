@@ -28,11 +28,13 @@ pub(crate) enum Counter {
     PromotionSkipped = 7,
     Timeout = 8,
     Skipped = 9,
+    BatchedRead = 10,
+    ReadBatch = 11,
 }
 
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 12;
 
-/// One thread's counters for one layer (80 bytes), aligned to 128 to keep adjacent-line
+/// One thread's counters for one layer (96 bytes), aligned to 128 to keep adjacent-line
 /// prefetching from pairing two shards.
 #[repr(align(128))]
 #[derive(Default)]
@@ -126,6 +128,8 @@ impl LayerCounters {
             promotions_skipped: self.sum(Counter::PromotionSkipped),
             timeouts: self.sum(Counter::Timeout),
             skipped: self.sum(Counter::Skipped),
+            batched_reads: self.sum(Counter::BatchedRead),
+            read_batches: self.sum(Counter::ReadBatch),
             ..LayerStats::default()
         }
     }
@@ -158,6 +162,12 @@ pub struct LayerStats {
     pub timeouts: u64,
     /// Operations that did not reach the layer because its circuit breaker was open.
     pub skipped: u64,
+    /// Reads answered through a batch, with
+    /// [`batch_reads`](crate::LayerConfig::batch_reads) (errors included).
+    pub batched_reads: u64,
+    /// Round trips that answered those reads: `batched_reads / read_batches` is the mean
+    /// batch size.
+    pub read_batches: u64,
     /// The circuit breaker's state (`Closed` for a layer without a breaker).
     pub breaker: crate::BreakerState,
     /// Times the circuit breaker opened.
@@ -318,6 +328,16 @@ impl fmt::Display for Stats {
                 l.skipped,
                 l.decode_errors,
                 l.breaker.as_str()
+            )?;
+        }
+        for l in self.layers.iter().filter(|l| l.read_batches > 0) {
+            writeln!(
+                f,
+                "read batching on {}: {} reads in {} round trips ({:.1} per batch)",
+                l.name,
+                l.batched_reads,
+                l.read_batches,
+                ratio(l.batched_reads, l.read_batches)
             )?;
         }
         if let Some(w) = &self.write_back {

@@ -14,7 +14,11 @@ fn series() -> Vec<(&'static str, &'static str, RGBColor)> {
         ("capacitor", "capacitor", RGBColor(31, 119, 180)),
         ("raw", "raw (same calls inlined)", RGBColor(150, 150, 150)),
     ];
-    let colours = [RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
+    let colours = [
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+    ];
     for ((id, title), colour) in PEERS.iter().zip(colours) {
         s.push((id, title, colour));
     }

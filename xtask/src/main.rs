@@ -303,7 +303,7 @@ fn suite_needs(suite: &str) -> &'static [Backend] {
     match suite {
         "redis" => &[Backend::Redis],
         "postgres" => &[Backend::Postgres],
-        "tiers" | "resilience" => &[Backend::Redis, Backend::Postgres],
+        "tiers" | "resilience" | "batching" => &[Backend::Redis, Backend::Postgres],
         _ => &[],
     }
 }
@@ -573,10 +573,19 @@ mod tests {
     #[test]
     fn every_suite_is_known() {
         let suites = bench_suites().unwrap();
-        for s in ["composer", "postgres", "redis", "sled", "tiers", "writeback"] {
+        for s in [
+            "batching",
+            "composer",
+            "postgres",
+            "redis",
+            "sled",
+            "tiers",
+            "writeback",
+        ] {
             assert!(suites.iter().any(|x| x == s), "{s}");
         }
         assert_eq!(suite_needs("tiers"), &[Backend::Redis, Backend::Postgres]);
+        assert_eq!(suite_needs("batching"), &[Backend::Redis, Backend::Postgres]);
         assert!(suite_needs("composer").is_empty());
     }
 }

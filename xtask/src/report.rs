@@ -15,6 +15,8 @@ pub(crate) type Medians = BTreeMap<String, BTreeMap<String, f64>>;
 pub(crate) const PEERS: &[(&str, &str)] = &[
     ("hand_written", "hand-written (moka + fred [+ tokio-postgres])"),
     ("foyer", "foyer in-memory"),
+    // The batching suite's composer with read batching off.
+    ("unbatched", "capacitor, batching off"),
 ];
 
 /// The performance targets, by group prefix: the highest acceptable capacitor / raw ratio
@@ -36,6 +38,9 @@ const TARGETS: &[(&str, f64)] = &[
     // A stalled Redis costs a read its timeout (+ the PostgreSQL read), or nothing once
     // the breaker is open: within 10% of that floor.
     ("redis_stalled_read/", 1.1),
+    // 64 concurrent cold reads sent as one batch: no slower than one request per key.
+    ("redis_cold_reads/", 1.0),
+    ("postgres_cold_reads/", 1.0),
     // Drain throughput >= 5x sequential raw writes.
     ("write_back_drain/postgres", 0.2),
     ("write_back_drain/redis", 0.2),
@@ -554,15 +559,15 @@ cargo xtask bench --quick         # 0.2 s warm-up, 0.5 s measurement, 10 samples
 cargo xtask bench redis tiers     # only these suites
 ```
 
-The suites are in `benches/benches/`. The Redis, PostgreSQL, three-tier and resilience
-suites use `CAPACITOR_REDIS_URL` / `CAPACITOR_POSTGRES_URL`, else the local servers (xtask
-starts the local one, or a throwaway one on a free loopback port, when it can); a suite
-whose server cannot be had is skipped and the run says why. Each run uses Redis key
-prefixes and tables named after it and removes only those. A run also writes the report of
-that run alone, `REPORT.md` and `bench.svg`, to `target/capacitor-report/` (under
-`$CARGO_TARGET_DIR` when that is set), and rewrites this file and `docs/bench.svg`. The
-in-memory peer is [foyer](https://crates.io/crates/foyer) 0.22, a dev-dependency of the
-unpublished `benches` crate only (it needs Rust 1.91).
+The suites are in `benches/benches/`. The Redis, PostgreSQL, three-tier, resilience and
+batching suites use `CAPACITOR_REDIS_URL` / `CAPACITOR_POSTGRES_URL`, else the local
+servers (xtask starts the local one, or a throwaway one on a free loopback port, when it
+can); a suite whose server cannot be had is skipped and the run says why. Each run uses
+Redis key prefixes and tables named after it and removes only those. A run also writes the
+report of that run alone, `REPORT.md` and `bench.svg`, to `target/capacitor-report/`
+(under `$CARGO_TARGET_DIR` when that is set), and rewrites this file and `docs/bench.svg`.
+The in-memory peer is [foyer](https://crates.io/crates/foyer) 0.22, a dev-dependency of
+the unpublished `benches` crate only (it needs Rust 1.91).
 
 ## What each suite measures
 
@@ -587,6 +592,11 @@ unpublished `benches` crate only (it needs Rust 1.91).
 - `resilience`: a read with Redis stalled behind the test kit's fault proxy, over
   PostgreSQL, with a 20 ms read timeout (raw: a 20 ms sleep plus the PostgreSQL read) and
   with the breaker open (raw: the PostgreSQL read).
+- `batching`: 64 concurrent tasks each reading a distinct cold key through moka over
+  Redis and over PostgreSQL, with read batching on (capacitor: one `MGET`, one
+  `= ANY($1)` query), with it off (*unbatched*), and the hand-written moka + one request
+  per key (raw; over Redis also the hand-written peer); it prints keys/s and the p99 of one
+  read per function.
 - `observe`: an L1 hit built with the `metrics` and `tracing` features (a Prometheus
   recorder and an INFO subscriber installed) beside the same hit built without them (raw);
   `observe_debug_spans`: DEBUG spans collected beside INFO.
@@ -601,7 +611,8 @@ capacitor ÷ raw: below 1× capacitor is faster (batching, single flight). A pee
 code you could run instead, with its median and capacitor ÷ it: *hand-written* is the
 cache-aside code a user writes today (`benches/src/peer.rs`: check moka, then Redis, then
 PostgreSQL, backfill the tiers above; its own connections, plain bincode), *foyer* is
-foyer's in-memory cache doing the same hit. *target* is the highest acceptable ratio. For
+foyer's in-memory cache doing the same hit, *capacitor, batching off* the batching suite's
+composer without read batching. *target* is the highest acceptable ratio. For
 `l1_hit_threads`, throughput on n threads ÷ on one is n·t(1)/t(n) (in the derived figures).
 The chart draws the same medians on a log scale, grouped by the layer measured.
 ";

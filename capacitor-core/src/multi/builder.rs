@@ -10,7 +10,7 @@ use super::invalidation::{Bus, BusConfig};
 use super::loader::{Flights, LoadListener, NegativeCache};
 use super::recovery::{Recovery, Replay};
 use super::refresh::Refresher;
-use super::slot::Slot;
+use super::slot::{attach_batchers, Batcher, Slot};
 use super::write_back::drain;
 use super::{write, Inner, MultiLayer};
 use crate::bus::InvalidationBus;
@@ -352,7 +352,8 @@ where
     ///
     /// [`ErrorKind::Config`] naming the field: no layers, an empty or duplicate layer
     /// name, a zero TTL or timeout, invalid breaker, fail-safe or load options, every
-    /// layer read-only.
+    /// layer read-only, read batching with a zero window or `max_keys` or on an
+    /// in-process layer.
     pub fn build(self) -> Result<MultiLayer<K, V>> {
         if self.layers.is_empty() {
             return Err(Error::config("layers", "at least one layer is required"));
@@ -386,6 +387,19 @@ where
             }
             if let BreakerSetting::On(breaker) = &l.breaker {
                 breaker.validate(&format!("layers[{i}].circuit_breaker"))?;
+            }
+            if let Some(batching) = &l.batch_reads {
+                let field = format!("layers[{i}].batch_reads");
+                batching.validate(&field)?;
+                if l.layer.capabilities().sync_ops {
+                    return Err(Error::config(
+                        &field,
+                        format_args!(
+                            "layer `{}` answers in process: it has no round trip to batch",
+                            l.name
+                        ),
+                    ));
+                }
             }
         }
         if let Some(fail_safe) = &self.fail_safe {
@@ -505,6 +519,7 @@ where
                     write_timeout: l.write_timeout,
                     on_health: self.on_health.clone(),
                     cache: Arc::clone(&cache),
+                    batcher: l.batch_reads.map(Batcher::boxed),
                 };
                 all_sync &= sync_ops || slot.read_only;
                 slot
@@ -522,7 +537,7 @@ where
                 me: me.clone(),
                 recovery: Recovery::default(),
                 name,
-                slots,
+                slots: attach_batchers(slots, me),
                 authoritative,
                 promotion: self.promotion,
                 fail_on_cache_error: self.fail_on_cache_error,

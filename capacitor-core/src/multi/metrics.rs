@@ -28,7 +28,8 @@ where
     /// Writes the current stats to the installed `metrics` recorder, labelled with
     /// `cache` (the composer's name) and `layer`:
     ///
-    /// - counters `capacitor_layer_{hits,misses,errors,timeouts,skipped,sets,deletes,promotions,decode_errors,breaker_opens}_total`
+    /// - counters `capacitor_layer_{hits,misses,errors,timeouts,skipped,sets,deletes,promotions,decode_errors,breaker_opens}_total`,
+    ///   and `capacitor_layer_{batched_reads,read_batches}_total` (read batching)
     /// - gauges `capacitor_layer_breaker_state` (0 closed, 1 half-open, 2 open) and
     ///   `capacitor_layer_suspect_keys`
     /// - `capacitor_write_back_queue_depth`, `capacitor_write_back_oldest_pending_seconds`,
@@ -61,6 +62,8 @@ where
                 ("capacitor_layer_promotions_total", layer.promotions),
                 ("capacitor_layer_decode_errors_total", layer.decode_errors),
                 ("capacitor_layer_breaker_opens_total", layer.breaker_opens),
+                ("capacitor_layer_batched_reads_total", layer.batched_reads),
+                ("capacitor_layer_read_batches_total", layer.read_batches),
             ];
             for (name, value) in counters {
                 metrics::counter!(name, &labels).absolute(value);

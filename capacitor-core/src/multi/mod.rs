@@ -83,7 +83,7 @@
 //! # Files
 //!
 //! `builder` validates and constructs; `slot` is one configured layer (breaker, timeouts,
-//! counters, suspect keys); `future` and `read` are the read cascade, `promote` its
+//! counters, suspect keys, read batcher); `future` and `read` are the read cascade, `promote` its
 //! copies upward; `write` is the write path and its public methods, `write_back` the
 //! drain task, `transaction` atomic commits; `fail_safe`, `invalidation`, `loader` (and `load_many`, its batches),
 //! `refresh`, `warmup`, `scan` and `metrics` one concern each; `layer_impl` makes a

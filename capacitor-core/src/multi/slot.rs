@@ -1,5 +1,5 @@
-//! A configured layer ([`Slot`]): its breaker, timeouts, counters and suspect keys, and
-//! the calls the composer makes on it.
+//! A configured layer ([`Slot`]): its breaker, timeouts, counters, suspect keys and read
+//! batcher (`batch`), and the calls the composer makes on it.
 
 use std::future::Future;
 use std::hash::Hash;
@@ -11,6 +11,10 @@ use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::health::{is_failure, Admit, Breaker, BreakerState, DirtyKeys, HealthEvent, HealthListener};
 use crate::layer::Layer;
 use crate::stats::{Counter, LayerCounters};
+
+mod batch;
+
+pub(super) use batch::{attach as attach_batchers, Batcher};
 
 /// How long one replay attempt may take on a layer without a write timeout.
 const REPLAY_DEADLINE: Duration = Duration::from_secs(5);
@@ -35,6 +39,8 @@ pub(super) struct Slot<K, V> {
     pub(super) replay: Option<super::recovery::Replay<K>>,
     pub(super) on_health: Option<HealthListener>,
     pub(super) cache: Arc<str>,
+    /// Sends concurrent `get`s as one round trip ([`ReadBatching`](crate::ReadBatching)).
+    pub(super) batcher: Option<Box<Batcher<K, V>>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -145,13 +151,6 @@ where
     pub(super) fn suspected<'a>(&self, keys: impl IntoIterator<Item = &'a K>, now: Timestamp) {
         if let Some(s) = &self.suspects {
             s.mark(keys, now);
-        }
-    }
-
-    pub(super) async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
-        match self.sync_ops.then(|| self.layer.get_sync(key)).flatten() {
-            Some(result) => result,
-            None => self.call(Operation::Get, Access::Read, self.layer.get(key)).await,
         }
     }
 
@@ -282,6 +281,29 @@ where
     pub(super) async fn flush(&self) -> Result<()> {
         self.call(Operation::Flush, Access::Write, self.layer.flush())
             .await
+    }
+}
+
+impl<K, V> Slot<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// A read of `key`: in process, through the batcher when reads are batched, or alone.
+    pub(super) async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        match self.sync_ops.then(|| self.layer.get_sync(key)).flatten() {
+            Some(result) => result,
+            None => match &self.batcher {
+                // Boxed: an unbatched read's future stays the size it was.
+                Some(batcher) => Box::pin(batcher.get(self, key)).await,
+                None => self.get_direct(key).await,
+            },
+        }
+    }
+
+    /// One awaited `get` of `key`, never batched.
+    pub(super) async fn get_direct(&self, key: &K) -> Result<Option<Entry<V>>> {
+        self.call(Operation::Get, Access::Read, self.layer.get(key)).await
     }
 }
 

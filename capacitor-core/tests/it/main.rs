@@ -1,6 +1,7 @@
 //! The composer's and the test kit's integration tests, one binary (the scan memory test,
 //! which installs a counting global allocator, has its own).
 
+mod batching;
 mod bus;
 mod composer;
 mod conformance;

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod batching;
 mod bus;
 mod bus_cluster_processes;
 mod bus_processes;
