@@ -393,7 +393,8 @@ where
     /// let store = Arc::new(SledLayer::builder().path(dir.path()).build()?);
     /// store.set(&"a".to_string(), &1, None).await?;
     /// store.set(&"b".to_string(), &2, None).await?;
-    /// let batching = ReadBatching::new(Duration::from_micros(200)).max_keys(64);
+    /// // (A long window, so that a loaded machine cannot split the two reads below.)
+    /// let batching = ReadBatching::new(Duration::from_millis(20)).max_keys(64);
     /// let cache = MultiLayer::<String, u64>::builder()
     ///     .layer(LayerConfig::new("l1", DashMapLayer::new()))
     ///     .layer(LayerConfig::shared("store", store).batch_reads(batching))
