@@ -61,7 +61,7 @@ pub enum Durability {
     /// [`Layer::flush`](capacitor_core::Layer::flush) or
     /// [`Layer::close`](capacitor_core::Layer::close). A crash loses **every write since
     /// the last flush**: redb never writes a `None` commit's state as the durable one
-    /// on its own. The file grows until the next flush, as redb frees the pages of
+    /// on its own (but for its clean close, when the layer's last handle is dropped). The file grows until the next flush, as redb frees the pages of
     /// non-durable commits only once a durable commit follows them.
     Manual,
 }

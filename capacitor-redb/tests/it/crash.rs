@@ -187,6 +187,14 @@ fn crash_round(policy_name: &str) -> Round {
             }
         }
     }
+    // The child holds redb's lock on the file: another process's open is a typed error.
+    let err = RedbLayer::builder()
+        .path(&file)
+        .sweeper(false)
+        .lock_wait(Duration::ZERO)
+        .build::<String, String>()
+        .expect_err("the child has the file open");
+    assert_eq!(err.kind(), capacitor_core::ErrorKind::Unavailable, "{err}");
     // SIGKILL on unix: no destructor, no flush-on-drop, no chance to finish a write.
     child.kill().expect("kill the child");
     let killed_at = Instant::now();

@@ -1033,3 +1033,73 @@ async fn missing_parent_directories_are_created() {
     })
     .await;
 }
+
+/// Every size and duration option at its extremes (0, 1, the type's maximum), one at a
+/// time: a typed error at build, or a layer that works; never a panic (background tasks
+/// included: a hook counts them) or a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_option_values_are_typed_errors_or_working_layers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+    type Tweak = Box<dyn FnOnce(capacitor_redb::RedbLayerBuilder) -> capacitor_redb::RedbLayerBuilder>;
+    let mut cases: Vec<(String, Tweak)> = Vec::new();
+    for d in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+        cases.push((
+            format!("sweep_interval({d:?})"),
+            Box::new(move |b| b.sweep_interval(d)),
+        ));
+        cases.push((format!("lock_wait({d:?})"), Box::new(move |b| b.lock_wait(d))));
+    }
+    for n in [0, 1, usize::MAX] {
+        cases.push((
+            format!("max_value_bytes({n})"),
+            Box::new(move |b| b.max_value_bytes(n)),
+        ));
+        cases.push((format!("sweep_batch({n})"), Box::new(move |b| b.sweep_batch(n))));
+        cases.push((
+            format!("cache_capacity({n})"),
+            Box::new(move |b| b.cache_capacity(n)),
+        ));
+    }
+    for ms in [0, 1, u64::MAX] {
+        cases.push((
+            format!("EveryMillis({ms})"),
+            Box::new(move |b| b.durability(Durability::EveryMillis(ms))),
+        ));
+    }
+    for (what, tweak) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let built = tweak(RedbLayer::builder().path(dir.path().join("db.redb"))).build::<String, String>();
+        match built {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Config, "{what}: {e}"),
+            Ok(layer) => {
+                let ops = async {
+                    match layer.set(&s("k"), &s("v"), Some(Duration::from_secs(60))).await {
+                        Ok(()) => {
+                            assert_eq!(layer.get(&s("k")).await?.map(|e| e.value), Some(s("v")), "{what}");
+                            assert!(layer.delete(&s("k")).await?, "{what}");
+                        }
+                        // A limit smaller than the value: refused, typed.
+                        Err(e) if e.kind() == ErrorKind::ValueTooLarge => {
+                            assert_eq!(layer.get(&s("k")).await?, None, "{what}: nothing written");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    layer.flush().await?;
+                    layer.close().await
+                };
+                tokio::time::timeout(Duration::from_secs(30), ops)
+                    .await
+                    .unwrap_or_else(|_| panic!("{what}: hung"))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // background tasks tick
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic (see above)");
+}
