@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cache
             .set(format!("user:{i}"), format!("profile of user {i}"))
             .await?;
-        if i % TICK == 0 {
+        if i.is_multiple_of(TICK) {
             writes.inc(TICK.min(KEYS - i));
         }
     }
@@ -115,7 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..READS {
         let key = format!("user:{}", rng.zipf_key());
         found += u64::from(cache.get(&key).await?.is_some());
-        if i % TICK == 0 {
+        if i.is_multiple_of(TICK) {
             reads.inc(TICK);
         }
     }
