@@ -30,10 +30,11 @@ fn section(group: &str) -> &'static str {
     match rank(group) {
         0..=6 => "in memory",
         7..=8 => "sled",
-        9..=10 => "Redis",
-        11..=12 => "PostgreSQL",
-        13..=17 => "moka → Redis → PostgreSQL",
-        18 => "in memory: single-flight loads",
+        9 => "redb beside sled",
+        10..=11 => "Redis",
+        12..=13 => "PostgreSQL",
+        14..=18 => "moka → Redis → PostgreSQL",
+        19 => "in memory: single-flight loads",
         _ => "other",
     }
 }
@@ -168,6 +169,27 @@ pub(crate) fn svg(medians: &Medians, subtitle: &str) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_group_is_in_its_section() {
+        for (group, expected) in [
+            ("l1_hit/moka/1_layer", "in memory"),
+            ("write_back_set/moka", "in memory"),
+            ("sled_hit/moka_over_sled", "sled"),
+            ("write_back_drain/sled/10000_keys", "sled"),
+            ("embedded_hit/moka_over_redb", "redb beside sled"),
+            ("embedded_drain/sled/10000_keys", "redb beside sled"),
+            ("redis_hit/moka_over_redis", "Redis"),
+            ("write_back_drain/redis/2000_keys", "Redis"),
+            ("postgres_hit/moka_over_postgres", "PostgreSQL"),
+            ("write_back_drain/postgres/2000_keys", "PostgreSQL"),
+            ("tier3_l1_hit/x", "moka → Redis → PostgreSQL"),
+            ("tier3_write_through/x", "moka → Redis → PostgreSQL"),
+            ("get_or_load/64_callers", "in memory: single-flight loads"),
+        ] {
+            assert_eq!(section(group), expected, "{group}");
+        }
+    }
 
     #[test]
     fn draws_every_group_and_series() {
