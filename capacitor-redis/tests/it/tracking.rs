@@ -202,8 +202,8 @@ fn client_tracking_refuses_what_it_cannot_do() {
 /// under the prefix, whoever read or wrote it.
 #[test]
 fn default_tracking_mode_reports_keys_read_not_keys_written() {
-    use capacitor_redis::fred::prelude::{Builder, ClientLike, Config, LuaInterface};
     use capacitor_redis::fred::interfaces::TrackingInterface;
+    use capacitor_redis::fred::prelude::{Builder, ClientLike, Config, LuaInterface};
     use capacitor_redis::fred::types::RespVersion;
     common::run(TEST_TIMEOUT, async {
         let prefix = unique_prefix("cct_default");
@@ -221,7 +221,9 @@ fn default_tracking_mode_reports_keys_read_not_keys_written() {
             .start_tracking(Vec::<String>::new(), false, false, false, false)
             .await
             .unwrap();
-        let other = Builder::from_config(Config::from_url(&url()).unwrap()).build().unwrap();
+        let other = Builder::from_config(Config::from_url(&url()).unwrap())
+            .build()
+            .unwrap();
         other.init().await.unwrap();
 
         // On the tracked connection: one key read (a miss served from Redis), one written
@@ -230,7 +232,11 @@ fn default_tracking_mode_reports_keys_read_not_keys_written() {
         let _: Option<String> = tracked.get(&read).await.unwrap();
         let _: () = tracked.set(&set, "v1", None, None, false).await.unwrap();
         let _: () = tracked
-            .eval("redis.call('SET', KEYS[1], ARGV[1])", vec![scripted.clone()], vec!["v1"])
+            .eval(
+                "redis.call('SET', KEYS[1], ARGV[1])",
+                vec![scripted.clone()],
+                vec!["v1"],
+            )
             .await
             .unwrap();
         // Another client changes all three.
@@ -247,9 +253,18 @@ fn default_tracking_mode_reports_keys_read_not_keys_written() {
                 }
             }
         }
-        assert!(reported.contains(&read), "the key read was not reported: {reported:?}");
-        assert!(!reported.contains(&set), "a key only written was reported: {reported:?}");
-        assert!(!reported.contains(&scripted), "a key only written was reported: {reported:?}");
+        assert!(
+            reported.contains(&read),
+            "the key read was not reported: {reported:?}"
+        );
+        assert!(
+            !reported.contains(&set),
+            "a key only written was reported: {reported:?}"
+        );
+        assert!(
+            !reported.contains(&scripted),
+            "a key only written was reported: {reported:?}"
+        );
 
         let _: i64 = other.del(vec![read, set, scripted]).await.unwrap();
         tracked.quit().await.unwrap();
