@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capacitor_core::{
-    system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
+    system_clock, Clock, Codec, DefaultCodec, Error, Operation, Result, SharedClock, StorageKey,
 };
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 
@@ -433,7 +433,7 @@ pub(crate) use connection_setters;
 /// | [`reconnect`](Self::reconnect) | exponential from 50 ms to 2 s, forever |
 /// | [`max_value_bytes`](Self::max_value_bytes) | 64 MiB |
 /// | [`scan_count`](Self::scan_count) | 256 |
-/// | [`codec`](Self::codec) | [`BincodeCodec`] |
+/// | [`codec`](Self::codec) | [`DefaultCodec`] |
 /// | [`clock`](Self::clock) | the system clock |
 ///
 /// # Examples
@@ -456,7 +456,7 @@ pub(crate) use connection_setters;
 /// # Ok(()) }
 /// ```
 #[must_use]
-pub struct RedisLayerBuilder<C = BincodeCodec> {
+pub struct RedisLayerBuilder<C = DefaultCodec> {
     connection: RedisConnection,
     pool_size: usize,
     prefix: Vec<u8>,
@@ -479,7 +479,7 @@ impl<C: fmt::Debug> fmt::Debug for RedisLayerBuilder<C> {
     }
 }
 
-impl Default for RedisLayerBuilder<BincodeCodec> {
+impl Default for RedisLayerBuilder<DefaultCodec> {
     fn default() -> Self {
         RedisLayerBuilder {
             connection: RedisConnection::default(),
@@ -487,7 +487,7 @@ impl Default for RedisLayerBuilder<BincodeCodec> {
             prefix: Vec::new(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             scan_count: DEFAULT_SCAN_COUNT,
-            codec: BincodeCodec,
+            codec: DefaultCodec::default(),
             clock: system_clock(),
         }
     }
@@ -538,7 +538,7 @@ impl<C> RedisLayerBuilder<C> {
         self
     }
 
-    /// The value codec. Default: [`BincodeCodec`].
+    /// The value codec. Default: [`DefaultCodec`].
     pub fn codec<C2>(self, codec: C2) -> RedisLayerBuilder<C2> {
         RedisLayerBuilder {
             connection: self.connection,

@@ -278,6 +278,8 @@ fn ci() -> Result {
         "redis-tls",
         "postgres",
         "postgres-tls",
+        "json",
+        "bincode",
         "full",
     ] {
         cargo(&[
@@ -575,6 +577,7 @@ mod tests {
         let suites = bench_suites().unwrap();
         for s in [
             "batching",
+            "codecs",
             "composer",
             "postgres",
             "redis",
