@@ -304,7 +304,7 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
 
         // An envelope of a future version.
         let mut future = envelope::wrap(CodecId::POSTCARD, None, b"\x01x");
-        future[3] = envelope::VERSION + 1;
+        future[3] = envelope::VERSION_CODEC + 1;
         db.insert("future", future).expect("raw insert");
         assert_eq!(kind(layer.get(&s("future")).await), ErrorKind::Decode);
         assert_eq!(db.get("future").expect("raw get"), None);
