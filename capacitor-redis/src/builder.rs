@@ -219,8 +219,9 @@ impl RedisConnection {
     ///
     /// This is the only item of the crate, besides the `fred` re-export itself, whose
     /// signature names a fred type: it follows fred's releases, and a move to another
-    /// Redis client would replace it (see "Another Redis client" in the crate's
-    /// documentation), where the rest of the API would stay as it is.
+    /// Redis client would replace it (see
+    /// [Another Redis client](crate#another-redis-client)), where the rest of the API
+    /// would stay as it is.
     ///
     /// # Examples
     ///
