@@ -66,8 +66,8 @@ pub mod redis {
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
     //! documentation: [`capacitor_redis`]. `fred` is the Redis client, re-exported for
-    //! the escape hatch [`RedisConnection::fred_config`]: the only part of this module
-    //! tied to it.
+    //! the escape hatch [`RedisConnection::fred_config`]: the two are the only parts of
+    //! this module tied to fred.
     #[doc(no_inline)]
     pub use capacitor_redis::fred;
     pub use capacitor_redis::{
