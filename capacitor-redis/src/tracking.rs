@@ -12,7 +12,7 @@ use capacitor_core::{
 };
 use fred::clients::Client;
 use fred::interfaces::TrackingInterface;
-use fred::prelude::{ClientLike, Config, EventInterface, Options};
+use fred::prelude::{ClientLike, EventInterface, Options};
 use fred::types::config::ServerConfig;
 use fred::types::{ConnectHandle, RespVersion};
 use tokio::sync::broadcast::error::RecvError;
