@@ -38,7 +38,41 @@ const OLD_DAYS: u64 = 30;
 pub(crate) fn check() -> Result {
     install()?;
     cargo(&["deny", "check", "bans", "licenses", "sources"])?;
-    advisories()
+    advisories()?;
+    default_features()
+}
+
+/// What a service that adds `capacitor` with its default features gets must have no
+/// advisory at all: the facade alone, default features, no dev-dependencies, checked
+/// against a policy without `deny.toml`'s exceptions (those are for features that are
+/// off by default, the benches and the tools).
+const DEFAULT_FEATURES_POLICY: &str = "\
+[advisories]
+unmaintained = \"all\"
+unsound = \"all\"
+yanked = \"deny\"
+ignore = []
+";
+
+/// The advisories check of the facade with its default features, on the database the
+/// workspace check just used (offline), with no exception.
+fn default_features() -> Result {
+    let policy = crate::root().join("target").join("deny-default-features.toml");
+    std::fs::create_dir_all(policy.parent().unwrap_or(&crate::root()))?;
+    std::fs::write(&policy, DEFAULT_FEATURES_POLICY)?;
+    let manifest = crate::root().join("capacitor").join("Cargo.toml");
+    eprintln!("\nxtask: advisories of `capacitor` with its default features, no exceptions");
+    cargo(&[
+        "deny",
+        "--offline",
+        "--manifest-path",
+        &manifest.to_string_lossy(),
+        "--exclude-dev",
+        "--config",
+        &policy.to_string_lossy(),
+        "check",
+        "advisories",
+    ])
 }
 
 /// What `cargo deny --version` prints, if cargo-deny runs.
