@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             cache.set(key, format!("value {key}")).await?;
         }
         i += 1;
-        if i % 10_000 == 0 {
+        if i.is_multiple_of(10_000) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -1,4 +1,4 @@
-//! capacitor: several storage layers (in-memory, Redis, PostgreSQL, sled) behind one typed
+//! capacitor: several storage layers (in-memory, Redis, PostgreSQL, redb, sled) behind one typed
 //! async key-value API, with promotion on hit, write-through, per-layer TTL and per-layer
 //! statistics.
 //!
@@ -8,7 +8,8 @@
 //! | feature | module | default |
 //! |---|---|---|
 //! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
-//! | `sled` | `sled`: `SledLayer`, embedded persistent store | yes |
+//! | `redb` | `redb`: `RedbLayer`, embedded persistent store | yes |
+//! | `sled` | `sled`: `SledLayer`, the older embedded store (sled 0.34) | no |
 //! | `redis` | `redis`: `RedisLayer`, `RedisBus`, `RedisTrackingBus` on fred | no |
 //! | `redis-tls` | TLS for `rediss://` (rustls) | no |
 //! | `postgres` | `postgres`: `PostgresLayer`, `PostgresBus` on deadpool-postgres | no |
@@ -49,10 +50,21 @@ pub mod memory {
     pub use capacitor_memory::{DashMapLayer, DashMapLayerBuilder, MokaLayer, MokaLayerBuilder};
 }
 
+#[cfg(feature = "redb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
+pub mod redb {
+    //! The embedded, persistent layer on redb.
+    //!
+    //! The guide (configuration, defaults, limits, failures) is the crate's own
+    //! documentation: [`capacitor_redb`].
+    pub use capacitor_redb::{Durability, RedbLayer, RedbLayerBuilder};
+}
+
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
 pub mod sled {
-    //! The embedded, persistent layer on sled.
+    //! The older embedded, persistent layer on sled 0.34 (off by default: see the
+    //! crate's caveats).
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
     //! documentation: [`capacitor_sled`].

@@ -1,4 +1,4 @@
-//! Quickstart: the embedded default. A bounded moka L1 over sled on disk (no server), a
+//! Quickstart: the embedded default. A bounded moka L1 over redb on disk (no server), a
 //! realistic workload (100,000 keys written; the process "restarts" with a cold L1, which
 //! is warmed up from disk; then 1,000,000 Zipf-distributed reads), progress bars, and the
 //! per-layer stats table.
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use capacitor::memory::MokaLayer;
-use capacitor::sled::SledLayer;
+use capacitor::redb::RedbLayer;
 use capacitor::{LayerConfig, MultiLayer, WarmUp};
 use indicatif::{HumanCount, ProgressBar, ProgressState, ProgressStyle};
 
@@ -67,8 +67,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     println!(
-        "capacitor quickstart: moka (L1, 10,000 entries) over sled at {}\n",
-        dir.display()
+        "capacitor quickstart: moka (L1, 10,000 entries) over redb at {}\n",
+        dir.join("db.redb").display()
     );
 
     let open = || -> Result<MultiLayer<String, String>, capacitor::Error> {
@@ -78,8 +78,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .ttl(Duration::from_secs(300)),
             )
             .layer(LayerConfig::new(
-                "sled",
-                SledLayer::builder().path(dir.join("db")).build()?,
+                "redb",
+                RedbLayer::builder().path(dir.join("db.redb")).build()?,
             ))
             .build()
     };
@@ -97,15 +97,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     writes.finish();
     let write_time = started.elapsed();
-    cache.close().await?; // flushes sled and releases its directory lock
+    cache.close().await?; // makes every write durable and releases redb's file lock
 
-    // A restart: a cold L1 over the same directory, warmed up from disk.
+    // A restart: a cold L1 over the same file, warmed up from disk.
     let cache = open()?;
     let warm = bar(10_000, "warm-up");
     let progress = warm.clone();
     let report = cache
         .warm_up(
-            "sled",
+            "redb",
             WarmUp::new()
                 .prefix("user:")
                 .limit(10_000)

@@ -23,6 +23,7 @@ pub(crate) const CRATES: &[&str] = &[
     "capacitor-redis",
     "capacitor-postgres",
     "capacitor-sled",
+    "capacitor-redb",
     "capacitor",
     "xtask",
 ];

@@ -197,7 +197,7 @@ fn test_summary(
         Err(e) => format!("xtask test: FAILED after {:.0?}: {e}", started.elapsed()),
     }];
     lines.push(
-        "  - memory (moka, dashmap), sled (temporary directories), the test kit's layers: in process"
+        "  - memory (moka, dashmap), redb and sled (temporary files and directories), the test kit's layers: in process"
             .to_owned(),
     );
     for backend in [Backend::Postgres, Backend::Redis] {
@@ -277,6 +277,7 @@ fn ci() -> Result {
     cargo(&["build", "-p", "capacitor", "--no-default-features"])?;
     for feature in [
         "memory",
+        "redb",
         "sled",
         "redis",
         "redis-tls",
@@ -584,6 +585,7 @@ mod tests {
             "batching",
             "codecs",
             "composer",
+            "embedded",
             "postgres",
             "redis",
             "sled",

@@ -57,6 +57,7 @@ const ORDER: &[&str] = &[
     "write_back_set/",
     "sled_",
     "write_back_drain/sled",
+    "embedded_",
     "redis_",
     "write_back_drain/redis",
     "postgres_",
@@ -577,6 +578,10 @@ the unpublished `benches` crate only (it needs Rust 1.91).
   at once (`l1_hit_threads`, timed per round: one hit on every thread); foyer's hit as a
   peer in the moka groups.
 - `sled`: moka over sled: a hit that promotes, a hit without promotion, a write-through.
+- `embedded`: redb and sled side by side, each beside its raw backend: moka over each for
+  a hit that promotes and a write-through, and the write-back drain of 10,000 keys into
+  each (raw: one redb write transaction, or one sled insert, per key); no fsync in the
+  measured path but the drain's closing flush.
 - `redis`: moka over Redis: a hit, a write-through, `get_many` of 100 keys, the write-back
   drain of 2,000 keys; the hand-written moka + fred code as a peer.
 - `postgres`: moka over PostgreSQL: a hit, a write-through, `get_many` of 100 keys, a write
