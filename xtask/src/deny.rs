@@ -43,9 +43,11 @@ pub(crate) fn check() -> Result {
 }
 
 /// What a service that adds `capacitor` with its default features gets must have no
-/// advisory at all: the facade alone, default features, no dev-dependencies, checked
-/// against a policy without `deny.toml`'s exceptions (those are for features that are
-/// off by default, the benches and the tools).
+/// advisory at all. Inside the workspace Cargo resolves every member's features together
+/// (the backends' dev-dependencies turn most of the facade's features on), so the check
+/// runs on a scratch crate outside it that depends on the facade by path, as a user's
+/// service would, against a policy without `deny.toml`'s exceptions (those are for
+/// features that are off by default, the benches and the tools).
 const DEFAULT_FEATURES_POLICY: &str = "\
 [advisories]
 unmaintained = \"all\"
@@ -54,20 +56,31 @@ yanked = \"deny\"
 ignore = []
 ";
 
-/// The advisories check of the facade with its default features, on the database the
-/// workspace check just used (offline), with no exception.
+/// The advisories check of a fresh service on the facade's default features, on the
+/// database the workspace check just used (offline), with no exception.
 fn default_features() -> Result {
-    let policy = crate::root().join("target").join("deny-default-features.toml");
-    std::fs::create_dir_all(policy.parent().unwrap_or(&crate::root()))?;
+    let root = crate::root();
+    let dir = root.join("target").join("fresh-service");
+    std::fs::create_dir_all(dir.join("src"))?;
+    let facade = root.join("capacitor");
+    let manifest = format!(
+        "[package]\nname = \"fresh-service\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n\
+         [dependencies]\ncapacitor = {{ path = {:?} }}\n\n[workspace]\n",
+        facade.to_string_lossy()
+    );
+    std::fs::write(dir.join("Cargo.toml"), manifest)?;
+    std::fs::write(dir.join("src").join("lib.rs"), "")?;
+    let policy = dir.join("deny.toml");
     std::fs::write(&policy, DEFAULT_FEATURES_POLICY)?;
-    let manifest = crate::root().join("capacitor").join("Cargo.toml");
-    eprintln!("\nxtask: advisories of `capacitor` with its default features, no exceptions");
+    eprintln!(
+        "\nxtask: advisories of a fresh service on `capacitor`'s default features ({}), no exceptions",
+        dir.display()
+    );
     cargo(&[
         "deny",
         "--offline",
         "--manifest-path",
-        &manifest.to_string_lossy(),
-        "--exclude-dev",
+        &dir.join("Cargo.toml").to_string_lossy(),
         "--config",
         &policy.to_string_lossy(),
         "check",
