@@ -323,7 +323,7 @@ fn postgres_cold_reads(c: &mut Criterion) {
     };
     let (pg, raw_get) = rt.block_on(async {
         let pg = Arc::new(layer(table.clone()).await);
-        // The raw table: the layer's DDL; plain bincode values, as code written by hand.
+        // The raw table: the layer's DDL; plain postcard values, as code written by hand.
         layer(raw_table.clone()).await.close().await.unwrap();
         let entries: Vec<(String, String)> = (0..n).map(|i| (key(i), value(i))).collect();
         for chunk in entries.chunks(1_000) {

@@ -3,7 +3,7 @@
 //! write-through, and a write-back drain.
 //!
 //! The raw side is what a user writes by hand: for redb a read transaction's `get` and a
-//! write transaction per write; for sled `tree.get` and `tree.insert`; bincode around the
+//! write transaction per write; for sled `tree.get` and `tree.insert`; postcard around the
 //! value and a moka insert for the backfill or the write. Each backend keeps both sides in
 //! one database (different tables or trees), and neither side fsyncs in the measured path:
 //! the redb layer runs `Durability::Manual` and the raw redb writes commit at redb's

@@ -1,7 +1,7 @@
 //! memory + PostgreSQL beside raw tokio-postgres and raw moka, in the same criterion groups.
 //!
 //! The raw side is what a user writes by hand: one tokio-postgres connection with prepared
-//! statements, bincode, and a moka cache. Both sides run on the same tokio runtime
+//! statements, postcard, and a moka cache. Both sides run on the same tokio runtime
 //! (`b.to_async(&rt)`), against the same server, on tables of the same shape (the layer's
 //! DDL), so the executor and the server cost the same on both sides.
 //!
@@ -59,7 +59,7 @@ fn postgres_benches(c: &mut Criterion) {
         let pg = Arc::new(layer(&url, &capacitor_table, false).await);
         let unlogged = Arc::new(layer(&url, &unlogged_table, true).await);
         // The raw table: the same shape, made by the same DDL; the raw side stores plain
-        // bincode (no envelope), as code written by hand would.
+        // postcard (no envelope), as code written by hand would.
         layer(&url, &raw_table, false).await.close().await.unwrap();
         let l1 = Arc::new(
             MokaLayer::builder()

@@ -2,12 +2,12 @@
 //! same criterion groups.
 //!
 //! The raw side is the floor: the same backend calls inlined in the benchmark (one fred
-//! client, bincode, a moka cache). `hand_written` (in the hit and write groups) is the
+//! client, postcard, a moka cache). `hand_written` (in the hit and write groups) is the
 //! cache-aside code a user writes today with moka + fred ([`HandWritten`]), on a client of
 //! its own. capacitor's layer and the raw side each use one connection, on the same tokio
 //! runtime (`b.to_async(&rt)`), against the same server, so the executor and the server
 //! cost the same on every side. The layer stores capacitor's envelope; the others plain
-//! bincode.
+//! postcard.
 //!
 //! Needs a server at `CAPACITOR_REDIS_URL` (default `redis://127.0.0.1:6379`); without one
 //! the suite prints why and measures nothing. Keys live under `bench:<run id>:…` prefixes

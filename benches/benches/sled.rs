@@ -1,7 +1,7 @@
 //! memory + sled beside raw sled and raw moka, in the same criterion groups.
 //!
-//! The raw side is what a user writes by hand: `tree.get`, bincode-decode, `moka.insert`
-//! for a hit with backfill; bincode-encode, `tree.insert`, `moka.insert` for a write.
+//! The raw side is what a user writes by hand: `tree.get`, postcard-decode, `moka.insert`
+//! for a hit with backfill; postcard-encode, `tree.insert`, `moka.insert` for a write.
 //! Both sides use the same sled database (different trees) and the same flush behaviour
 //! (sled's background flusher; the layer itself adds none: `FlushPolicy::Manual`).
 //!

@@ -1,5 +1,5 @@
 //! The data and helpers the suites in `benches/` share, so that every backend is measured
-//! on the same keys and values, encoded as hand-written code would (plain bincode), and the
+//! on the same keys and values, encoded as hand-written code would (plain postcard), and the
 //! hand-written peer ([`peer::HandWritten`]) the Redis and three-tier suites measure
 //! capacitor against. Run the suites with `cargo xtask bench [--quick] [SUITE…]`.
 
@@ -65,14 +65,15 @@ pub fn value(i: u64) -> String {
     format!("profile of user {i}, with a few more bytes to look like a real value")
 }
 
-/// What the raw side stores: the value in plain bincode (no envelope).
+/// What the raw side stores: the value in plain postcard, capacitor's default codec (no
+/// envelope).
 ///
 /// # Panics
 ///
 /// Never for a `String`; this is benchmark code.
 #[allow(clippy::expect_used)]
 pub fn encode(v: &String) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("a String encodes")
+    postcard::to_stdvec(v).expect("a String encodes")
 }
 
 /// Decodes what [`encode`] wrote.
@@ -82,9 +83,7 @@ pub fn encode(v: &String) -> Vec<u8> {
 /// On bytes [`encode`] did not write; this is benchmark code.
 #[allow(clippy::expect_used)]
 pub fn decode(bytes: &[u8]) -> String {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .expect("bytes written by encode")
-        .0
+    postcard::from_bytes(bytes).expect("bytes written by encode")
 }
 
 /// Runs `op(thread, i)` for `i` in `0..iters` on each of `threads` threads at once and

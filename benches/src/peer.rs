@@ -4,7 +4,7 @@
 //! PostgreSQL too (tokio-postgres, prepared statements, a plain `key text, value bytea`
 //! table of its own). A read checks moka, then Redis, then PostgreSQL, and backfills every
 //! tier above the one that answered; a write goes to PostgreSQL, then Redis, then moka.
-//! Values are plain bincode ([`crate::encode`]). This is what the `hand_written`
+//! Values are plain postcard ([`crate::encode`]). This is what the `hand_written`
 //! function of a group runs, beside `capacitor` and `raw` (the same backend calls inlined
 //! in the benchmark: the floor).
 
@@ -104,7 +104,7 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> Result<(), BoxError
     }
 }
 
-/// Writes `entries` (already-prefixed keys, bincode values) with MSETs of 1,000.
+/// Writes `entries` (already-prefixed keys, postcard values) with MSETs of 1,000.
 ///
 /// # Errors
 ///

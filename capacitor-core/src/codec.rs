@@ -1,9 +1,18 @@
 //! Value codecs, the versioned envelope remote layers store, and key encodings.
 //!
-//! Remote and persistent layers store `envelope(expiry, codec(value))`. The codec is
-//! pluggable: [`BincodeCodec`] is the default (bincode 2 through serde). bincode is listed
-//! as unmaintained by RustSec (RUSTSEC-2025-0141), which is one more reason to keep
-//! [`Codec`] a trait a user can replace (JSON, postcard, protobuf) without touching layers.
+//! Remote and persistent layers store `envelope(expiry, codec id, codec(value))`. The
+//! envelope names the codec that wrote each value, so a deployment can switch codecs and
+//! keep reading what is already stored (the serde codecs read each other's values, when
+//! compiled in), and a value no codec here can read is a counted miss that is left in
+//! place, never decoded as garbage.
+//!
+//! | codec | feature | id | why |
+//! |---|---|---|---|
+//! | [`PostcardCodec`] | always | 1 | the default ([`DefaultCodec`]): compact, a documented stable wire format, maintained |
+//! | [`JsonCodec`] | `json` | 2 | human readable in `redis-cli` and `psql` |
+//! | `BincodeCodec` | `bincode` | 0 | what earlier versions wrote; RustSec lists bincode as unmaintained (RUSTSEC-2025-0141) |
+//!
+//! A codec of your own implements [`Codec`] with an id from [`CodecId::custom`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -14,19 +23,83 @@ use serde::Serialize;
 use crate::entry::Timestamp;
 use crate::error::{Error, ErrorKind, Operation, Result};
 
-/// Turns values into bytes and back.
+/// The id the envelope records for the codec that wrote a value (7 bits: 0 to 127).
+///
+/// Ids 0 to 63 are capacitor's ([`BINCODE`](Self::BINCODE), [`POSTCARD`](Self::POSTCARD),
+/// [`JSON`](Self::JSON)); 64 to 127 are for codecs of your own ([`custom`](Self::custom)).
 ///
 /// # Examples
 ///
 /// ```
-/// use capacitor::{BincodeCodec, Codec};
+/// use capacitor::CodecId;
 ///
-/// let bytes = Codec::<(u32, String)>::encode(&BincodeCodec, &(7, "seven".into()))?;
-/// let back: (u32, String) = BincodeCodec.decode(&bytes)?;
+/// assert_eq!(CodecId::POSTCARD.get(), 1);
+/// assert_eq!(CodecId::custom(3).get(), 67);
+/// assert_eq!(CodecId::JSON.to_string(), "json");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CodecId(u8);
+
+impl CodecId {
+    /// bincode 2, standard configuration: what capacitor wrote before the envelope named
+    /// codecs (such values carry no id and read as this one).
+    pub const BINCODE: CodecId = CodecId(0);
+    /// postcard 1.
+    pub const POSTCARD: CodecId = CodecId(1);
+    /// JSON (serde_json).
+    pub const JSON: CodecId = CodecId(2);
+    /// The highest id the envelope can record.
+    pub const MAX: u8 = 127;
+
+    /// The id of the `n`-th codec of your own: `64 + n % 64`.
+    pub const fn custom(n: u8) -> CodecId {
+        CodecId(64 + n % 64)
+    }
+
+    /// The id as the envelope stores it.
+    pub const fn get(self) -> u8 {
+        self.0
+    }
+
+    /// The id stored as `id`, if it is one the envelope can hold.
+    pub const fn from_u8(id: u8) -> Option<CodecId> {
+        if id <= Self::MAX {
+            Some(CodecId(id))
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for CodecId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            CodecId::BINCODE => f.write_str("bincode"),
+            CodecId::POSTCARD => f.write_str("postcard"),
+            CodecId::JSON => f.write_str("json"),
+            CodecId(id) if id >= 64 => write!(f, "custom codec {}", id - 64),
+            CodecId(id) => write!(f, "codec {id}"),
+        }
+    }
+}
+
+/// Turns values into bytes and back, under an id the envelope records.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::{Codec, CodecId, PostcardCodec};
+///
+/// let bytes = Codec::<(u32, String)>::encode(&PostcardCodec, &(7, "seven".into()))?;
+/// let back: (u32, String) = PostcardCodec.decode(&bytes)?;
 /// assert_eq!(back, (7, "seven".to_string()));
+/// assert_eq!(Codec::<(u32, String)>::id(&PostcardCodec), CodecId::POSTCARD);
 /// # Ok::<(), capacitor::Error>(())
 /// ```
 pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
+    /// The id stored with every value this codec encodes.
+    fn id(&self) -> CodecId;
+
     /// Encodes `value`.
     ///
     /// # Errors
@@ -51,9 +124,215 @@ pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`ErrorKind::Decode`] for bytes that are not a valid encoding of `V`.
     fn decode(&self, bytes: &[u8]) -> Result<V>;
+
+    /// Whether this codec can decode values the codec `id` wrote. The default: its own id
+    /// only. The serde codecs read each other's values (those compiled in).
+    fn reads(&self, id: CodecId) -> bool {
+        id == self.id()
+    }
+
+    /// Decodes a payload the envelope says codec `id` wrote. The default decodes its own
+    /// id and refuses the others.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`] for another codec's value, or bytes that do not decode.
+    fn decode_from(&self, id: CodecId, bytes: &[u8]) -> Result<V> {
+        if id == self.id() {
+            self.decode(bytes)
+        } else {
+            Err(foreign_codec(id, self.id()))
+        }
+    }
 }
 
-/// The default codec: bincode 2 (standard configuration) over serde.
+fn foreign_codec(written: CodecId, reader: CodecId) -> Error {
+    Error::new(
+        ErrorKind::Decode,
+        Operation::Get,
+        format!("value was written by {written}, which this layer's codec ({reader}) does not read"),
+    )
+}
+
+/// The codec layers use unless told otherwise: [`PostcardCodec`].
+pub type DefaultCodec = PostcardCodec;
+
+/// Which serde codecs this build has (their features).
+fn serde_reads(id: CodecId) -> bool {
+    match id {
+        CodecId::POSTCARD => true,
+        #[cfg(feature = "json")]
+        CodecId::JSON => true,
+        #[cfg(feature = "bincode")]
+        CodecId::BINCODE => true,
+        _ => false,
+    }
+}
+
+/// Decodes `bytes` with the serde codec `id`, if this build has it.
+fn serde_decode<V: DeserializeOwned>(id: CodecId, reader: CodecId, bytes: &[u8]) -> Result<V> {
+    match id {
+        CodecId::POSTCARD => PostcardCodec::decode_bytes(bytes),
+        #[cfg(feature = "json")]
+        CodecId::JSON => JsonCodec::decode_bytes(bytes),
+        #[cfg(feature = "bincode")]
+        CodecId::BINCODE => BincodeCodec::decode_bytes(bytes),
+        #[cfg(not(feature = "json"))]
+        CodecId::JSON => Err(not_built(id, "json", reader)),
+        #[cfg(not(feature = "bincode"))]
+        CodecId::BINCODE => Err(not_built(id, "bincode", reader)),
+        other => Err(foreign_codec(other, reader)),
+    }
+}
+
+#[cfg(not(all(feature = "json", feature = "bincode")))]
+fn not_built(id: CodecId, feature: &str, reader: CodecId) -> Error {
+    Error::new(
+        ErrorKind::Decode,
+        Operation::Get,
+        format!(
+            "value was written by {id}, which this build does not read (enable capacitor's \
+             `{feature}` feature to read it; this layer writes {reader})"
+        ),
+    )
+}
+
+/// Implements [`Codec`] for a serde codec: its own encoding, and decoding of every serde
+/// codec compiled in.
+macro_rules! serde_codec {
+    ($codec:ty, $id:expr) => {
+        impl<V> Codec<V> for $codec
+        where
+            V: Serialize + DeserializeOwned + 'static,
+        {
+            fn id(&self) -> CodecId {
+                $id
+            }
+
+            fn encode(&self, value: &V) -> Result<Vec<u8>> {
+                let mut out = Vec::new();
+                Self::encode_bytes(value, &mut out)?;
+                Ok(out)
+            }
+
+            fn encode_into(&self, value: &V, out: &mut Vec<u8>) -> Result<()> {
+                Self::encode_bytes(value, out)
+            }
+
+            fn decode(&self, bytes: &[u8]) -> Result<V> {
+                Self::decode_bytes(bytes)
+            }
+
+            fn reads(&self, id: CodecId) -> bool {
+                serde_reads(id)
+            }
+
+            fn decode_from(&self, id: CodecId, bytes: &[u8]) -> Result<V> {
+                serde_decode(id, $id, bytes)
+            }
+        }
+    };
+}
+
+fn encode_error(codec: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(
+        ErrorKind::Encode,
+        Operation::Set,
+        format!("{codec} encode failed"),
+    )
+    .with_source(e)
+}
+
+fn decode_error(codec: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(
+        ErrorKind::Decode,
+        Operation::Get,
+        format!("{codec} decode failed"),
+    )
+    .with_source(e)
+}
+
+fn trailing_error(codec: &str, left: usize) -> Error {
+    Error::new(
+        ErrorKind::Decode,
+        Operation::Get,
+        format!("{codec} decode left {left} trailing bytes"),
+    )
+}
+
+/// The default codec: [postcard](https://docs.rs/postcard) 1 over serde, a compact
+/// varint encoding with a documented wire format that postcard 1.x keeps stable.
+///
+/// It reads the values of the other serde codecs compiled in (JSON, bincode) too, so a
+/// deployment moves to it without losing what is stored.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::{Codec, PostcardCodec};
+///
+/// let bytes = Codec::<(u32, String)>::encode(&PostcardCodec, &(7, "seven".to_string()))?;
+/// assert_eq!(bytes, [7, 5, b's', b'e', b'v', b'e', b'n']);
+/// let back: (u32, String) = PostcardCodec.decode(&bytes)?;
+/// assert_eq!(back, (7, "seven".to_string()));
+/// # Ok::<(), capacitor::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PostcardCodec;
+
+impl PostcardCodec {
+    fn encode_bytes<V: Serialize>(value: &V, out: &mut Vec<u8>) -> Result<()> {
+        let encoded =
+            postcard::to_extend(value, std::mem::take(out)).map_err(|e| encode_error("postcard", e))?;
+        *out = encoded;
+        Ok(())
+    }
+
+    fn decode_bytes<V: DeserializeOwned>(bytes: &[u8]) -> Result<V> {
+        let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| decode_error("postcard", e))?;
+        if !rest.is_empty() {
+            return Err(trailing_error("postcard", rest.len()));
+        }
+        Ok(value)
+    }
+}
+
+serde_codec!(PostcardCodec, CodecId::POSTCARD);
+
+/// JSON through serde_json: values read as text in `redis-cli GET` and `psql` (after the
+/// envelope's 13-byte header), at the cost of size and speed. Feature `json`.
+///
+/// # Examples
+///
+/// ```
+/// use capacitor::{Codec, JsonCodec};
+///
+/// let bytes = Codec::<(u32, String)>::encode(&JsonCodec, &(7, "seven".to_string()))?;
+/// assert_eq!(bytes, br#"[7,"seven"]"#);
+/// # Ok::<(), capacitor::Error>(())
+/// ```
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonCodec;
+
+#[cfg(feature = "json")]
+impl JsonCodec {
+    fn encode_bytes<V: Serialize>(value: &V, out: &mut Vec<u8>) -> Result<()> {
+        serde_json::to_writer(out, value).map_err(|e| encode_error("json", e))
+    }
+
+    fn decode_bytes<V: DeserializeOwned>(bytes: &[u8]) -> Result<V> {
+        serde_json::from_slice(bytes).map_err(|e| decode_error("json", e))
+    }
+}
+
+#[cfg(feature = "json")]
+serde_codec!(JsonCodec, CodecId::JSON);
+
+/// bincode 2 (standard configuration) over serde: what capacitor wrote before postcard
+/// became the default. Feature `bincode`: enable it to keep reading (or writing) such
+/// values. RustSec lists bincode as unmaintained (RUSTSEC-2025-0141).
 ///
 /// # Examples
 ///
@@ -65,57 +344,50 @@ pub trait Codec<V>: Send + Sync + fmt::Debug + 'static {
 /// assert_eq!(back, (7, "seven".to_string()));
 /// # Ok::<(), capacitor::Error>(())
 /// ```
+#[cfg(feature = "bincode")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bincode")))]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BincodeCodec;
 
-impl<V> Codec<V> for BincodeCodec
-where
-    V: Serialize + DeserializeOwned + 'static,
-{
-    fn encode(&self, value: &V) -> Result<Vec<u8>> {
-        bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
-            Error::new(ErrorKind::Encode, Operation::Set, "bincode encode failed").with_source(e)
-        })
-    }
-
-    fn encode_into(&self, value: &V, out: &mut Vec<u8>) -> Result<()> {
+#[cfg(feature = "bincode")]
+impl BincodeCodec {
+    fn encode_bytes<V: Serialize>(value: &V, out: &mut Vec<u8>) -> Result<()> {
         bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
             .map(drop)
-            .map_err(|e| {
-                Error::new(ErrorKind::Encode, Operation::Set, "bincode encode failed").with_source(e)
-            })
+            .map_err(|e| encode_error("bincode", e))
     }
 
-    fn decode(&self, bytes: &[u8]) -> Result<V> {
-        let (value, read) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(|e| {
-                Error::new(ErrorKind::Decode, Operation::Get, "bincode decode failed").with_source(e)
-            })?;
+    fn decode_bytes<V: DeserializeOwned>(bytes: &[u8]) -> Result<V> {
+        let (value, read) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .map_err(|e| decode_error("bincode", e))?;
         if read != bytes.len() {
-            return Err(Error::new(
-                ErrorKind::Decode,
-                Operation::Get,
-                format!("bincode decode left {} trailing bytes", bytes.len() - read),
-            ));
+            return Err(trailing_error("bincode", bytes.len() - read));
         }
         Ok(value)
     }
 }
 
-/// The envelope remote layers wrap encoded values in: a marker, a format version, the
-/// absolute expiry, then the payload.
+#[cfg(feature = "bincode")]
+serde_codec!(BincodeCodec, CodecId::BINCODE);
+
+/// The envelope remote layers wrap encoded values in: a marker, a format version, flags
+/// with the codec's id, the absolute expiry, then the payload.
 ///
-/// Layout (13-byte header): `b"CPC"`, version `1u8`, flags `u8` (bit 0: has expiry),
-/// expiry as unix milliseconds `u64` little-endian (0 when none), payload.
+/// Layout (13-byte header): `b"CPC"`, version `u8`, flags `u8` (bit 0: has expiry; bits 1
+/// to 7: the [`CodecId`]), expiry as unix milliseconds `u64` little-endian (0 when none),
+/// payload. Version 1 is bincode's (codec bits 0), byte for byte what earlier versions
+/// wrote; version 2 every other codec, so that a build that predates codec ids refuses
+/// those values as an unknown version instead of decoding them as bincode.
 ///
 /// # Examples
 ///
 /// ```
-/// use capacitor::{envelope, Timestamp};
+/// use capacitor::{envelope, CodecId, Timestamp};
 ///
-/// let bytes = envelope::wrap(Some(Timestamp::from_millis(42)), b"payload");
+/// let bytes = envelope::wrap(CodecId::POSTCARD, Some(Timestamp::from_millis(42)), b"payload");
 /// let (expiry, payload) = envelope::unwrap(&bytes)?;
 /// assert_eq!((expiry, payload), (Some(Timestamp::from_millis(42)), &b"payload"[..]));
+/// assert_eq!(envelope::open(&bytes)?.codec, CodecId::POSTCARD);
 /// assert!(envelope::unwrap(b"not ours").is_err());
 /// # Ok::<(), capacitor::Error>(())
 /// ```
@@ -124,20 +396,41 @@ pub mod envelope {
 
     /// Marks bytes written by capacitor.
     pub const MAGIC: &[u8; 3] = b"CPC";
-    /// The current envelope format.
+    /// The envelope of bincode values (no codec id; what earlier versions wrote).
     pub const VERSION: u8 = 1;
+    /// The envelope that records a codec id in its flags.
+    pub const VERSION_CODEC: u8 = 2;
     /// Header length in bytes.
     pub const HEADER_LEN: usize = 13;
 
-    /// Wraps `payload` with its expiry.
-    pub fn wrap(expires_at: Option<Timestamp>, payload: &[u8]) -> Vec<u8> {
+    /// An envelope's parts.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Opened<'a> {
+        /// When the value expires, if it does.
+        pub expires_at: Option<Timestamp>,
+        /// The codec that wrote the payload.
+        pub codec: CodecId,
+        /// The encoded value.
+        pub payload: &'a [u8],
+    }
+
+    /// Wraps `payload`, written by `codec`, with its expiry.
+    pub fn wrap(codec: CodecId, expires_at: Option<Timestamp>, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        out.push(u8::from(expires_at.is_some()));
-        out.extend_from_slice(&expires_at.map_or(0, Timestamp::as_millis).to_le_bytes());
+        header(&mut out, codec, expires_at);
         out.extend_from_slice(payload);
         out
+    }
+
+    fn header(out: &mut Vec<u8>, codec: CodecId, expires_at: Option<Timestamp>) {
+        out.extend_from_slice(MAGIC);
+        out.push(if codec == CodecId::BINCODE {
+            VERSION
+        } else {
+            VERSION_CODEC
+        });
+        out.push(u8::from(expires_at.is_some()) | (codec.get() << 1));
+        out.extend_from_slice(&expires_at.map_or(0, Timestamp::as_millis).to_le_bytes());
     }
 
     /// Encodes `value` with `codec` straight into an envelope with its expiry, refusing it
@@ -151,11 +444,11 @@ pub mod envelope {
     /// # Examples
     ///
     /// ```
-    /// use capacitor::{envelope, BincodeCodec, ErrorKind, Operation};
+    /// use capacitor::{envelope, DefaultCodec, ErrorKind, Operation};
     ///
-    /// let bytes = envelope::seal(&BincodeCodec, &"hi".to_string(), None, 1024, Operation::Set)?;
+    /// let bytes = envelope::seal(&DefaultCodec::default(), &"hi".to_string(), None, 1024, Operation::Set)?;
     /// assert_eq!(envelope::unwrap(&bytes)?.0, None);
-    /// let big = envelope::seal(&BincodeCodec, &"x".repeat(100), None, 10, Operation::Set);
+    /// let big = envelope::seal(&DefaultCodec::default(), &"x".repeat(100), None, 10, Operation::Set);
     /// assert_eq!(big.map_err(|e| e.kind()).err(), Some(ErrorKind::ValueTooLarge));
     /// # Ok::<(), capacitor::Error>(())
     /// ```
@@ -166,7 +459,8 @@ pub mod envelope {
         max_value_bytes: usize,
         op: Operation,
     ) -> Result<Vec<u8>> {
-        let mut out = wrap(expires_at, &[]);
+        let mut out = Vec::with_capacity(HEADER_LEN + 32);
+        header(&mut out, codec.id(), expires_at);
         codec
             .encode_into(value, &mut out)
             .map_err(|e| e.with_operation(op))?;
@@ -186,29 +480,65 @@ pub mod envelope {
         bytes.starts_with(MAGIC)
     }
 
-    /// Splits an envelope into its expiry and payload.
+    /// Splits an envelope into its expiry, codec and payload.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Decode`] for bytes without the marker, a version this build does not
     /// read, or a truncated header.
-    pub fn unwrap(bytes: &[u8]) -> Result<(Option<Timestamp>, &[u8])> {
+    pub fn open(bytes: &[u8]) -> Result<Opened<'_>> {
         let decode_err = |msg: &'static str| Error::new(ErrorKind::Decode, Operation::Get, msg);
         if bytes.len() < HEADER_LEN || !is_ours(bytes) {
             return Err(decode_err(
                 "value was not written by capacitor (no envelope marker)",
             ));
         }
-        if bytes[3] != VERSION {
-            return Err(decode_err("unknown envelope version"));
-        }
+        let flags = bytes[4];
+        let codec = match bytes[3] {
+            VERSION => CodecId::BINCODE,
+            VERSION_CODEC => CodecId(flags >> 1),
+            _ => return Err(decode_err("unknown envelope version")),
+        };
         let mut ms = [0u8; 8];
         ms.copy_from_slice(&bytes[5..HEADER_LEN]);
-        let expiry = match bytes[4] & 1 {
+        let expires_at = match flags & 1 {
             1 => Some(Timestamp::from_millis(u64::from_le_bytes(ms))),
             _ => None,
         };
-        Ok((expiry, &bytes[HEADER_LEN..]))
+        Ok(Opened {
+            expires_at,
+            codec,
+            payload: &bytes[HEADER_LEN..],
+        })
+    }
+
+    /// Splits an envelope into its expiry and payload.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`].
+    pub fn unwrap(bytes: &[u8]) -> Result<(Option<Timestamp>, &[u8])> {
+        open(bytes).map(|o| (o.expires_at, o.payload))
+    }
+
+    /// Decodes an opened envelope's payload with `codec`, whichever codec it reads the
+    /// envelope names.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`] naming `op`: a codec `codec` does not read, or bytes that do
+    /// not decode.
+    pub fn decode<V, C: Codec<V> + ?Sized>(codec: &C, opened: &Opened<'_>, op: Operation) -> Result<V> {
+        codec
+            .decode_from(opened.codec, opened.payload)
+            .map_err(|e| e.with_operation(op))
+    }
+
+    /// Whether `bytes` are an envelope whose value was written by a codec that `codec`
+    /// does not read: a layer leaves such a value in place (another deployment's codec),
+    /// where it removes bytes that are not an envelope or do not decode.
+    pub fn is_foreign<V, C: Codec<V> + ?Sized>(codec: &C, bytes: &[u8]) -> bool {
+        open(bytes).is_ok_and(|o| !codec.reads(o.codec))
     }
 }
 
@@ -290,20 +620,97 @@ mod tests {
             Some(ErrorKind::Decode)
         );
         assert!(envelope::unwrap(b"CPC\x01\x00short").is_err());
-        let mut v = envelope::wrap(None, b"x");
+        let mut v = envelope::wrap(CodecId::POSTCARD, None, b"x");
         v[3] = 9;
         assert!(envelope::unwrap(&v).is_err());
-        let ok = envelope::wrap(None, b"");
+        let ok = envelope::wrap(CodecId::POSTCARD, None, b"");
         assert_eq!(envelope::unwrap(&ok).ok(), Some((None, &b""[..])));
     }
 
     #[test]
-    fn bincode_rejects_garbage_and_trailing_bytes() {
-        let r: Result<String> = BincodeCodec.decode(&[0xff, 0xff, 0xff, 0xff, 0xff]);
+    fn the_envelope_records_the_codec_and_bincode_keeps_the_old_bytes() {
+        // What earlier versions wrote for `"hi"` with bincode and an expiry of 42 ms.
+        let old = b"CPC\x01\x01\x2a\x00\x00\x00\x00\x00\x00\x00\x02hi";
+        let opened = envelope::open(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(opened.codec, CodecId::BINCODE);
+        assert_eq!(opened.expires_at, Some(Timestamp::from_millis(42)));
+        assert_eq!(
+            envelope::wrap(CodecId::BINCODE, Some(Timestamp::from_millis(42)), b"\x02hi"),
+            old
+        );
+        for id in [CodecId::POSTCARD, CodecId::JSON, CodecId::custom(63)] {
+            let bytes = envelope::wrap(id, None, b"p");
+            assert_eq!(bytes[3], envelope::VERSION_CODEC);
+            let opened = envelope::open(&bytes).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (opened.codec, opened.expires_at, opened.payload),
+                (id, None, &b"p"[..])
+            );
+        }
+    }
+
+    #[test]
+    fn postcard_rejects_garbage_and_trailing_bytes() {
+        let r: Result<String> = PostcardCodec.decode(&[0xff, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(r.map_err(|e| e.kind()).err(), Some(ErrorKind::Decode));
-        let mut bytes = Codec::<u32>::encode(&BincodeCodec, &5).unwrap_or_default();
+        let mut bytes = Codec::<u32>::encode(&PostcardCodec, &5).unwrap_or_default();
         bytes.push(0);
-        let r: Result<u32> = BincodeCodec.decode(&bytes);
+        let r: Result<u32> = PostcardCodec.decode(&bytes);
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_value_of_a_codec_not_read_here_is_a_decode_error_and_foreign() {
+        #[derive(Debug)]
+        struct Mine;
+        impl Codec<u32> for Mine {
+            fn id(&self) -> CodecId {
+                CodecId::custom(0)
+            }
+            fn encode(&self, v: &u32) -> Result<Vec<u8>> {
+                Ok(v.to_le_bytes().to_vec())
+            }
+            fn decode(&self, b: &[u8]) -> Result<u32> {
+                b.try_into()
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| Error::new(ErrorKind::Decode, Operation::Get, "not 4 bytes"))
+            }
+        }
+        let mine = envelope::seal(&Mine, &7, None, 64, Operation::Set).unwrap_or_default();
+        let opened = envelope::open(&mine).unwrap_or_else(|e| panic!("{e}"));
+        let r: Result<u32> = envelope::decode(&PostcardCodec, &opened, Operation::Get);
+        let err = r.err().unwrap_or_else(|| panic!("decoded another codec's value"));
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        assert!(err.to_string().contains("custom codec 0"), "{err}");
+        assert!(envelope::is_foreign::<u32, _>(&PostcardCodec, &mine));
+        let ours = envelope::seal(&PostcardCodec, &7u32, None, 64, Operation::Set).unwrap_or_default();
+        assert!(envelope::is_foreign(&Mine, &ours));
+        assert!(!envelope::is_foreign::<u32, _>(&PostcardCodec, &ours));
+        assert!(!envelope::is_foreign::<u32, _>(&PostcardCodec, b"garbage"));
+        assert_eq!(
+            envelope::decode(
+                &Mine,
+                &envelope::open(&mine).unwrap_or_else(|e| panic!("{e}")),
+                Operation::Get
+            )
+            .ok(),
+            Some(7)
+        );
+    }
+
+    #[cfg(all(feature = "json", feature = "bincode"))]
+    #[test]
+    fn the_serde_codecs_read_each_others_values() {
+        let value = (7u32, "seven".to_string(), vec![1u8, 2]);
+        let codecs: [&dyn Codec<(u32, String, Vec<u8>)>; 3] = [&PostcardCodec, &JsonCodec, &BincodeCodec];
+        for writer in codecs {
+            let bytes = envelope::seal(writer, &value, None, 1024, Operation::Set).unwrap_or_default();
+            for reader in codecs {
+                let opened = envelope::open(&bytes).unwrap_or_else(|e| panic!("{e}"));
+                let back =
+                    envelope::decode(reader, &opened, Operation::Get).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(back, value, "{writer:?} read by {reader:?}");
+            }
+        }
     }
 }

@@ -26,7 +26,13 @@ pub mod testkit;
 
 pub use async_trait::async_trait;
 pub use bus::{bus_instance_id, BusMessage, Change, Invalidation, InvalidationBus, InvalidationSink};
-pub use codec::{envelope, BincodeCodec, Codec, StorageKey};
+#[cfg(feature = "bincode")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bincode")))]
+pub use codec::BincodeCodec;
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+pub use codec::JsonCodec;
+pub use codec::{envelope, Codec, CodecId, DefaultCodec, PostcardCodec, StorageKey};
 pub use config::{LayerConfig, ReadBatching, SetOptions, WriteBack, WritePolicy, MAX_TAGS, MAX_TAG_BYTES};
 pub use entry::{expiry_for, system_clock, Clock, Entry, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use error::{BoxError, Error, ErrorKind, Operation, Result};

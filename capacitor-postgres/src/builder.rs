@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use capacitor_core::background::Stop;
 use capacitor_core::{
-    envelope, system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
+    envelope, system_clock, Clock, Codec, DefaultCodec, Error, Operation, Result, SharedClock, StorageKey,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -164,7 +164,7 @@ type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Mana
 ///   [`scan_page_size`](Self::scan_page_size) 256 rows
 /// - [`key_format`](Self::key_format) [`KeyFormat::Text`] for `String` keys,
 ///   [`KeyFormat::Hex`] otherwise
-/// - no TLS; [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system
+/// - no TLS; [`codec`](Self::codec) [`DefaultCodec`]; [`clock`](Self::clock) the system
 ///   clock; `application_name=capacitor` unless the URL sets one
 ///
 /// The `Debug` output never shows the URL or the password.
@@ -190,7 +190,7 @@ type MakeManager = Box<dyn FnOnce(tokio_postgres::Config, ManagerConfig) -> Mana
 /// # Ok(()) }
 /// ```
 #[must_use]
-pub struct PostgresLayerBuilder<C = BincodeCodec> {
+pub struct PostgresLayerBuilder<C = DefaultCodec> {
     source: Source,
     schema: String,
     table: String,
@@ -237,14 +237,14 @@ impl<C: fmt::Debug> fmt::Debug for PostgresLayerBuilder<C> {
     }
 }
 
-impl PostgresLayer<(), (), BincodeCodec> {
+impl PostgresLayer<(), (), DefaultCodec> {
     /// A builder with the defaults listed on [`PostgresLayerBuilder`].
     pub fn builder() -> PostgresLayerBuilder {
         PostgresLayerBuilder::new()
     }
 }
 
-impl PostgresLayerBuilder<BincodeCodec> {
+impl PostgresLayerBuilder<DefaultCodec> {
     fn new() -> Self {
         PostgresLayerBuilder {
             source: Source::None,
@@ -272,7 +272,7 @@ impl PostgresLayerBuilder<BincodeCodec> {
             scan_page_size: DEFAULT_SCAN_PAGE_SIZE,
             key_format: None,
             tls: None,
-            codec: BincodeCodec,
+            codec: DefaultCodec::default(),
             clock: system_clock(),
         }
     }
@@ -555,7 +555,7 @@ impl<C> PostgresLayerBuilder<C> {
         self.tls(postgres_native_tls::MakeTlsConnector::new(connector))
     }
 
-    /// The codec values are stored with. Default: [`BincodeCodec`].
+    /// The codec values are stored with. Default: [`DefaultCodec`].
     pub fn codec<C2>(self, codec: C2) -> PostgresLayerBuilder<C2> {
         PostgresLayerBuilder {
             source: self.source,

@@ -202,7 +202,7 @@ pub(crate) fn decode_entry<V, C: Codec<V>>(
     expires_at: Option<SystemTime>,
     op: Operation,
 ) -> Result<Entry<V>> {
-    let (_, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
-    let value = codec.decode(payload).map_err(|e| e.with_operation(op))?;
+    let opened = envelope::open(bytes).map_err(|e| e.with_operation(op))?;
+    let value = envelope::decode(codec, &opened, op)?;
     Ok(Entry::new(value, expires_at.map(Timestamp::from_system_time)))
 }

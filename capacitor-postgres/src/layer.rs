@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use capacitor_core::fence::{deadline_after, too_late, InFlight};
 use capacitor_core::{
-    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    async_trait, envelope, expiry_for, Capabilities, Codec, DefaultCodec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 use deadpool_postgres::{Object, Pool};
@@ -75,7 +75,7 @@ pub const MAX_KEY_BYTES: usize = 2_048;
 /// layer.close().await?;
 /// # Ok(()) }
 /// ```
-pub struct PostgresLayer<K, V, C = BincodeCodec> {
+pub struct PostgresLayer<K, V, C = DefaultCodec> {
     pub(crate) shared: Arc<Shared<C>>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
@@ -275,8 +275,11 @@ where
         match decode_entry(&self.shared.codec, value, expires_at, op) {
             Ok(entry) => Ok(Some(entry)),
             Err(err) => {
-                let bad = [(text.into_owned(), value.to_vec())];
-                self.remove_if_unchanged(&client, &bad, op).await;
+                // A value of a codec this layer does not read stays: another deployment's.
+                if !envelope::is_foreign(&self.shared.codec, value) {
+                    let bad = [(text.into_owned(), value.to_vec())];
+                    self.remove_if_unchanged(&client, &bad, op).await;
+                }
                 Err(err)
             }
         }
@@ -429,6 +432,7 @@ where
             .map_err(|e| pg_error(op, e))?;
         let mut found: HashMap<String, Entry<V>> = HashMap::with_capacity(rows.len());
         let mut bad: Vec<Row> = Vec::new();
+        let mut foreign = 0usize;
         let mut first_error = None;
         for row in rows {
             let key: String = row.try_get(0).map_err(|e| pg_error(op, e))?;
@@ -440,17 +444,22 @@ where
                 }
                 Err(err) => {
                     first_error.get_or_insert(err);
-                    bad.push((key, value.to_vec()));
+                    if envelope::is_foreign(&self.shared.codec, value) {
+                        foreign += 1;
+                    } else {
+                        bad.push((key, value.to_vec()));
+                    }
                 }
             }
         }
         if let Some(err) = first_error {
             self.remove_if_unchanged(&client, &bad, op).await;
-            if bad.len() == 1 {
+            if bad.len() + foreign == 1 {
                 return Err(err);
             }
             let message = format!(
-                "{} stored values did not decode (removed); first: {}",
+                "{} stored values did not decode ({} removed, {foreign} of another codec kept); first: {}",
+                bad.len() + foreign,
                 bad.len(),
                 err.message()
             );

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use capacitor_core::background::Stop;
 use capacitor_core::{
-    system_clock, BincodeCodec, Clock, Codec, Error, ErrorKind, Operation, Result, SharedClock,
+    system_clock, Clock, Codec, DefaultCodec, Error, ErrorKind, Operation, Result, SharedClock,
 };
 
 use crate::core::{open_tables, Durability, Flusher, Names, Shared, Store, TempFile};
@@ -40,7 +40,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// - [`sweeper`](Self::sweeper) on, [`sweep_interval`](Self::sweep_interval) 60 s,
 ///   [`sweep_batch`](Self::sweep_batch) 1,000 entries
 /// - [`max_value_bytes`](Self::max_value_bytes) 64 MiB
-/// - [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system clock
+/// - [`codec`](Self::codec) [`DefaultCodec`]; [`clock`](Self::clock) the system clock
 /// - [`tags`](Self::tags) off
 ///
 /// The sweeper runs on a tokio task: build inside a tokio runtime, or turn it off with
@@ -67,7 +67,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 /// ```
 #[must_use]
-pub struct RedbLayerBuilder<C = BincodeCodec> {
+pub struct RedbLayerBuilder<C = DefaultCodec> {
     path: Option<PathBuf>,
     db: Option<Arc<redb::Database>>,
     table: Option<String>,
@@ -104,14 +104,14 @@ impl<C: fmt::Debug> fmt::Debug for RedbLayerBuilder<C> {
     }
 }
 
-impl RedbLayer<(), (), BincodeCodec> {
+impl RedbLayer<(), (), DefaultCodec> {
     /// A builder with the defaults listed on [`RedbLayerBuilder`].
     pub fn builder() -> RedbLayerBuilder {
         RedbLayerBuilder::new()
     }
 }
 
-impl RedbLayerBuilder<BincodeCodec> {
+impl RedbLayerBuilder<DefaultCodec> {
     fn new() -> Self {
         RedbLayerBuilder {
             path: None,
@@ -120,7 +120,7 @@ impl RedbLayerBuilder<BincodeCodec> {
             temporary: false,
             cache_capacity: None,
             durability: Durability::default(),
-            codec: BincodeCodec,
+            codec: DefaultCodec::default(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             sweeper: true,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
@@ -178,7 +178,7 @@ impl<C> RedbLayerBuilder<C> {
         self
     }
 
-    /// The codec values are stored with. Default: [`BincodeCodec`].
+    /// The codec values are stored with. Default: [`DefaultCodec`].
     pub fn codec<C2>(self, codec: C2) -> RedbLayerBuilder<C2> {
         RedbLayerBuilder {
             path: self.path,

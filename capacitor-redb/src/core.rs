@@ -317,12 +317,12 @@ pub(crate) fn decode_value<V, C: Codec<V>>(
     bytes: &[u8],
     op: Operation,
 ) -> Result<Stored<V>> {
-    let (expires_at, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
-    if let Some(at) = expires_at {
+    let opened = envelope::open(bytes).map_err(|e| e.with_operation(op))?;
+    if let Some(at) = opened.expires_at {
         if at <= clock.now() {
             return Ok(Stored::Expired);
         }
     }
-    let value = codec.decode(payload).map_err(|e| e.with_operation(op))?;
-    Ok(Stored::Live(Entry::new(value, expires_at)))
+    let value = envelope::decode(codec, &opened, op)?;
+    Ok(Stored::Live(Entry::new(value, opened.expires_at)))
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use capacitor_core::{
-    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    async_trait, envelope, expiry_for, Capabilities, Codec, DefaultCodec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 
@@ -80,7 +80,7 @@ fn remove_if_unchanged(store: &Store, key: &[u8], bytes: &[u8], op: Operation) {
 /// assert!(layer.exists(&"user:42".to_string()).await?);
 /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 /// ```
-pub struct RedbLayer<K, V, C = BincodeCodec> {
+pub struct RedbLayer<K, V, C = DefaultCodec> {
     pub(crate) shared: Arc<Shared<C>>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
@@ -142,8 +142,12 @@ where
             }
             Err(err) => {
                 // Bad bytes would fail every read until overwritten: drop them, so that the
-                // next read is a plain miss (and a composer can refill from below).
-                remove_if_unchanged(store, key, &bytes, op);
+                // next read is a plain miss (and a composer can refill from below). A
+                // value of a codec this layer does not read stays: it is another
+                // deployment's, not garbage.
+                if !envelope::is_foreign(&self.shared.codec, &bytes) {
+                    remove_if_unchanged(store, key, &bytes, op);
+                }
                 Err(err)
             }
         }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capacitor_core::{
-    system_clock, BincodeCodec, Clock, Codec, Error, Operation, Result, SharedClock, StorageKey,
+    system_clock, Clock, Codec, DefaultCodec, Error, Operation, Result, SharedClock, StorageKey,
 };
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 
@@ -119,9 +119,9 @@ enum Server {
     Fred(Box<Config>),
 }
 
-/// How to reach Redis, shared by [`RedisLayerBuilder`] and [`RedisBusBuilder`]: the
-/// server (a URL or a fred [`Config`]), the command and connect timeouts and the
-/// reconnect policy. Both builders take it whole
+/// How to reach Redis, shared by [`RedisLayerBuilder`], [`RedisBusBuilder`] and
+/// [`RedisTrackingBusBuilder`](crate::RedisTrackingBusBuilder): the server (a URL), the
+/// command and connect timeouts and the reconnect policy. The builders take it whole
 /// ([`RedisLayerBuilder::connection`], [`RedisBusBuilder::connection`]) or one setter at
 /// a time (their `url`, `command_timeout`, … setters set the same options).
 ///
@@ -129,8 +129,8 @@ enum Server {
 /// reconnect exponential from 50 ms to 2 s, forever ([`Reconnect::default`]).
 ///
 /// TLS: a `rediss://` URL (with the facade's `redis-tls` feature, or this crate's
-/// `tls-rustls` or `tls-native`), or a fred [`Config`] with its `tls` field set
-/// ([`fred_config`](Self::fred_config)) for certificates of your own.
+/// `tls-rustls` or `tls-native`). For certificates of your own there is the fred escape
+/// hatch, [`fred_config`](Self::fred_config), the one setter tied to the Redis client.
 ///
 /// # Examples
 ///
@@ -210,10 +210,37 @@ impl RedisConnection {
         self
     }
 
-    /// The server, as a fred [`Config`], for what the URL cannot say (custom TLS roots
-    /// or client certificates, a different DNS resolver, …). Default: none (the URL).
-    /// Its `fail_fast` is set by the [`reconnect`](Self::reconnect) policy. Replaces a
-    /// [`url`](Self::url).
+    /// The fred escape hatch: the server as a fred `Config`
+    /// (`capacitor::redis::fred::types::config::Config`, through the re-export of fred),
+    /// for what a URL cannot say, such as a CA or a client certificate of your own (its
+    /// `tls` field, with fred's TLS features). Default: none (the URL). Its `fail_fast`
+    /// is set by the [`reconnect`](Self::reconnect) policy, and the timeouts and the
+    /// reconnect policy are this type's. Replaces a [`url`](Self::url).
+    ///
+    /// This is the only item of the crate, besides the `fred` re-export itself, whose
+    /// signature names a fred type: it follows fred's releases, and a move to another
+    /// Redis client would replace it (see
+    /// [Another Redis client](crate#another-redis-client)), where the rest of the API
+    /// would stay as it is.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use capacitor::redis::fred::types::config::Config;
+    /// use capacitor::redis::{RedisConnection, RedisLayer};
+    ///
+    /// let url = "redis://127.0.0.1:6379";
+    /// # let from_env = std::env::var("CAPACITOR_REDIS_URL").unwrap_or_else(|_| url.to_owned()); let url = from_env.as_str();
+    /// let config = Config::from_url(url)?; // then set what the URL cannot say
+    /// let layer = RedisLayer::builder()
+    ///     .connection(RedisConnection::new().fred_config(config))
+    ///     .prefix("doc:fred-config:")
+    ///     .build::<String, String>()?;
+    /// layer.connect().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn fred_config(mut self, config: Config) -> Self {
         self.server = Server::Fred(Box::new(config));
         self
@@ -336,7 +363,7 @@ fn parse_url(url: &str) -> Result<Config> {
                 "`{shown}` asks for TLS, which a URL gets only with a TLS feature of this \
                  crate: enable the facade's `redis-tls` feature (capacitor-redis' \
                  `tls-rustls` or `tls-native`), or, with fred's own TLS enabled, pass \
-                 `fred_config(..)` a fred `Config` whose `tls` field is set"
+                 `RedisConnection::fred_config(..)` a fred `Config` whose `tls` field is set"
             ),
         ));
     }
@@ -369,7 +396,9 @@ fn describe_server(config: &Config) -> String {
 }
 
 /// The connection setters of a builder holding a [`RedisConnection`] in its `connection`
-/// field: each delegates to the [`RedisConnection`] setter of the same name.
+/// field: each delegates to the [`RedisConnection`] setter of the same name. The fred
+/// escape hatch, [`RedisConnection::fred_config`], is not among them: the builders'
+/// own API names no fred type.
 macro_rules! connection_setters {
     () => {
         /// How to reach Redis, all options at once (replacing any set before). Default:
@@ -383,13 +412,6 @@ macro_rules! connection_setters {
         /// [`RedisConnection::url`].
         pub fn url(mut self, url: impl Into<String>) -> Self {
             self.connection = self.connection.url(url);
-            self
-        }
-
-        /// The server as a fred [`Config`] (custom TLS and the like). Default: none (the
-        /// URL). See [`RedisConnection::fred_config`].
-        pub fn fred_config(mut self, config: Config) -> Self {
-            self.connection = self.connection.fred_config(config);
             self
         }
 
@@ -433,7 +455,7 @@ pub(crate) use connection_setters;
 /// | [`reconnect`](Self::reconnect) | exponential from 50 ms to 2 s, forever |
 /// | [`max_value_bytes`](Self::max_value_bytes) | 64 MiB |
 /// | [`scan_count`](Self::scan_count) | 256 |
-/// | [`codec`](Self::codec) | [`BincodeCodec`] |
+/// | [`codec`](Self::codec) | [`DefaultCodec`] |
 /// | [`clock`](Self::clock) | the system clock |
 ///
 /// # Examples
@@ -456,7 +478,7 @@ pub(crate) use connection_setters;
 /// # Ok(()) }
 /// ```
 #[must_use]
-pub struct RedisLayerBuilder<C = BincodeCodec> {
+pub struct RedisLayerBuilder<C = DefaultCodec> {
     connection: RedisConnection,
     pool_size: usize,
     prefix: Vec<u8>,
@@ -479,7 +501,7 @@ impl<C: fmt::Debug> fmt::Debug for RedisLayerBuilder<C> {
     }
 }
 
-impl Default for RedisLayerBuilder<BincodeCodec> {
+impl Default for RedisLayerBuilder<DefaultCodec> {
     fn default() -> Self {
         RedisLayerBuilder {
             connection: RedisConnection::default(),
@@ -487,7 +509,7 @@ impl Default for RedisLayerBuilder<BincodeCodec> {
             prefix: Vec::new(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             scan_count: DEFAULT_SCAN_COUNT,
-            codec: BincodeCodec,
+            codec: DefaultCodec::default(),
             clock: system_clock(),
         }
     }
@@ -538,7 +560,7 @@ impl<C> RedisLayerBuilder<C> {
         self
     }
 
-    /// The value codec. Default: [`BincodeCodec`].
+    /// The value codec. Default: [`DefaultCodec`].
     pub fn codec<C2>(self, codec: C2) -> RedisLayerBuilder<C2> {
         RedisLayerBuilder {
             connection: self.connection,

@@ -207,13 +207,13 @@ impl<C> Shared<C> {
     where
         C: Codec<V>,
     {
-        let (expires_at, payload) = envelope::unwrap(bytes).map_err(|e| e.with_operation(op))?;
-        let entry = Entry::new((), expires_at);
+        let opened = envelope::open(bytes).map_err(|e| e.with_operation(op))?;
+        let entry = Entry::new((), opened.expires_at);
         if entry.is_expired(self.clock.now()) {
             return Ok(None);
         }
-        let value = self.codec.decode(payload).map_err(|e| e.with_operation(op))?;
-        Ok(Some(Entry::new(value, expires_at)))
+        let value = envelope::decode(&self.codec, &opened, op)?;
+        Ok(Some(Entry::new(value, opened.expires_at)))
     }
 
     /// Deletes a key that did not decode, when the layer owns its namespace (a non-empty

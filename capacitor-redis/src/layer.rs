@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use capacitor_core::fence::{deadline_after, too_late};
 use capacitor_core::{
-    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    async_trait, envelope, expiry_for, Capabilities, Codec, DefaultCodec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 use fred::prelude::{ClientLike, Key, KeysInterface, Options, Value};
@@ -47,7 +47,7 @@ use crate::scan::scan_stream;
 /// redis.close().await?;
 /// # Ok(()) }
 /// ```
-pub struct RedisLayer<K, V, C = BincodeCodec> {
+pub struct RedisLayer<K, V, C = DefaultCodec> {
     pub(crate) shared: Arc<Shared<C>>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
@@ -244,7 +244,8 @@ where
         Ok(deleted)
     }
 
-    /// Decodes one `GET` reply, evicting what does not decode.
+    /// Decodes one `GET` reply, evicting what does not decode (a value of a codec this
+    /// layer does not read is left in place: another deployment's).
     async fn decode_reply(&self, key: Key, reply: &Value, op: Operation) -> Result<Option<Entry<V>>> {
         let Some(bytes) = value_bytes(reply) else {
             return Ok(None);
@@ -252,7 +253,9 @@ where
         match self.shared.decode(bytes, op) {
             Ok(entry) => Ok(entry),
             Err(err) => {
-                self.shared.evict(key, Some(bytes.to_vec())).await;
+                if !envelope::is_foreign(&self.shared.codec, bytes) {
+                    self.shared.evict(key, Some(bytes.to_vec())).await;
+                }
                 Err(err)
             }
         }
@@ -386,7 +389,7 @@ where
                 ErrorKind::Decode,
                 op,
                 format!(
-                    "{bad} stored values did not decode (evicted); first: {}",
+                    "{bad} stored values did not decode (evicted, unless another codec wrote them); first: {}",
                     err.message()
                 ),
             )

@@ -15,7 +15,9 @@ pub use bus::RedisBus;
 pub use layer::RedisLayer;
 pub use tracking::{RedisTrackingBus, RedisTrackingBusBuilder};
 
-/// The Redis client, re-exported for configuration this crate does not wrap (and to use
-/// the same version).
+/// The Redis client, fred 10, re-exported: for the fred escape hatch,
+/// [`RedisConnection::fred_config`], and to use the same version for clients of your
+/// own. The two are the only parts of this crate's API tied to fred (see
+/// [Another Redis client](crate#another-redis-client)).
 #[doc(no_inline)]
 pub use fred;

@@ -12,7 +12,7 @@ use capacitor_core::{
 };
 use fred::clients::Client;
 use fred::interfaces::TrackingInterface;
-use fred::prelude::{ClientLike, Config, EventInterface, Options};
+use fred::prelude::{ClientLike, EventInterface, Options};
 use fred::types::config::ServerConfig;
 use fred::types::{ConnectHandle, RespVersion};
 use tokio::sync::broadcast::error::RecvError;
@@ -49,10 +49,10 @@ const INVALIDATION_BUFFER: usize = 4_096;
 ///   again and the in-process layers are cleared, as after the first `CLIENT TRACKING`;
 /// - `FLUSHALL` / `FLUSHDB` are not reported (fred 10 drops Redis's null invalidation);
 /// - on a Redis Cluster, fred 10 sends `CLIENT TRACKING … BCAST` to one node only, so
-///   the builder refuses cluster URLs: use `RedisBus` there. The default (non-BCAST)
-///   mode is not offered: it tracks the keys each connection read, which would need
-///   tracking on every connection of the layer's pool (fred's pool has no tracking
-///   interface, and does not turn tracking on again after a reconnect).
+///   the builder refuses cluster URLs: use `RedisBus` there;
+/// - the default (non-BCAST) mode is not offered: Redis then reports only the keys a
+///   connection read, never a copy the composer cached from its own write or a loader's
+///   fill, which would stay stale in L1 (the crate's guide shows it on the server).
 ///
 /// # Examples
 ///

@@ -10,7 +10,7 @@ use std::time::Duration;
 const MIN_CACHE_CAPACITY: u64 = 256;
 
 use capacitor_core::background::Stop;
-use capacitor_core::{system_clock, BincodeCodec, Clock, Codec, Error, Result, SharedClock};
+use capacitor_core::{system_clock, Clock, Codec, DefaultCodec, Error, Result, SharedClock};
 
 use crate::core::{FlushPolicy, Handles, Shared, TagTrees};
 use crate::error::{is_lock_error, open_error, sled_error};
@@ -39,7 +39,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// - [`sweeper`](Self::sweeper) on, [`sweep_interval`](Self::sweep_interval) 60 s,
 ///   [`sweep_batch`](Self::sweep_batch) 1,000 entries
 /// - [`max_value_bytes`](Self::max_value_bytes) 64 MiB
-/// - [`codec`](Self::codec) [`BincodeCodec`]; [`clock`](Self::clock) the system clock
+/// - [`codec`](Self::codec) [`DefaultCodec`]; [`clock`](Self::clock) the system clock
 /// - [`tags`](Self::tags) off
 ///
 /// The sweeper runs on a tokio task: build inside a tokio runtime, or turn it off with
@@ -66,7 +66,7 @@ const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 /// ```
 #[must_use]
-pub struct SledLayerBuilder<C = BincodeCodec> {
+pub struct SledLayerBuilder<C = DefaultCodec> {
     path: Option<PathBuf>,
     db: Option<sled::Db>,
     tree: Option<String>,
@@ -103,14 +103,14 @@ impl<C: fmt::Debug> fmt::Debug for SledLayerBuilder<C> {
     }
 }
 
-impl SledLayer<(), (), BincodeCodec> {
+impl SledLayer<(), (), DefaultCodec> {
     /// A builder with the defaults listed on [`SledLayerBuilder`].
     pub fn builder() -> SledLayerBuilder {
         SledLayerBuilder::new()
     }
 }
 
-impl SledLayerBuilder<BincodeCodec> {
+impl SledLayerBuilder<DefaultCodec> {
     fn new() -> Self {
         SledLayerBuilder {
             path: None,
@@ -119,7 +119,7 @@ impl SledLayerBuilder<BincodeCodec> {
             temporary: false,
             cache_capacity: None,
             flush_policy: FlushPolicy::default(),
-            codec: BincodeCodec,
+            codec: DefaultCodec::default(),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             sweeper: true,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
@@ -179,7 +179,7 @@ impl<C> SledLayerBuilder<C> {
         self
     }
 
-    /// The codec values are stored with. Default: [`BincodeCodec`].
+    /// The codec values are stored with. Default: [`DefaultCodec`].
     pub fn codec<C2>(self, codec: C2) -> SledLayerBuilder<C2> {
         SledLayerBuilder {
             path: self.path,

@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use capacitor_core::{
-    async_trait, envelope, expiry_for, BincodeCodec, Capabilities, Codec, Entry, EntryStream, Error,
+    async_trait, envelope, expiry_for, Capabilities, Codec, DefaultCodec, Entry, EntryStream, Error,
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 use sled::transaction::ConflictableTransactionError;
@@ -79,7 +79,7 @@ fn remove_if_unchanged(trees: &Trees, key: &[u8], bytes: &IVec, op: Operation) {
 /// assert!(layer.exists(&"user:42".to_string()).await?);
 /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 /// ```
-pub struct SledLayer<K, V, C = BincodeCodec> {
+pub struct SledLayer<K, V, C = DefaultCodec> {
     pub(crate) shared: Arc<Shared<C>>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
@@ -152,8 +152,12 @@ where
             }
             Err(err) => {
                 // Bad bytes would fail every read until overwritten: drop them, so that the
-                // next read is a plain miss (and a composer can refill from below).
-                remove_if_unchanged(trees, &key, &bytes, op);
+                // next read is a plain miss (and a composer can refill from below). A
+                // value of a codec this layer does not read stays: it is another
+                // deployment's, not garbage.
+                if !envelope::is_foreign(&self.shared.codec, &bytes) {
+                    remove_if_unchanged(trees, &key, &bytes, op);
+                }
                 Err(err)
             }
         }

@@ -77,7 +77,9 @@ pub mod redis {
     //! The Redis layer and the Redis invalidation buses (pub/sub, client tracking), on fred.
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
-    //! documentation: [`capacitor_redis`].
+    //! documentation: [`capacitor_redis`]. `fred` is the Redis client, re-exported for
+    //! the escape hatch [`RedisConnection::fred_config`]: the two are the only parts of
+    //! this module tied to fred.
     #[doc(no_inline)]
     pub use capacitor_redis::fred;
     pub use capacitor_redis::{

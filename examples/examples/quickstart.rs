@@ -8,13 +8,14 @@
 //! cargo run --release --example quickstart -- ./data  # in ./data (kept afterwards)
 //! ```
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use capacitor::memory::MokaLayer;
 use capacitor::redb::RedbLayer;
 use capacitor::{LayerConfig, MultiLayer, WarmUp};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanCount, ProgressBar, ProgressState, ProgressStyle};
 
 const KEYS: u64 = 100_000;
 const READS: u64 = 1_000_000;
@@ -42,8 +43,13 @@ impl Rng {
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos:>9}/{len} {per_sec:>14} eta {eta}")
+    // The rate as a whole number: since indicatif 0.18 a width on `{per_sec}` is its
+    // count of decimals.
+    let style = ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos:>9}/{len} {rate:>11} eta {eta}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("rate", |state: &ProgressState, out: &mut dyn fmt::Write| {
+            let _ = write!(out, "{}/s", HumanCount(state.per_sec() as u64));
+        })
         .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(what.to_owned());

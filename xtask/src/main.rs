@@ -6,14 +6,17 @@
 //!   capacitor / raw / peer medians and an SVG chart in
 //!   `$CARGO_TARGET_DIR/capacitor-report/` (else `target/capacitor-report/`).
 //! - `cargo xtask imports`: no crate's modules import each other in a cycle.
+//! - `cargo xtask deny`: `cargo deny check` against `deny.toml` (licences, duplicate
+//!   versions, sources, advisories), installing cargo-deny when missing (see `deny`).
 //! - `cargo xtask ci`: fmt check, `imports`, clippy `-D warnings`, feature-combination
-//!   builds, `test`, docs with `-D warnings`.
+//!   builds, `test`, docs with `-D warnings`, `deny`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime};
 
 mod chart;
+mod deny;
 mod imports;
 mod report;
 mod services;
@@ -22,7 +25,7 @@ use services::{Backend, Purpose, Services};
 
 type Result<T = (), E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
-const USAGE: &str = "usage: cargo xtask <test | bench [--quick] [SUITE...] | imports [DIR] | ci>";
+const USAGE: &str = "usage: cargo xtask <test | bench [--quick] [SUITE...] | imports [DIR] | deny | ci>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
         Some("imports") => check_imports(args.get(1).map_or_else(root, PathBuf::from)),
+        Some("deny") => deny::check(),
         Some("ci") => ci(),
         _ => {
             eprintln!("{USAGE}");
@@ -279,6 +283,8 @@ fn ci() -> Result {
         "redis-tls",
         "postgres",
         "postgres-tls",
+        "json",
+        "bincode",
         "full",
     ] {
         cargo(&[
@@ -295,6 +301,7 @@ fn ci() -> Result {
         &["doc", "--workspace", "--all-features", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
+    deny::check()?;
     eprintln!("\nxtask ci: green in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -576,6 +583,7 @@ mod tests {
         let suites = bench_suites().unwrap();
         for s in [
             "batching",
+            "codecs",
             "composer",
             "embedded",
             "postgres",

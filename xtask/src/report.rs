@@ -602,6 +602,9 @@ the unpublished `benches` crate only (it needs Rust 1.91).
   `= ANY($1)` query), with it off (*unbatched*), and the hand-written moka + one request
   per key (raw; over Redis also the hand-written peer); it prints keys/s and the p99 of one
   read per function.
+- `codecs`: one small record stored and read back through each codec (`postcard`, the
+  default; `json`; `bincode`): the envelope's seal, open and decode (capacitor) beside
+  the codec's plain encode and decode (raw); it prints each codec's stored size.
 - `observe`: an L1 hit built with the `metrics` and `tracing` features (a Prometheus
   recorder and an INFO subscriber installed) beside the same hit built without them (raw);
   `observe_debug_spans`: DEBUG spans collected beside INFO.
@@ -615,7 +618,7 @@ hit: raw get, decode, raw L1 insert; for a write: raw write, raw L1 insert). *ra
 capacitor ÷ raw: below 1× capacitor is faster (batching, single flight). A peer column is
 code you could run instead, with its median and capacitor ÷ it: *hand-written* is the
 cache-aside code a user writes today (`benches/src/peer.rs`: check moka, then Redis, then
-PostgreSQL, backfill the tiers above; its own connections, plain bincode), *foyer* is
+PostgreSQL, backfill the tiers above; its own connections, plain postcard), *foyer* is
 foyer's in-memory cache doing the same hit, *capacitor, batching off* the batching suite's
 composer without read batching. *target* is the highest acceptable ratio. For
 `l1_hit_threads`, throughput on n threads ÷ on one is n·t(1)/t(n) (in the derived figures).

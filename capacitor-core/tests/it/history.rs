@@ -211,7 +211,7 @@ async fn run(variant: Variant, seed: u64) -> (usize, u64, Vec<String>) {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let f = &faults[(x % 3) as usize];
-                let on = (x >> 8) % 4 == 0;
+                let on = (x >> 8).is_multiple_of(4);
                 match (x >> 4) % 3 {
                     0 => f.fail_reads(on),
                     1 => f.fail_writes(on),

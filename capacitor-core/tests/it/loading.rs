@@ -250,7 +250,7 @@ async fn a_thousand_callers_with_random_cancellation_run_one_loader() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        if seed % 2 == 0 {
+        if seed.is_multiple_of(2) {
             t.abort();
         } else {
             kept.push(t);

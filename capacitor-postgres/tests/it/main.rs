@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
 mod batching;
+mod codecs;
 mod common;
 mod composer;
 mod conformance;

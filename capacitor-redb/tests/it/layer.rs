@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use capacitor_core::testkit::within;
 use capacitor_core::{
-    envelope, Codec, EntryStream, Error, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
-    Result, Timestamp, WriteOp,
+    envelope, Codec, CodecId, EntryStream, Error, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer,
+    Operation, Result, Timestamp, WriteOp,
 };
 use capacitor_memory::DashMapLayer;
 use capacitor_redb::{Durability, RedbLayer};
@@ -411,19 +411,19 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
         assert_eq!(raw_get(db, DATA, b"foreign"), None, "the bad entry is removed");
         assert_eq!(layer.get(&s("foreign")).await.expect("then a plain miss"), None);
 
-        // Our envelope, but a payload that is not a bincode String.
+        // Our envelope, but a payload that is not a postcard String.
         raw_insert(
             db,
             DATA,
             b"garbled",
-            &envelope::wrap(None, &[0xff, 0xff, 0xff, 0xff, 0xff]),
+            &envelope::wrap(CodecId::POSTCARD, None, &[0xff, 0xff, 0xff, 0xff, 0xff]),
         );
         assert_eq!(kind(layer.get(&s("garbled")).await), ErrorKind::Decode);
         assert_eq!(raw_get(db, DATA, b"garbled"), None);
 
         // An envelope of a future version.
-        let mut future = envelope::wrap(None, b"\x01x");
-        future[3] = envelope::VERSION + 1;
+        let mut future = envelope::wrap(CodecId::POSTCARD, None, b"\x01x");
+        future[3] = envelope::VERSION_CODEC + 1;
         raw_insert(db, DATA, b"future", &future);
         assert_eq!(kind(layer.get(&s("future")).await), ErrorKind::Decode);
         assert_eq!(raw_get(db, DATA, b"future"), None);
@@ -513,6 +513,10 @@ async fn bad_bytes_under_a_multilayer_are_a_counted_miss() {
 struct PickyCodec;
 
 impl Codec<String> for PickyCodec {
+    fn id(&self) -> CodecId {
+        CodecId::custom(1)
+    }
+
     fn encode(&self, value: &String) -> Result<Vec<u8>> {
         if value == "poison" {
             return Err(Error::new(ErrorKind::Encode, Operation::Set, "poison"));
@@ -704,7 +708,7 @@ async fn the_sweeper_removes_unread_expired_entries_and_stops_on_close_and_drop(
         );
 
         // Stops after close: an expired entry written afterwards stays.
-        let expired = envelope::wrap(Some(Timestamp::from_millis(1)), b"\x01x");
+        let expired = envelope::wrap(CodecId::POSTCARD, Some(Timestamp::from_millis(1)), b"\x01x");
         layer.close().await.expect("close");
         raw_insert(db, DATA, b"after-close", &expired);
         tokio::time::sleep(interval * 15).await;
@@ -826,8 +830,8 @@ async fn a_scan_reads_a_page_at_a_time_each_from_a_fresh_read_transaction() {
             .sweeper(false)
             .build()
             .expect("build");
-        // 2,000 values of 4 KiB (8 MiB) under the prefix. An entry is 4,121 bytes (a 9-byte
-        // key, the 13-byte envelope, bincode's 3-byte length, the 4,096 bytes): a page
+        // 2,000 values of 4 KiB (8 MiB) under the prefix. An entry is 4,120 bytes (a 9-byte
+        // key, the 13-byte envelope, postcard's 2-byte length, the 4,096 bytes): a page
         // ends at 1 MiB, after 255 entries, before its count limit of 256.
         for chunk in (0..2_000u32).collect::<Vec<_>>().chunks(500) {
             let entries: Vec<(String, Vec<u8>)> = chunk

@@ -12,6 +12,7 @@ mod bus_processes;
 mod bus_recovery;
 mod cluster;
 mod cluster_bus;
+mod codecs;
 mod conformance;
 mod errors;
 mod faults;

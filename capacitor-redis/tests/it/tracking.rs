@@ -2,7 +2,8 @@
 //! ON BCAST PREFIX`): two composers in one process, each with its own moka L1 and its own
 //! tracking connection over one shared RedisLayer, stay coherent within a bounded,
 //! measured delay; a write by any other Redis client invalidates them too; a restart of
-//! the server turns tracking on again and clears the L1s.
+//! the server turns tracking on again and clears the L1s. The last test shows on the server
+//! why the default (non-BCAST) mode is not offered.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed expectation is the test failing
 
@@ -190,5 +191,83 @@ fn client_tracking_refuses_what_it_cannot_do() {
             .unwrap();
         bus.close().await.unwrap();
         assert_eq!(bus.connect().await.unwrap_err().kind(), ErrorKind::Closed);
+    });
+}
+
+/// Why the default (non-BCAST) mode is not offered, shown on the server: in that mode Redis
+/// reports only the keys a connection *read*. A copy the composer put in its L1 from a
+/// write (write-through, a loader's fill), written by a plain `SET` or by a script that only
+/// writes, as the layer's write script does, is never reported when another client changes
+/// it: that L1 would serve the replaced value for its whole TTL. BCAST reports every key
+/// under the prefix, whoever read or wrote it.
+#[test]
+fn default_tracking_mode_reports_keys_read_not_keys_written() {
+    use capacitor_redis::fred::interfaces::TrackingInterface;
+    use capacitor_redis::fred::prelude::{Builder, ClientLike, Config, LuaInterface};
+    use capacitor_redis::fred::types::RespVersion;
+    common::run(TEST_TIMEOUT, async {
+        let prefix = unique_prefix("cct_default");
+        let (read, set, scripted) = (
+            format!("{prefix}read"),
+            format!("{prefix}set"),
+            format!("{prefix}scripted"),
+        );
+        let mut config = Config::from_url(&url()).unwrap();
+        config.version = RespVersion::RESP3;
+        let tracked = Builder::from_config(config).build().unwrap();
+        tracked.init().await.unwrap();
+        let mut invalidations = tracked.invalidation_rx();
+        tracked
+            .start_tracking(Vec::<String>::new(), false, false, false, false)
+            .await
+            .unwrap();
+        let other = Builder::from_config(Config::from_url(&url()).unwrap())
+            .build()
+            .unwrap();
+        other.init().await.unwrap();
+
+        // On the tracked connection: one key read (a miss served from Redis), one written
+        // by SET and one by a script that only writes (a write-through).
+        let _: () = other.set(&read, "v1", None, None, false).await.unwrap();
+        let _: Option<String> = tracked.get(&read).await.unwrap();
+        let _: () = tracked.set(&set, "v1", None, None, false).await.unwrap();
+        let _: () = tracked
+            .eval(
+                "redis.call('SET', KEYS[1], ARGV[1])",
+                vec![scripted.clone()],
+                vec!["v1"],
+            )
+            .await
+            .unwrap();
+        // Another client changes all three.
+        for key in [&read, &set, &scripted] {
+            let _: () = other.set(key, "v2", None, None, false).await.unwrap();
+        }
+
+        let mut reported = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Ok(inv)) = tokio::time::timeout_at(deadline, invalidations.recv()).await {
+            for key in inv.keys {
+                if let Some(key) = key.as_str() {
+                    reported.push(key.to_owned());
+                }
+            }
+        }
+        assert!(
+            reported.contains(&read),
+            "the key read was not reported: {reported:?}"
+        );
+        assert!(
+            !reported.contains(&set),
+            "a key only written was reported: {reported:?}"
+        );
+        assert!(
+            !reported.contains(&scripted),
+            "a key only written was reported: {reported:?}"
+        );
+
+        let _: i64 = other.del(vec![read, set, scripted]).await.unwrap();
+        tracked.quit().await.unwrap();
+        other.quit().await.unwrap();
     });
 }

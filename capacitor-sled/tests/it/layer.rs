@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use capacitor_core::testkit::within;
 use capacitor_core::{
-    envelope, Codec, EntryStream, Error, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
-    Result, Timestamp, WriteOp,
+    envelope, Codec, CodecId, EntryStream, Error, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer,
+    Operation, Result, Timestamp, WriteOp,
 };
 use capacitor_memory::DashMapLayer;
 use capacitor_sled::{FlushPolicy, SledLayer};
@@ -293,15 +293,18 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
         );
         assert_eq!(layer.get(&s("foreign")).await.expect("then a plain miss"), None);
 
-        // Our envelope, but a payload that is not a bincode String.
-        db.insert("garbled", envelope::wrap(None, &[0xff, 0xff, 0xff, 0xff, 0xff]))
-            .expect("raw insert");
+        // Our envelope, but a payload that is not a postcard String.
+        db.insert(
+            "garbled",
+            envelope::wrap(CodecId::POSTCARD, None, &[0xff, 0xff, 0xff, 0xff, 0xff]),
+        )
+        .expect("raw insert");
         assert_eq!(kind(layer.get(&s("garbled")).await), ErrorKind::Decode);
         assert_eq!(db.get("garbled").expect("raw get"), None);
 
         // An envelope of a future version.
-        let mut future = envelope::wrap(None, b"\x01x");
-        future[3] = envelope::VERSION + 1;
+        let mut future = envelope::wrap(CodecId::POSTCARD, None, b"\x01x");
+        future[3] = envelope::VERSION_CODEC + 1;
         db.insert("future", future).expect("raw insert");
         assert_eq!(kind(layer.get(&s("future")).await), ErrorKind::Decode);
         assert_eq!(db.get("future").expect("raw get"), None);
@@ -390,6 +393,10 @@ async fn bad_bytes_under_a_multilayer_are_a_counted_miss() {
 struct PickyCodec;
 
 impl Codec<String> for PickyCodec {
+    fn id(&self) -> CodecId {
+        CodecId::custom(1)
+    }
+
     fn encode(&self, value: &String) -> Result<Vec<u8>> {
         if value == "poison" {
             return Err(Error::new(ErrorKind::Encode, Operation::Set, "poison"));
@@ -575,7 +582,7 @@ async fn the_sweeper_removes_unread_expired_entries_and_stops_on_close_and_drop(
         );
 
         // Stops after close: an expired entry written afterwards stays.
-        let expired = envelope::wrap(Some(Timestamp::from_millis(1)), b"\x01x");
+        let expired = envelope::wrap(CodecId::POSTCARD, Some(Timestamp::from_millis(1)), b"\x01x");
         layer.close().await.expect("close");
         db.insert("after-close", expired.clone()).expect("raw insert");
         tokio::time::sleep(interval * 15).await;

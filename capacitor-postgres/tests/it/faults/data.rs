@@ -22,8 +22,14 @@ async fn rows_that_do_not_decode_are_a_decode_error_and_removed() {
         );
         assert_eq!(layer.get(&s("foreign")).await.expect("then a plain miss"), None);
 
-        // Our envelope, but a payload that is not a bincode String.
-        raw_insert(&admin, &table, "garbled", &envelope::wrap(None, &[0xff; 5])).await;
+        // Our envelope, but a payload that is not a postcard String.
+        raw_insert(
+            &admin,
+            &table,
+            "garbled",
+            &envelope::wrap(CodecId::POSTCARD, None, &[0xff; 5]),
+        )
+        .await;
         assert_eq!(kind(layer.get(&s("garbled")).await), ErrorKind::Decode);
         assert_eq!(raw_count(&admin, &table, "key = 'garbled'").await, 0);
 
@@ -145,7 +151,7 @@ async fn values_over_the_limit_are_refused_before_anything_is_written() {
         ];
         assert_eq!(kind(layer.apply_atomic(&ops).await), ErrorKind::ValueTooLarge);
         assert_eq!(raw_count(&admin, &table, "true").await, 0, "nothing was written");
-        // At the limit: bincode's length prefix (1 byte) + 99 bytes = 100.
+        // At the limit: postcard's length prefix (1 byte) + 99 bytes = 100.
         layer
             .set(&s("edge"), &vec![1u8; 99], None)
             .await

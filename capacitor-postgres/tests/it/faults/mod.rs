@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use crate::common::{admin, unique_table, url, TableGuard};
 use capacitor_core::testkit::{within, FaultProxy};
 use capacitor_core::{
-    envelope, Codec, Entry, EntryStream, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer, Operation,
-    Result, Timestamp, WriteOp,
+    envelope, Codec, CodecId, Entry, EntryStream, ErrorKind, Layer, LayerConfig, ManualClock, MultiLayer,
+    Operation, Result, Timestamp, WriteOp,
 };
 use capacitor_memory::DashMapLayer;
 use capacitor_postgres::{KeyFormat, PostgresLayer, PostgresLayerBuilder};

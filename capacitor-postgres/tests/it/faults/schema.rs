@@ -168,7 +168,7 @@ async fn a_new_schema_and_table_are_created_with_the_documented_ddl() {
         let value: Vec<u8> = row.get(0);
         let (expiry, payload) = envelope::unwrap(&value).expect("envelope");
         assert_eq!(expiry, None);
-        let decoded: String = Codec::<String>::decode(&capacitor_core::BincodeCodec, payload).expect("bincode");
+        let decoded: String = Codec::<String>::decode(&capacitor_core::DefaultCodec::default(), payload).expect("postcard");
         assert_eq!(decoded, "Ada");
         assert!(row.get::<_, bool>(1));
         let index: i64 = admin
