@@ -85,6 +85,17 @@ impl fmt::Display for CodecId {
 
 /// Turns values into bytes and back, under an id the envelope records.
 ///
+/// The envelope tells layers which codec wrote a value; layers call
+/// [`decode_from`](Codec::decode_from) with that id, and leave a value in place when
+/// [`reads`](Codec::reads) says the codec cannot read its id. So `reads(id)` must be true
+/// exactly for the ids `decode_from` decodes: a value the codec claims to read but fails
+/// on is removed as corrupt.
+///
+/// Values written before the envelope named codecs carry no id and read as
+/// [`CodecId::BINCODE`]. A codec of your own that wrote values then must read them as its
+/// own: return true from `reads` for `CodecId::BINCODE` too and decode them in
+/// `decode_from`.
+///
 /// # Examples
 ///
 /// ```
@@ -534,11 +545,31 @@ pub mod envelope {
             .map_err(|e| e.with_operation(op))
     }
 
-    /// Whether `bytes` are an envelope whose value was written by a codec that `codec`
-    /// does not read: a layer leaves such a value in place (another deployment's codec),
-    /// where it removes bytes that are not an envelope or do not decode.
+    /// Opens an envelope whose codec `codec` reads, without decoding it (what `exists`
+    /// needs).
+    ///
+    /// # Errors
+    ///
+    /// As [`open`], and [`ErrorKind::Decode`] for a codec `codec` does not read.
+    pub fn open_readable<'a, V, C: Codec<V> + ?Sized>(codec: &C, bytes: &'a [u8]) -> Result<Opened<'a>> {
+        let opened = open(bytes)?;
+        if codec.reads(opened.codec) {
+            Ok(opened)
+        } else {
+            Err(foreign_codec(opened.codec, codec.id()))
+        }
+    }
+
+    /// Whether `bytes` are capacitor's value that this build cannot read but another may: an
+    /// envelope of a codec that `codec` does not read, or a whole header of a later
+    /// envelope version. A layer leaves such a value in place (another deployment wrote
+    /// it, perhaps a newer one during a rolling upgrade), where it removes bytes that are
+    /// not an envelope, are truncated, or do not decode with a codec that reads them.
     pub fn is_foreign<V, C: Codec<V> + ?Sized>(codec: &C, bytes: &[u8]) -> bool {
-        open(bytes).is_ok_and(|o| !codec.reads(o.codec))
+        match open(bytes) {
+            Ok(opened) => !codec.reads(opened.codec),
+            Err(_) => bytes.len() >= HEADER_LEN && is_ours(bytes) && bytes[3] > VERSION_CODEC,
+        }
     }
 }
 
@@ -687,6 +718,16 @@ mod tests {
         assert!(envelope::is_foreign(&Mine, &ours));
         assert!(!envelope::is_foreign::<u32, _>(&PostcardCodec, &ours));
         assert!(!envelope::is_foreign::<u32, _>(&PostcardCodec, b"garbage"));
+        let mut later = ours.clone();
+        later[3] = envelope::VERSION_CODEC + 1;
+        assert!(
+            envelope::is_foreign::<u32, _>(&PostcardCodec, &later),
+            "a later version is kept"
+        );
+        assert!(!envelope::is_foreign::<u32, _>(
+            &PostcardCodec,
+            &later[..envelope::HEADER_LEN - 1]
+        ));
         assert_eq!(
             envelope::decode(
                 &Mine,

@@ -342,21 +342,24 @@ where
         else {
             return Ok(false);
         };
-        match envelope::unwrap(&bytes) {
-            Ok((Some(at), _)) if at <= self.shared.clock.now() => {
+        match envelope::open_readable(&self.shared.codec, &bytes) {
+            Ok(opened) if opened.expires_at.is_some_and(|at| at <= self.shared.clock.now()) => {
                 remove_if_unchanged(&trees, &key, &bytes, Operation::Exists);
                 Ok(false)
             }
             Ok(_) => Ok(true),
             Err(err) => {
-                remove_if_unchanged(&trees, &key, &bytes, Operation::Exists);
+                if !envelope::is_foreign(&self.shared.codec, &bytes) {
+                    remove_if_unchanged(&trees, &key, &bytes, Operation::Exists);
+                }
                 Err(err.with_operation(Operation::Exists))
             }
         }
     }
 
     /// Reads every key; when some hold bytes that do not decode, all of those are removed
-    /// and the call fails with [`ErrorKind::Decode`] (a retry then reads the others).
+    /// (values of a codec this layer does not read are kept) and the call fails with
+    /// [`ErrorKind::Decode`].
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
         let trees = self.shared.trees(Operation::GetMany)?;
         let mut out = Vec::with_capacity(keys.len());

@@ -112,7 +112,7 @@ pub mod postgres {
 #[cfg(all(
     doctest,
     feature = "memory",
-    feature = "sled",
+    feature = "redb",
     feature = "postgres",
     feature = "redis"
 ))]

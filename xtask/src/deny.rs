@@ -72,6 +72,23 @@ fn default_features() -> Result {
     std::fs::write(dir.join("src").join("lib.rs"), "")?;
     let policy = dir.join("deny.toml");
     std::fs::write(&policy, DEFAULT_FEATURES_POLICY)?;
+    // The versions a new service would get today: a fresh resolution, not the lock of an
+    // earlier run (cargo-deny's `--offline` keeps whatever lock it finds).
+    let lock = dir.join("Cargo.lock");
+    if lock.exists() {
+        std::fs::remove_file(&lock)?;
+    }
+    let manifest_path = dir.join("Cargo.toml");
+    if let Err(e) = cargo(&[
+        "generate-lockfile",
+        "--manifest-path",
+        &manifest_path.to_string_lossy(),
+    ]) {
+        eprintln!(
+            "\nxtask: WARNING: could not resolve the fresh service's dependencies online ({e}); \
+             checking the versions in the local registry cache instead"
+        );
+    }
     eprintln!(
         "\nxtask: advisories of a fresh service on `capacitor`'s default features ({}), no exceptions",
         dir.display()

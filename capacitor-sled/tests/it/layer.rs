@@ -302,12 +302,23 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
         assert_eq!(kind(layer.get(&s("garbled")).await), ErrorKind::Decode);
         assert_eq!(db.get("garbled").expect("raw get"), None);
 
-        // An envelope of a future version.
+        // An envelope of a later version (a newer build's, during a rolling upgrade), and a
+        // value of a codec this layer does not read: a Decode error, and kept for the
+        // instances that can read them, by get, get_many and exists.
         let mut future = envelope::wrap(CodecId::POSTCARD, None, b"\x01x");
         future[3] = envelope::VERSION_CODEC + 1;
-        db.insert("future", future).expect("raw insert");
-        assert_eq!(kind(layer.get(&s("future")).await), ErrorKind::Decode);
-        assert_eq!(db.get("future").expect("raw get"), None);
+        db.insert("future", future.clone()).expect("raw insert");
+        let theirs = envelope::wrap(CodecId::custom(7), None, b"\x01x");
+        db.insert("theirs", theirs.clone()).expect("raw insert");
+        for key in ["future", "theirs"] {
+            assert_eq!(kind(layer.get(&s(key)).await), ErrorKind::Decode);
+            assert_eq!(kind(layer.get_many(&[s(key)]).await), ErrorKind::Decode);
+            assert_eq!(kind(layer.exists(&s(key)).await), ErrorKind::Decode);
+        }
+        assert_eq!(db.get("future").expect("raw get").as_deref(), Some(&future[..]));
+        assert_eq!(db.get("theirs").expect("raw get").as_deref(), Some(&theirs[..]));
+        db.remove("future").expect("raw remove");
+        db.remove("theirs").expect("raw remove");
 
         // exists checks the envelope.
         db.insert("foreign2", &b"xx"[..]).expect("raw insert");
