@@ -316,22 +316,26 @@ where
         else {
             return Ok(false);
         };
-        match envelope::unwrap(&bytes) {
-            Ok((Some(at), _)) if at <= self.shared.clock.now() => {
+        match envelope::open_readable(&self.shared.codec, &bytes) {
+            Ok(opened) if opened.expires_at.is_some_and(|at| at <= self.shared.clock.now()) => {
                 remove_if_unchanged(&store, &key, &bytes, op);
                 Ok(false)
             }
             Ok(_) => Ok(true),
             Err(err) => {
-                remove_if_unchanged(&store, &key, &bytes, op);
+                // A value of a codec this layer does not read (or of a later envelope
+                // version) stays: it is another deployment's, not garbage.
+                if !envelope::is_foreign(&self.shared.codec, &bytes) {
+                    remove_if_unchanged(&store, &key, &bytes, op);
+                }
                 Err(err.with_operation(op))
             }
         }
     }
 
     /// Reads every key in one read transaction; when some hold bytes that do not decode,
-    /// all of those are removed and the call fails with [`ErrorKind::Decode`] (a retry then
-    /// reads the others).
+    /// all of those are removed (values of a codec this layer does not read are kept) and
+    /// the call fails with [`ErrorKind::Decode`].
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
         let op = Operation::GetMany;
         let store = self.shared.store(op)?;

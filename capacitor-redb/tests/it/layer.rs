@@ -421,12 +421,23 @@ async fn bytes_that_do_not_decode_are_a_decode_error_and_removed() {
         assert_eq!(kind(layer.get(&s("garbled")).await), ErrorKind::Decode);
         assert_eq!(raw_get(db, DATA, b"garbled"), None);
 
-        // An envelope of a future version.
+        // An envelope of a later version (a newer build's, during a rolling upgrade), and a
+        // value of a codec this layer does not read: a Decode error, and kept for the
+        // instances that can read them, by get, get_many and exists.
         let mut future = envelope::wrap(CodecId::POSTCARD, None, b"\x01x");
         future[3] = envelope::VERSION_CODEC + 1;
         raw_insert(db, DATA, b"future", &future);
-        assert_eq!(kind(layer.get(&s("future")).await), ErrorKind::Decode);
-        assert_eq!(raw_get(db, DATA, b"future"), None);
+        let theirs = envelope::wrap(CodecId::custom(7), None, b"\x01x");
+        raw_insert(db, DATA, b"theirs", &theirs);
+        for key in ["future", "theirs"] {
+            assert_eq!(kind(layer.get(&s(key)).await), ErrorKind::Decode);
+            assert_eq!(kind(layer.get_many(&[s(key)]).await), ErrorKind::Decode);
+            assert_eq!(kind(layer.exists(&s(key)).await), ErrorKind::Decode);
+        }
+        assert_eq!(raw_get(db, DATA, b"future"), Some(future.clone()));
+        assert_eq!(raw_get(db, DATA, b"theirs"), Some(theirs.clone()));
+        assert!(layer.delete(&s("future")).await.expect("delete"));
+        assert!(layer.delete(&s("theirs")).await.expect("delete"));
 
         // exists checks the envelope.
         raw_insert(db, DATA, b"foreign2", b"xx");
