@@ -157,7 +157,8 @@ impl<C> RedbLayerBuilder<C> {
     }
 
     /// Delete the database file when the layer (its last handle) is dropped. For scratch
-    /// caches and tests. Only with [`path`](Self::path). Such a layer does not report
+    /// caches and tests. Only with [`path`](Self::path) of a file that does not exist
+    /// yet (an existing database is refused, not deleted). Such a layer does not report
     /// [`persistent`](capacitor_core::Capabilities::persistent). Default: `false`.
     pub fn temporary(mut self, temporary: bool) -> Self {
         self.temporary = temporary;
@@ -276,7 +277,8 @@ impl<C> RedbLayerBuilder<C> {
     ///
     /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config), naming the field: neither
     /// or both of `path` and `db`, an empty `path` or one that is a directory, an empty
-    /// `table`, a zero `cache_capacity`, `temporary` or `cache_capacity` with `db`, a zero
+    /// `table`, a zero `cache_capacity`, `temporary` or `cache_capacity` with `db`,
+    /// `temporary` on a path that exists already (it would be deleted on drop), a zero
     /// `max_value_bytes`, `sweep_interval` (with the sweeper on), `sweep_batch` or
     /// `EveryMillis` interval, a `durability` other than `Immediate` on a caller's
     /// database that redb shares between processes (it refuses non-durable commits
@@ -330,6 +332,16 @@ impl<C> RedbLayerBuilder<C> {
 
         let (db, persistent, temporary) = match (self.path, self.db) {
             (Some(path), None) => {
+                if self.temporary && path.exists() {
+                    // Deleting it on drop would destroy a database this layer did not create.
+                    return Err(Error::config(
+                        "temporary",
+                        format!(
+                            "{} exists already: a temporary layer creates its own file (and deletes it on drop)",
+                            path.display()
+                        ),
+                    ));
+                }
                 let db = open(&path, self.cache_capacity, self.lock_wait)?;
                 let temporary = self.temporary.then(|| TempFile(path));
                 (Arc::new(db), temporary.is_none(), temporary)
@@ -347,6 +359,8 @@ impl<C> RedbLayerBuilder<C> {
             names: Arc::new(names),
             durability: self.durability,
             dirty: Arc::new(AtomicBool::new(false)),
+            durable: Arc::new(std::sync::Mutex::new(())),
+            committing: Arc::new(AtomicBool::new(false)),
         };
         check_commit_level(&store, self.durability)?;
         // Create the tables in a durable commit, so that readers and a reopen find them.

@@ -127,6 +127,13 @@ pub(crate) struct Store {
     pub(crate) durability: Durability,
     /// Set after a commit that is not durable yet; cleared by the commit that makes it so.
     pub(crate) dirty: Arc<AtomicBool>,
+    /// Held by [`make_durable`](Self::make_durable) from clearing `dirty` until its commit
+    /// is done, so that a second caller waits for that commit instead of returning as if
+    /// its writes were durable already.
+    pub(crate) durable: Arc<std::sync::Mutex<()>>,
+    /// True while a durable (fsyncing) commit holds redb's write lock: a write that does
+    /// not fsync itself then waits for the lock on tokio's blocking pool, not on a worker.
+    pub(crate) committing: Arc<AtomicBool>,
 }
 
 impl Store {
@@ -190,10 +197,17 @@ impl Store {
     /// Makes every earlier commit durable: an empty `Immediate` commit, when a commit
     /// since the last one is not durable yet.
     pub(crate) fn make_durable(&self, op: Operation) -> Result<()> {
+        // A poisoned lock only means another commit panicked: the flag is still right.
+        let _one_at_a_time = self
+            .durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        self.committing.store(true, Ordering::Release);
         let done = self.write_txn(op, redb::Durability::Immediate, |_| Ok(()));
+        self.committing.store(false, Ordering::Release);
         if done.is_err() {
             self.dirty.store(true, Ordering::Release);
         }
@@ -274,14 +288,15 @@ impl<C> Shared<C> {
 
     /// Runs `body` over the layer's tables in one write transaction at the policy's commit
     /// level: on tokio's blocking pool under [`Durability::Immediate`] (the commit
-    /// fsyncs), on the calling thread otherwise (a commit that does not fsync).
+    /// fsyncs) and while another commit fsyncs (this one would wait for redb's write lock
+    /// meanwhile), on the calling thread otherwise (a commit that does not fsync).
     pub(crate) async fn write<R: Send + 'static>(
         &self,
         op: Operation,
         body: impl FnOnce(&mut Tables<'_>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
         let store = self.store(op)?;
-        if self.durability == Durability::Immediate {
+        if self.durability == Durability::Immediate || store.committing.load(Ordering::Acquire) {
             blocking(op, move || store.write(op, body)).await
         } else {
             store.write(op, body)

@@ -1118,3 +1118,35 @@ async fn extreme_option_values_are_typed_errors_or_working_layers() {
     tokio::time::sleep(Duration::from_millis(200)).await; // background tasks tick
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic (see above)");
 }
+
+#[tokio::test]
+async fn temporary_refuses_a_database_that_exists_instead_of_deleting_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kept.redb");
+    let layer: RedbLayer<String, String> = RedbLayer::builder()
+        .path(&path)
+        .sweeper(false)
+        .build()
+        .expect("build");
+    layer.set(&s("k"), &s("v"), None).await.expect("set");
+    layer.close().await.expect("close");
+    drop(layer);
+    let err = RedbLayer::builder()
+        .path(&path)
+        .temporary(true)
+        .sweeper(false)
+        .build::<String, String>()
+        .expect_err("an existing database is not made temporary");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.message().contains("exists already"), "{err}");
+    assert!(path.exists(), "the database is still there");
+    let reopened: RedbLayer<String, String> = RedbLayer::builder()
+        .path(&path)
+        .sweeper(false)
+        .build()
+        .expect("reopen");
+    assert_eq!(
+        reopened.get(&s("k")).await.expect("get").map(|e| e.value),
+        Some(s("v"))
+    );
+}
