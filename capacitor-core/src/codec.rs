@@ -739,6 +739,25 @@ mod tests {
         );
     }
 
+    // Run by `cargo xtask ci` without features (the rest of CI builds every feature).
+    #[cfg(not(feature = "bincode"))]
+    #[test]
+    fn without_the_bincode_feature_old_values_are_kept_and_the_error_names_it() {
+        // What earlier versions wrote for `"hi"`: bincode in envelope version 1.
+        let old = b"CPC\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02hi";
+        let opened = envelope::open(old).unwrap_or_else(|e| panic!("{e}"));
+        let r: Result<String> = envelope::decode(&PostcardCodec, &opened, Operation::Get);
+        let err = r
+            .err()
+            .unwrap_or_else(|| panic!("decoded bincode without the feature"));
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        assert!(err.to_string().contains("`bincode` feature"), "{err}");
+        assert!(
+            envelope::is_foreign::<String, _>(&PostcardCodec, old),
+            "kept, not removed"
+        );
+    }
+
     #[cfg(all(feature = "json", feature = "bincode"))]
     #[test]
     fn the_serde_codecs_read_each_others_values() {

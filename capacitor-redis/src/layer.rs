@@ -326,7 +326,8 @@ where
 
     /// Whether `get` would find a value, in one script and without sending the value:
     /// `false` for no key; [`ErrorKind::Decode`] for a key of another Redis type (removed,
-    /// as `get` removes it) or a string that is not capacitor's envelope, as `get` reports.
+    /// as `get` removes it), a string that is not capacitor's envelope, or a value of a
+    /// codec this layer does not read (kept), as `get` reports.
     async fn exists(&self, key: &K) -> Result<bool> {
         let op = Operation::Exists;
         let _guard = self.shared.in_flight.read().await;
@@ -347,8 +348,14 @@ where
                 self.shared.evict(rkey, None).await;
                 Err(foreign("another Redis type, not a value written by capacitor"))
             }
-            reply => match value_bytes(&reply).map(capacitor_core::envelope::unwrap) {
-                Some(Ok(_)) => Ok(true),
+            reply => match value_bytes(&reply) {
+                Some(header) if envelope::is_ours(header) => {
+                    // A value of a codec this layer does not read is no hit for `get`
+                    // either: a Decode error, and the value stays, as `get` leaves it.
+                    envelope::open_readable(&self.shared.codec, header)
+                        .map(|_| true)
+                        .map_err(|e| e.with_operation(op))
+                }
                 _ => Err(foreign("a value not written by capacitor")),
             },
         }

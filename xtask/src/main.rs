@@ -296,6 +296,9 @@ fn ci() -> Result {
             feature,
         ])?;
     }
+    // Core's unit tests once without features: the codec paths of a default build (CI's
+    // other tests build every feature).
+    cargo(&["test", "-p", "capacitor-core", "--lib"])?;
     test()?;
     cargo_env(
         &["doc", "--workspace", "--all-features", "--no-deps"],

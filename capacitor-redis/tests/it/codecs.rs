@@ -123,6 +123,10 @@ fn a_value_of_a_codec_not_read_here_is_a_counted_miss_left_in_place() {
         let err = ours.get(&"k".into()).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Decode);
         assert!(err.to_string().contains("custom codec 9"), "{err}");
+        let err = ours.get_many(&["k".into()]).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        let err = ours.exists(&"k".into()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode, "exists agrees with get");
         // Through a composer: a miss, counted, and the value is still there for its writer.
         let cache = MultiLayer::<String, User>::builder()
             .layer(LayerConfig::new("l1", DashMapLayer::new()))
