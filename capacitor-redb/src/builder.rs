@@ -251,9 +251,9 @@ impl<C> RedbLayerBuilder<C> {
     /// `<table>\0key-tags`, written in the same write transaction as the data. Off, the
     /// layer declares no [`tags`](capacitor_core::Capabilities::tags) and its writes touch
     /// only the data table; on, every write also looks up the key's tags, to drop them (see
-    /// the crate guide, "Tags"). Open a database with the same setting each time: writes
-    /// made with tags off do not drop the tags an earlier tagged write left. Default:
-    /// `false`.
+    /// the crate guide, "Tags"). A table whose keys still carry tags is refused with tags
+    /// off ([`ErrorKind::Config`]): such writes would not drop those tags, and a later
+    /// `remove_by_tag` would remove values written without them. Default: `false`.
     ///
     /// [`Layer::set_tagged`]: capacitor_core::Layer::set_tagged
     /// [`Layer::remove_by_tag`]: capacitor_core::Layer::remove_by_tag
@@ -350,6 +350,7 @@ impl<C> RedbLayerBuilder<C> {
             _ => return Err(Error::config("path", "give exactly one of `path` or `db`")),
         };
         let data = self.table.unwrap_or_else(|| DEFAULT_TABLE.to_owned());
+        let data_name = data.clone();
         let names = Names {
             tags: self.tags.then(|| tags::names(&data)),
             data,
@@ -363,6 +364,9 @@ impl<C> RedbLayerBuilder<C> {
             committing: Arc::new(AtomicBool::new(false)),
         };
         check_commit_level(&store, self.durability)?;
+        if !self.tags {
+            refuse_kept_tags(&store, &data_name)?;
+        }
         // Create the tables in a durable commit, so that readers and a reopen find them.
         store.write_txn(Operation::Build, redb::Durability::Immediate, |txn| {
             open_tables(txn, &store.names, Operation::Build).map(drop)
@@ -510,4 +514,30 @@ fn open(path: &Path, cache_capacity: Option<usize>, wait: Duration) -> Result<re
             result => return result.map_err(|e| open_error(path, e)),
         }
     }
+}
+
+/// Refuses to open without tags a table whose keys carry tags from a layer built with
+/// them: its writes would not drop those tags, and a later `remove_by_tag` (with tags on
+/// again) would remove values written since without the tag.
+fn refuse_kept_tags(store: &Store, data: &str) -> Result<()> {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let op = Operation::Build;
+    let names = tags::names(data);
+    let txn = store.db.begin_read().map_err(|e| redb_error(op, e))?;
+    let kept = match txn.open_table(crate::core::table(&names.key_tags)) {
+        Ok(t) => t.len().map_err(|e| redb_error(op, e))?,
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(redb_error(op, e)),
+    };
+    if kept > 0 {
+        return Err(Error::config(
+            "tags",
+            format!(
+                "table `{data}` holds the tags of {kept} keys, written by a layer built with \
+                 `.tags(true)`: build with `.tags(true)` (writes without it would leave those tags \
+                 behind), or clear the table"
+            ),
+        ));
+    }
+    Ok(())
 }

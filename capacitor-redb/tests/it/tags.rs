@@ -425,3 +425,35 @@ async fn a_tag_on_many_keys_is_removed_in_several_transactions() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_tags_is_refused_without_tags() {
+    within(TEST_TIMEOUT, async {
+        let scratch = scratch_db();
+        let db = &scratch.db;
+        let clock = ManualClock::new(0);
+        let layer = tagged_layer(db, &clock);
+        layer
+            .set_tagged(&s("a"), &s("1"), None, &tags(&["red"]))
+            .await
+            .unwrap();
+        // Writes of `a` without tags would leave `red` on it, and a later
+        // remove_by_tag("red") would remove a value written without that tag.
+        let err = RedbLayer::builder()
+            .db(db.clone())
+            .sweeper(false)
+            .build::<String, String>()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("`.tags(true)`"), "{err}");
+        // Once no key carries a tag any more, the table opens without tags.
+        layer.delete(&s("a")).await.unwrap();
+        let plain: RedbLayer<String, String> = RedbLayer::builder()
+            .db(db.clone())
+            .sweeper(false)
+            .build()
+            .unwrap();
+        plain.set(&s("b"), &s("2"), None).await.unwrap();
+    })
+    .await;
+}
