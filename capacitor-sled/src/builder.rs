@@ -252,8 +252,10 @@ impl<C> SledLayerBuilder<C> {
     /// in the same sled transaction as the data. Off, the layer declares no
     /// [`tags`](capacitor_core::Capabilities::tags) and its writes touch only the data
     /// tree; on, every write also reads the key's tags, to drop them (see the crate guide,
-    /// "Tags", for the cost). Open a database with the same setting each time: writes made
-    /// with tags off do not drop the tags an earlier tagged write left. Default: `false`.
+    /// "Tags", for the cost). A tree whose keys still carry tags is refused with tags off
+    /// ([`ErrorKind::Config`](capacitor_core::ErrorKind::Config)): such writes would not
+    /// drop those tags, and a later `remove_by_tag` would remove values written without
+    /// them. Default: `false`.
     ///
     /// [`Layer::set_tagged`]: capacitor_core::Layer::set_tagged
     /// [`Layer::remove_by_tag`]: capacitor_core::Layer::remove_by_tag
@@ -428,6 +430,29 @@ impl<C> SledLayerBuilder<C> {
                 key_tags: open(tags::KEY_TAGS_TREE_SUFFIX)?,
             })
         } else {
+            // A tree whose keys still carry tags: writes without tags would not drop them,
+            // and a later remove_by_tag (tags on again) would remove values written since.
+            let key_tags = tags::tree_name(&tree.name(), tags::KEY_TAGS_TREE_SUFFIX);
+            let exists = db
+                .tree_names()
+                .iter()
+                .any(|name| name.as_ref() == key_tags.as_slice());
+            if exists {
+                let kept = db
+                    .open_tree(&key_tags)
+                    .map_err(|e| sled_error(capacitor_core::Operation::Build, e))?
+                    .len();
+                if kept > 0 {
+                    return Err(Error::config(
+                        "tags",
+                        format!(
+                            "the tree holds the tags of {kept} keys, written by a layer built with \
+                             `.tags(true)`: build with `.tags(true)` (writes without it would leave \
+                             those tags behind), or clear the tree"
+                        ),
+                    ));
+                }
+            }
             None
         };
 

@@ -387,3 +387,34 @@ async fn a_tag_on_many_keys_is_removed_in_several_transactions() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_with_tags_is_refused_without_tags() {
+    within(TEST_TIMEOUT, async {
+        let db = scratch_db();
+        let clock = ManualClock::new(0);
+        let layer = tagged_layer(&db, &clock);
+        layer
+            .set_tagged(&s("a"), &s("1"), None, &tags(&["red"]))
+            .await
+            .unwrap();
+        // Writes of `a` without tags would leave `red` on it, and a later
+        // remove_by_tag("red") would remove a value written without that tag.
+        let err = SledLayer::builder()
+            .db(db.clone())
+            .sweeper(false)
+            .build::<String, String>()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("`.tags(true)`"), "{err}");
+        // Once no key carries a tag any more, the tree opens without tags.
+        layer.delete(&s("a")).await.unwrap();
+        let plain: SledLayer<String, String> = SledLayer::builder()
+            .db(db.clone())
+            .sweeper(false)
+            .build()
+            .unwrap();
+        plain.set(&s("b"), &s("2"), None).await.unwrap();
+    })
+    .await;
+}
