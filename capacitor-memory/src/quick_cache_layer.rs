@@ -123,6 +123,7 @@ pub struct QuickCacheLayerBuilder {
     /// The byte bound and its weigher, a `WeighFn<K, V>` behind `Any` until `build::<K, V>`
     /// names the types.
     max_bytes: Option<(u64, Box<dyn Any + Send + Sync>)>,
+    shards: Option<usize>,
     clock: SharedClock,
     sweeper: bool,
     sweep_interval: Duration,
@@ -133,6 +134,7 @@ impl fmt::Debug for QuickCacheLayerBuilder {
         f.debug_struct("QuickCacheLayerBuilder")
             .field("max_capacity", &self.max_capacity)
             .field("max_bytes", &self.max_bytes.as_ref().map(|(b, _)| b))
+            .field("shards", &self.shards)
             .field("sweeper", &self.sweeper)
             .field("sweep_interval", &self.sweep_interval)
             .finish()
@@ -150,9 +152,9 @@ impl QuickCacheLayerBuilder {
     /// bytes, saturating at `u32::MAX`; a weight of 0 counts as 1), instead of a number of
     /// entries.
     ///
-    /// The bound is split evenly across quick_cache's shards (up to four per core): an
-    /// entry heavier than a shard's share is not kept (the write succeeds, and the key's
-    /// previous value is dropped).
+    /// The bound is split evenly across quick_cache's shards (see
+    /// [`shards`](Self::shards)): an entry heavier than 97% of a shard's share is not kept
+    /// (the write succeeds, and the key's previous value is dropped).
     ///
     /// # Examples
     ///
@@ -178,6 +180,31 @@ impl QuickCacheLayerBuilder {
     {
         let weigher: WeighFn<K, V> = Arc::new(weigher);
         self.max_bytes = Some((bytes, Box::new(weigher)));
+        self
+    }
+
+    /// At most `shards` independently locked shards, each holding an even share of the
+    /// bound (quick_cache rounds it to a power of two and lowers it to keep at least 32
+    /// entries per shard). Fewer shards admit heavier entries under
+    /// [`max_bytes`](Self::max_bytes) and contend more under many writing threads.
+    /// Default: four per core.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use capacitor::memory::QuickCacheLayer;
+    ///
+    /// // Values of up to 7.7 MiB (97% of a shard's 8 MiB) are kept, on any number of cores.
+    /// let layer = QuickCacheLayer::builder()
+    ///     .max_bytes(64 * 1024 * 1024, |_: &u64, v: &Vec<u8>| v.len().try_into().unwrap_or(u32::MAX))
+    ///     .shards(8)
+    ///     .sweeper(false)
+    ///     .build::<u64, Vec<u8>>()?;
+    /// # let _ = layer;
+    /// # Ok::<(), capacitor::Error>(())
+    /// ```
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
         self
     }
 
@@ -208,7 +235,8 @@ impl QuickCacheLayerBuilder {
     ///
     /// [`ErrorKind::Config`](capacitor_core::ErrorKind::Config) when both bounds are set, a
     /// bound is zero or does not fit this platform's `usize`, the weigher was written for
-    /// other key or value types, the sweep interval is zero, or the sweeper is on outside a
+    /// other key or value types, the shard count or the sweep interval is zero, or the
+    /// sweeper is on outside a
     /// tokio runtime (build inside one, or turn it off with
     /// [`sweeper(false)`](Self::sweeper)).
     pub fn build<K, V>(self) -> Result<QuickCacheLayer<K, V>>
@@ -254,9 +282,18 @@ impl QuickCacheLayerBuilder {
         if self.sweep_interval.is_zero() {
             return Err(Error::config("sweep_interval", "must be greater than zero"));
         }
-        let options = OptionsBuilder::new()
+        let mut options = OptionsBuilder::new();
+        options
             .estimated_items_capacity(estimated_entries)
-            .weight_capacity(weight_capacity)
+            .weight_capacity(weight_capacity);
+        match self.shards {
+            Some(0) => return Err(Error::config("shards", "must be greater than zero")),
+            Some(shards) => {
+                options.shards(shards);
+            }
+            None => {}
+        }
+        let options = options
             .build()
             .map_err(|e| Error::config("max_capacity", "quick_cache refused the options").with_source(e))?;
         let cache = Cache::with_options(
@@ -330,6 +367,7 @@ impl QuickCacheLayer<(), ()> {
         QuickCacheLayerBuilder {
             max_capacity: None,
             max_bytes: None,
+            shards: None,
             clock: system_clock(),
             sweeper: true,
             sweep_interval: SWEEP_INTERVAL,

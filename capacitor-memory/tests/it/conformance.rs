@@ -60,6 +60,7 @@ mod quick_cache_by_bytes {
             .max_bytes(64 * 1024 * 1024, |k: &String, v: &Vec<u8>| {
                 u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX)
             })
+            .shards(8) // 8 MiB each: the suite's 2 MiB value fits on any machine
             .build()
             .expect("valid config")
     });

@@ -34,6 +34,7 @@ async fn byte_bound_evicts_by_weight() {
         .max_bytes(1024 * 1024, |_: &u64, v: &Vec<u8>| {
             u32::try_from(v.len()).unwrap_or(u32::MAX)
         })
+        .shards(8) // 128 KiB each, whatever the number of cores
         .build::<u64, Vec<u8>>()
         .expect("config");
     for i in 0..100 {
@@ -43,6 +44,23 @@ async fn byte_bound_evicts_by_weight() {
     assert!(bytes <= 1024 * 1024, "{bytes} bytes held with a bound of 1 MiB");
     assert!(bytes >= 64 * 1024, "the cache kept nothing");
     assert_eq!(bytes, layer.entry_count() * 64 * 1024);
+}
+
+#[tokio::test]
+async fn one_shard_admits_an_entry_of_nearly_the_whole_bound() {
+    let layer = QuickCacheLayer::builder()
+        .sweeper(false)
+        .max_bytes(1024 * 1024, |_: &u64, v: &Vec<u8>| {
+            u32::try_from(v.len()).unwrap_or(u32::MAX)
+        })
+        .shards(1)
+        .build::<u64, Vec<u8>>()
+        .expect("config");
+    layer.set(&1, &vec![0u8; 900 * 1024], None).await.expect("set");
+    assert_eq!(
+        layer.get(&1).await.expect("get").map(|e| e.value.len()),
+        Some(900 * 1024)
+    );
 }
 
 #[tokio::test]
@@ -109,6 +127,13 @@ fn builder_rejects_bad_config() {
         .expect_err("other types");
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.to_string().contains("weigher"), "{err}");
+    let err = QuickCacheLayer::builder()
+        .sweeper(false)
+        .shards(0)
+        .build::<u8, u8>()
+        .expect_err("zero shards");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("shards"), "{err}");
     let err = QuickCacheLayer::builder()
         .sweeper(false)
         .sweep_interval(Duration::ZERO)
