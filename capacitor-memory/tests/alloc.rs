@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use capacitor_core::testkit::poll_once;
 use capacitor_core::{LayerConfig, MultiLayer};
-use capacitor_memory::{DashMapLayer, MokaLayer};
+use capacitor_memory::{DashMapLayer, MokaLayer, QuickCacheLayer};
 
 struct Counting;
 
@@ -109,6 +109,52 @@ fn l1_hit_through_moka_allocates_no_more_than_raw_moka() {
         ours <= raw_allocs + 2,
         "composer: {ours} allocations per 10,000 hits, raw moka: {raw_allocs}"
     );
+}
+
+/// quick_cache's read path allocates nothing; neither does a hit through the composer,
+/// for entries without TTL and with one (the expiry check reads the clock, which does not
+/// allocate).
+#[test]
+fn l1_hit_through_quick_cache_allocates_nothing() {
+    let raw: quick_cache::sync::Cache<u64, Arc<String>> = quick_cache::sync::Cache::new(100);
+    raw.insert(7, Arc::new("x".into()));
+    let _ = raw.get(&7);
+    let raw_allocs = allocations_during(|| {
+        for _ in 0..10_000 {
+            assert!(raw.get(&7).is_some());
+        }
+    });
+    assert_eq!(raw_allocs, 0);
+    let stack = || {
+        MultiLayer::<u64, Arc<String>>::builder()
+            .layer(LayerConfig::new(
+                "l1",
+                QuickCacheLayer::builder()
+                    .max_capacity(100)
+                    .sweeper(false)
+                    .build()
+                    .expect("config"),
+            ))
+            .layer(LayerConfig::new("l2", DashMapLayer::new()))
+            .build()
+            .expect("config")
+    };
+    assert_eq!(allocations_per_10k_hits(stack(), Arc::new("x".to_string())), 0);
+    let with_ttl = MultiLayer::<u64, u64>::builder()
+        .layer(
+            LayerConfig::new(
+                "l1",
+                QuickCacheLayer::builder()
+                    .max_capacity(100)
+                    .sweeper(false)
+                    .build()
+                    .expect("config"),
+            )
+            .ttl(std::time::Duration::from_secs(600)),
+        )
+        .build()
+        .expect("config");
+    assert_eq!(allocations_per_10k_hits(with_ttl, 42u64), 0);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //!
 //! | feature | module | default |
 //! |---|---|---|
-//! | `memory` | [`memory`]: `MokaLayer`, `DashMapLayer` | yes |
+//! | `memory` | [`memory`]: `MokaLayer`, `QuickCacheLayer`, `DashMapLayer` | yes |
 //! | `redb` | `redb`: `RedbLayer`, embedded persistent store | yes |
 //! | `sled` | `sled`: `SledLayer`, the older embedded store (sled 0.34) | no |
 //! | `redis` | `redis`: `RedisLayer`, `RedisBus`, `RedisTrackingBus` on fred | no |
@@ -43,11 +43,15 @@ pub use capacitor_core::*;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory {
-    //! In-memory layers: `MokaLayer` (bounded) and `DashMapLayer` (unbounded).
+    //! In-memory layers: `MokaLayer` and `QuickCacheLayer` (bounded), `DashMapLayer`
+    //! (unbounded).
     //!
     //! The guide (configuration, defaults, limits, failures) is the crate's own
     //! documentation: [`capacitor_memory`].
-    pub use capacitor_memory::{DashMapLayer, DashMapLayerBuilder, MokaLayer, MokaLayerBuilder};
+    pub use capacitor_memory::{
+        DashMapLayer, DashMapLayerBuilder, MokaLayer, MokaLayerBuilder, QuickCacheLayer,
+        QuickCacheLayerBuilder,
+    };
 }
 
 #[cfg(feature = "redb")]

@@ -3,4 +3,5 @@
 
 mod conformance;
 mod layer;
+mod quick_cache;
 mod race;
