@@ -1,11 +1,12 @@
 //! The report's chart: grouped horizontal bars of median latency, one group per operation
 //! (capacitor, raw, and the peers where measured), on a log scale, drawn with plotters'
-//! SVG backend.
+//! SVG backend. A group with instruction counts (the `icount` suite) carries a marker at
+//! the right: capacitor ÷ raw in instructions (and estimated cycles).
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::report::{fmt_ns, rank, rows, Medians, PEERS};
+use crate::report::{fmt_ns, icount_rows, rank, rows, Icounts, Medians, PEERS};
 use crate::Result;
 
 /// The series drawn, in bar order (top to bottom inside a group), with their colours.
@@ -43,8 +44,21 @@ const BAR: u32 = 9;
 const GAP: u32 = 12;
 const LABELS: u32 = 330;
 
+/// The marker's colour.
+const ICOUNT: RGBColor = RGBColor(214, 39, 40);
+
+/// The marker of a group with instruction counts: `◆ instr 1.23× · cycles 1.40×`.
+fn icount_marker(icounts: &Icounts, group: &str) -> Option<String> {
+    let (_, ours, raw) = icount_rows(icounts).into_iter().find(|(g, _, _)| *g == group)?;
+    let mut s = format!("◆ instr {:.2}×", ours.ir as f64 / raw.ir as f64);
+    if let Some((a, b)) = ours.cycles.zip(raw.cycles) {
+        s.push_str(&format!(" · est. cycles {:.2}×", a as f64 / b as f64));
+    }
+    Some(s)
+}
+
 /// The SVG text of the chart, or `None` when no group has both sides.
-pub(crate) fn svg(medians: &Medians, subtitle: &str) -> Result<Option<String>> {
+pub(crate) fn svg(medians: &Medians, icounts: &Icounts, subtitle: &str) -> Result<Option<String>> {
     let rows = rows(medians);
     if rows.is_empty() {
         return Ok(None);
@@ -134,10 +148,18 @@ pub(crate) fn svg(medians: &Medians, subtitle: &str) -> Result<Option<String>> {
             .style(FontStyle::Bold)
             .color(&RGBColor(90, 90, 90))
             .pos(Pos::new(HPos::Left, VPos::Bottom));
+        let marker_style = ("sans-serif", 11)
+            .into_font()
+            .color(&ICOUNT)
+            .pos(Pos::new(HPos::Right, VPos::Center));
         let mut last = "";
         for (i, (group, _)) in rows.iter().enumerate() {
             let (x, y) = chart.backend_coord(&(lo, top(i) - 0.5));
             root.draw(&Text::new(group.as_str(), (x - 8, y), label_style.clone()))?;
+            if let Some(marker) = icount_marker(icounts, group) {
+                let (x, y) = chart.backend_coord(&(hi, top(i) - 0.5));
+                root.draw(&Text::new(marker, (x - 6, y), marker_style.clone()))?;
+            }
             let here = section(group);
             if here != last {
                 let (x0, y0) = chart.backend_coord(&(lo, top(i)));
@@ -204,7 +226,20 @@ mod tests {
         ] {
             m.entry(g.to_owned()).or_default().insert(f.to_owned(), v);
         }
-        let text = svg(&m, "test").unwrap().unwrap();
+        let mut icounts = Icounts::new();
+        for (side, ir, cycles) in [("capacitor", 355, 1109), ("raw", 250, 900)] {
+            icounts
+                .entry("l1_hit/moka/1_layer".to_owned())
+                .or_default()
+                .insert(
+                    side.to_owned(),
+                    crate::report::Count {
+                        ir,
+                        cycles: Some(cycles),
+                    },
+                );
+        }
+        let text = svg(&m, &icounts, "test").unwrap().unwrap();
         assert!(text.starts_with("<svg"));
         for want in [
             "l1_hit/moka/1_layer",
@@ -213,9 +248,10 @@ mod tests {
             "foyer in-memory",
             "81.00 µs",
             "Redis",
+            "◆ instr 1.42× · est. cycles 1.23×",
         ] {
             assert!(text.contains(want), "{want} missing");
         }
-        assert!(svg(&Medians::new(), "empty").unwrap().is_none());
+        assert!(svg(&Medians::new(), &Icounts::new(), "empty").unwrap().is_none());
     }
 }
