@@ -29,13 +29,13 @@ fn series() -> Vec<(&'static str, &'static str, RGBColor)> {
 /// Which part of the stack a group measures, for the section labels.
 fn section(group: &str) -> &'static str {
     match rank(group) {
-        0..=6 => "in memory",
-        7..=8 => "sled",
-        9 => "redb beside sled",
-        10..=11 => "Redis",
-        12..=13 => "PostgreSQL",
-        14..=18 => "moka → Redis → PostgreSQL",
-        19 => "in memory: single-flight loads",
+        0..=7 => "in memory",
+        8..=9 => "sled",
+        10 => "redb beside sled",
+        11..=12 => "Redis",
+        13..=14 => "PostgreSQL",
+        15..=19 => "moka → Redis → PostgreSQL",
+        20 => "in memory: single-flight loads",
         _ => "other",
     }
 }
@@ -197,6 +197,7 @@ mod tests {
         for (group, expected) in [
             ("l1_hit/moka/1_layer", "in memory"),
             ("write_back_set/moka", "in memory"),
+            ("delete/dashmap/2_layers", "in memory"),
             ("sled_hit/moka_over_sled", "sled"),
             ("write_back_drain/sled/10000_keys", "sled"),
             ("embedded_hit/moka_over_redb", "redb beside sled"),

@@ -86,6 +86,7 @@ const ORDER: &[&str] = &[
     "l3_hit_",
     "write_through/",
     "write_back_set/",
+    "delete/",
     "sled_",
     "write_back_drain/sled",
     "embedded_",
@@ -778,7 +779,11 @@ function only: the setup, a warm-up call made by the setup, and the drops are ou
 The composer's future is polled once with a no-op waker, as in the criterion suites.
 Callgrind's cache simulation is on, so gungraun also reports *estimated cycles*
 (L1 hits + 5 × last-level hits + 35 × RAM hits, over instruction fetches and data
-accesses): a rough figure from a simulated cache, not a measurement of this CPU. Each benchmark function is named after
+accesses): a rough figure from a simulated cache, not a measurement of this CPU. As each
+operation runs once, the code inlined into the benchmark function is fetched for the
+first time and misses the simulated caches (the setup's warm-up call ran the same
+operation from other code); those misses weigh on the estimated cycles, more than on a
+hot path, but not on the instruction counts. Each benchmark function is named after
 the criterion group it sits beside, `/` replaced by `_`, with `_capacitor` or `_raw`
 (`l1_hit/dashmap/1_layer` → `l1_hit_dashmap_1_layer_capacitor`); its counts are the
 *instr capacitor*, *instr raw* and *instr ratio* (capacitor ÷ raw) columns of that row,
