@@ -1,11 +1,12 @@
 //! The report's chart: grouped horizontal bars of median latency, one group per operation
 //! (capacitor, raw, and the peers where measured), on a log scale, drawn with plotters'
-//! SVG backend.
+//! SVG backend. A group with instruction counts (the `icount` suite) carries a marker at
+//! the right: capacitor ÷ raw in instructions (and estimated cycles).
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::report::{fmt_ns, rank, rows, Medians, PEERS};
+use crate::report::{fmt_ns, icount_rows, rank, rows, Icounts, Medians, PEERS};
 use crate::Result;
 
 /// The series drawn, in bar order (top to bottom inside a group), with their colours.
@@ -28,13 +29,13 @@ fn series() -> Vec<(&'static str, &'static str, RGBColor)> {
 /// Which part of the stack a group measures, for the section labels.
 fn section(group: &str) -> &'static str {
     match rank(group) {
-        0..=6 => "in memory",
-        7..=8 => "sled",
-        9 => "redb beside sled",
-        10..=11 => "Redis",
-        12..=13 => "PostgreSQL",
-        14..=18 => "moka → Redis → PostgreSQL",
-        19 => "in memory: single-flight loads",
+        0..=7 => "in memory",
+        8..=9 => "sled",
+        10 => "redb beside sled",
+        11..=12 => "Redis",
+        13..=14 => "PostgreSQL",
+        15..=19 => "moka → Redis → PostgreSQL",
+        20 => "in memory: single-flight loads",
         _ => "other",
     }
 }
@@ -43,8 +44,21 @@ const BAR: u32 = 9;
 const GAP: u32 = 12;
 const LABELS: u32 = 330;
 
+/// The marker's colour.
+const ICOUNT: RGBColor = RGBColor(214, 39, 40);
+
+/// The marker of a group with instruction counts: `◆ instr 1.23× · cycles 1.40×`.
+fn icount_marker(icounts: &Icounts, group: &str) -> Option<String> {
+    let (_, ours, raw) = icount_rows(icounts).into_iter().find(|(g, _, _)| *g == group)?;
+    let mut s = format!("◆ instr {:.2}×", ours.ir as f64 / raw.ir as f64);
+    if let Some((a, b)) = ours.cycles.zip(raw.cycles) {
+        s.push_str(&format!(" · est. cycles {:.2}×", a as f64 / b as f64));
+    }
+    Some(s)
+}
+
 /// The SVG text of the chart, or `None` when no group has both sides.
-pub(crate) fn svg(medians: &Medians, subtitle: &str) -> Result<Option<String>> {
+pub(crate) fn svg(medians: &Medians, icounts: &Icounts, subtitle: &str) -> Result<Option<String>> {
     let rows = rows(medians);
     if rows.is_empty() {
         return Ok(None);
@@ -134,10 +148,18 @@ pub(crate) fn svg(medians: &Medians, subtitle: &str) -> Result<Option<String>> {
             .style(FontStyle::Bold)
             .color(&RGBColor(90, 90, 90))
             .pos(Pos::new(HPos::Left, VPos::Bottom));
+        let marker_style = ("sans-serif", 11)
+            .into_font()
+            .color(&ICOUNT)
+            .pos(Pos::new(HPos::Right, VPos::Center));
         let mut last = "";
         for (i, (group, _)) in rows.iter().enumerate() {
             let (x, y) = chart.backend_coord(&(lo, top(i) - 0.5));
             root.draw(&Text::new(group.as_str(), (x - 8, y), label_style.clone()))?;
+            if let Some(marker) = icount_marker(icounts, group) {
+                let (x, y) = chart.backend_coord(&(hi, top(i) - 0.5));
+                root.draw(&Text::new(marker, (x - 6, y), marker_style.clone()))?;
+            }
             let here = section(group);
             if here != last {
                 let (x0, y0) = chart.backend_coord(&(lo, top(i)));
@@ -175,6 +197,7 @@ mod tests {
         for (group, expected) in [
             ("l1_hit/moka/1_layer", "in memory"),
             ("write_back_set/moka", "in memory"),
+            ("delete/dashmap/2_layers", "in memory"),
             ("sled_hit/moka_over_sled", "sled"),
             ("write_back_drain/sled/10000_keys", "sled"),
             ("embedded_hit/moka_over_redb", "redb beside sled"),
@@ -204,7 +227,20 @@ mod tests {
         ] {
             m.entry(g.to_owned()).or_default().insert(f.to_owned(), v);
         }
-        let text = svg(&m, "test").unwrap().unwrap();
+        let mut icounts = Icounts::new();
+        for (side, ir, cycles) in [("capacitor", 355, 1109), ("raw", 250, 900)] {
+            icounts
+                .entry("l1_hit/moka/1_layer".to_owned())
+                .or_default()
+                .insert(
+                    side.to_owned(),
+                    crate::report::Count {
+                        ir,
+                        cycles: Some(cycles),
+                    },
+                );
+        }
+        let text = svg(&m, &icounts, "test").unwrap().unwrap();
         assert!(text.starts_with("<svg"));
         for want in [
             "l1_hit/moka/1_layer",
@@ -213,9 +249,10 @@ mod tests {
             "foyer in-memory",
             "81.00 µs",
             "Redis",
+            "◆ instr 1.42× · est. cycles 1.23×",
         ] {
             assert!(text.contains(want), "{want} missing");
         }
-        assert!(svg(&Medians::new(), "empty").unwrap().is_none());
+        assert!(svg(&Medians::new(), &Icounts::new(), "empty").unwrap().is_none());
     }
 }

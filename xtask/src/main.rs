@@ -2,8 +2,9 @@
 //!
 //! - `cargo xtask test`: every test of the workspace (all features), doctests included,
 //!   against Redis and PostgreSQL (found, started, or throwaway servers: see `services`).
-//! - `cargo xtask bench [--quick] [SUITE…]`: criterion suites, then a report of
-//!   capacitor / raw / peer medians and an SVG chart in
+//! - `cargo xtask bench [--quick] [SUITE…]`: criterion suites and the `icount` suite
+//!   (instruction counts with callgrind, through gungraun), then a report of capacitor /
+//!   raw / peer medians and counts and an SVG chart in
 //!   `$CARGO_TARGET_DIR/capacitor-report/` (else `target/capacitor-report/`).
 //! - `cargo xtask imports`: no crate's modules import each other in a cycle.
 //! - `cargo xtask deny`: `cargo deny check` against `deny.toml` (licences, duplicate
@@ -17,6 +18,7 @@ use std::time::{Instant, SystemTime};
 
 mod chart;
 mod deny;
+mod icount;
 mod imports;
 mod report;
 mod services;
@@ -368,6 +370,26 @@ fn bench(args: &[String]) -> Result {
     if quick {
         env.push(("CAPACITOR_BENCH_QUICK".to_owned(), "1".to_owned()));
     }
+    // The icount suite needs valgrind and the gungraun-runner of the library's version.
+    let mut tools = Vec::new();
+    let mut skipped = Vec::new();
+    if suites.iter().any(|s| s == icount::SUITE) {
+        let ready = icount::ensure_valgrind().and_then(|valgrind| {
+            let version = icount::gungraun_version(&root())?;
+            icount::ensure_runner(&version)?;
+            Ok(format!(
+                "icount: callgrind ({valgrind}) through gungraun {version}, cache simulation on"
+            ))
+        });
+        match ready {
+            Ok(line) => tools.push(line),
+            Err(why) => {
+                eprintln!("\nbench suite `icount`: SKIPPED ({why})");
+                skipped.push(format!("`icount` ({why})"));
+                suites.retain(|s| s != icount::SUITE);
+            }
+        }
+    }
     // Build every chosen suite in one cargo run first (cargo compiles them in parallel);
     // then each run below only starts its binary.
     let mut build = vec!["bench", "-p", "capacitor-benches", "--no-run"];
@@ -391,7 +413,6 @@ fn bench(args: &[String]) -> Result {
             &env,
         )?;
     }
-    let mut skipped = Vec::new();
     let mut ran = Vec::new();
     for (i, suite) in suites.iter().enumerate() {
         let missing: Vec<String> = suite_needs(suite)
@@ -419,6 +440,18 @@ fn bench(args: &[String]) -> Result {
             suites.len(),
             if quick { " (quick)" } else { "" }
         );
+        if suite == icount::SUITE {
+            // gungraun's own options, not criterion's; one execution per benchmark, so
+            // the same in a quick run. It writes summary.json files for the report.
+            let mut icount_env = env.clone();
+            icount_env.push(("GUNGRAUN_SAVE_SUMMARY".to_owned(), "json".to_owned()));
+            cargo_env(
+                &["bench", "-p", "capacitor-benches", "--bench", icount::SUITE],
+                &icount_env,
+            )?;
+            ran.push(suite.clone());
+            continue;
+        }
         for extra in suite_builds(suite) {
             let mut cmd = vec!["bench", "-p", "capacitor-benches", "--bench", suite.as_str()];
             cmd.extend(extra.iter());
@@ -443,7 +476,7 @@ fn bench(args: &[String]) -> Result {
             },
             ran.join(", ")
         ),
-        services: Vec::new(),
+        services: tools,
         skipped,
     };
     if let Some(services) = &services {
@@ -490,25 +523,6 @@ fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
     let criterion = target.join("criterion");
     let mut medians = report::Medians::new();
     report::read_medians(&criterion, since, &mut medians)?;
-    let dir = target.join("capacitor-report");
-    std::fs::create_dir_all(&dir)?;
-    let subtitle = format!("{}, {}", info.date, info.machine);
-    let chart = match chart::svg(&medians, &subtitle)? {
-        Some(svg) => {
-            std::fs::write(dir.join("bench.svg"), svg)?;
-            eprintln!("wrote {}", dir.join("bench.svg").display());
-            Some("bench.svg")
-        }
-        None => None,
-    };
-    let md = report::markdown(&medians, info, chart)?;
-    std::fs::write(dir.join("REPORT.md"), &md)?;
-    println!("{md}");
-    eprintln!(
-        "wrote {} (medians read from {})",
-        dir.join("REPORT.md").display(),
-        criterion.display()
-    );
     let docs = root().join("docs");
     let published_path = docs.join("benchmarks.md");
     let old = match std::fs::read_to_string(&published_path) {
@@ -516,11 +530,37 @@ fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => report::Published::default(),
         Err(e) => return Err(format!("reading {}: {e}", published_path.display()).into()),
     };
-    if report::rows(&medians).is_empty() {
+    // The icount rows take the names of the criterion groups they map onto.
+    let groups: Vec<String> = medians.keys().chain(old.medians.keys()).cloned().collect();
+    let icounts = icount::read(
+        &target.join("gungraun/capacitor-benches").join(icount::SUITE),
+        since,
+        &groups,
+    )?;
+    let dir = target.join("capacitor-report");
+    std::fs::create_dir_all(&dir)?;
+    let subtitle = format!("{}, {}", info.date, info.machine);
+    let chart = match chart::svg(&medians, &icounts, &subtitle)? {
+        Some(svg) => {
+            std::fs::write(dir.join("bench.svg"), svg)?;
+            eprintln!("wrote {}", dir.join("bench.svg").display());
+            Some("bench.svg")
+        }
+        None => None,
+    };
+    let md = report::markdown(&medians, &icounts, info, chart)?;
+    std::fs::write(dir.join("REPORT.md"), &md)?;
+    println!("{md}");
+    eprintln!(
+        "wrote {} (medians read from {})",
+        dir.join("REPORT.md").display(),
+        criterion.display()
+    );
+    if report::rows(&medians).is_empty() && report::icount_rows(&icounts).is_empty() {
         eprintln!("{} left as it was: no group measured", published_path.display());
         return Ok(dir);
     }
-    let published = report::merge(old, &medians, info);
+    let published = report::merge(old, &medians, &icounts, info);
     std::fs::create_dir_all(&docs)?;
     let mut dates: Vec<&str> = published
         .dates
@@ -532,7 +572,11 @@ fn write_report(since: SystemTime, info: &report::RunInfo) -> Result<PathBuf> {
         (Some(first), Some(last)) if first != last => format!("{first} to {last}"),
         _ => info.date.clone(),
     };
-    let chart = match chart::svg(&published.medians, &format!("{span}, {}", info.machine))? {
+    let chart = match chart::svg(
+        &published.medians,
+        &published.icounts,
+        &format!("{span}, {}", info.machine),
+    )? {
         Some(svg) => {
             std::fs::write(docs.join("bench.svg"), svg)?;
             eprintln!("wrote {}", docs.join("bench.svg").display());
@@ -589,6 +633,7 @@ mod tests {
             "codecs",
             "composer",
             "embedded",
+            "icount",
             "postgres",
             "redis",
             "sled",

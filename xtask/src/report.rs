@@ -11,6 +11,37 @@ use crate::Result;
 /// Medians (ns) by group, then function.
 pub(crate) type Medians = BTreeMap<String, BTreeMap<String, f64>>;
 
+/// What callgrind counted for one execution of one side of a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Count {
+    /// Instructions executed.
+    pub(crate) ir: u64,
+    /// Callgrind's estimated cycles (from its cache simulation), when it ran.
+    pub(crate) cycles: Option<u64>,
+}
+
+/// Instruction counts (the `icount` suite) by row, named as the criterion group they
+/// sit beside, then side (`capacitor`, `raw`).
+pub(crate) type Icounts = BTreeMap<String, BTreeMap<String, Count>>;
+
+/// The icount columns of the results table, in order.
+const ICOUNT_COLUMNS: &[&str] = &[
+    "instr capacitor",
+    "instr raw",
+    "instr ratio",
+    "est. cycles capacitor",
+    "est. cycles raw",
+    "est. cycles ratio",
+];
+
+/// The rows with both sides counted.
+pub(crate) fn icount_rows(icounts: &Icounts) -> Vec<(&String, Count, Count)> {
+    icounts
+        .iter()
+        .filter_map(|(g, s)| Some((g, *s.get("capacitor")?, *s.get("raw")?)))
+        .collect()
+}
+
 /// The functions of a group that are peers (shown as extra columns), in column order.
 pub(crate) const PEERS: &[(&str, &str)] = &[
     ("hand_written", "hand-written (moka + fred [+ tokio-postgres])"),
@@ -55,6 +86,7 @@ const ORDER: &[&str] = &[
     "l3_hit_",
     "write_through/",
     "write_back_set/",
+    "delete/",
     "sled_",
     "write_back_drain/sled",
     "embedded_",
@@ -164,13 +196,28 @@ pub(crate) struct RunInfo {
 }
 
 /// The main table: one row per group.
-pub(crate) fn table(medians: &Medians) -> Result<String> {
-    table_dated(medians, None)
+pub(crate) fn table(medians: &Medians, icounts: &Icounts) -> Result<String> {
+    table_dated(medians, icounts, None)
 }
 
-/// The main table, with a `date` column when `dates` is given (docs/benchmarks.md).
-fn table_dated(medians: &Medians, dates: Option<&BTreeMap<String, String>>) -> Result<String> {
-    let rows = rows(medians);
+/// The main table, with a `date` column when `dates` is given (docs/benchmarks.md): the
+/// criterion rows, with the instruction counts of the same name beside them, then the
+/// rows only the icount suite measures.
+fn table_dated(
+    medians: &Medians,
+    icounts: &Icounts,
+    dates: Option<&BTreeMap<String, String>>,
+) -> Result<String> {
+    let empty = BTreeMap::new();
+    let mut rows = rows(medians);
+    let counted = icount_rows(icounts);
+    for (group, _, _) in &counted {
+        if !rows.iter().any(|(g, _)| g == group) {
+            rows.push((group, &empty));
+        }
+    }
+    rows.sort_by(|a, b| (rank(a.0), a.0).cmp(&(rank(b.0), b.0)));
+    let with_icounts = !counted.is_empty();
     let peers: Vec<(&str, &str)> = PEERS
         .iter()
         .copied()
@@ -178,35 +225,66 @@ fn table_dated(medians: &Medians, dates: Option<&BTreeMap<String, String>>) -> R
         .collect();
     let mut md = String::new();
     write!(md, "| operation | capacitor | raw | ratio |")?;
+    if with_icounts {
+        for c in ICOUNT_COLUMNS {
+            write!(md, " {c} |")?;
+        }
+    }
     for (_, title) in &peers {
         write!(md, " {title} (capacitor ÷ it) |")?;
     }
     write!(md, " target | met? |")?;
     writeln!(md, "{}", if dates.is_some() { " date |" } else { "" })?;
     write!(md, "|---|---:|---:|---:|")?;
+    if with_icounts {
+        for _ in ICOUNT_COLUMNS {
+            write!(md, "---:|")?;
+        }
+    }
     for _ in &peers {
         write!(md, "---:|")?;
     }
     writeln!(md, "---:|:---:|{}", if dates.is_some() { "---|" } else { "" })?;
     for (group, functions) in rows {
-        let (Some(ours), Some(raw)) = (functions.get("capacitor"), functions.get("raw")) else {
-            continue;
+        let timed = functions.get("capacitor").zip(functions.get("raw"));
+        let (target_s, met) = match (target_for(group), timed) {
+            (Some(t), Some((ours, raw))) => {
+                (format!("≤ {t:.1}×"), if ours / raw <= t { "yes" } else { "no" })
+            }
+            _ => ("—".to_owned(), ""),
         };
-        let ratio = ours / raw;
-        let (target_s, met) = match target_for(group) {
-            Some(t) => (format!("≤ {t:.1}×"), if ratio <= t { "yes" } else { "no" }),
-            None => ("—".to_owned(), ""),
-        };
-        write!(
-            md,
-            "| `{group}` | {} | {} | {ratio:.2}× |",
-            fmt_ns(*ours),
-            fmt_ns(*raw)
-        )?;
+        match timed {
+            Some((ours, raw)) => write!(
+                md,
+                "| `{group}` | {} | {} | {:.2}× |",
+                fmt_ns(*ours),
+                fmt_ns(*raw),
+                ours / raw
+            )?,
+            None => write!(md, "| `{group}` | — | — | — |")?,
+        }
+        if with_icounts {
+            match counted.iter().find(|(g, _, _)| *g == group) {
+                Some((_, ours, raw)) => {
+                    write!(
+                        md,
+                        " {} | {} | {:.2}× |",
+                        ours.ir,
+                        raw.ir,
+                        ours.ir as f64 / raw.ir as f64
+                    )?;
+                    match ours.cycles.zip(raw.cycles) {
+                        Some((a, b)) => write!(md, " {a} | {b} | {:.2}× |", a as f64 / b as f64)?,
+                        None => write!(md, " | | |")?,
+                    }
+                }
+                None => write!(md, " | | | | | |")?,
+            }
+        }
         for (peer, _) in &peers {
-            match functions.get(*peer) {
-                Some(p) => write!(md, " {} ({:.2}×) |", fmt_ns(*p), ours / p)?,
-                None => write!(md, " |")?,
+            match (functions.get(*peer), timed) {
+                (Some(p), Some((ours, _))) => write!(md, " {} ({:.2}×) |", fmt_ns(*p), ours / p)?,
+                _ => write!(md, " |")?,
             }
         }
         write!(md, " {target_s} | {met} |")?;
@@ -347,7 +425,12 @@ pub(crate) fn derived(m: &Medians) -> Vec<Derived> {
 }
 
 /// The whole REPORT.md.
-pub(crate) fn markdown(medians: &Medians, info: &RunInfo, chart: Option<&str>) -> Result<String> {
+pub(crate) fn markdown(
+    medians: &Medians,
+    icounts: &Icounts,
+    info: &RunInfo,
+    chart: Option<&str>,
+) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# capacitor benchmark report\n")?;
     writeln!(md, "- date: {}", info.date)?;
@@ -363,9 +446,11 @@ pub(crate) fn markdown(medians: &Medians, info: &RunInfo, chart: Option<&str>) -
         md,
         "\nMedians from criterion; every side measured in the same run. *ratio* = capacitor ÷ \
          raw, where raw is the same backend calls inlined in the benchmark (the floor); a peer \
-         column shows the peer's median and capacitor ÷ peer. Below 1× capacitor is faster.\n"
+         column shows the peer's median and capacitor ÷ peer. Below 1× capacitor is faster. \
+         The *instr* and *est. cycles* columns, where present, are callgrind's counts for one \
+         execution of the same operation (the `icount` suite, through gungraun).\n"
     )?;
-    md.push_str(&table(medians)?);
+    md.push_str(&table(medians, icounts)?);
     md.push_str(&derived_md(medians)?);
     if let Some(chart) = chart {
         writeln!(md, "\n## Chart\n\n![median latency per operation]({chart})")?;
@@ -397,7 +482,14 @@ pub(crate) struct Published {
     pub(crate) dates: BTreeMap<String, String>,
     /// One row of the runs table each: label, command, machine, servers.
     pub(crate) runs: Vec<[String; 4]>,
+    /// The latest instruction counts, by row.
+    pub(crate) icounts: Icounts,
+    /// The run label of the instruction counts (the icount suite runs whole).
+    pub(crate) icount_run: Option<String>,
 }
+
+/// The line under the results table naming the run the instruction counts come from.
+const ICOUNT_RUN: &str = "Instruction counts from the run of ";
 
 /// How rows measured by this run are dated: `YYYY-MM-DD`, with `, quick` for a quick run.
 pub(crate) fn run_label(info: &RunInfo) -> String {
@@ -468,6 +560,10 @@ pub(crate) fn parse_published(md: &str) -> Published {
                 "capacitor" => Some("capacitor"),
                 "raw" => Some("raw"),
                 "date" => Some("date"),
+                "instr capacitor" => Some("instr capacitor"),
+                "instr raw" => Some("instr raw"),
+                "est. cycles capacitor" => Some("est. cycles capacitor"),
+                "est. cycles raw" => Some("est. cycles raw"),
                 _ => PEERS
                     .iter()
                     .find(|(_, title)| *h == format!("{title} (capacitor ÷ it)"))
@@ -478,10 +574,16 @@ pub(crate) fn parse_published(md: &str) -> Published {
             let mut group = None;
             let mut date = None;
             let mut functions = BTreeMap::new();
+            let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
             for (column, cell) in columns.iter().zip(&row) {
                 match column {
                     Some("operation") => group = Some(cell.trim_matches('`').to_owned()),
                     Some("date") if !cell.is_empty() => date = Some(cell.clone()),
+                    Some(c) if c.starts_with("instr ") || c.starts_with("est. cycles ") => {
+                        if let Ok(n) = cell.parse::<u64>() {
+                            counts.insert(c, n);
+                        }
+                    }
                     Some(function) => {
                         if let Some(ns) = parse_ns(cell) {
                             functions.insert((*function).to_owned(), ns);
@@ -491,6 +593,15 @@ pub(crate) fn parse_published(md: &str) -> Published {
                 }
             }
             if let Some(group) = group.filter(|g| !g.is_empty()) {
+                for side in ["capacitor", "raw"] {
+                    if let Some(ir) = counts.get(format!("instr {side}").as_str()) {
+                        let cycles = counts.get(format!("est. cycles {side}").as_str()).copied();
+                        out.icounts
+                            .entry(group.clone())
+                            .or_default()
+                            .insert(side.to_owned(), Count { ir: *ir, cycles });
+                    }
+                }
                 if functions.contains_key("capacitor") && functions.contains_key("raw") {
                     if let Some(date) = date {
                         out.dates.insert(group.clone(), date);
@@ -500,6 +611,10 @@ pub(crate) fn parse_published(md: &str) -> Published {
             }
         }
     }
+    out.icount_run = md
+        .lines()
+        .find_map(|l| l.strip_prefix(ICOUNT_RUN))
+        .map(|l| l.trim_end_matches('.').to_owned());
     for row in section_rows(md, "Runs").into_iter().skip(1) {
         if let [label, command, machine, servers] = &row[..] {
             out.runs
@@ -512,12 +627,28 @@ pub(crate) fn parse_published(md: &str) -> Published {
 /// `published` with the groups this run measured (`medians`) replaced or added, dated by
 /// the run; the other rows are kept with their dates. The runs table keeps the runs some
 /// row still comes from, this run first.
-pub(crate) fn merge(mut published: Published, medians: &Medians, info: &RunInfo) -> Published {
+pub(crate) fn merge(
+    mut published: Published,
+    medians: &Medians,
+    icounts: &Icounts,
+    info: &RunInfo,
+) -> Published {
     let measured: Vec<_> = rows(medians);
-    if measured.is_empty() {
+    let counted = icount_rows(icounts);
+    if measured.is_empty() && counted.is_empty() {
         return published;
     }
     let label = run_label(info);
+    if !counted.is_empty() {
+        published.icounts = counted
+            .into_iter()
+            .map(|(g, c, r)| {
+                let sides = [("capacitor".to_owned(), c), ("raw".to_owned(), r)];
+                (g.clone(), sides.into_iter().collect())
+            })
+            .collect();
+        published.icount_run = Some(label.clone());
+    }
     for (group, functions) in measured {
         published.medians.insert(group.clone(), functions.clone());
         published.dates.insert(group.clone(), label.clone());
@@ -531,7 +662,11 @@ pub(crate) fn merge(mut published: Published, medians: &Medians, info: &RunInfo)
         servers.join("; "),
     ]
     .map(|c| c.replace('|', "/"));
-    let used: Vec<&String> = published.dates.values().collect();
+    let used: Vec<&String> = published
+        .dates
+        .values()
+        .chain(published.icount_run.as_ref())
+        .collect();
     let mut runs = vec![this];
     runs.extend(
         published
@@ -558,6 +693,7 @@ short table is picked from this one.
 cargo xtask bench                 # every suite, criterion's defaults
 cargo xtask bench --quick         # 0.2 s warm-up, 0.5 s measurement, 10 samples, small setups
 cargo xtask bench redis tiers     # only these suites
+cargo xtask bench composer icount # the in-memory medians and their instruction counts
 ```
 
 The suites are in `benches/benches/`. The Redis, PostgreSQL, three-tier, resilience and
@@ -568,7 +704,11 @@ Redis key prefixes and tables named after it and removes only those. A run also 
 report of that run alone, `REPORT.md` and `bench.svg`, to `target/capacitor-report/`
 (under `$CARGO_TARGET_DIR` when that is set), and rewrites this file and `docs/bench.svg`.
 The in-memory peer is [foyer](https://crates.io/crates/foyer) 0.22, a dev-dependency of
-the unpublished `benches` crate only (it needs Rust 1.91).
+the unpublished `benches` crate only (it needs Rust 1.91). The `icount` suite needs
+valgrind and `gungraun-runner` of the same version as the `gungraun` library in Cargo.lock:
+xtask installs the runner (`cargo install --locked gungraun-runner --version …`) when it
+is missing or another version, and valgrind (`apt-get install -y valgrind`) when it is
+missing and xtask runs as root; otherwise it skips the suite and says why.
 
 ## What each suite measures
 
@@ -605,6 +745,11 @@ the unpublished `benches` crate only (it needs Rust 1.91).
 - `codecs`: one small record stored and read back through each codec (`postcard`, the
   default; `json`; `bincode`): the envelope's seal, open and decode (capacitor) beside
   the codec's plain encode and decode (raw); it prints each codec's stored size.
+- `icount`: instruction counts of the in-memory paths of `composer` and `writeback`, each
+  beside its raw counterpart: an L1 hit over dashmap and moka (1 and 2 layers), a miss
+  through 2-4 dashmap layers, an L2 hit with promotion, write-through to 1-4 layers, a
+  write-back `set` over dashmap, and a delete through 2 layers (this one has no criterion
+  group: its row has counts only).
 - `observe`: an L1 hit built with the `metrics` and `tracing` features (a Prometheus
   recorder and an INFO subscriber installed) beside the same hit built without them (raw);
   `observe_debug_spans`: DEBUG spans collected beside INFO.
@@ -623,19 +768,54 @@ foyer's in-memory cache doing the same hit, *capacitor, batching off* the batchi
 composer without read batching. *target* is the highest acceptable ratio. For
 `l1_hit_threads`, throughput on n threads ÷ on one is n·t(1)/t(n) (in the derived figures).
 The chart draws the same medians on a log scale, grouped by the layer measured.
+
+## Instruction counts
+
+On a shared machine the nanosecond rows move by up to 2× from run to run; instruction
+counts do not. The `icount` suite (`benches/benches/icount.rs`) runs each operation once
+under valgrind's callgrind, through [gungraun](https://crates.io/crates/gungraun) (the
+successor of iai-callgrind), counting from the entry to the exit of the benchmark
+function only: the setup, a warm-up call made by the setup, and the drops are outside it.
+The composer's future is polled once with a no-op waker, as in the criterion suites.
+Every map holds 1,000 other keys besides the one measured, so that no measured insert
+allocates a table. The counts repeat closely but not exactly: dashmap and moka hash with
+std's `RandomState`, seeded anew in every process, so which shard and probe a key gets
+changes between runs. In two consecutive runs on this machine 19 of the 28 counts were
+equal, 7 moved by less than 3%, and two raw sides by 12-13% (80-85 instructions: the L2
+hit with promotion and write-through to 3 layers); compare rows at that precision.
+Callgrind's cache simulation is on, so gungraun also reports *estimated cycles*
+(L1 hits + 5 × last-level hits + 35 × RAM hits, over instruction fetches and data
+accesses): a rough figure from a simulated cache, not a measurement of this CPU. As each
+operation runs once, the code inlined into the benchmark function is fetched for the
+first time and misses the simulated caches (the setup's warm-up call ran the same
+operation from other code); those misses weigh on the estimated cycles, more than on a
+hot path, but not on the instruction counts. Each benchmark function is named after
+the criterion group it sits beside, `/` replaced by `_`, with `_capacitor` or `_raw`
+(`l1_hit/dashmap/1_layer` → `l1_hit_dashmap_1_layer_capacitor`); its counts are the
+*instr capacitor*, *instr raw* and *instr ratio* (capacitor ÷ raw) columns of that row,
+and the *est. cycles* columns likewise. The line under the table names the run they come
+from, and the runs table the valgrind and gungraun versions. In the chart a red
+`◆ instr …×` marker at the right of a group gives the same ratios.
 ";
 
 /// The whole docs/benchmarks.md.
 pub(crate) fn published_markdown(published: &Published, chart: Option<&str>) -> Result<String> {
     let mut md = String::from(PUBLISHED_INTRO);
     writeln!(md, "\n## Runs\n")?;
-    writeln!(md, "| date | command | machine | servers |")?;
+    writeln!(md, "| date | command | machine | servers and tools |")?;
     writeln!(md, "|---|---|---|---|")?;
     for run in &published.runs {
         writeln!(md, "| {} |", run.join(" | "))?;
     }
     writeln!(md, "\n## Results\n")?;
-    md.push_str(&table_dated(&published.medians, Some(&published.dates))?);
+    md.push_str(&table_dated(
+        &published.medians,
+        &published.icounts,
+        Some(&published.dates),
+    )?);
+    if let Some(run) = &published.icount_run {
+        writeln!(md, "\n{ICOUNT_RUN}{run}.")?;
+    }
     md.push_str(&derived_md(&published.medians)?);
     if let Some(chart) = chart {
         writeln!(
@@ -739,7 +919,7 @@ mod tests {
             ("l1_hit/moka/1_layer", "raw", 100.0),
             ("only_raw/x", "raw", 1.0),
         ]);
-        let t = table(&m).unwrap();
+        let t = table(&m, &Icounts::new()).unwrap();
         assert!(t.contains("hand-written"));
         assert!(!t.contains("foyer"), "no group has a foyer median");
         assert!(!t.contains("only_raw"));
@@ -803,6 +983,7 @@ mod tests {
         let full = merge(
             Published::default(),
             &first,
+            &Icounts::new(),
             &run("2026-11-25", "`cargo xtask bench`"),
         );
         let text = published_markdown(&full, Some("bench.svg")).unwrap();
@@ -818,6 +999,7 @@ mod tests {
         let merged = merge(
             read,
             &redis,
+            &Icounts::new(),
             &run("2026-12-02", "`cargo xtask bench --quick redis`"),
         );
         assert_eq!(merged.medians["redis_hit/moka_over_redis"]["capacitor"], 99_000.0);
@@ -844,6 +1026,7 @@ mod tests {
         let last = merge(
             merged.clone(),
             &sled,
+            &Icounts::new(),
             &run("2026-12-03", "`cargo xtask bench sled`"),
         );
         let labels: Vec<&str> = last.runs.iter().map(|r| r[0].as_str()).collect();
@@ -851,9 +1034,108 @@ mod tests {
 
         // A run that measured nothing changes nothing.
         assert_eq!(
-            merge(merged.clone(), &Medians::new(), &run("2026-12-04", "x")),
+            merge(
+                merged.clone(),
+                &Medians::new(),
+                &Icounts::new(),
+                &run("2026-12-04", "x")
+            ),
             merged
         );
+    }
+
+    fn counts(entries: &[(&str, u64, u64, u64, u64)]) -> Icounts {
+        let mut out = Icounts::new();
+        for (g, c, cc, r, rc) in entries {
+            let row = out.entry((*g).to_owned()).or_default();
+            row.insert(
+                "capacitor".to_owned(),
+                Count {
+                    ir: *c,
+                    cycles: Some(*cc),
+                },
+            );
+            row.insert(
+                "raw".to_owned(),
+                Count {
+                    ir: *r,
+                    cycles: Some(*rc),
+                },
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn instruction_counts_sit_beside_the_medians_and_read_back() {
+        let m = medians(&[
+            ("l1_hit/dashmap/1_layer", "capacitor", 25.0),
+            ("l1_hit/dashmap/1_layer", "raw", 20.0),
+            ("sled_hit/moka_over_sled", "capacitor", 4_650.0),
+            ("sled_hit/moka_over_sled", "raw", 4_950.0),
+        ]);
+        let c = counts(&[
+            ("l1_hit/dashmap/1_layer", 355, 1_109, 250, 900),
+            ("delete/dashmap/2_layers", 1_048, 3_733, 519, 1_248),
+        ]);
+        let t = table(&m, &c).unwrap();
+        assert!(t.contains("| instr capacitor | instr raw | instr ratio |"), "{t}");
+        assert!(
+            t.contains("| `l1_hit/dashmap/1_layer` | 25.0 ns | 20.0 ns | 1.25× | 355 | 250 | 1.42× | 1109 | 900 | 1.23× |"),
+            "{t}"
+        );
+        // A row without counts has empty count cells; one without a criterion group has
+        // no times.
+        assert!(t.contains("| 0.94× | | | | | | |"), "{t}");
+        assert!(
+            t.contains("| `delete/dashmap/2_layers` | — | — | — | 1048 | 519 | 2.02× |"),
+            "{t}"
+        );
+        assert!(!table(&m, &Icounts::new()).unwrap().contains("instr"));
+
+        let first = merge(
+            Published::default(),
+            &m,
+            &c,
+            &run("2026-12-04", "`cargo xtask bench`"),
+        );
+        assert_eq!(first.icount_run.as_deref(), Some("2026-12-04"));
+        let text = published_markdown(&first, None).unwrap();
+        assert!(
+            text.contains("Instruction counts from the run of 2026-12-04."),
+            "{text}"
+        );
+        let read = parse_published(&text);
+        assert_eq!(read, first, "{text}");
+        assert!(!read.medians.contains_key("delete/dashmap/2_layers"));
+
+        // A criterion-only run keeps the counts and the run they come from; an icount-only
+        // run replaces them and keeps the medians.
+        let later = merge(
+            read,
+            &medians(&[
+                ("sled_hit/moka_over_sled", "capacitor", 4_000.0),
+                ("sled_hit/moka_over_sled", "raw", 4_100.0),
+            ]),
+            &Icounts::new(),
+            &run("2026-12-05", "`cargo xtask bench sled`"),
+        );
+        assert_eq!(later.icounts, c);
+        let labels: Vec<&str> = later.runs.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(labels, ["2026-12-05", "2026-12-04"]);
+        let c2 = counts(&[("l1_hit/dashmap/1_layer", 300, 1_000, 250, 900)]);
+        let last = merge(
+            later,
+            &Medians::new(),
+            &c2,
+            &run("2026-12-06", "`cargo xtask bench icount`"),
+        );
+        assert_eq!(last.icounts, c2);
+        assert_eq!(last.medians["l1_hit/dashmap/1_layer"]["capacitor"], 25.0);
+        assert_eq!(last.icount_run.as_deref(), Some("2026-12-06"));
+        let labels: Vec<&str> = last.runs.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(labels, ["2026-12-06", "2026-12-05", "2026-12-04"]);
+        assert_eq!(parse_published(&published_markdown(&last, None).unwrap()), last);
     }
 
     #[test]
