@@ -750,6 +750,10 @@ missing and xtask runs as root; otherwise it skips the suite and says why.
   through 2-4 dashmap layers, an L2 hit with promotion, write-through to 1-4 layers, a
   write-back `set` over dashmap, and a delete through 2 layers (this one has no criterion
   group: its row has counts only).
+- `l1`: an L1 hit through the composer over `QuickCacheLayer` (quick_cache's S3-FIFO)
+  over a dashmap L2, beside quick_cache's own `get` (raw) and foyer's in-memory hit
+  (*foyer*); it prints the heap bytes per entry of 1,000,000 small entries (u64 key,
+  16-byte value) in each memory layer and in foyer, counted by a global allocator.
 - `observe`: an L1 hit built with the `metrics` and `tracing` features (a Prometheus
   recorder and an INFO subscriber installed) beside the same hit built without them (raw);
   `observe_debug_spans`: DEBUG spans collected beside INFO.
