@@ -20,7 +20,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::entry::Timestamp;
+use crate::entry::{Entry, SharedClock, Timestamp};
 use crate::error::{Error, ErrorKind, Operation, Result};
 
 /// The id the envelope records for the codec that wrote a value (7 bits: 0 to 127).
@@ -59,15 +59,6 @@ impl CodecId {
     /// The id as the envelope stores it.
     pub const fn get(self) -> u8 {
         self.0
-    }
-
-    /// The id stored as `id`, if it is one the envelope can hold.
-    pub const fn from_u8(id: u8) -> Option<CodecId> {
-        if id <= Self::MAX {
-            Some(CodecId(id))
-        } else {
-            None
-        }
     }
 }
 
@@ -543,6 +534,27 @@ pub mod envelope {
         codec
             .decode_from(opened.codec, opened.payload)
             .map_err(|e| e.with_operation(op))
+    }
+
+    /// Decodes stored bytes into an entry: `Ok(None)` when the envelope says it expired by
+    /// `clock` (read only for entries with an expiry). What a layer that keeps its values
+    /// in envelopes returns from a read.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`] and [`decode`], naming `op`.
+    pub fn open_entry<V, C: Codec<V> + ?Sized>(
+        codec: &C,
+        bytes: &[u8],
+        clock: &SharedClock,
+        op: Operation,
+    ) -> Result<Option<Entry<V>>> {
+        let opened = open(bytes).map_err(|e| e.with_operation(op))?;
+        if opened.expires_at.is_some_and(|at| at <= clock.now()) {
+            return Ok(None);
+        }
+        let value = decode(codec, &opened, op)?;
+        Ok(Some(Entry::new(value, opened.expires_at)))
     }
 
     /// Opens an envelope whose codec `codec` reads, without decoding it (what `exists`

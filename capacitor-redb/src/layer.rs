@@ -10,7 +10,7 @@ use capacitor_core::{
     ErrorKind, Layer, Operation, Result, StorageKey, Timestamp, WriteOp,
 };
 
-use crate::core::{blocking, decode_value, Shared, Store, Stored};
+use crate::core::{blocking, Shared, Store};
 use crate::error::redb_error;
 use crate::scan::ScanStream;
 use crate::tags::{self, TagSet};
@@ -134,9 +134,9 @@ where
         let Some(bytes) = bytes else {
             return Ok(None);
         };
-        match decode_value(&self.shared.codec, &self.shared.clock, &bytes, op) {
-            Ok(Stored::Live(entry)) => Ok(Some(entry)),
-            Ok(Stored::Expired) => {
+        match envelope::open_entry(&self.shared.codec, &bytes, &self.shared.clock, op) {
+            Ok(Some(entry)) => Ok(Some(entry)),
+            Ok(None) => {
                 remove_if_unchanged(store, key, &bytes, op);
                 Ok(None)
             }

@@ -7,10 +7,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use capacitor_core::{Codec, Entry, Error, Operation, Result, StorageKey};
+use capacitor_core::{envelope, Codec, Entry, Error, Operation, Result, StorageKey};
 use futures_core::Stream;
 
-use crate::core::{decode_value, Shared, Store, Stored};
+use crate::core::{Shared, Store};
 use crate::error::redb_error;
 
 /// Entries one page holds at most.
@@ -142,9 +142,9 @@ where
                 }
                 Some(Ok(pair)) => pair,
             };
-            match decode_value(&this.shared.codec, &this.shared.clock, &bytes, Operation::Scan) {
-                Ok(Stored::Expired) => continue,
-                Ok(Stored::Live(entry)) => {
+            match envelope::open_entry(&this.shared.codec, &bytes, &this.shared.clock, Operation::Scan) {
+                Ok(None) => continue,
+                Ok(Some(entry)) => {
                     let item = K::decode_key(&key)
                         .map(|k| (k, entry))
                         .map_err(|e| e.with_operation(Operation::Scan));

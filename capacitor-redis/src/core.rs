@@ -207,13 +207,7 @@ impl<C> Shared<C> {
     where
         C: Codec<V>,
     {
-        let opened = envelope::open(bytes).map_err(|e| e.with_operation(op))?;
-        let entry = Entry::new((), opened.expires_at);
-        if entry.is_expired(self.clock.now()) {
-            return Ok(None);
-        }
-        let value = envelope::decode(&self.codec, &opened, op)?;
-        Ok(Some(Entry::new(value, opened.expires_at)))
+        envelope::open_entry(&self.codec, bytes, &self.clock, op)
     }
 
     /// Deletes a key that did not decode, when the layer owns its namespace (a non-empty

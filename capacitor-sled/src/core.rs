@@ -5,7 +5,7 @@
 use std::sync::{PoisonError, RwLock};
 
 use capacitor_core::background::Stop;
-use capacitor_core::{envelope, Codec, Entry, Error, ErrorKind, Operation, Result, SharedClock};
+use capacitor_core::{Error, ErrorKind, Operation, Result, SharedClock};
 
 use crate::error::sled_error;
 
@@ -174,28 +174,4 @@ pub(crate) async fn blocking<R: Send + 'static>(
             .map_err(|e| Error::new(ErrorKind::Backend, op, "the blocking task failed").with_source(e))?,
         Err(_) => work(),
     }
-}
-
-/// What stored bytes turned out to be.
-pub(crate) enum Stored<V> {
-    Live(Entry<V>),
-    Expired,
-}
-
-/// Decodes a stored value: envelope, expiry at `now` (read lazily: only entries with an
-/// expiry look at the clock), payload.
-pub(crate) fn decode_value<V, C: Codec<V>>(
-    codec: &C,
-    clock: &SharedClock,
-    bytes: &[u8],
-    op: Operation,
-) -> Result<Stored<V>> {
-    let opened = envelope::open(bytes).map_err(|e| e.with_operation(op))?;
-    if let Some(at) = opened.expires_at {
-        if at <= clock.now() {
-            return Ok(Stored::Expired);
-        }
-    }
-    let value = envelope::decode(codec, &opened, op)?;
-    Ok(Stored::Live(Entry::new(value, opened.expires_at)))
 }

@@ -12,7 +12,7 @@ use capacitor_core::{
 use sled::transaction::ConflictableTransactionError;
 use sled::IVec;
 
-use crate::core::{blocking, decode_value, flush_tree, FlushPolicy, Shared, Stored, Trees};
+use crate::core::{blocking, flush_tree, FlushPolicy, Shared, Trees};
 use crate::error::{sled_error, transaction_error};
 use crate::scan::ScanStream;
 use crate::tags::{self, TagSet};
@@ -144,9 +144,9 @@ where
         let Some(bytes) = trees.data.get(&key).map_err(|e| sled_error(op, e))? else {
             return Ok(None);
         };
-        match decode_value(&self.shared.codec, &self.shared.clock, &bytes, op) {
-            Ok(Stored::Live(entry)) => Ok(Some(entry)),
-            Ok(Stored::Expired) => {
+        match envelope::open_entry(&self.shared.codec, &bytes, &self.shared.clock, op) {
+            Ok(Some(entry)) => Ok(Some(entry)),
+            Ok(None) => {
                 remove_if_unchanged(trees, &key, &bytes, op);
                 Ok(None)
             }

@@ -5,10 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use capacitor_core::{Codec, Entry, Error, Operation, Result, StorageKey};
+use capacitor_core::{envelope, Codec, Entry, Error, Operation, Result, StorageKey};
 use futures_core::Stream;
 
-use crate::core::{decode_value, Shared, Stored};
+use crate::core::Shared;
 use crate::error::sled_error;
 
 /// Entries one poll may skip (expired ones) before it yields to the runtime, so that a
@@ -63,9 +63,9 @@ where
                 }
                 Some(Ok(pair)) => pair,
             };
-            match decode_value(&this.shared.codec, &this.shared.clock, &bytes, Operation::Scan) {
-                Ok(Stored::Expired) => continue,
-                Ok(Stored::Live(entry)) => {
+            match envelope::open_entry(&this.shared.codec, &bytes, &this.shared.clock, Operation::Scan) {
+                Ok(None) => continue,
+                Ok(Some(entry)) => {
                     let item = K::decode_key(&key)
                         .map(|k| (k, entry))
                         .map_err(|e| e.with_operation(Operation::Scan));
